@@ -1,0 +1,219 @@
+"""Adapter for Anthropic's Messages API."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+from typing import Any
+
+import anthropic
+import httpx2
+import msgspec
+
+from providers import errors
+from providers.sse import SSEDecoder
+from providers.types import (
+    ChatRequest,
+    Event,
+    Finish,
+    FinishReason,
+    Message,
+    ReasoningDelta,
+    TextDelta,
+    Usage,
+)
+
+
+class _Usage(msgspec.Struct):
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    cache_creation_input_tokens: int | None = None
+    cache_read_input_tokens: int | None = None
+
+
+class _StartedMessage(msgspec.Struct):
+    usage: _Usage = msgspec.field(default_factory=_Usage)
+
+
+class _MessageStart(msgspec.Struct):
+    message: _StartedMessage
+
+
+class _Block(msgspec.Struct):
+    type: str = ""
+    text: str | None = None
+    thinking: str | None = None
+
+
+class _BlockStart(msgspec.Struct):
+    content_block: _Block
+
+
+class _BlockDelta(msgspec.Struct):
+    delta: _Block
+
+
+class _MessageDeltaBody(msgspec.Struct):
+    stop_reason: str | None = None
+
+
+class _MessageDelta(msgspec.Struct):
+    delta: _MessageDeltaBody = msgspec.field(default_factory=_MessageDeltaBody)
+    usage: _Usage | None = None
+
+
+class _ErrorBody(msgspec.Struct):
+    type: str | None = None
+    message: str | None = None
+
+
+class _Error(msgspec.Struct):
+    error: _ErrorBody = msgspec.field(default_factory=_ErrorBody)
+
+
+_decode_start = msgspec.json.Decoder(_MessageStart).decode
+_decode_block_start = msgspec.json.Decoder(_BlockStart).decode
+_decode_block_delta = msgspec.json.Decoder(_BlockDelta).decode
+_decode_message_delta = msgspec.json.Decoder(_MessageDelta).decode
+_decode_error = msgspec.json.Decoder(_Error).decode
+
+_FINISH: dict[str, FinishReason] = {
+    "end_turn": "stop",
+    "stop_sequence": "stop",
+    "tool_use": "stop",
+    "pause_turn": "stop",
+    "max_tokens": "length",
+    "model_context_window_exceeded": "length",
+    "refusal": "content_filter",
+}
+
+
+def _prompt_tokens(usage: _Usage) -> int:
+    """Anthropic counts cached input apart; a client wants the whole prompt."""
+    return (
+        (usage.input_tokens or 0)
+        + (usage.cache_creation_input_tokens or 0)
+        + (usage.cache_read_input_tokens or 0)
+    )
+
+
+class AnthropicProvider:
+    """Streams messages through `anthropic.AsyncAnthropic`, decoding the SSE body with msgspec."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        client: anthropic.AsyncAnthropic,
+        secret: str | None = None,
+        default_max_tokens: int = 4096,
+        list_timeout: float = 10.0,
+    ) -> None:
+        self.name = name
+        self._client = client
+        self._secrets = (secret,) if secret else ()
+        self._default_max_tokens = default_max_tokens
+        self._list_timeout = list_timeout
+
+    async def stream(self, request: ChatRequest) -> AsyncGenerator[Event, None]:
+        params = self._params(request)
+        try:
+            async with self._client.messages.with_streaming_response.create(**params) as response:
+                async for event in self._events(response.http_response):
+                    yield event
+        except anthropic.APIError as exc:
+            raise errors.from_anthropic(self.name, exc, self._secrets) from exc
+        except httpx2.TransportError as exc:
+            raise errors.from_transport(self.name, exc) from exc
+
+    async def _events(self, response: httpx2.Response) -> AsyncGenerator[Event, None]:
+        decoder = SSEDecoder()
+        prompt_tokens: int | None = None
+        completion_tokens: int | None = None
+        reason: FinishReason | None = None
+        async for raw in response.aiter_bytes():
+            for name, data in decoder.feed(raw):
+                try:
+                    if name == b"content_block_delta":
+                        delta = _decode_block_delta(data).delta
+                        if delta.text:
+                            yield TextDelta(delta.text)
+                        elif delta.thinking:
+                            yield ReasoningDelta(delta.thinking)
+                    elif name == b"content_block_start":
+                        block = _decode_block_start(data).content_block
+                        if block.text:
+                            yield TextDelta(block.text)
+                        elif block.thinking:
+                            yield ReasoningDelta(block.thinking)
+                    elif name == b"message_start":
+                        usage = _decode_start(data).message.usage
+                        prompt_tokens = _prompt_tokens(usage)
+                        completion_tokens = usage.output_tokens
+                    elif name == b"message_delta":
+                        message_delta = _decode_message_delta(data)
+                        if message_delta.delta.stop_reason is not None:
+                            reason = _FINISH.get(message_delta.delta.stop_reason, "stop")
+                        if message_delta.usage is not None:
+                            if message_delta.usage.output_tokens is not None:
+                                completion_tokens = message_delta.usage.output_tokens
+                            if message_delta.usage.input_tokens is not None:
+                                prompt_tokens = _prompt_tokens(message_delta.usage)
+                    elif name == b"message_stop":
+                        usage_out = None
+                        if prompt_tokens is not None or completion_tokens is not None:
+                            usage_out = Usage(
+                                prompt_tokens=prompt_tokens or 0,
+                                completion_tokens=completion_tokens or 0,
+                            )
+                        yield Finish(reason=reason or "stop", usage=usage_out)
+                        return
+                    elif name == b"error":
+                        body = _decode_error(data).error
+                        raise errors.from_inband(self.name, body.type, body.message, self._secrets)
+                    # ping, content_block_stop and event types added later carry nothing we relay.
+                except msgspec.DecodeError as exc:
+                    raise errors.UpstreamProtocolError(
+                        f"{self.name}: upstream sent an unreadable event"
+                    ) from exc
+        raise errors.UpstreamProtocolError(
+            f"{self.name}: upstream ended the stream without finishing the answer"
+        )
+
+    def _params(self, request: ChatRequest) -> dict[str, Any]:
+        system = "\n\n".join(m.text for m in request.messages if m.role in ("system", "developer"))
+        params: dict[str, Any] = {
+            "model": request.model,
+            "messages": [
+                _message(m) for m in request.messages if m.role not in ("system", "developer")
+            ],
+            "max_tokens": request.max_tokens or self._default_max_tokens,
+            "stream": True,
+        }
+        if system:
+            params["system"] = system
+        if request.temperature is not None:
+            params["temperature"] = request.temperature
+        if request.top_p is not None:
+            params["top_p"] = request.top_p
+        if request.stop:
+            params["stop_sequences"] = request.stop
+        if request.user is not None:
+            params["metadata"] = {"user_id": request.user}
+        return params
+
+    async def list_models(self) -> list[str]:
+        try:
+            page = await self._client.models.list(timeout=self._list_timeout, limit=1000)
+            return [model.id async for model in page]
+        except anthropic.APIError as exc:
+            raise errors.from_anthropic(self.name, exc, self._secrets) from exc
+
+    async def aclose(self) -> None:
+        await self._client.close()
+
+
+def _message(message: Message) -> dict[str, Any]:
+    content: Any = message.content
+    if not isinstance(content, str):
+        content = [{"type": "text", "text": part.text} for part in content]
+    return {"role": message.role, "content": content}

@@ -1,0 +1,28 @@
+"""The provider seam: what every upstream adapter offers the stream service."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+from typing import Protocol
+
+from providers.types import ChatRequest, Event
+
+
+class Provider(Protocol):
+    """One upstream. `stream()` yields events and ends with exactly one `Finish`, or raises a
+    `ProviderError`; closing the iterator early (or cancelling its consumer) closes the
+    upstream HTTP response, which is how every cancellation reaches the upstream."""
+
+    name: str
+
+    def stream(self, request: ChatRequest) -> AsyncGenerator[Event, None]:
+        """Stream the answer to `request` (its `model` is the upstream model name)."""
+        ...
+
+    async def list_models(self) -> list[str]:
+        """The upstream model names this provider can serve."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release connection pools."""
+        ...

@@ -1,0 +1,242 @@
+"""The gateway's error tree, and the one place each SDK's exceptions are translated into it.
+
+    GatewayError                        anything the gateway reports to a client
+    ├── RequestError                    the client's request is at fault
+    │   ├── InvalidRequestError         malformed body or field (names the field in `param`)
+    │   ├── UnsupportedFeatureError     a valid OpenAI feature the gateway does not serve yet
+    │   ├── ModelNotFoundError          no configured provider serves that model id
+    │   └── PayloadTooLargeError        body over the configured limit
+    └── ProviderError                   the upstream failed us
+        ├── UpstreamAuthError           the upstream refused the gateway's credentials
+        ├── UpstreamRejectedError       the upstream refused the request (e.g. context too long)
+        ├── UpstreamModelNotFoundError  the upstream does not know the model
+        ├── UpstreamRateLimitError      the upstream is rate limiting us (keeps Retry-After)
+        ├── UpstreamTimeoutError        connect, first-token or idle timeout
+        ├── UpstreamUnavailableError    connection refused/reset, 5xx, overloaded
+        └── UpstreamProtocolError       the upstream broke its wire format or closed a stream early
+
+How each class shows on the wire (HTTP status, error type and code) is one table in
+`server/errors.py`; these classes carry only what happened.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import re
+import time
+from collections.abc import Iterable
+
+import anthropic
+import httpx2
+import openai
+
+
+class GatewayError(Exception):
+    """Base of every error the gateway reports; `message` is safe to show a client."""
+
+    def __init__(
+        self, message: str, *, param: str | None = None, retry_after: float | None = None
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.retry_after = retry_after
+
+
+class RequestError(GatewayError):
+    """The client's request is at fault."""
+
+
+class InvalidRequestError(RequestError):
+    """Malformed body or field."""
+
+
+class UnsupportedFeatureError(RequestError):
+    """A valid OpenAI feature that the gateway does not serve yet."""
+
+
+class ModelNotFoundError(RequestError):
+    """No configured provider serves that model id."""
+
+
+class PayloadTooLargeError(RequestError):
+    """The request body is over the configured limit."""
+
+
+class ProviderError(GatewayError):
+    """The upstream failed us."""
+
+
+class UpstreamAuthError(ProviderError):
+    """The upstream refused the gateway's credentials."""
+
+
+class UpstreamRejectedError(ProviderError):
+    """The upstream refused the request itself."""
+
+
+class UpstreamModelNotFoundError(ProviderError):
+    """The upstream does not know the model."""
+
+
+class UpstreamRateLimitError(ProviderError):
+    """The upstream is rate limiting the gateway."""
+
+
+class UpstreamTimeoutError(ProviderError):
+    """The upstream did not answer in time."""
+
+
+class UpstreamUnavailableError(ProviderError):
+    """The upstream could not be reached or is failing."""
+
+
+class UpstreamProtocolError(ProviderError):
+    """The upstream broke its wire format or closed a stream early."""
+
+
+# Upstream messages are shown to clients, so anything that looks like a credential goes.
+_CREDENTIAL = re.compile(r"(sk-[A-Za-z0-9_\-*.]{3,}|(?i:bearer)\s+\S+)")
+_MAX_MESSAGE = 500
+
+
+def redact(text: str, secrets: Iterable[str] = ()) -> str:
+    """Remove credentials (configured secrets and anything key-shaped) from an upstream text."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "[redacted]")
+    text = _CREDENTIAL.sub("[redacted]", text)
+    return text if len(text) <= _MAX_MESSAGE else text[:_MAX_MESSAGE] + "…"
+
+
+def parse_retry_after(headers: httpx2.Headers) -> float | None:
+    """Seconds to wait from `retry-after-ms` or `retry-after` (seconds or an HTTP date)."""
+    millis = headers.get("retry-after-ms")
+    if millis:
+        try:
+            return max(float(millis) / 1000, 0.0)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        parsed = email.utils.parsedate_tz(value)
+        if parsed is None:
+            return None
+        return max(email.utils.mktime_tz(parsed) - time.time(), 0.0)
+
+
+def _for_status(status: int) -> type[ProviderError]:
+    if status in (401, 403):
+        return UpstreamAuthError
+    if status == 404:
+        return UpstreamModelNotFoundError
+    if status == 429:
+        return UpstreamRateLimitError
+    if status in (408, 504):
+        return UpstreamTimeoutError
+    if 400 <= status < 500:
+        return UpstreamRejectedError
+    if status in (500, 502, 503, 529) or status >= 500:
+        return UpstreamUnavailableError
+    return UpstreamProtocolError
+
+
+_STATUS_WORDS = {
+    UpstreamAuthError: "rejected the gateway's credentials",
+    UpstreamModelNotFoundError: "does not know this model",
+    UpstreamRateLimitError: "is rate limiting requests",
+    UpstreamTimeoutError: "timed out",
+    UpstreamUnavailableError: "is unavailable",
+}
+
+
+def from_status(
+    provider: str,
+    status: int,
+    detail: str | None,
+    headers: httpx2.Headers | None,
+    secrets: Iterable[str] = (),
+) -> ProviderError:
+    """Translate an upstream HTTP error status into the tree."""
+    cls = _for_status(status)
+    words = _STATUS_WORDS.get(cls, "refused the request")
+    message = f"{provider}: upstream {words} (HTTP {status})"
+    # Auth failures say nothing more: the upstream text is about our key, not the client's request.
+    if detail and cls is not UpstreamAuthError:
+        message += f": {redact(detail, secrets)}"
+    retry_after = parse_retry_after(headers) if headers is not None else None
+    return cls(message, retry_after=retry_after)
+
+
+def from_transport(provider: str, exc: BaseException) -> ProviderError:
+    """Translate an httpx2 transport failure during a request or mid-stream."""
+    if isinstance(exc, httpx2.TimeoutException):
+        return UpstreamTimeoutError(f"{provider}: upstream timed out ({type(exc).__name__})")
+    if isinstance(exc, httpx2.RemoteProtocolError):
+        return UpstreamProtocolError(f"{provider}: upstream closed the stream before it finished")
+    return UpstreamUnavailableError(f"{provider}: upstream unreachable ({type(exc).__name__})")
+
+
+def from_openai(provider: str, exc: openai.APIError, secrets: Iterable[str] = ()) -> ProviderError:
+    """Translate an `openai` SDK exception."""
+    if isinstance(exc, openai.APIStatusError):
+        detail = _body_message(exc.body) or exc.message
+        return from_status(provider, exc.status_code, detail, exc.response.headers, secrets)
+    if isinstance(exc, openai.APITimeoutError):
+        return UpstreamTimeoutError(f"{provider}: upstream timed out")
+    if isinstance(exc, openai.APIConnectionError):
+        return UpstreamUnavailableError(f"{provider}: upstream unreachable")
+    return UpstreamProtocolError(f"{provider}: {redact(exc.message, secrets)}")
+
+
+def from_anthropic(
+    provider: str, exc: anthropic.APIError, secrets: Iterable[str] = ()
+) -> ProviderError:
+    """Translate an `anthropic` SDK exception."""
+    if isinstance(exc, anthropic.APIStatusError):
+        detail = _body_message(exc.body) or exc.message
+        return from_status(provider, exc.status_code, detail, exc.response.headers, secrets)
+    if isinstance(exc, anthropic.APITimeoutError):
+        return UpstreamTimeoutError(f"{provider}: upstream timed out")
+    if isinstance(exc, anthropic.APIConnectionError):
+        return UpstreamUnavailableError(f"{provider}: upstream unreachable")
+    return UpstreamProtocolError(f"{provider}: {redact(exc.message, secrets)}")
+
+
+# Anthropic's in-band error types, as sent in an `error` stream event.
+_ANTHROPIC_INBAND = {
+    "overloaded_error": 529,
+    "rate_limit_error": 429,
+    "api_error": 500,
+    "timeout_error": 504,
+    "authentication_error": 401,
+    "permission_error": 403,
+    "not_found_error": 404,
+    "invalid_request_error": 400,
+    "request_too_large": 413,
+}
+
+
+def from_inband(
+    provider: str, kind: str | None, message: str | None, secrets: Iterable[str] = ()
+) -> ProviderError:
+    """Translate an error event that arrived inside a stream."""
+    status = _ANTHROPIC_INBAND.get(kind or "", 500)
+    cls = _for_status(status)
+    text = redact(message or "no detail", secrets)
+    return cls(f"{provider}: upstream failed mid-stream ({kind or 'error'}): {text}")
+
+
+def _body_message(body: object) -> str | None:
+    """The human message inside an upstream error body, in either vendor's shape."""
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict):
+            message = inner.get("message")
+            if isinstance(message, str):
+                return message
+    return None

@@ -1,0 +1,193 @@
+"""Adapter for OpenAI and any OpenAI-compatible server (vLLM, Ollama, OpenRouter, ...)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+from typing import Any
+
+import httpx2
+import msgspec
+import openai
+
+from providers import errors
+from providers.sse import SSEDecoder
+from providers.types import (
+    ChatRequest,
+    Event,
+    Finish,
+    FinishReason,
+    Message,
+    ReasoningDelta,
+    TextDelta,
+    Usage,
+)
+
+
+class _Delta(msgspec.Struct):
+    content: str | None = None
+    reasoning_content: str | None = None  # vLLM, DeepSeek
+    reasoning: str | None = None  # OpenRouter
+
+
+class _Choice(msgspec.Struct):
+    delta: _Delta = msgspec.field(default_factory=_Delta)
+    finish_reason: str | None = None
+
+
+class _Usage(msgspec.Struct):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class _Error(msgspec.Struct):
+    message: str | None = None
+    type: str | None = None
+
+
+class _Chunk(msgspec.Struct):
+    choices: list[_Choice] = msgspec.field(default_factory=list)
+    usage: _Usage | None = None
+    error: _Error | str | None = None
+
+
+_decode_chunk = msgspec.json.Decoder(_Chunk).decode
+_DONE = b"[DONE]"
+_PASSED_THROUGH = (
+    "temperature",
+    "top_p",
+    "stop",
+    "seed",
+    "user",
+    "presence_penalty",
+    "frequency_penalty",
+)
+_FINISH: dict[str, FinishReason] = {
+    "stop": "stop",
+    "length": "length",
+    "content_filter": "content_filter",
+    "tool_calls": "stop",
+    "function_call": "stop",
+}
+
+
+class OpenAIProvider:
+    """Streams chat completions through `openai.AsyncOpenAI`.
+
+    The SDK builds and sends the request (auth, base URL, status errors); the SSE body is
+    decoded here with msgspec straight into small Structs, which is several times cheaper
+    per chunk than the SDK's pydantic chunk objects and yields only what the gateway uses.
+    """
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        client: openai.AsyncOpenAI,
+        secret: str | None = None,
+        official: bool = True,
+        stream_usage: bool = True,
+        list_timeout: float = 10.0,
+    ) -> None:
+        self.name = name
+        self._client = client
+        self._secrets = (secret,) if secret else ()
+        self._official = official
+        self._stream_usage = stream_usage
+        self._list_timeout = list_timeout
+
+    async def stream(self, request: ChatRequest) -> AsyncGenerator[Event, None]:
+        params = self._params(request)
+        try:
+            async with self._client.chat.completions.with_streaming_response.create(
+                **params
+            ) as response:
+                async for event in self._events(response.http_response):
+                    yield event
+        except openai.APIError as exc:
+            raise errors.from_openai(self.name, exc, self._secrets) from exc
+        except httpx2.TransportError as exc:
+            raise errors.from_transport(self.name, exc) from exc
+
+    async def _events(self, response: httpx2.Response) -> AsyncGenerator[Event, None]:
+        decoder = SSEDecoder()
+        reason: FinishReason | None = None
+        usage: Usage | None = None
+        done = False
+        async for raw in response.aiter_bytes():
+            for _, data in decoder.feed(raw):
+                if data == _DONE:
+                    done = True
+                    continue
+                try:
+                    chunk = _decode_chunk(data)
+                except msgspec.DecodeError as exc:
+                    raise errors.UpstreamProtocolError(
+                        f"{self.name}: upstream sent an unreadable chunk"
+                    ) from exc
+                if chunk.error is not None:
+                    raise self._inband(chunk.error)
+                for choice in chunk.choices:
+                    delta = choice.delta
+                    if delta.content:
+                        yield TextDelta(delta.content)
+                    reasoning = delta.reasoning_content or delta.reasoning
+                    if reasoning:
+                        yield ReasoningDelta(reasoning)
+                    if choice.finish_reason is not None:
+                        reason = _FINISH.get(choice.finish_reason, "stop")
+                if chunk.usage is not None:
+                    usage = Usage(
+                        prompt_tokens=chunk.usage.prompt_tokens,
+                        completion_tokens=chunk.usage.completion_tokens,
+                    )
+        if reason is None and not done:
+            raise errors.UpstreamProtocolError(
+                f"{self.name}: upstream ended the stream without finishing the answer"
+            )
+        yield Finish(reason=reason or "stop", usage=usage)
+
+    def _inband(self, error: _Error | str) -> errors.ProviderError:
+        if isinstance(error, str):
+            return errors.from_inband(self.name, None, error, self._secrets)
+        return errors.from_inband(self.name, error.type, error.message, self._secrets)
+
+    def _params(self, request: ChatRequest) -> dict[str, Any]:
+        params: dict[str, Any] = {
+            "model": request.model,
+            "messages": [self._message(m) for m in request.messages],
+            "stream": True,
+        }
+        if self._stream_usage:
+            params["stream_options"] = {"include_usage": True}
+        if request.max_tokens is not None:
+            # OpenAI itself wants the newer name (o-series models reject `max_tokens`);
+            # compatible servers reliably know only the older one.
+            key = "max_completion_tokens" if self._official else "max_tokens"
+            params[key] = request.max_tokens
+        for field in _PASSED_THROUGH:
+            value = getattr(request, field)
+            if value is not None:
+                params[field] = value
+        return params
+
+    def _message(self, message: Message) -> dict[str, Any]:
+        role = message.role
+        if role == "developer" and not self._official:
+            role = "system"
+        content: Any = message.content
+        if not isinstance(content, str):
+            content = [{"type": "text", "text": part.text} for part in content]
+        out: dict[str, Any] = {"role": role, "content": content}
+        if message.name is not None:
+            out["name"] = message.name
+        return out
+
+    async def list_models(self) -> list[str]:
+        try:
+            page = await self._client.models.list(timeout=self._list_timeout)
+            return [model.id async for model in page]
+        except openai.APIError as exc:
+            raise errors.from_openai(self.name, exc, self._secrets) from exc
+
+    async def aclose(self) -> None:
+        await self._client.close()

@@ -1,0 +1,198 @@
+"""The one stream service every transport uses: routing, timeouts, usage, errors as events.
+
+A transport hands `run()` a `Sink` (how to write deltas, the finish and an error on its wire)
+and a `StreamState` it can read afterwards. The service drives the provider's iterator inside
+`contextlib.aclosing`, so every way a stream ends (finish, error, timeout, the consuming task
+being cancelled by a client's cancel or disconnect) closes the upstream response. A cancel is
+never swallowed: `CancelledError` propagates to the transport that caused it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Protocol
+
+from providers.errors import GatewayError, UpstreamProtocolError, UpstreamTimeoutError
+from providers.registry import Registry, Route
+from providers.types import (
+    ChatRequest,
+    Finish,
+    FinishReason,
+    ReasoningDelta,
+    TextDelta,
+    Usage,
+    estimate_tokens,
+)
+from server.errors import as_gateway_error
+from server.protocol import ChatCompletionBody
+
+log = logging.getLogger("tokenrelay.chat")
+
+
+class Sink(Protocol):
+    """How one transport writes a stream's events to its client."""
+
+    async def delta(self, event: TextDelta | ReasoningDelta) -> None: ...
+
+    async def finish(self, reason: FinishReason, usage: Usage) -> None: ...
+
+    async def error(self, exc: GatewayError) -> None: ...
+
+
+class StreamState:
+    """What happened in one stream so far; the transport may read it after a cancel."""
+
+    __slots__ = (
+        "request_id",
+        "model",
+        "provider",
+        "started_at",
+        "first_token_at",
+        "ended_at",
+        "chunks",
+        "reason",
+        "usage",
+        "error",
+        "_request",
+    )
+
+    def __init__(self, request_id: str, started_at: float) -> None:
+        self.request_id = request_id
+        self.started_at = started_at
+        self.model = ""
+        self.provider = ""
+        self.first_token_at: float | None = None
+        self.ended_at: float | None = None
+        self.chunks = 0
+        self.reason: FinishReason | None = None
+        self.usage: Usage | None = None
+        self.error: GatewayError | None = None
+        self._request: ChatRequest | None = None
+
+    @property
+    def ttft(self) -> float | None:
+        """Seconds from the request's arrival to the first token written to the client."""
+        return None if self.first_token_at is None else self.first_token_at - self.started_at
+
+    def usage_so_far(self) -> Usage:
+        """The upstream's usage when it sent one, else a count of what was relayed."""
+        if self.usage is not None:
+            return self.usage
+        prompt = 0
+        if self._request is not None:
+            prompt = sum(estimate_tokens(m.text) for m in self._request.messages)
+        return Usage(prompt_tokens=prompt, completion_tokens=self.chunks)
+
+
+class Prepared:
+    """A validated request with its route, ready to run."""
+
+    __slots__ = ("body", "route", "request")
+
+    def __init__(self, body: ChatCompletionBody, route: Route, request: ChatRequest) -> None:
+        self.body = body
+        self.route = route
+        self.request = request
+
+
+class _Watchdog:
+    """First-token and idle timeouts without per-chunk timer churn.
+
+    The stream records when it started waiting on the upstream (`armed_at`, negative while it
+    is writing to its client, which is not the upstream's fault); a timer checks lazily and,
+    once a limit has passed, expires the enclosing `asyncio.timeout`, which cancels the
+    stream's task and surfaces as `TimeoutError` from exactly that scope.
+    """
+
+    __slots__ = ("_scope", "_loop", "_handle", "limit", "armed_at")
+
+    def __init__(self, scope: asyncio.Timeout, limit: float) -> None:
+        self._scope = scope
+        self._loop = asyncio.get_running_loop()
+        self.limit = limit
+        self.armed_at = self._loop.time()
+        self._handle = self._loop.call_at(self.armed_at + limit, self._check)
+
+    def _check(self) -> None:
+        now = self._loop.time()
+        if self.armed_at < 0:
+            self._handle = self._loop.call_at(now + self.limit, self._check)
+        elif now >= self.armed_at + self.limit:
+            self._scope.reschedule(now)
+        else:
+            self._handle = self._loop.call_at(self.armed_at + self.limit, self._check)
+
+    def cancel(self) -> None:
+        self._handle.cancel()
+
+
+class ChatService:
+    """Resolves models and runs streams; shared by REST, SSE and WebSocket."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+
+    def prepare(self, body: ChatCompletionBody) -> Prepared:
+        """Validate the body and route it; raises a `RequestError` before any upstream call."""
+        unsupported = body.unsupported()
+        if unsupported is not None:
+            raise unsupported
+        route = self.registry.resolve(body.model)
+        return Prepared(body, route, body.to_request(route.model))
+
+    async def run(self, prepared: Prepared, sink: Sink, state: StreamState) -> None:
+        """Relay one stream to `sink`. Failures go to `sink.error`; a cancel propagates."""
+        route = prepared.route
+        state.model = prepared.body.model
+        state.provider = route.settings.name
+        state._request = prepared.request
+        loop = asyncio.get_running_loop()
+        events = route.provider.stream(prepared.request)
+        watchdog: _Watchdog | None = None
+        try:
+            async with asyncio.timeout(None) as scope, contextlib.aclosing(events):
+                watchdog = _Watchdog(scope, route.settings.first_token_timeout)
+                async for event in events:
+                    watchdog.armed_at = -1.0
+                    if isinstance(event, Finish):
+                        state.reason = event.reason
+                        state.usage = event.usage
+                        await sink.finish(event.reason, state.usage_so_far())
+                        break
+                    await sink.delta(event)
+                    state.chunks += 1
+                    if state.first_token_at is None:
+                        state.first_token_at = loop.time()
+                        watchdog.limit = route.settings.idle_timeout
+                    watchdog.armed_at = loop.time()
+                else:
+                    raise UpstreamProtocolError(
+                        f"{route.settings.name}: the stream ended without a finish"
+                    )
+        except TimeoutError as exc:
+            if watchdog is None or not scope.expired():
+                await self._fail(sink, state, as_gateway_error(exc, state.request_id))
+                return
+            waited = "first token" if state.first_token_at is None else "next chunk"
+            await self._fail(
+                sink,
+                state,
+                UpstreamTimeoutError(f"{state.provider}: no {waited} within {watchdog.limit:g} s"),
+            )
+            log.debug("stream %s timed out", state.request_id, exc_info=exc)
+        except GatewayError as exc:
+            await self._fail(sink, state, exc)
+        except Exception as exc:
+            await self._fail(sink, state, as_gateway_error(exc, state.request_id))
+        finally:
+            if watchdog is not None:
+                watchdog.cancel()
+            state.ended_at = loop.time()
+
+    @staticmethod
+    async def _fail(sink: Sink, state: StreamState, exc: GatewayError) -> None:
+        state.reason = "error"
+        state.error = exc
+        await sink.error(exc)

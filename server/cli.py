@@ -1,0 +1,77 @@
+"""The `tokenrelay` command: `serve` and `check-config`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from server.settings import ENV_PREFIX, Settings, SettingsError, load
+
+
+def _load_or_report(config: str | None) -> Settings | None:
+    try:
+        return load(config, os.environ)
+    except SettingsError as exc:
+        print(f"tokenrelay: the configuration has {len(exc.problems)} problem(s):", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return None
+
+
+def _serve(args: argparse.Namespace) -> int:
+    settings = _load_or_report(args.config)
+    if settings is None:
+        return 2
+    import uvicorn
+
+    if args.config:
+        # Workers rebuild the app from the environment, so they must see the same file.
+        os.environ[ENV_PREFIX + "CONFIG"] = os.path.abspath(args.config)
+    uvicorn.run(
+        "server.app:app_from_environment",
+        factory=True,
+        host=args.host or settings.server.host,
+        port=args.port or settings.server.port,
+        workers=args.workers,
+        loop="uvloop",
+        http="httptools",
+        ws="websockets-sansio",
+        log_level=settings.server.log_level,
+        access_log=False,
+        server_header=False,
+    )
+    return 0
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    settings = _load_or_report(args.config)
+    if settings is None:
+        return 2
+    names = ", ".join(f"{p.name} ({p.kind})" for p in settings.providers) or "none"
+    print(f"configuration OK; providers: {names}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tokenrelay", description="A realtime LLM chat gateway.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the gateway")
+    serve.add_argument("--host", help="address to bind (default from settings: 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to bind (default from settings: 8000)")
+    serve.add_argument("--config", help="TOML settings file (or TOKENRELAY_CONFIG)")
+    serve.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    serve.set_defaults(run=_serve)
+    check = commands.add_parser(
+        "check-config", help="validate the settings and report every problem"
+    )
+    check.add_argument("--config", help="TOML settings file (or TOKENRELAY_CONFIG)")
+    check.set_defaults(run=_check_config)
+    args = parser.parse_args(argv)
+    result: int = args.run(args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

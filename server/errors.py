@@ -1,0 +1,108 @@
+"""How each error in the tree shows on the wire: one table, one JSON shape for every transport.
+
+REST answers `{"error": {"message", "type", "code", "param"}}` with the table's status; an SSE
+stream that already started sends the same object as an error event; a WebSocket sends it in a
+`chat.error` frame. Lookup walks the class hierarchy, so a new subclass inherits its parent's row.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import NamedTuple
+
+import msgspec
+
+from providers import errors as e
+
+log = logging.getLogger("tokenrelay.errors")
+
+
+class RouteNotFoundError(e.RequestError):
+    """No route at that path."""
+
+
+class MethodNotAllowedError(e.RequestError):
+    """The route exists but not for that method."""
+
+
+class Spec(NamedTuple):
+    """An error class's wire identity."""
+
+    status: int
+    type: str
+    code: str
+
+
+TABLE: dict[type[BaseException], Spec] = {
+    e.GatewayError: Spec(500, "server_error", "internal_error"),
+    e.RequestError: Spec(400, "invalid_request_error", "invalid_request"),
+    e.InvalidRequestError: Spec(400, "invalid_request_error", "invalid_request"),
+    e.UnsupportedFeatureError: Spec(400, "invalid_request_error", "unsupported"),
+    e.ModelNotFoundError: Spec(404, "invalid_request_error", "model_not_found"),
+    e.PayloadTooLargeError: Spec(413, "invalid_request_error", "payload_too_large"),
+    RouteNotFoundError: Spec(404, "invalid_request_error", "not_found"),
+    MethodNotAllowedError: Spec(405, "invalid_request_error", "method_not_allowed"),
+    e.ProviderError: Spec(502, "upstream_error", "upstream_error"),
+    e.UpstreamAuthError: Spec(502, "upstream_error", "upstream_auth_failed"),
+    e.UpstreamRejectedError: Spec(400, "invalid_request_error", "upstream_rejected"),
+    e.UpstreamModelNotFoundError: Spec(404, "invalid_request_error", "model_not_found"),
+    e.UpstreamRateLimitError: Spec(429, "rate_limit_error", "upstream_rate_limited"),
+    e.UpstreamTimeoutError: Spec(504, "upstream_error", "upstream_timeout"),
+    e.UpstreamUnavailableError: Spec(503, "upstream_error", "upstream_unavailable"),
+    e.UpstreamProtocolError: Spec(502, "upstream_error", "upstream_protocol_error"),
+}
+
+
+def spec_for(exc: BaseException) -> Spec:
+    """The nearest row for the exception's class (unknown exceptions are internal errors)."""
+    for cls in type(exc).__mro__:
+        spec = TABLE.get(cls)
+        if spec is not None:
+            return spec
+    return TABLE[e.GatewayError]
+
+
+class ErrorBody(msgspec.Struct, frozen=True, kw_only=True):
+    """The error object every transport sends."""
+
+    message: str
+    type: str
+    code: str
+    param: str | None = None
+    status: int
+    retry_after: float | None = None
+    request_id: str | None = None
+
+
+class ErrorEnvelope(msgspec.Struct, frozen=True):
+    """OpenAI's error response: `{"error": {...}}`."""
+
+    error: ErrorBody
+
+
+def as_gateway_error(exc: BaseException, request_id: str) -> e.GatewayError:
+    """Pass gateway errors through; log any other exception once and hide its details."""
+    if isinstance(exc, e.GatewayError):
+        return exc
+    log.error("unexpected error in request %s", request_id, exc_info=exc)
+    return e.GatewayError(f"Internal error; quote request id {request_id} when reporting it.")
+
+
+def error_body(exc: e.GatewayError, request_id: str | None = None) -> ErrorBody:
+    spec = spec_for(exc)
+    return ErrorBody(
+        message=exc.message,
+        type=spec.type,
+        code=spec.code,
+        param=exc.param,
+        status=spec.status,
+        retry_after=exc.retry_after,
+        request_id=request_id,
+    )
+
+
+def retry_after_header(exc: e.GatewayError) -> dict[str, str]:
+    """`Retry-After` in whole seconds, rounded up, when the error carries one."""
+    if exc.retry_after is None:
+        return {}
+    return {"retry-after": str(max(int(-(-exc.retry_after // 1)), 0))}

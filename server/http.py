@@ -1,0 +1,62 @@
+"""Small ASGI helpers shared by the HTTP endpoints: bounded body reading and JSON responses."""
+
+from __future__ import annotations
+
+from starlette.types import Receive, Scope, Send
+
+from providers.errors import GatewayError, PayloadTooLargeError
+from server import protocol
+from server.errors import ErrorEnvelope, error_body, retry_after_header, spec_for
+
+
+class ClientGone(Exception):
+    """The client disconnected while its request body was being read."""
+
+
+async def read_body(receive: Receive, headers: dict[bytes, bytes], limit: int) -> bytes:
+    """The whole request body, or `PayloadTooLargeError` as soon as it exceeds `limit`."""
+    declared = headers.get(b"content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit)
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def _too_large(limit: int) -> PayloadTooLargeError:
+    return PayloadTooLargeError(f"The request body is larger than the limit of {limit} bytes.")
+
+
+async def send_json(
+    send: Send, status: int, body: bytes, extra: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        *(extra or ()),
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def send_error(send: Send, exc: GatewayError, request_id: str) -> None:
+    """A complete OpenAI-style JSON error response with the error's status and Retry-After."""
+    extra = [(b"x-request-id", request_id.encode())]
+    extra += [(k.encode(), v.encode()) for k, v in retry_after_header(exc).items()]
+    body = protocol.encode(ErrorEnvelope(error_body(exc, request_id)))
+    await send_json(send, spec_for(exc).status, body, extra)
+
+
+def header_map(scope: Scope) -> dict[bytes, bytes]:
+    """Request headers by lower-case name (the last one wins)."""
+    return dict(scope["headers"])

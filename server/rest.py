@@ -1,0 +1,139 @@
+"""The OpenAI-compatible REST API: chat completions (JSON or SSE) and the model list."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import uuid
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from providers.errors import GatewayError
+from providers.types import FinishReason, ReasoningDelta, TextDelta, Usage
+from server import protocol
+from server.catalog import Catalog
+from server.chat import ChatService, Prepared, StreamState
+from server.http import ClientGone, header_map, read_body, send_error, send_json
+from server.settings import ServerSettings
+from server.sse import stream_sse
+from server.streaming import race, watch_disconnect
+
+_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._\-]{1,64}$")
+
+
+def request_id(headers: dict[bytes, bytes]) -> str:
+    """The client's `x-request-id` when it is a sane token, else a fresh one."""
+    given = headers.get(b"x-request-id")
+    if given is not None and _REQUEST_ID.match(given):
+        return given.decode()
+    return uuid.uuid4().hex
+
+
+class ChatCompletions:
+    """`POST /api/chat/completions` as a plain ASGI app: one code path for JSON and SSE."""
+
+    def __init__(self, service: ChatService, settings: ServerSettings) -> None:
+        self._service = service
+        self._settings = settings
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = asyncio.get_running_loop().time()
+        headers = header_map(scope)
+        rid = request_id(headers)
+        try:
+            raw = await read_body(receive, headers, self._settings.max_body_bytes)
+            body = protocol.decode_body(raw)
+            prepared = self._service.prepare(body)
+        except ClientGone:
+            return
+        except GatewayError as exc:
+            await send_error(send, exc, rid)
+            return
+        state = StreamState(rid, started)
+        created = int(time.time())
+        completion_id = f"chatcmpl-{rid}"
+        extra = [(b"x-request-id", rid.encode())]
+        if body.stream or b"text/event-stream" in headers.get(b"accept", b""):
+            await stream_sse(
+                self._service,
+                prepared,
+                state,
+                receive,
+                send,
+                completion_id=completion_id,
+                created=created,
+                heartbeat=self._settings.sse_heartbeat,
+                extra_headers=extra,
+            )
+        else:
+            await self._complete(prepared, state, receive, send, completion_id, created, extra)
+
+    async def _complete(
+        self,
+        prepared: Prepared,
+        state: StreamState,
+        receive: Receive,
+        send: Send,
+        completion_id: str,
+        created: int,
+        extra: list[tuple[bytes, bytes]],
+    ) -> None:
+        """Collect the same event stream into one `chat.completion`; a disconnect cancels it."""
+        collector = Collector()
+        if not await race(self._service.run(prepared, collector, state), watch_disconnect(receive)):
+            return
+        if collector.failure is not None:
+            await send_error(send, collector.failure, state.request_id)
+            return
+        message = protocol.ResponseMessage(
+            role="assistant",
+            content="".join(collector.text),
+            reasoning_content="".join(collector.reasoning) or None,
+        )
+        completion = protocol.ChatCompletion(
+            id=completion_id,
+            object="chat.completion",
+            created=created,
+            model=prepared.body.model,
+            choices=[
+                protocol.Choice(index=0, message=message, finish_reason=collector.reason or "stop")
+            ],
+            usage=protocol.UsageBody.of(collector.usage or Usage()),
+        )
+        await send_json(send, 200, protocol.encode(completion), extra)
+
+
+class Collector:
+    """A sink that gathers a whole answer for a non-streamed response."""
+
+    def __init__(self) -> None:
+        self.text: list[str] = []
+        self.reasoning: list[str] = []
+        self.reason: FinishReason | None = None
+        self.usage: Usage | None = None
+        self.failure: GatewayError | None = None
+
+    async def delta(self, event: TextDelta | ReasoningDelta) -> None:
+        (self.text if type(event) is TextDelta else self.reasoning).append(event.text)
+
+    async def finish(self, reason: FinishReason, usage: Usage) -> None:
+        self.reason = reason
+        self.usage = usage
+
+    async def error(self, exc: GatewayError) -> None:
+        self.failure = exc
+
+
+async def list_models(request: Request) -> Response:
+    """`GET /api/models` in OpenAI's list format; `unavailable` names providers not listed."""
+    catalog: Catalog = request.app.state.catalog
+    snapshot = await catalog.snapshot()
+    cards = [
+        protocol.ModelCard(id=m.id, object="model", created=m.created, owned_by=m.provider)
+        for m in snapshot.models
+    ]
+    body = protocol.ModelList(object="list", data=cards, unavailable=snapshot.unavailable)
+    return Response(protocol.encode(body), media_type="application/json")

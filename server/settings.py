@@ -1,0 +1,200 @@
+"""Settings: one frozen Struct tree read once from a TOML file and the environment.
+
+Sources, later ones winning: built-in defaults, the TOML file (`--config` or
+`TOKENRELAY_CONFIG`), then `TOKENRELAY_<TABLE>__<KEY>` variables (a value is read as a TOML
+literal when it parses as one, else as a string: `TOKENRELAY_SERVER__SSE_HEARTBEAT=5`,
+`TOKENRELAY_DEMO=false`). Without `[[providers]]`, `OPENAI_API_KEY` and `ANTHROPIC_API_KEY`
+each add a provider. API keys are only ever named here (`api_key_env`), never stored.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import msgspec
+
+from providers.registry import ProviderSettings
+
+ENV_PREFIX = "TOKENRELAY_"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class ServerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The `[server]` table."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_body_bytes: int = 4 * 1024 * 1024
+    sse_heartbeat: float = 15.0
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The whole configuration."""
+
+    server: ServerSettings = msgspec.field(default_factory=ServerSettings)
+    providers: list[ProviderSettings] = msgspec.field(default_factory=list)
+    demo: bool = True
+
+
+class SettingsError(Exception):
+    """Every problem found in the configuration, each prefixed with its path."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def load(path: str | Path | None, environ: Mapping[str, str]) -> Settings:
+    """Read, merge and validate the settings; `SettingsError` lists every problem."""
+    problems: list[str] = []
+    data: dict[str, Any] = {}
+    path = path or environ.get(ENV_PREFIX + "CONFIG") or None
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise SettingsError([f"{path}: cannot read ({exc.strerror})"]) from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise SettingsError([f"{path}: not valid TOML ({exc})"]) from exc
+    _apply_environment(data, environ, problems)
+    if "providers" not in data:
+        data["providers"] = _providers_from_keys(environ)
+    if data.get("demo", True) is True and isinstance(data["providers"], list):
+        if not any(isinstance(p, dict) and p.get("name") == "demo" for p in data["providers"]):
+            data["providers"].append({"name": "demo", "kind": "demo"})
+    settings: Settings | None = _convert(data, Settings, "", problems)
+    if settings is not None:
+        problems.extend(_check(settings, environ))
+    if problems or settings is None:
+        raise SettingsError(problems)
+    return settings
+
+
+def _providers_from_keys(environ: Mapping[str, str]) -> list[dict[str, Any]]:
+    found = []
+    if environ.get("OPENAI_API_KEY"):
+        found.append({"name": "openai", "kind": "openai", "api_key_env": "OPENAI_API_KEY"})
+    if environ.get("ANTHROPIC_API_KEY"):
+        found.append({"name": "anthropic", "kind": "anthropic", "api_key_env": "ANTHROPIC_API_KEY"})
+    return found
+
+
+def _apply_environment(
+    data: dict[str, Any], environ: Mapping[str, str], problems: list[str]
+) -> None:
+    for name, raw in sorted(environ.items()):
+        if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "CONFIG":
+            continue
+        keys = name[len(ENV_PREFIX) :].lower().split("__")
+        target = data
+        for key in keys[:-1]:
+            target = target.setdefault(key, {})
+            if not isinstance(target, dict):
+                problems.append(f"{name}: {'.'.join(keys)} is not a table")
+                break
+        else:
+            target[keys[-1]] = _literal(raw)
+
+
+def _literal(raw: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def _convert(value: Any, annotation: Any, path: str, problems: list[str]) -> Any:
+    """Convert like `msgspec.convert`, but keep going after a problem so all are reported."""
+    if isinstance(annotation, type) and issubclass(annotation, msgspec.Struct):
+        if not isinstance(value, dict):
+            problems.append(f"{path or 'config'}: expected a table")
+            return None
+        fields = {f.name: f for f in msgspec.structs.fields(annotation)}
+        before = len(problems)
+        converted: dict[str, Any] = {}
+        for key in value:
+            if key not in fields:
+                problems.append(f"{_join(path, key)}: unknown setting")
+        for name, field in fields.items():
+            if name in value:
+                converted[name] = _convert(value[name], field.type, _join(path, name), problems)
+            elif field.required:
+                problems.append(f"{_join(path, name)}: required")
+        if len(problems) > before:
+            return None
+        return annotation(**converted)
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if (
+        origin is list
+        and args
+        and isinstance(args[0], type)
+        and issubclass(args[0], msgspec.Struct)
+    ):
+        if not isinstance(value, list):
+            problems.append(f"{path}: expected an array of tables")
+            return None
+        items = [_convert(item, args[0], f"{path}[{i}]", problems) for i, item in enumerate(value)]
+        return items if all(item is not None for item in items) else None
+    try:
+        return msgspec.convert(value, annotation)
+    except msgspec.ValidationError as exc:
+        problems.append(f"{path}: {_plain(exc, annotation)}")
+        return None
+
+
+def _plain(exc: msgspec.ValidationError, annotation: Any) -> str:
+    if typing.get_origin(annotation) is Literal:
+        return f"expected one of {', '.join(repr(a) for a in typing.get_args(annotation))}"
+    return str(exc).split(" - at ", 1)[0].replace("`", "")
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _check(settings: Settings, environ: Mapping[str, str]) -> list[str]:
+    """Rules beyond types: names, URLs, timeouts, keys present."""
+    problems: list[str] = []
+    server = settings.server
+    if not 0 < server.port < 65536:
+        problems.append("server.port: expected 1-65535")
+    if server.max_body_bytes <= 0:
+        problems.append("server.max_body_bytes: expected a positive number of bytes")
+    if server.sse_heartbeat <= 0:
+        problems.append("server.sse_heartbeat: expected a positive number of seconds")
+    seen: set[str] = set()
+    for i, provider in enumerate(settings.providers):
+        where = f"providers[{i}]"
+        if not _NAME.match(provider.name):
+            problems.append(f"{where}.name: expected letters, digits, '_', '.' or '-'")
+        elif provider.name in seen:
+            problems.append(f"{where}.name: '{provider.name}' is used by another provider")
+        seen.add(provider.name)
+        if provider.base_url is not None:
+            url = urlsplit(provider.base_url)
+            if url.scheme not in ("http", "https") or not url.hostname:
+                problems.append(f"{where}.base_url: expected an http(s) URL")
+            elif provider.kind == "demo":
+                problems.append(f"{where}.base_url: the demo provider has no upstream")
+        for name in ("connect_timeout", "first_token_timeout", "idle_timeout", "pace"):
+            if getattr(provider, name) < 0 or (name != "pace" and getattr(provider, name) == 0):
+                problems.append(f"{where}.{name}: expected a positive number of seconds")
+        if provider.max_connections <= 0:
+            problems.append(f"{where}.max_connections: expected a positive number")
+        if provider.api_key_env is not None and not environ.get(provider.api_key_env):
+            problems.append(
+                f"{where}.api_key_env: environment variable {provider.api_key_env} is not set"
+            )
+        elif provider.api_key_env is None and provider.kind != "demo" and provider.base_url is None:
+            problems.append(
+                f"{where}.api_key_env: required for a '{provider.kind}' provider without base_url"
+            )
+    return problems

@@ -1,0 +1,130 @@
+"""Server-sent events: an OpenAI-compatible `chat.completion.chunk` stream ending in `[DONE]`.
+
+Headers go out with the first token (or the first heartbeat), so a failure before that is an
+ordinary JSON error with its HTTP status; after it, a failure is an SSE event carrying the same
+error object and no `[DONE]` follows, so it never looks like a clean completion.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from starlette.types import Receive, Send
+
+from providers.errors import GatewayError
+from providers.types import FinishReason, ReasoningDelta, TextDelta, Usage
+from server import protocol
+from server.chat import ChatService, Prepared, StreamState
+from server.errors import ErrorEnvelope, error_body
+from server.http import send_error
+from server.streaming import race, watch_disconnect
+
+SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+
+
+class SSESink:
+    """Writes one stream as SSE; tracks whether headers went out and when anything was last sent."""
+
+    __slots__ = (
+        "_send",
+        "_framer",
+        "_headers",
+        "_usage",
+        "_request_id",
+        "started",
+        "complete",
+        "last_sent",
+    )
+
+    def __init__(
+        self,
+        send: Send,
+        framer: protocol.ChunkFramer,
+        headers: list[tuple[bytes, bytes]],
+        include_usage: bool,
+        request_id: str,
+    ) -> None:
+        self._send = send
+        self._framer = framer
+        self._headers = headers
+        self._usage = include_usage
+        self._request_id = request_id
+        self.started = False
+        self.complete = False
+        self.last_sent = asyncio.get_running_loop().time()
+
+    async def _body(self, data: bytes) -> None:
+        self.last_sent = asyncio.get_running_loop().time()
+        await self._send({"type": "http.response.body", "body": data, "more_body": True})
+
+    async def _start(self) -> bytes:
+        """Send the headers; returns the assistant-role chunk that opens every stream."""
+        self.started = True
+        await self._send({"type": "http.response.start", "status": 200, "headers": self._headers})
+        return self._framer.role()
+
+    async def delta(self, event: TextDelta | ReasoningDelta) -> None:
+        framer = self._framer
+        if type(event) is TextDelta:
+            data = framer.content(event.text)
+        else:
+            data = framer.reasoning(event.text)
+        if not self.started:
+            data = await self._start() + data
+        await self._body(data)
+
+    async def finish(self, reason: FinishReason, usage: Usage) -> None:
+        data = self._framer.finish(reason)
+        if self._usage:
+            data += self._framer.usage(usage)
+        if not self.started:
+            data = await self._start() + data
+        await self._body(data + protocol.SSE_DONE)
+
+    async def error(self, exc: GatewayError) -> None:
+        if not self.started:
+            self.started = self.complete = True
+            await send_error(self._send, exc, self._request_id)
+            return
+        await self._body(protocol.sse_event(ErrorEnvelope(error_body(exc, self._request_id))))
+
+    async def keepalive(self, interval: float) -> None:
+        """Send a comment whenever nothing else was sent for `interval` seconds."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(max(self.last_sent + interval - loop.time(), 0.0))
+            if loop.time() - self.last_sent >= interval:
+                data = protocol.SSE_HEARTBEAT
+                if not self.started:
+                    data = await self._start() + data
+                await self._body(data)
+
+
+async def stream_sse(
+    service: ChatService,
+    prepared: Prepared,
+    state: StreamState,
+    receive: Receive,
+    send: Send,
+    *,
+    completion_id: str,
+    created: int,
+    heartbeat: float,
+    extra_headers: list[tuple[bytes, bytes]],
+) -> None:
+    """Serve one SSE stream until it ends or the client disconnects (which cancels it)."""
+    framer = protocol.ChunkFramer(
+        completion_id=completion_id, created=created, model=prepared.body.model
+    )
+    sink = SSESink(
+        send, framer, SSE_HEADERS + extra_headers, prepared.body.include_usage, state.request_id
+    )
+    finished = await race(
+        service.run(prepared, sink, state), sink.keepalive(heartbeat), watch_disconnect(receive)
+    )
+    if finished and not sink.complete:
+        await send({"type": "http.response.body", "body": b"", "more_body": False})

@@ -1,0 +1,37 @@
+"""Running a stream's producer beside the tasks that watch it: first to finish cancels the rest."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine
+from typing import Any
+
+from starlette.types import Receive
+
+
+async def watch_disconnect(receive: Receive) -> None:
+    """Return when the HTTP client goes away (the request body has already been read)."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def race(main: Coroutine[Any, Any, None], *watchers: Coroutine[Any, Any, None]) -> bool:
+    """Run `main` with its watchers; when any of them finishes, cancel the others and wait for them.
+
+    Returns True when `main` finished first. An exception from `main` propagates; a watcher
+    finishing first (a client disconnect) cancels `main`, which closes its upstream.
+    """
+    main_task = asyncio.ensure_future(main)
+    tasks = [main_task, *(asyncio.ensure_future(w) for w in watchers)]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    if main_task.cancelled():
+        return False
+    main_task.result()
+    return True
