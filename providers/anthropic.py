@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Iterable
 from typing import Any
 
 import anthropic
@@ -10,6 +10,7 @@ import httpx2
 import msgspec
 
 from providers import errors
+from providers.settings import ProviderSettings
 from providers.sse import SSEDecoder
 from providers.types import (
     ChatRequest,
@@ -121,7 +122,7 @@ class AnthropicProvider:
                 async for event in self._events(response.http_response):
                     yield event
         except anthropic.APIError as exc:
-            raise errors.from_anthropic(self.name, exc, self._secrets) from exc
+            raise translate(self.name, exc, self._secrets) from exc
         except httpx2.TransportError as exc:
             raise errors.from_transport(self.name, exc) from exc
 
@@ -206,7 +207,7 @@ class AnthropicProvider:
             page = await self._client.models.list(timeout=self._list_timeout, limit=1000)
             return [model.id async for model in page]
         except anthropic.APIError as exc:
-            raise errors.from_anthropic(self.name, exc, self._secrets) from exc
+            raise translate(self.name, exc, self._secrets) from exc
 
     async def aclose(self) -> None:
         await self._client.close()
@@ -217,3 +218,51 @@ def _message(message: Message) -> dict[str, Any]:
     if not isinstance(content, str):
         content = [{"type": "text", "text": part.text} for part in content]
     return {"role": message.role, "content": content}
+
+
+ANTHROPIC_URL = "https://api.anthropic.com"
+
+
+def translate(
+    provider: str, exc: anthropic.APIError, secrets: Iterable[str] = ()
+) -> errors.ProviderError:
+    """Translate an `anthropic` SDK exception into the gateway's error tree."""
+    if isinstance(exc, anthropic.APIStatusError):
+        detail = errors.body_message(exc.body) or exc.message
+        return errors.from_status(provider, exc.status_code, detail, exc.response.headers, secrets)
+    if isinstance(exc, anthropic.APITimeoutError):
+        return errors.UpstreamTimeoutError(f"{provider}: upstream timed out")
+    if isinstance(exc, anthropic.APIConnectionError):
+        return errors.UpstreamUnavailableError(f"{provider}: upstream unreachable")
+    return errors.UpstreamProtocolError(f"{provider}: {errors.redact(exc.message, secrets)}")
+
+
+def _http_options(settings: ProviderSettings) -> tuple[httpx2.Timeout, httpx2.Limits]:
+    # The stream service enforces first-token and idle timeouts itself (read=None here), and
+    # retries are the gateway's decision, so the SDK's own retries are off (max_retries=0).
+    timeout = httpx2.Timeout(
+        connect=settings.connect_timeout, read=None, write=30.0, pool=settings.connect_timeout
+    )
+    limits = httpx2.Limits(
+        max_connections=settings.max_connections,
+        max_keepalive_connections=min(settings.max_connections, 100),
+    )
+    return timeout, limits
+
+
+def create(settings: ProviderSettings, key: str) -> AnthropicProvider:
+    """An adapter with its own client and connection pool for one `[[providers]]` table."""
+    timeout, limits = _http_options(settings)
+    client = anthropic.AsyncAnthropic(
+        api_key=key or "unused",
+        base_url=settings.base_url or ANTHROPIC_URL,
+        max_retries=0,
+        timeout=timeout,
+        http_client=anthropic.DefaultAsyncHttpxClient(timeout=timeout, limits=limits),
+    )
+    return AnthropicProvider(
+        name=settings.name,
+        client=client,
+        secret=key or None,
+        default_max_tokens=settings.default_max_tokens,
+    )

@@ -24,11 +24,7 @@ from __future__ import annotations
 import email.utils
 import re
 import time
-from collections.abc import Iterable
-
-import anthropic
-import httpx2
-import openai
+from collections.abc import Iterable, Mapping
 
 
 class GatewayError(Exception):
@@ -109,7 +105,7 @@ def redact(text: str, secrets: Iterable[str] = ()) -> str:
     return text if len(text) <= _MAX_MESSAGE else text[:_MAX_MESSAGE] + "…"
 
 
-def parse_retry_after(headers: httpx2.Headers) -> float | None:
+def parse_retry_after(headers: Mapping[str, str]) -> float | None:
     """Seconds to wait from `retry-after-ms` or `retry-after` (seconds or an HTTP date)."""
     millis = headers.get("retry-after-ms")
     if millis:
@@ -158,7 +154,7 @@ def from_status(
     provider: str,
     status: int,
     detail: str | None,
-    headers: httpx2.Headers | None,
+    headers: Mapping[str, str] | None,
     secrets: Iterable[str] = (),
 ) -> ProviderError:
     """Translate an upstream HTTP error status into the tree."""
@@ -173,38 +169,14 @@ def from_status(
 
 
 def from_transport(provider: str, exc: BaseException) -> ProviderError:
-    """Translate an httpx2 transport failure during a request or mid-stream."""
+    """Translate an httpx2 (both SDKs' HTTP client) failure during a request or mid-stream."""
+    import httpx2
+
     if isinstance(exc, httpx2.TimeoutException):
         return UpstreamTimeoutError(f"{provider}: upstream timed out ({type(exc).__name__})")
     if isinstance(exc, httpx2.RemoteProtocolError):
         return UpstreamProtocolError(f"{provider}: upstream closed the stream before it finished")
     return UpstreamUnavailableError(f"{provider}: upstream unreachable ({type(exc).__name__})")
-
-
-def from_openai(provider: str, exc: openai.APIError, secrets: Iterable[str] = ()) -> ProviderError:
-    """Translate an `openai` SDK exception."""
-    if isinstance(exc, openai.APIStatusError):
-        detail = _body_message(exc.body) or exc.message
-        return from_status(provider, exc.status_code, detail, exc.response.headers, secrets)
-    if isinstance(exc, openai.APITimeoutError):
-        return UpstreamTimeoutError(f"{provider}: upstream timed out")
-    if isinstance(exc, openai.APIConnectionError):
-        return UpstreamUnavailableError(f"{provider}: upstream unreachable")
-    return UpstreamProtocolError(f"{provider}: {redact(exc.message, secrets)}")
-
-
-def from_anthropic(
-    provider: str, exc: anthropic.APIError, secrets: Iterable[str] = ()
-) -> ProviderError:
-    """Translate an `anthropic` SDK exception."""
-    if isinstance(exc, anthropic.APIStatusError):
-        detail = _body_message(exc.body) or exc.message
-        return from_status(provider, exc.status_code, detail, exc.response.headers, secrets)
-    if isinstance(exc, anthropic.APITimeoutError):
-        return UpstreamTimeoutError(f"{provider}: upstream timed out")
-    if isinstance(exc, anthropic.APIConnectionError):
-        return UpstreamUnavailableError(f"{provider}: upstream unreachable")
-    return UpstreamProtocolError(f"{provider}: {redact(exc.message, secrets)}")
 
 
 # Anthropic's in-band error types, as sent in an `error` stream event.
@@ -231,7 +203,7 @@ def from_inband(
     return cls(f"{provider}: upstream failed mid-stream ({kind or 'error'}): {text}")
 
 
-def _body_message(body: object) -> str | None:
+def body_message(body: object) -> str | None:
     """The human message inside an upstream error body, in either vendor's shape."""
     if isinstance(body, dict):
         inner = body.get("error", body)

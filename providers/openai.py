@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Iterable
 from typing import Any
 
 import httpx2
@@ -10,6 +10,7 @@ import msgspec
 import openai
 
 from providers import errors
+from providers.settings import ProviderSettings
 from providers.sse import SSEDecoder
 from providers.types import (
     ChatRequest,
@@ -104,7 +105,7 @@ class OpenAIProvider:
                 async for event in self._events(response.http_response):
                     yield event
         except openai.APIError as exc:
-            raise errors.from_openai(self.name, exc, self._secrets) from exc
+            raise translate(self.name, exc, self._secrets) from exc
         except httpx2.TransportError as exc:
             raise errors.from_transport(self.name, exc) from exc
 
@@ -187,7 +188,57 @@ class OpenAIProvider:
             page = await self._client.models.list(timeout=self._list_timeout)
             return [model.id async for model in page]
         except openai.APIError as exc:
-            raise errors.from_openai(self.name, exc, self._secrets) from exc
+            raise translate(self.name, exc, self._secrets) from exc
 
     async def aclose(self) -> None:
         await self._client.close()
+
+
+OPENAI_URL = "https://api.openai.com/v1"
+
+
+def translate(
+    provider: str, exc: openai.APIError, secrets: Iterable[str] = ()
+) -> errors.ProviderError:
+    """Translate an `openai` SDK exception into the gateway's error tree."""
+    if isinstance(exc, openai.APIStatusError):
+        detail = errors.body_message(exc.body) or exc.message
+        return errors.from_status(provider, exc.status_code, detail, exc.response.headers, secrets)
+    if isinstance(exc, openai.APITimeoutError):
+        return errors.UpstreamTimeoutError(f"{provider}: upstream timed out")
+    if isinstance(exc, openai.APIConnectionError):
+        return errors.UpstreamUnavailableError(f"{provider}: upstream unreachable")
+    return errors.UpstreamProtocolError(f"{provider}: {errors.redact(exc.message, secrets)}")
+
+
+def _http_options(settings: ProviderSettings) -> tuple[httpx2.Timeout, httpx2.Limits]:
+    # The stream service enforces first-token and idle timeouts itself (read=None here), and
+    # retries are the gateway's decision, so the SDK's own retries are off (max_retries=0).
+    timeout = httpx2.Timeout(
+        connect=settings.connect_timeout, read=None, write=30.0, pool=settings.connect_timeout
+    )
+    limits = httpx2.Limits(
+        max_connections=settings.max_connections,
+        max_keepalive_connections=min(settings.max_connections, 100),
+    )
+    return timeout, limits
+
+
+def create(settings: ProviderSettings, key: str) -> OpenAIProvider:
+    """An adapter with its own client and connection pool for one `[[providers]]` table."""
+    timeout, limits = _http_options(settings)
+    base_url = settings.base_url or OPENAI_URL
+    client = openai.AsyncOpenAI(
+        api_key=key or "unused",
+        base_url=base_url,
+        max_retries=0,
+        timeout=timeout,
+        http_client=openai.DefaultAsyncHttpxClient(timeout=timeout, limits=limits),
+    )
+    return OpenAIProvider(
+        name=settings.name,
+        client=client,
+        secret=key or None,
+        official=base_url.rstrip("/") == OPENAI_URL,
+        stream_usage=settings.stream_usage,
+    )

@@ -4,48 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
-
-import anthropic
-import httpx2
-import msgspec
-import openai
 
 from providers import demo
-from providers.anthropic import AnthropicProvider
 from providers.base import Provider
 from providers.errors import ModelNotFoundError
-from providers.openai import OpenAIProvider
-
-Kind = Literal["openai", "anthropic", "demo"]
-OPENAI_URL = "https://api.openai.com/v1"
-ANTHROPIC_URL = "https://api.anthropic.com"
-
-
-class ProviderSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """One `[[providers]]` table. Keys never live here: `api_key_env` names the variable."""
-
-    name: str
-    kind: Kind
-    base_url: str | None = None
-    api_key_env: str | None = None
-    models: list[str] | None = None
-    aliases: dict[str, str] = msgspec.field(default_factory=dict)
-    connect_timeout: float = 10.0
-    first_token_timeout: float = 180.0
-    idle_timeout: float = 90.0
-    max_connections: int = 1000
-    default_max_tokens: int = 4096
-    stream_usage: bool = True
-    pace: float = 0.02
-
-    def allowed(self) -> frozenset[str] | None:
-        """The allow-list, or None when the provider serves whatever its upstream has."""
-        if self.models is not None:
-            return frozenset(self.models)
-        if self.kind == "demo":
-            return frozenset(demo.MODELS)
-        return None
+from providers.settings import ProviderSettings
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,44 +21,16 @@ class Route:
 
 
 def build_provider(settings: ProviderSettings, environ: Mapping[str, str]) -> Provider:
-    """Create one provider with its own SDK client and connection pool."""
+    """Create one provider with its own SDK client; an SDK is imported only when it is used."""
     key = environ.get(settings.api_key_env, "") if settings.api_key_env else ""
-    timeout = httpx2.Timeout(
-        connect=settings.connect_timeout, read=None, write=30.0, pool=settings.connect_timeout
-    )
-    limits = httpx2.Limits(
-        max_connections=settings.max_connections,
-        max_keepalive_connections=min(settings.max_connections, 100),
-    )
-    # The stream service enforces first-token and idle timeouts itself (read=None here),
-    # and retries are the gateway's decision, so the SDKs' own retries are off.
     if settings.kind == "openai":
-        return OpenAIProvider(
-            name=settings.name,
-            client=openai.AsyncOpenAI(
-                api_key=key or "unused",
-                base_url=settings.base_url or OPENAI_URL,
-                max_retries=0,
-                timeout=timeout,
-                http_client=openai.DefaultAsyncHttpxClient(timeout=timeout, limits=limits),
-            ),
-            secret=key or None,
-            official=settings.base_url is None or settings.base_url.rstrip("/") == OPENAI_URL,
-            stream_usage=settings.stream_usage,
-        )
+        from providers import openai
+
+        return openai.create(settings, key)
     if settings.kind == "anthropic":
-        return AnthropicProvider(
-            name=settings.name,
-            client=anthropic.AsyncAnthropic(
-                api_key=key or "unused",
-                base_url=settings.base_url or ANTHROPIC_URL,
-                max_retries=0,
-                timeout=timeout,
-                http_client=anthropic.DefaultAsyncHttpxClient(timeout=timeout, limits=limits),
-            ),
-            secret=key or None,
-            default_max_tokens=settings.default_max_tokens,
-        )
+        from providers import anthropic
+
+        return anthropic.create(settings, key)
     return demo.DemoProvider(name=settings.name, pace=settings.pace)
 
 

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 import msgspec
 
-from providers.registry import ProviderSettings
+from providers.settings import ProviderSettings
 
 ENV_PREFIX = "TOKENRELAY_"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")

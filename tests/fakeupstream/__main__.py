@@ -1,4 +1,4 @@
-"""Run the fake upstream as a process: ``python -m tests.fakeupstream --port 0 --tokens 64 --pace 0.02``."""
+"""Run the fake upstream as a process: ``python -m tests.fakeupstream --port 0 --tokens 64``."""
 
 from __future__ import annotations
 
@@ -16,8 +16,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
     parser.add_argument("--tokens", type=int, default=8, help="content deltas per response")
     parser.add_argument("--pace", type=float, default=0.0, help="seconds between deltas")
-    parser.add_argument("--first-token-delay", type=float, default=0.0, help="seconds before the first delta")
-    parser.add_argument("--headers-delay", type=float, default=0.0, help="seconds before the response headers")
+    parser.add_argument(
+        "--first-token-delay", type=float, default=0.0, help="seconds before the first delta"
+    )
+    parser.add_argument(
+        "--headers-delay", type=float, default=0.0, help="seconds before the response headers"
+    )
     parser.add_argument("--models", default="", help="comma-separated model ids for /v1/models")
     parser.add_argument("--api-key", default=None, help="require this key (bearer or x-api-key)")
     parser.add_argument("--uvloop", action="store_true", help="run on uvloop when it is installed")
@@ -37,7 +41,9 @@ async def _serve(args: argparse.Namespace) -> None:
         headers_delay=args.headers_delay,
     )
     models = [m.strip() for m in args.models.split(",") if m.strip()] or None
-    upstream = FakeUpstream(host=args.host, port=args.port, api_key=args.api_key, models=models, default=default)
+    upstream = FakeUpstream(
+        host=args.host, port=args.port, api_key=args.api_key, models=models, default=default
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

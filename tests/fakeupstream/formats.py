@@ -11,6 +11,12 @@ _encode = msgspec.json.Encoder().encode
 
 # Constant fragments are built once; streaming only concatenates them with per-piece JSON.
 DONE = b"data: [DONE]\n\n"
+_OPENAI_CHUNK_HEAD = (
+    b'data: {"id":"chatcmpl-fake-%d","object":"chat.completion.chunk","created":%d,"model":%b'
+)
+_ANTHROPIC_DELTA_HEAD = (
+    b'event: content_block_delta\ndata: {"type":"content_block_delta","index":%d,"delta":{"type":'
+)
 FAKE_SIGNATURE = "fake-signature"
 
 DEFAULT_OPENAI_MODELS: tuple[str, ...] = ("gpt-4o-mini", "gpt-4.1", "o4-mini")
@@ -102,14 +108,7 @@ class OpenAIStream:
     ) -> None:
         self._plan = plan
         self._include_usage = include_usage
-        self._head = (
-            b'data: {"id":"chatcmpl-fake-%d","object":"chat.completion.chunk","created":%d,"model":%b'
-            % (
-                request_id,
-                created,
-                _encode(model),
-            )
-        )
+        self._head = _OPENAI_CHUNK_HEAD % (request_id, created, _encode(model))
         self._prefix = self._head + b',"choices":[{"index":0,"delta":{'
         self._n_reasoning = len(plan.reasoning)
 
@@ -131,12 +130,7 @@ class OpenAIStream:
     def finish(self) -> bytes:
         """SSE payloads after the last delta: finish chunk, optional usage chunk and [DONE]."""
         plan = self._plan
-        out = (
-            self._prefix
-            + b'},"finish_reason":'
-            + _encode(plan.finish_reason)
-            + b"}]}\n\n"
-        )
+        out = self._prefix + b'},"finish_reason":' + _encode(plan.finish_reason) + b"}]}\n\n"
         if self._include_usage:
             usage = _encode(_openai_usage(plan))
             out += self._head + b',"choices":[],"usage":' + usage + b"}\n\n"
@@ -190,10 +184,7 @@ def _text_start(index: int) -> bytes:
 
 
 def _delta_prefix(index: int) -> bytes:
-    return (
-        b'event: content_block_delta\ndata: {"type":"content_block_delta","index":%d,"delta":{"type":'
-        % index
-    )
+    return _ANTHROPIC_DELTA_HEAD % index
 
 
 class AnthropicStream:
@@ -228,10 +219,7 @@ class AnthropicStream:
             "stop_sequence": None,
             "usage": {"input_tokens": self._plan.prompt_tokens, "output_tokens": 1},
         }
-        return (
-            _event(b"message_start", {"type": "message_start", "message": message})
-            + _PING
-        )
+        return _event(b"message_start", {"type": "message_start", "message": message}) + _PING
 
     def delta(self, i: int) -> bytes:
         """SSE payload of delta ``i``, including any content-block boundaries that precede it."""
@@ -251,9 +239,7 @@ class AnthropicStream:
             if n_reasoning:
                 out = _THINKING_END
             out += _text_start(self._text_index)
-        return (
-            out + self._text_prefix + _piece_json(self._plan.content[j], j) + b"}}\n\n"
-        )
+        return out + self._text_prefix + _piece_json(self._plan.content[j], j) + b"}}\n\n"
 
     def finish(self) -> bytes:
         """Closes the open blocks, then message_delta and message_stop."""
@@ -354,9 +340,7 @@ def openai_error(status: int, message: str) -> bytes:
     err_type, code = _OPENAI_ERROR_TYPES.get(
         status, ("server_error" if status >= 500 else "invalid_request_error", None)
     )
-    return _encode(
-        {"error": {"message": message, "type": err_type, "param": None, "code": code}}
-    )
+    return _encode({"error": {"message": message, "type": err_type, "param": None, "code": code}})
 
 
 def anthropic_error(status: int, message: str) -> bytes:
@@ -373,8 +357,7 @@ def openai_models(models: list[str]) -> bytes:
         {
             "object": "list",
             "data": [
-                {"id": m, "object": "model", "created": 0, "owned_by": "fake"}
-                for m in models
+                {"id": m, "object": "model", "created": 0, "owned_by": "fake"} for m in models
             ],
         }
     )

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import http
 import ipaddress
 import logging
+import math
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self, cast
@@ -23,6 +25,11 @@ log = logging.getLogger(__name__)
 
 _MAX_HEAD = 64 * 1024
 _TERMINATOR = b"0\r\n\r\n"
+_ROUTES = {("POST", "/v1/chat/completions"), ("POST", "/v1/messages"), ("GET", "/v1/models")}
+_SSE_HEAD = (
+    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\n"
+    b"cache-control: no-cache\r\ntransfer-encoding: chunked\r\n"
+)
 _decode = msgspec.json.Decoder().decode
 
 
@@ -30,10 +37,11 @@ _decode = msgspec.json.Decoder().decode
 class Script:
     """How the fake answers one model's requests (shared, read-only).
 
-    Delta slots are numbered 0..n-1 for the n deltas (reasoning first, then content) and n for the
-    finish; close_after/error_after/hang_after = k act at slot k, when delta k would have been sent.
-    Non-streamed requests wait as long as the stream would have taken to reach that slot, then answer
-    (close: abort the connection; error: a 500 in the vendor's shape; hang: never answer).
+    Slots 0..n-1 are the n deltas (reasoning first, then content) and slot n is the finish;
+    close_after/error_after/hang_after = k act at slot k, when delta k would have been sent.
+    A non-streamed request is answered when the stream would have reached its last delta or its
+    interruption: close aborts without a response, error sends a 500 in the vendor's shape and
+    hang never answers.
     """
 
     tokens: int = 8
@@ -68,9 +76,19 @@ class RecordedRequest:
     delta_times: list[float] = field(default_factory=list)
     completed: bool = False
     disconnected_at: float | None = None
-    status: int = 0
-    query: str = ""
-    connection: int = 0
+    status: int = 0  # response status once headers were written
+    query: str = ""  # raw query string, without the "?"
+    connection: int = 0  # 1-based number of the TCP connection that carried it
+
+
+def check_loopback(host: str) -> str:
+    """Return the address to bind, refusing anything that is not loopback."""
+    if host == "localhost":
+        return "127.0.0.1"
+    with contextlib.suppress(ValueError):
+        if ipaddress.ip_address(host).is_loopback:
+            return host
+    raise ValueError(f"the fake upstream only listens on loopback, not {host!r}")
 
 
 def _status_line(status: int) -> bytes:
@@ -82,119 +100,145 @@ def _status_line(status: int) -> bytes:
 
 
 def _retry_after(value: float) -> bytes:
-    return (
-        str(int(value)).encode()
-        if float(value).is_integer()
-        else repr(float(value)).encode()
-    )
+    return str(int(value) if float(value).is_integer() else float(value)).encode()
 
 
-def check_loopback(host: str) -> str:
-    if host == "localhost":
-        return "127.0.0.1"
-    try:
-        if ipaddress.ip_address(host).is_loopback:
-            return host
-    except ValueError:
-        pass
-    raise ValueError(f"fake upstream only listens on loopback addresses, not {host!r}")
+class _Ticker:
+    """Runs callbacks at loop times, with one timer per millisecond shared by every stream.
+
+    Thousands of paced streams then cost one heap entry per millisecond instead of one timer,
+    future and task wake-up per delta.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._buckets: dict[int, list[Callable[[], None]]] = {}
+        self._timers: dict[int, asyncio.TimerHandle] = {}
+
+    def at(self, when: float, callback: Callable[[], None]) -> None:
+        key = math.ceil(when * 1000)
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            self._buckets[key] = [callback]
+            self._timers[key] = self._loop.call_at(key / 1000, self._fire, key)
+        else:
+            bucket.append(callback)
+
+    def _fire(self, key: int) -> None:
+        del self._timers[key]
+        for callback in self._buckets.pop(key):
+            try:
+                callback()
+            except Exception:
+                log.exception("fake upstream callback failed")
+
+    def close(self) -> None:
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
+        self._buckets.clear()
 
 
 class _Connection(asyncio.Protocol):
-    """One client connection: parses requests and runs one response task at a time."""
+    """One client connection: parses requests and serves them one at a time (keep-alive)."""
 
     def __init__(self, server: FakeUpstream, number: int) -> None:
         self.server = server
         self.number = number
-        self.transport: asyncio.Transport | None = None
+        self.transport: asyncio.Transport
         self.buf = bytearray()
-        self.task: asyncio.Task[None] | None = None
+        self.busy = False
+        self.keep_alive = True
         self.current: RecordedRequest | None = None
         self.closed = False
         self.paused = False
-        self.drain_waiter: asyncio.Future[None] | None = None
-
-    # -- asyncio.Protocol callbacks --
+        self.on_resume: Callable[[], None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports are not asyncio.Transport subclasses, so this is a cast, not a check.
+        # uvloop's transports are not asyncio.Transport subclasses, hence a cast and not a check.
         self.transport = cast(asyncio.Transport, transport)
         self.server._conns.add(self)
 
     def data_received(self, data: bytes) -> None:
         self.buf += data
-        if self.task is None and not self.closed:
-            self._next_request()
+        if not self.busy and not self.closed:
+            self.next_request()
 
     def eof_received(self) -> bool | None:
-        self._client_gone()
+        self.client_gone()
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._client_gone()
+        self.client_gone()
+        self.on_resume = None
         self.server._conns.discard(self)
-        if self.drain_waiter is not None and not self.drain_waiter.done():
-            self.drain_waiter.cancel()
 
     def pause_writing(self) -> None:
         self.paused = True
 
     def resume_writing(self) -> None:
         self.paused = False
-        if self.drain_waiter is not None and not self.drain_waiter.done():
-            self.drain_waiter.set_result(None)
+        callback, self.on_resume = self.on_resume, None
+        if callback is not None and not self.closed:
+            callback()
 
-    # -- lifecycle --
-
-    def _client_gone(self) -> None:
-        """The peer closed or reset the connection: record it and stop generating at once."""
+    def client_gone(self) -> None:
+        """The peer closed or reset the connection: record it; pending callbacks see `closed`."""
         if self.closed:
             return
         self.closed = True
         req = self.current
         if req is not None and not req.completed:
             req.disconnected_at = time.monotonic()
-        self._teardown()
+        self.transport.abort()
 
-    def close_by_server(self, *, graceful: bool = False) -> None:
-        """Close the connection from our side (not a client disconnect).
-
-        graceful flushes what was already written before the FIN; it is used from inside the
-        response task, which therefore is not cancelled. Otherwise the task is cancelled and the
-        transport aborted (stop()).
-        """
+    def close_by_server(self, *, graceful: bool) -> None:
+        """Close from our side, which is not a client disconnect; graceful flushes writes first."""
         if self.closed:
             return
         self.closed = True
         if graceful:
-            assert self.transport is not None
             self.transport.close()
         else:
-            self._teardown()
-
-    def _teardown(self) -> None:
-        if self.task is not None:
-            self.task.cancel()
-        if self.transport is not None:
             self.transport.abort()
 
-    async def drain(self) -> None:
-        """Wait for the transport's write buffer to fall below its high-water mark."""
-        if self.paused and not self.closed:
-            self.drain_waiter = asyncio.get_running_loop().create_future()
-            await self.drain_waiter
-
-    def write(self, data: bytes) -> None:
-        assert self.transport is not None
+    def writable(self) -> bool:
+        """False once the connection is gone, which means: stop producing."""
+        if self.closed:
+            return False
         if self.transport.is_closing():
-            # A failed send closes the transport before connection_lost runs; count it as the disconnect.
-            self._client_gone()
-            raise asyncio.CancelledError
+            # A failed send closes the transport before connection_lost runs.
+            self.client_gone()
+            return False
+        return True
+
+    def write(self, data: bytes) -> bool:
+        if not self.writable():
+            return False
         self.transport.write(data)
+        return True
 
-    # -- request parsing --
+    def write_last(self, req: RecordedRequest, data: bytes) -> None:
+        """Write the end of a response and serve the next request, if any."""
+        if not self.writable():
+            return
+        # Marked before the write: a client in another thread may see the bytes before we return.
+        req.completed = True
+        self.transport.write(data)
+        self.response_done()
 
-    def _next_request(self) -> None:
+    def response_done(self) -> None:
+        self.busy = False
+        self.current = None
+        if not self.keep_alive:
+            self.close_by_server(graceful=True)
+        elif self.buf:
+            # Deferred so a pipelining client cannot make the parser recurse.
+            asyncio.get_running_loop().call_soon(self.next_request)
+
+    def next_request(self) -> None:
+        if self.busy or self.closed:
+            return
         buf = self.buf
         end = buf.find(b"\r\n\r\n")
         if end < 0:
@@ -211,9 +255,7 @@ class _Connection(asyncio.Protocol):
                     raise ValueError(line)
                 name = name.strip().lower()
                 value = value.strip()
-                headers[name] = (
-                    f"{headers[name]}, {value}" if name in headers else value
-                )
+                headers[name] = f"{headers[name]}, {value}" if name in headers else value
             length = int(headers.get("content-length", "0"))
         except ValueError:
             self._reject(400, "malformed request")
@@ -226,44 +268,116 @@ class _Connection(asyncio.Protocol):
             return
         raw = bytes(buf[end + 4 : total])
         del buf[:total]
-        keep_alive = (
-            version == "HTTP/1.1"
-            and "close" not in headers.get("connection", "").lower()
+        self.keep_alive = (
+            version == "HTTP/1.1" and "close" not in headers.get("connection", "").lower()
         )
+        self.busy = True
         path, _, query = target.partition("?")
-        self.server._dispatch(self, method, path, query, headers, raw, keep_alive)
+        self.server._dispatch(self, method, path, query, headers, raw)
 
     def _reject(self, status: int, message: str) -> None:
         body = formats.openai_error(status, message)
-        assert self.transport is not None
-        self.transport.write(
-            _status_line(status)
-            + b"content-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"
-            % len(body)
-            + body
-        )
+        head = b"content-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"
+        self.write(_status_line(status) + head % len(body) + body)
         self.close_by_server(graceful=True)
 
-    def start_task(self, req: RecordedRequest, coro: Any) -> None:
-        self.current = req
-        task = asyncio.get_running_loop().create_task(coro)
-        self.task = task
-        self.server._tasks.add(task)
-        task.add_done_callback(self._task_done)
 
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        self.server._tasks.discard(task)
-        if self.task is task:
-            self.task = None
-        if not task.cancelled() and (exc := task.exception()) is not None:
-            log.error("fake upstream handler failed", exc_info=exc)
-            self.close_by_server()
-        if self.buf and not self.closed:
-            self._next_request()
+class _Stream:
+    """Drives one SSE response from ticker callbacks: deltas, then the finish or an interruption."""
+
+    __slots__ = (
+        "conn",
+        "enc",
+        "first",
+        "kind",
+        "last",
+        "loop",
+        "message",
+        "next",
+        "pace",
+        "req",
+        "stop_slot",
+        "ticker",
+    )
+
+    def __init__(
+        self,
+        conn: _Connection,
+        req: RecordedRequest,
+        enc: OpenAIStream | AnthropicStream,
+        script: Script,
+        n: int,
+        ticker: _Ticker,
+    ) -> None:
+        self.conn = conn
+        self.req = req
+        self.enc = enc
+        self.ticker = ticker
+        self.loop = asyncio.get_running_loop()
+        self.stop_slot, self.kind = _event_slot(script, n)
+        self.message = script.error_message
+        self.pace = script.pace
+        # Deadlines are absolute (first + slot * pace) so pacing does not drift under load;
+        # the finish slot n follows the last delta at once.
+        self.first = self.loop.time() + script.first_token_delay
+        self.last = max(n - 1, 0)
+        self.next = 0
+
+    def start(self) -> None:
+        if self.first > self.loop.time():
+            self.ticker.at(self.first, self.step)
+        else:
+            self.step()
+
+    def step(self) -> None:
+        conn = self.conn
+        if conn.closed:
+            return
+        req, enc, now = self.req, self.enc, self.loop.time
+        i = self.next
+        while i < self.stop_slot:
+            if conn.paused:
+                conn.on_resume = self.step
+                return
+            if not conn.writable():
+                return
+            # Recorded before the write, for clients reading it from another thread.
+            req.deltas_sent += 1
+            req.delta_times.append(time.monotonic())
+            conn.transport.write(sse_chunk(enc.delta(i)))
+            i += 1
+            self.next = i
+            when = self.first + min(i, self.last) * self.pace
+            if when > now():
+                self.ticker.at(when, self.step)
+                return
+        if self.kind == "close":
+            # Graceful close delivers the deltas already written, then a chunked body cut short.
+            conn.close_by_server(graceful=True)
+        elif self.kind != "hang":
+            payload = enc.error(self.message) if self.kind == "error" else enc.finish()
+            conn.write_last(req, sse_chunk(payload) + _TERMINATOR)
+
+
+def _event_slot(script: Script, n: int) -> tuple[int, str]:
+    """The first scripted interruption as (slot, kind), or (n, "finish") when none comes first."""
+    best_slot, best_kind = n, "finish"
+    for slot, kind in (
+        (script.close_after, "close"),
+        (script.error_after, "error"),
+        (script.hang_after, "hang"),
+    ):
+        if (
+            slot is not None
+            and 0 <= slot
+            and (slot < best_slot or (slot == best_slot and best_kind == "finish"))
+        ):
+            best_slot, best_kind = slot, kind
+    return best_slot, best_kind
 
 
 class FakeUpstream:
-    """A scriptable fake OpenAI/Anthropic server on 127.0.0.1 that records every request."""
+    """A scriptable fake OpenAI/Anthropic server on loopback that records every request."""
 
     def __init__(
         self,
@@ -282,14 +396,14 @@ class FakeUpstream:
         self.scripts: dict[str, Script] = {}
         self.requests: list[RecordedRequest] = []
         self._server: asyncio.Server | None = None
+        self._ticker: _Ticker | None = None
         self._conns: set[_Connection] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
         self._request_ids = 0
         self._connection_ids = 0
 
     @property
     def url(self) -> str:
-        """Base URL (the SDKs' base_url is this plus ``/v1``)."""
+        """Base URL; the SDKs' base_url is this plus ``/v1``."""
         if self._server is None:
             raise RuntimeError("FakeUpstream is not running")
         return f"http://{self.host}:{self.port}"
@@ -298,7 +412,8 @@ class FakeUpstream:
         if self._server is not None:
             raise RuntimeError("FakeUpstream is already running")
         loop = asyncio.get_running_loop()
-        # A large backlog lets benchmarks open thousands of connections at once without SYN drops.
+        self._ticker = _Ticker(loop)
+        # A large backlog lets benchmarks open thousands of connections at once.
         self._server = await loop.create_server(
             self._new_connection, self.host, self.port, backlog=4096
         )
@@ -313,14 +428,12 @@ class FakeUpstream:
         if server is None:
             return
         server.close()
+        if self._ticker is not None:
+            self._ticker.close()
         for conn in list(self._conns):
-            conn.close_by_server()
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+            conn.close_by_server(graceful=False)
         await server.wait_closed()
-        # abort() defers connection_lost to the next loop iterations; wait so every socket is released.
+        # abort() runs connection_lost on a later loop iteration; wait so every socket is released.
         for _ in range(100):
             if not self._conns:
                 break
@@ -363,10 +476,9 @@ class FakeUpstream:
                 loop.call_soon_threadsafe(loop.stop)
                 thread.join()
 
-    async def wait_disconnected(
-        self, req: RecordedRequest, timeout: float = 5.0
-    ) -> float:
-        """Poll until the server has recorded the client's disconnect; return its monotonic time."""
+    # The timeout parameter is part of the fixture's documented API.
+    async def wait_disconnected(self, req: RecordedRequest, timeout: float = 5.0) -> float:  # noqa: ASYNC109
+        """Poll until the client's disconnect was recorded; return its time.monotonic() value."""
         deadline = time.monotonic() + timeout
         while req.disconnected_at is None:
             if time.monotonic() >= deadline:
@@ -379,8 +491,6 @@ class FakeUpstream:
     def by_model(self, model: str) -> list[RecordedRequest]:
         return [r for r in self.requests if r.model == model]
 
-    # -- request handling --
-
     def _dispatch(
         self,
         conn: _Connection,
@@ -389,7 +499,6 @@ class FakeUpstream:
         query: str,
         headers: dict[str, str],
         raw: bytes,
-        keep_alive: bool,
     ) -> None:
         body: Any = None
         bad_json = False
@@ -400,98 +509,65 @@ class FakeUpstream:
                 bad_json = True
         is_dict = isinstance(body, dict)
         model = body.get("model") if is_dict else None
-        if path == "/v1/messages" or (
+        anthropic = path == "/v1/messages" or (
             path != "/v1/chat/completions" and "anthropic-version" in headers
-        ):
-            api = "anthropic"
-        else:
-            api = "openai"
+        )
         req = RecordedRequest(
             method=method,
             path=path,
             headers=headers,
             body=body,
             model=model if isinstance(model, str) else None,
-            api=api,
+            api="anthropic" if anthropic else "openai",
             stream=is_dict and body.get("stream") is True,
             started_at=time.monotonic(),
             query=query,
             connection=conn.number,
         )
         self.requests.append(req)
+        conn.current = req
         self._request_ids += 1
-        conn.start_task(
-            req, self._respond(conn, req, self._request_ids, keep_alive, bad_json)
-        )
-
-    async def _respond(
-        self,
-        conn: _Connection,
-        req: RecordedRequest,
-        rid: int,
-        keep_alive: bool,
-        bad_json: bool,
-    ) -> None:
-        end = b"" if keep_alive else b"connection: close\r\n"
-        anthropic = req.api == "anthropic"
-        route = (req.method, req.path)
-        if route not in {
-            ("POST", "/v1/chat/completions"),
-            ("POST", "/v1/messages"),
-            ("GET", "/v1/models"),
-        }:
-            self._send_error(
-                conn, req, 404, f"unknown route {req.method} {req.path}", None, end
-            )
-        elif self.api_key is not None and not self._authorized(req, anthropic):
-            self._send_error(conn, req, 401, "invalid api key", None, end)
-        elif req.path == "/v1/models":
-            self._send_models(conn, req, anthropic, end)
-        elif bad_json or not isinstance(req.body, dict):
-            self._send_error(
-                conn, req, 400, "request body is not a JSON object", None, end
-            )
+        if (method, path) not in _ROUTES:
+            self._send_error(conn, req, 404, f"unknown route {method} {path}")
+        elif self.api_key is not None and not self._authorized(headers, anthropic):
+            self._send_error(conn, req, 401, "invalid api key")
+        elif path == "/v1/models":
+            if anthropic:
+                listing = formats.anthropic_models(
+                    self.models or list(formats.DEFAULT_ANTHROPIC_MODELS)
+                )
+            else:
+                listing = formats.openai_models(self.models or list(formats.DEFAULT_OPENAI_MODELS))
+            self._send_json(conn, req, 200, listing)
+        elif bad_json or not is_dict:
+            self._send_error(conn, req, 400, "request body is not a JSON object")
         else:
             script = (
-                self.scripts.get(req.model, self.default)
-                if req.model is not None
-                else self.default
+                self.scripts.get(req.model, self.default) if req.model is not None else self.default
             )
+            respond = functools.partial(self._respond, conn, req, self._request_ids, script)
             if script.headers_delay > 0:
-                await asyncio.sleep(script.headers_delay)
-            if script.status != 200:
-                self._send_error(
-                    conn,
-                    req,
-                    script.status,
-                    script.error_message,
-                    script.retry_after,
-                    end,
-                )
-            elif req.stream:
-                await self._stream(conn, req, rid, script, end)
+                self._later(script.headers_delay, respond)
             else:
-                await self._complete(conn, req, rid, script, end)
-        if not keep_alive and req.completed:
-            conn.close_by_server(graceful=True)
+                respond()
 
-    def _authorized(self, req: RecordedRequest, anthropic: bool) -> bool:
-        if anthropic:
-            return req.headers.get("x-api-key") == self.api_key
-        return req.headers.get("authorization") == f"Bearer {self.api_key}"
+    def _later(self, delay: float, callback: Callable[[], None]) -> None:
+        assert self._ticker is not None
+        self._ticker.at(asyncio.get_running_loop().time() + delay, callback)
+
+    def _authorized(self, headers: dict[str, str], anthropic: bool) -> bool:
+        bearer = headers.get("authorization") == f"Bearer {self.api_key}"
+        # The anthropic SDK (2.x) sends its api_key as a bearer token; raw clients use x-api-key.
+        return bearer or (anthropic and headers.get("x-api-key") == self.api_key)
 
     def _send_json(
-        self,
-        conn: _Connection,
-        req: RecordedRequest,
-        status: int,
-        body: bytes,
-        extra: bytes,
+        self, conn: _Connection, req: RecordedRequest, status: int, body: bytes, extra: bytes = b""
     ) -> None:
         head = b"content-type: application/json\r\ncontent-length: %d\r\n" % len(body)
-        conn.write(_status_line(status) + head + extra + b"\r\n" + body)
+        if not conn.keep_alive:
+            extra += b"connection: close\r\n"
         req.status = status
-        req.completed = True
+        conn.write_last(req, _status_line(status) + head + extra + b"\r\n" + body)
 
     def _send_error(
         self,
@@ -499,166 +575,76 @@ class FakeUpstream:
         req: RecordedRequest,
         status: int,
         message: str,
-        retry_after: float | None,
-        end: bytes,
+        retry_after: float | None = None,
     ) -> None:
-        body = (
-            formats.anthropic_error(status, message)
-            if req.api == "anthropic"
-            else formats.openai_error(status, message)
-        )
+        if req.api == "anthropic":
+            body = formats.anthropic_error(status, message)
+        else:
+            body = formats.openai_error(status, message)
         extra = (
-            end
-            if retry_after is None
-            else b"retry-after: " + _retry_after(retry_after) + b"\r\n" + end
+            b"" if retry_after is None else b"retry-after: " + _retry_after(retry_after) + b"\r\n"
         )
         self._send_json(conn, req, status, body, extra)
 
-    def _send_models(
-        self, conn: _Connection, req: RecordedRequest, anthropic: bool, end: bytes
-    ) -> None:
-        if anthropic:
-            body = formats.anthropic_models(
-                self.models or list(formats.DEFAULT_ANTHROPIC_MODELS)
-            )
-        else:
-            body = formats.openai_models(
-                self.models or list(formats.DEFAULT_OPENAI_MODELS)
-            )
-        self._send_json(conn, req, 200, body, end)
-
-    @staticmethod
-    def _plan(req: RecordedRequest, script: Script) -> Plan:
-        content = (
-            script.text
-            if script.text is not None
-            else formats.default_pieces(script.tokens)
-        )
-        finish = script.finish_reason
-        body = req.body
-        limit = body.get("max_completion_tokens") or body.get("max_tokens")
-        if (
-            isinstance(limit, int)
-            and not isinstance(limit, bool)
-            and limit < len(content)
-        ):
-            content = content[: max(limit, 0)]
-            finish = "length"
-        return Plan(script.reasoning, content, finish, script.prompt_tokens)
-
-    @staticmethod
-    def _event_slot(script: Script, n: int) -> tuple[int, str]:
-        """The first scripted interruption as (slot, kind), or (n, "finish") when none comes first."""
-        best_slot, best_kind = n, "finish"
-        for slot, kind in (
-            (script.close_after, "close"),
-            (script.error_after, "error"),
-            (script.hang_after, "hang"),
-        ):
-            if slot is None or slot < 0:
-                continue
-            if slot < best_slot or (slot == best_slot and best_kind == "finish"):
-                best_slot, best_kind = slot, kind
-        return best_slot, best_kind
-
-    async def _stream(
-        self,
-        conn: _Connection,
-        req: RecordedRequest,
-        rid: int,
-        script: Script,
-        end: bytes,
-    ) -> None:
-        plan = self._plan(req, script)
+    def _respond(self, conn: _Connection, req: RecordedRequest, rid: int, script: Script) -> None:
+        if conn.closed:
+            return
+        if script.status != 200:
+            self._send_error(conn, req, script.status, script.error_message, script.retry_after)
+            return
+        plan = _plan(req.body, script)
         model = req.model or ""
+        if not req.stream:
+            stop_slot, kind = _event_slot(script, plan.deltas)
+            # Answer when the equivalent stream would have sent its last delta or its interruption.
+            slots = stop_slot - 1 if kind == "finish" and stop_slot > 0 else stop_slot
+            reply = functools.partial(self._reply, conn, req, rid, plan, kind, script.error_message)
+            delay = script.first_token_delay + slots * script.pace
+            if delay > 0:
+                self._later(delay, reply)
+            else:
+                reply()
+            return
         enc: OpenAIStream | AnthropicStream
         if req.api == "anthropic":
             enc = AnthropicStream(rid, model, plan)
             head = b"request-id: req_fake_%d\r\n" % rid
         else:
             options = req.body.get("stream_options")
-            include_usage = (
-                isinstance(options, dict) and options.get("include_usage") is True
-            )
+            include_usage = isinstance(options, dict) and options.get("include_usage") is True
             enc = OpenAIStream(rid, model, int(time.time()), plan, include_usage)
             head = b"x-request-id: req_fake_%d\r\n" % rid
+        if not conn.keep_alive:
+            head += b"connection: close\r\n"
         opening = enc.opening()
-        conn.write(
-            _status_line(200)
-            + b"content-type: text/event-stream; charset=utf-8\r\ncache-control: no-cache\r\n"
-            + b"transfer-encoding: chunked\r\n"
-            + head
-            + end
-            + b"\r\n"
-            + (sse_chunk(opening) if opening else b"")
-        )
         req.status = 200
-        n = plan.deltas
-        stop_slot, kind = self._event_slot(script, n)
-        pace = script.pace
-        # Deadlines are absolute so pacing does not drift under load.
-        first = time.monotonic() + script.first_token_delay
-        monotonic = time.monotonic
-        for i in range(stop_slot):
-            delay = first + i * pace - monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            if conn.paused:
-                await conn.drain()
-            conn.write(sse_chunk(enc.delta(i)))
-            req.deltas_sent += 1
-            req.delta_times.append(monotonic())
-        if stop_slot < n or n == 0:
-            delay = first + stop_slot * pace - monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
-        if kind == "close":
-            # Graceful close flushes the deltas already written, so the client sees exactly stop_slot
-            # of them and then a chunked body cut short (no terminating chunk, no [DONE]).
-            conn.close_by_server(graceful=True)
-        elif kind == "hang":
-            await asyncio.get_running_loop().create_future()
-        else:
-            payload = (
-                enc.error(script.error_message) if kind == "error" else enc.finish()
-            )
-            conn.write(sse_chunk(payload) + _TERMINATOR)
-            req.completed = True
+        if conn.write(_SSE_HEAD + head + b"\r\n" + (sse_chunk(opening) if opening else b"")):
+            assert self._ticker is not None
+            _Stream(conn, req, enc, script, plan.deltas, self._ticker).start()
 
-    async def _complete(
-        self,
-        conn: _Connection,
-        req: RecordedRequest,
-        rid: int,
-        script: Script,
-        end: bytes,
+    def _reply(
+        self, conn: _Connection, req: RecordedRequest, rid: int, plan: Plan, kind: str, message: str
     ) -> None:
-        plan = self._plan(req, script)
-        n = plan.deltas
-        stop_slot, kind = self._event_slot(script, n)
-        # Answer when the equivalent stream would have reached its last delta or its interruption.
-        delay = (
-            script.first_token_delay
-            + max(stop_slot - (1 if kind == "finish" and n else 0), 0) * script.pace
-        )
-        if delay > 0:
-            await asyncio.sleep(delay)
+        if conn.closed or kind == "hang":
+            return
         model = req.model or ""
         if kind == "close":
             conn.close_by_server(graceful=True)
-        elif kind == "hang":
-            await asyncio.get_running_loop().create_future()
         elif kind == "error":
-            self._send_error(conn, req, 500, script.error_message, None, end)
+            self._send_error(conn, req, 500, message)
         elif req.api == "anthropic":
-            self._send_json(
-                conn, req, 200, formats.anthropic_message(rid, model, plan), end
-            )
+            self._send_json(conn, req, 200, formats.anthropic_message(rid, model, plan))
         else:
             self._send_json(
-                conn,
-                req,
-                200,
-                formats.openai_completion(rid, model, int(time.time()), plan),
-                end,
+                conn, req, 200, formats.openai_completion(rid, model, int(time.time()), plan)
             )
+
+
+def _plan(body: dict[str, Any], script: Script) -> Plan:
+    content = script.text if script.text is not None else formats.default_pieces(script.tokens)
+    finish = script.finish_reason
+    limit = body.get("max_completion_tokens") or body.get("max_tokens")
+    if isinstance(limit, int) and not isinstance(limit, bool) and limit < len(content):
+        content = content[: max(limit, 0)]
+        finish = "length"
+    return Plan(script.reasoning, content, finish, script.prompt_tokens)

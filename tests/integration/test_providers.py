@@ -1,0 +1,219 @@
+"""Both adapters through the real SDKs against the fake upstream on loopback."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+
+from providers import errors
+from providers.base import Provider
+from providers.registry import build_provider
+from providers.settings import ProviderSettings
+from providers.types import ChatRequest, Event, Finish, Message, ReasoningDelta, TextDelta
+from tests.conftest import ENVIRON, UPSTREAM_KEY, provider_settings
+from tests.fakeupstream import FakeUpstream, formats
+
+Model = Callable[..., str]
+
+
+@pytest.fixture(params=["openai", "anthropic"])
+async def provider(request: pytest.FixtureRequest, upstream: FakeUpstream) -> AsyncIterator[Provider]:
+    settings = provider_settings(upstream)[0 if request.param == "openai" else 1]
+    built = build_provider(settings, ENVIRON)
+    yield built
+    await built.aclose()
+
+
+def ask(model: str, text: str = "hello", **fields: object) -> ChatRequest:
+    return ChatRequest(model=model, messages=[Message(role="user", content=text)], **fields)  # type: ignore[arg-type]
+
+
+async def collect(provider: Provider, request: ChatRequest) -> list[Event]:
+    return [event async for event in provider.stream(request)]
+
+
+async def test_stream_relays_text_and_usage(provider: Provider, model: Model) -> None:
+    events = await collect(provider, ask(model(tokens=5, prompt_tokens=12)))
+    assert events[:-1] == [TextDelta(f"tok{i} ") for i in range(5)]
+    finish = events[-1]
+    assert isinstance(finish, Finish)
+    assert finish.reason == "stop"
+    assert finish.usage is not None
+    assert (finish.usage.prompt_tokens, finish.usage.completion_tokens) == (12, 5)
+
+
+async def test_reasoning_comes_before_text(provider: Provider, model: Model) -> None:
+    events = await collect(provider, ask(model(tokens=2, reasoning=["think ", "more "])))
+    assert events[:4] == [
+        ReasoningDelta("think "),
+        ReasoningDelta("more "),
+        TextDelta("tok0 "),
+        TextDelta("tok1 "),
+    ]
+
+
+@pytest.mark.parametrize("reason", ["stop", "length", "content_filter"])
+async def test_stop_reasons_are_mapped(provider: Provider, model: Model, reason: str) -> None:
+    events = await collect(provider, ask(model(tokens=1, finish_reason=reason)))
+    assert events[-1] == Finish(reason=reason, usage=events[-1].usage)  # type: ignore[arg-type, union-attr]
+
+
+async def test_max_tokens_reaches_the_upstream(
+    provider: Provider, model: Model, upstream: FakeUpstream
+) -> None:
+    name = model(tokens=10)
+    events = await collect(provider, ask(name, max_tokens=3))
+    assert len([e for e in events if isinstance(e, TextDelta)]) == 3
+    assert events[-1].reason == "length"  # type: ignore[union-attr]
+    (recorded,) = upstream.by_model(name)
+    assert recorded.body["max_tokens"] == 3  # a compatible server gets the classic name
+
+
+@pytest.mark.parametrize(
+    ("status", "expected"),
+    [
+        (400, errors.UpstreamRejectedError),
+        (401, errors.UpstreamAuthError),
+        (403, errors.UpstreamAuthError),
+        (404, errors.UpstreamModelNotFoundError),
+        (429, errors.UpstreamRateLimitError),
+        (500, errors.UpstreamUnavailableError),
+        (503, errors.UpstreamUnavailableError),
+    ],
+)
+async def test_error_statuses_are_translated(
+    provider: Provider, model: Model, status: int, expected: type[Exception]
+) -> None:
+    name = model(status=status, error_message=f"upstream says {UPSTREAM_KEY}", retry_after=7)
+    with pytest.raises(expected) as caught:
+        await collect(provider, ask(name))
+    error = caught.value
+    assert isinstance(error, errors.ProviderError)
+    assert UPSTREAM_KEY not in error.message
+    assert f"HTTP {status}" in error.message
+    if status == 429:
+        assert error.retry_after == 7
+
+
+async def test_connection_closed_mid_stream_is_a_protocol_error(
+    provider: Provider, model: Model
+) -> None:
+    seen: list[Event] = []
+    with pytest.raises(errors.UpstreamProtocolError):
+        async for event in provider.stream(ask(model(tokens=5, close_after=2))):
+            seen.append(event)
+    assert seen == [TextDelta("tok0 "), TextDelta("tok1 ")]
+
+
+async def test_in_band_error_raises_after_the_deltas_before_it(
+    provider: Provider, model: Model
+) -> None:
+    seen: list[Event] = []
+    with pytest.raises(errors.ProviderError) as caught:
+        async for event in provider.stream(ask(model(tokens=5, error_after=2))):
+            seen.append(event)
+    assert len(seen) == 2
+    assert "mid-stream" in caught.value.message
+
+
+async def test_closing_the_iterator_closes_the_upstream(
+    provider: Provider, model: Model, upstream: FakeUpstream
+) -> None:
+    name = model(tokens=5, hang_after=1)
+    stream = provider.stream(ask(name))
+    assert await anext(stream) == TextDelta("tok0 ")
+    await stream.aclose()
+    (recorded,) = upstream.by_model(name)
+    await upstream.wait_disconnected(recorded, timeout=5)
+    assert not recorded.completed
+
+
+async def test_list_models(provider: Provider) -> None:
+    listed = await provider.list_models()
+    expected = (
+        formats.DEFAULT_OPENAI_MODELS
+        if provider.name == "oai"
+        else formats.DEFAULT_ANTHROPIC_MODELS
+    )
+    assert sorted(listed) == sorted(expected)
+
+
+async def test_openai_request_mapping(upstream: FakeUpstream, model: Model) -> None:
+    provider = build_provider(provider_settings(upstream)[0], ENVIRON)
+    name = model(tokens=1)
+    request = ChatRequest(
+        model=name,
+        messages=[
+            Message(role="developer", content="be brief"),
+            Message(role="user", content="hi", name="ann"),
+        ],
+        temperature=0.5,
+        stop=["END"],
+        seed=7,
+        user="u1",
+    )
+    await collect(provider, request)
+    await provider.aclose()
+    (recorded,) = upstream.by_model(name)
+    body = recorded.body
+    assert recorded.headers["authorization"] == f"Bearer {UPSTREAM_KEY}"
+    assert body["messages"] == [
+        {"role": "system", "content": "be brief"},  # compatible servers may not know `developer`
+        {"role": "user", "content": "hi", "name": "ann"},
+    ]
+    assert body["stream"] is True
+    assert body["stream_options"] == {"include_usage": True}
+    assert (body["temperature"], body["stop"], body["seed"], body["user"]) == (0.5, ["END"], 7, "u1")
+
+
+async def test_anthropic_request_mapping(upstream: FakeUpstream, model: Model) -> None:
+    provider = build_provider(provider_settings(upstream)[1], ENVIRON)
+    name = model(tokens=1)
+    request = ChatRequest(
+        model=name,
+        messages=[
+            Message(role="system", content="be brief"),
+            Message(role="user", content="hi"),
+            Message(role="assistant", content="hello"),
+            Message(role="user", content="again"),
+        ],
+        stop=["END"],
+        user="u1",
+    )
+    await collect(provider, request)
+    await provider.aclose()
+    (recorded,) = upstream.by_model(name)
+    body = recorded.body
+    # SDK 2.x sends the key as a bearer token rather than `x-api-key`.
+    assert recorded.headers["authorization"] == f"Bearer {UPSTREAM_KEY}"
+    assert body["system"] == "be brief"
+    assert [m["role"] for m in body["messages"]] == ["user", "assistant", "user"]
+    assert body["max_tokens"] == 4096  # Anthropic requires one; the provider's default
+    assert body["stop_sequences"] == ["END"]
+    assert body["metadata"] == {"user_id": "u1"}
+
+
+async def test_wrong_key_is_an_auth_error_without_the_key(
+    upstream: FakeUpstream, model: Model
+) -> None:
+    settings = provider_settings(upstream)[0]
+    provider = build_provider(settings, {"FAKE_OPENAI_KEY": "sk-wrong-key-abcdef"})
+    with pytest.raises(errors.UpstreamAuthError) as caught:
+        await collect(provider, ask(model()))
+    await provider.aclose()
+    assert "sk-wrong" not in caught.value.message
+
+
+async def test_unreachable_upstream_is_unavailable() -> None:
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    settings = ProviderSettings(
+        name="gone", kind="openai", base_url=f"http://127.0.0.1:{port}/v1", connect_timeout=2
+    )
+    provider = build_provider(settings, {})
+    with pytest.raises(errors.UpstreamUnavailableError):
+        await collect(provider, ask("anything"))
+    await provider.aclose()
