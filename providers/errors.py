@@ -5,7 +5,8 @@
     │   ├── InvalidRequestError         malformed body or field (names the field in `param`)
     │   ├── UnsupportedFeatureError     a valid OpenAI feature the gateway does not serve yet
     │   ├── ModelNotFoundError          no configured provider serves that model id
-    │   └── PayloadTooLargeError        body over the configured limit
+    │   ├── PayloadTooLargeError        body over the configured limit
+    │   └── SlowConsumerError           the client stopped reading a stream for too long
     └── ProviderError                   the upstream failed us
         ├── UpstreamAuthError           the upstream refused the gateway's credentials
         ├── UpstreamRejectedError       the upstream refused the request (e.g. context too long)
@@ -57,6 +58,10 @@ class ModelNotFoundError(RequestError):
 
 class PayloadTooLargeError(RequestError):
     """The request body is over the configured limit."""
+
+
+class SlowConsumerError(RequestError):
+    """The client stopped reading a stream for longer than the write timeout."""
 
 
 class ProviderError(GatewayError):

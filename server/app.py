@@ -10,7 +10,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
 
 from providers.errors import GatewayError
 from providers.registry import Registry
@@ -27,6 +27,7 @@ from server.errors import (
 )
 from server.rest import ChatCompletions, list_models, request_id
 from server.settings import Settings, load
+from server.ws import WebSocketEndpoint
 
 
 async def healthz(request: Request) -> Response:
@@ -61,7 +62,7 @@ def create_app(settings: Settings, environ: Mapping[str, str] | None = None) -> 
     registry = Registry.from_settings(
         settings.providers, os.environ if environ is None else environ
     )
-    service = ChatService(registry)
+    service = ChatService(registry, write_timeout=settings.server.slow_consumer_timeout)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -77,6 +78,7 @@ def create_app(settings: Settings, environ: Mapping[str, str] | None = None) -> 
                 "/api/chat/completions", ChatCompletions(service, settings.server), methods=["POST"]
             ),
             Route("/api/models", list_models, methods=["GET"]),
+            WebSocketRoute("/api/ws", WebSocketEndpoint(service, settings.websocket)),
             Route("/healthz", healthz, methods=["GET"]),
         ],
         exception_handlers={HTTPException: _http_error, Exception: _server_error},

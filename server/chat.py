@@ -14,7 +14,12 @@ import contextlib
 import logging
 from typing import Protocol
 
-from providers.errors import GatewayError, UpstreamProtocolError, UpstreamTimeoutError
+from providers.errors import (
+    GatewayError,
+    SlowConsumerError,
+    UpstreamProtocolError,
+    UpstreamTimeoutError,
+)
 from providers.registry import Registry, Route
 from providers.types import (
     ChatRequest,
@@ -25,7 +30,7 @@ from providers.types import (
     Usage,
     estimate_tokens,
 )
-from server.errors import as_gateway_error
+from server.errors import ClientGone, as_gateway_error
 from server.protocol import ChatCompletionBody
 
 log = logging.getLogger("tokenrelay.chat")
@@ -98,31 +103,38 @@ class Prepared:
 
 
 class _Watchdog:
-    """First-token and idle timeouts without per-chunk timer churn.
+    """First-token, idle and slow-client timeouts without per-chunk timer churn.
 
-    The stream records when it started waiting on the upstream (`armed_at`, negative while it
-    is writing to its client, which is not the upstream's fault); a timer checks lazily and,
-    once a limit has passed, expires the enclosing `asyncio.timeout`, which cancels the
-    stream's task and surfaces as `TimeoutError` from exactly that scope.
+    The stream notes which side it is waiting on (the upstream, or its client while a write
+    is blocked) and since when; a timer checks lazily and, once a limit has passed, expires
+    the enclosing `asyncio.timeout`, which cancels the stream's task and surfaces as
+    `TimeoutError` from exactly that scope. Time spent writing to a slow client therefore
+    never counts against the upstream, and the reverse.
     """
 
-    __slots__ = ("_scope", "_loop", "_handle", "limit", "armed_at")
+    __slots__ = ("_scope", "_loop", "_handle", "upstream_limit", "write_limit", "writing", "since")
 
-    def __init__(self, scope: asyncio.Timeout, limit: float) -> None:
+    def __init__(self, scope: asyncio.Timeout, upstream_limit: float, write_limit: float) -> None:
         self._scope = scope
         self._loop = asyncio.get_running_loop()
-        self.limit = limit
-        self.armed_at = self._loop.time()
-        self._handle = self._loop.call_at(self.armed_at + limit, self._check)
+        self.upstream_limit = upstream_limit
+        self.write_limit = write_limit
+        self.writing = False
+        self.since = self._loop.time()
+        self._handle = self._loop.call_at(
+            self.since + min(upstream_limit, write_limit) / 4, self._check
+        )
 
     def _check(self) -> None:
+        due = self.since + (self.write_limit if self.writing else self.upstream_limit)
         now = self._loop.time()
-        if self.armed_at < 0:
-            self._handle = self._loop.call_at(now + self.limit, self._check)
-        elif now >= self.armed_at + self.limit:
+        if now >= due:
             self._scope.reschedule(now)
         else:
-            self._handle = self._loop.call_at(self.armed_at + self.limit, self._check)
+            # The side being waited on can change before `due`; looking again at least every
+            # quarter of the shorter limit bounds how late a timeout is noticed.
+            step = min(self.upstream_limit, self.write_limit) / 4
+            self._handle = self._loop.call_at(min(due, now + step), self._check)
 
     def cancel(self) -> None:
         self._handle.cancel()
@@ -131,8 +143,9 @@ class _Watchdog:
 class ChatService:
     """Resolves models and runs streams; shared by REST, SSE and WebSocket."""
 
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: Registry, *, write_timeout: float = 30.0) -> None:
         self.registry = registry
+        self._write_timeout = write_timeout
 
     def prepare(self, body: ChatCompletionBody) -> Prepared:
         """Validate the body and route it; raises a `RequestError` before any upstream call."""
@@ -153,9 +166,10 @@ class ChatService:
         watchdog: _Watchdog | None = None
         try:
             async with asyncio.timeout(None) as scope, contextlib.aclosing(events):
-                watchdog = _Watchdog(scope, route.settings.first_token_timeout)
+                watchdog = _Watchdog(scope, route.settings.first_token_timeout, self._write_timeout)
                 async for event in events:
-                    watchdog.armed_at = -1.0
+                    watchdog.writing = True
+                    watchdog.since = loop.time()
                     if isinstance(event, Finish):
                         state.reason = event.reason
                         state.usage = event.usage
@@ -165,8 +179,9 @@ class ChatService:
                     state.chunks += 1
                     if state.first_token_at is None:
                         state.first_token_at = loop.time()
-                        watchdog.limit = route.settings.idle_timeout
-                    watchdog.armed_at = loop.time()
+                        watchdog.upstream_limit = route.settings.idle_timeout
+                    watchdog.writing = False
+                    watchdog.since = loop.time()
                 else:
                     raise UpstreamProtocolError(
                         f"{route.settings.name}: the stream ended without a finish"
@@ -175,13 +190,10 @@ class ChatService:
             if watchdog is None or not scope.expired():
                 await self._fail(sink, state, as_gateway_error(exc, state.request_id))
                 return
-            waited = "first token" if state.first_token_at is None else "next chunk"
-            await self._fail(
-                sink,
-                state,
-                UpstreamTimeoutError(f"{state.provider}: no {waited} within {watchdog.limit:g} s"),
-            )
+            await self._fail(sink, state, self._timeout_error(watchdog, state))
             log.debug("stream %s timed out", state.request_id, exc_info=exc)
+        except ClientGone:
+            raise  # nobody to tell; the upstream is already closed
         except GatewayError as exc:
             await self._fail(sink, state, exc)
         except Exception as exc:
@@ -190,6 +202,18 @@ class ChatService:
             if watchdog is not None:
                 watchdog.cancel()
             state.ended_at = loop.time()
+
+    @staticmethod
+    def _timeout_error(watchdog: _Watchdog, state: StreamState) -> GatewayError:
+        if watchdog.writing:
+            return SlowConsumerError(
+                f"The client did not read the stream for {watchdog.write_limit:g} s; "
+                "the stream was ended."
+            )
+        waited = "first token" if state.first_token_at is None else "next chunk"
+        return UpstreamTimeoutError(
+            f"{state.provider}: no {waited} within {watchdog.upstream_limit:g} s"
+        )
 
     @staticmethod
     async def _fail(sink: Sink, state: StreamState, exc: GatewayError) -> None:

@@ -7,7 +7,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from server.settings import ENV_PREFIX, Settings, SettingsError, load
+from server.settings import ENV_PREFIX, Settings, SettingsError, load, uvicorn_options
 
 
 def _load_or_report(config: str | None) -> Settings | None:
@@ -35,12 +35,7 @@ def _serve(args: argparse.Namespace) -> int:
         host=args.host or settings.server.host,
         port=args.port or settings.server.port,
         workers=args.workers,
-        loop="uvloop",
-        http="httptools",
-        ws="websockets-sansio",
-        log_level=settings.server.log_level,
-        access_log=False,
-        server_header=False,
+        **uvicorn_options(settings),
     )
     return 0
 

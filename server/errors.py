@@ -17,6 +17,18 @@ from providers import errors as e
 log = logging.getLogger("tokenrelay.errors")
 
 
+class ClientGone(Exception):
+    """The client went away while its request was read or its stream written."""
+
+
+class DuplicateStreamError(e.RequestError):
+    """A WebSocket `chat.start` reused the id of a stream still running on that socket."""
+
+
+class TooManyStreamsError(e.RequestError):
+    """A WebSocket already runs as many streams as it may."""
+
+
 class RouteNotFoundError(e.RequestError):
     """No route at that path."""
 
@@ -40,6 +52,9 @@ TABLE: dict[type[BaseException], Spec] = {
     e.UnsupportedFeatureError: Spec(400, "invalid_request_error", "unsupported"),
     e.ModelNotFoundError: Spec(404, "invalid_request_error", "model_not_found"),
     e.PayloadTooLargeError: Spec(413, "invalid_request_error", "payload_too_large"),
+    e.SlowConsumerError: Spec(408, "invalid_request_error", "slow_consumer"),
+    DuplicateStreamError: Spec(409, "invalid_request_error", "duplicate_id"),
+    TooManyStreamsError: Spec(429, "rate_limit_error", "too_many_streams"),
     RouteNotFoundError: Spec(404, "invalid_request_error", "not_found"),
     MethodNotAllowedError: Spec(405, "invalid_request_error", "method_not_allowed"),
     e.ProviderError: Spec(502, "upstream_error", "upstream_error"),

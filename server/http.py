@@ -6,11 +6,7 @@ from starlette.types import Receive, Scope, Send
 
 from providers.errors import GatewayError, PayloadTooLargeError
 from server import protocol
-from server.errors import ErrorEnvelope, error_body, retry_after_header, spec_for
-
-
-class ClientGone(Exception):
-    """The client disconnected while its request body was being read."""
+from server.errors import ClientGone, ErrorEnvelope, error_body, retry_after_header, spec_for
 
 
 async def read_body(receive: Receive, headers: dict[bytes, bytes], limit: int) -> bytes:

@@ -243,3 +243,106 @@ SSE_HEARTBEAT = b": keepalive\n\n"
 
 def sse_event(body: msgspec.Struct) -> bytes:
     return b"data: " + encode(body) + b"\n\n"
+
+
+# WebSocket protocol v1 (docs/websocket-protocol.md). Frames are JSON text; the client's are
+# a tagged union on `type` and, unlike REST bodies, refuse unknown fields.
+SUBPROTOCOL = "tokenrelay.v1"
+StreamId = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+
+
+class ChatStart(
+    msgspec.Struct, frozen=True, kw_only=True, tag="chat.start", forbid_unknown_fields=True
+):
+    id: StreamId
+    request: ChatCompletionBody
+
+
+class ChatCancel(
+    msgspec.Struct, frozen=True, kw_only=True, tag="chat.cancel", forbid_unknown_fields=True
+):
+    id: StreamId
+
+
+class Ping(msgspec.Struct, frozen=True, kw_only=True, tag="ping", forbid_unknown_fields=True):
+    pass
+
+
+ClientFrame = ChatStart | ChatCancel | Ping
+decode_client_frame = msgspec.json.Decoder(ClientFrame).decode
+
+
+class _Envelope(msgspec.Struct):
+    """Just enough of a frame to answer a broken one: its type and stream id, if readable."""
+
+    type: Any = None
+    id: Any = None
+
+
+_decode_envelope = msgspec.json.Decoder(_Envelope).decode
+
+
+def frame_envelope(data: str) -> tuple[str | None, str | None]:
+    """The `type` and `id` of a frame that failed validation, where they are strings."""
+    try:
+        envelope = _decode_envelope(data)
+    except msgspec.DecodeError:
+        return None, None
+    kind = envelope.type if isinstance(envelope.type, str) else None
+    sid = envelope.id if isinstance(envelope.id, str) and 0 < len(envelope.id) <= 128 else None
+    return kind, sid
+
+
+def frame_problem(exc: msgspec.ValidationError) -> tuple[str, str | None]:
+    """Split a validation error into its message and the JSON path it names (without `$.`)."""
+    return _split_location(str(exc))
+
+
+class ChatDone(msgspec.Struct, frozen=True, kw_only=True, tag="chat.done"):
+    id: str
+    seq: int
+    finish_reason: str
+    usage: UsageBody
+    ttft_ms: float | None
+    model: str
+
+
+class ChatErrorFrame(msgspec.Struct, frozen=True, kw_only=True, tag="chat.error"):
+    id: str
+    seq: int
+    error: Any  # server.errors.ErrorBody
+
+
+class ProtocolErrorFrame(msgspec.Struct, frozen=True, kw_only=True, tag="error"):
+    code: str
+    message: str
+    id: str | None = None
+
+
+class CancelIgnored(msgspec.Struct, frozen=True, kw_only=True, tag="cancel.ignored"):
+    id: str
+    reason: str
+
+
+PONG = '{"type":"pong"}'
+
+
+class DeltaFramer:
+    """Frames one stream's `chat.delta` frames from a template made once."""
+
+    __slots__ = ("_head",)
+
+    def __init__(self, stream_id: str) -> None:
+        self._head = b'{"type":"chat.delta","id":' + _encode_str(stream_id) + b',"seq":'
+
+    def text(self, seq: int, text: str) -> str:
+        return (self._head + str(seq).encode() + b',"text":' + _encode_str(text) + b"}").decode()
+
+    def reasoning(self, seq: int, text: str) -> str:
+        return (
+            self._head + str(seq).encode() + b',"reasoning":' + _encode_str(text) + b"}"
+        ).decode()
+
+
+def encode_text(frame: msgspec.Struct) -> str:
+    return encode(frame).decode()

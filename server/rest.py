@@ -16,7 +16,8 @@ from providers.types import FinishReason, ReasoningDelta, TextDelta, Usage
 from server import protocol
 from server.catalog import Catalog
 from server.chat import ChatService, Prepared, StreamState
-from server.http import ClientGone, header_map, read_body, send_error, send_json
+from server.errors import ClientGone
+from server.http import header_map, read_body, send_error, send_json
 from server.settings import ServerSettings
 from server.sse import stream_sse
 from server.streaming import race, watch_disconnect

@@ -32,13 +32,24 @@ class ServerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     port: int = 8000
     max_body_bytes: int = 4 * 1024 * 1024
     sse_heartbeat: float = 15.0
+    slow_consumer_timeout: float = 30.0
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class WebSocketSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The `[websocket]` table."""
+
+    max_streams: int = 8
+    max_frame_bytes: int = 1024 * 1024
+    ping_interval: float = 20.0
+    ping_timeout: float = 20.0
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """The whole configuration."""
 
     server: ServerSettings = msgspec.field(default_factory=ServerSettings)
+    websocket: WebSocketSettings = msgspec.field(default_factory=WebSocketSettings)
     providers: list[ProviderSettings] = msgspec.field(default_factory=list)
     demo: bool = True
 
@@ -168,8 +179,13 @@ def _check(settings: Settings, environ: Mapping[str, str]) -> list[str]:
         problems.append("server.port: expected 1-65535")
     if server.max_body_bytes <= 0:
         problems.append("server.max_body_bytes: expected a positive number of bytes")
-    if server.sse_heartbeat <= 0:
-        problems.append("server.sse_heartbeat: expected a positive number of seconds")
+    for name in ("sse_heartbeat", "slow_consumer_timeout"):
+        if getattr(server, name) <= 0:
+            problems.append(f"server.{name}: expected a positive number of seconds")
+    ws = settings.websocket
+    for name in ("max_streams", "max_frame_bytes", "ping_interval", "ping_timeout"):
+        if getattr(ws, name) <= 0:
+            problems.append(f"websocket.{name}: expected a positive number")
     seen: set[str] = set()
     for i, provider in enumerate(settings.providers):
         where = f"providers[{i}]"
@@ -198,3 +214,21 @@ def _check(settings: Settings, environ: Mapping[str, str]) -> list[str]:
                 f"{where}.api_key_env: required for a '{provider.kind}' provider without base_url"
             )
     return problems
+
+
+def uvicorn_options(settings: Settings) -> dict[str, Any]:
+    """The uvicorn settings that follow from ours (one place for the CLI and the tests)."""
+    ws = settings.websocket
+    return {
+        "loop": "uvloop",
+        "http": "httptools",
+        "ws": "websockets-sansio",
+        # One byte over our own limit, so the app sees an oversized frame and closes with 1009
+        # itself, while uvicorn still never buffers an unbounded one.
+        "ws_max_size": ws.max_frame_bytes + 1,
+        "ws_ping_interval": ws.ping_interval,
+        "ws_ping_timeout": ws.ping_timeout,
+        "log_level": settings.server.log_level,
+        "access_log": False,
+        "server_header": False,
+    }

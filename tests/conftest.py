@@ -11,7 +11,7 @@ import pytest
 
 from providers.settings import ProviderSettings
 from server.app import create_app
-from server.settings import ServerSettings, Settings
+from server.settings import ServerSettings, Settings, WebSocketSettings, uvicorn_options
 from tests.fakeupstream import FakeUpstream, Script
 from tests.support.servers import serve_in_thread
 
@@ -55,12 +55,18 @@ def make_gateway(upstream: FakeUpstream) -> GatewayFactory:
     """Start a gateway with provider overrides and `[server]` settings; yields its base URL."""
 
     @contextlib.contextmanager
-    def start(server: ServerSettings | None = None, **provider_overrides: Any) -> Iterator[str]:
+    def start(
+        server: ServerSettings | None = None,
+        websocket: WebSocketSettings | None = None,
+        **provider_overrides: Any,
+    ) -> Iterator[str]:
         settings = Settings(
             server=server or ServerSettings(),
+            websocket=websocket or WebSocketSettings(),
             providers=provider_settings(upstream, **provider_overrides),
         )
-        with serve_in_thread(create_app(settings, ENVIRON)) as url:
+        options = uvicorn_options(settings) | {"log_level": "warning"}
+        with serve_in_thread(create_app(settings, ENVIRON), options=options) as url:
             yield url
 
     return start
@@ -70,7 +76,8 @@ def make_gateway(upstream: FakeUpstream) -> GatewayFactory:
 def gateway(upstream: FakeUpstream) -> Iterator[str]:
     """A gateway with default settings, shared by a module's tests."""
     settings = Settings(providers=provider_settings(upstream))
-    with serve_in_thread(create_app(settings, ENVIRON)) as url:
+    options = uvicorn_options(settings) | {"log_level": "warning"}
+    with serve_in_thread(create_app(settings, ENVIRON), options=options) as url:
         yield url
 
 

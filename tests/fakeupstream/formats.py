@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,14 +57,18 @@ _ANTHROPIC_ERROR_TYPES: dict[int, str] = {
 # Default content pieces ("tok0 ", "tok1 ", ...) and their JSON forms are shared by every request.
 _tok_pieces: list[str] = []
 _tok_json: list[bytes] = []
+_tok_lock = threading.Lock()
 
 
 def default_pieces(count: int) -> list[str]:
     """Return the default content pieces ``tok0 `` ... ``tok{count-1} ``."""
-    for i in range(len(_tok_pieces), count):
-        piece = f"tok{i} "
-        _tok_pieces.append(piece)
-        _tok_json.append(_encode(piece))
+    if count > len(_tok_pieces):
+        # Servers on other threads' loops may grow the cache at the same time.
+        with _tok_lock:
+            for i in range(len(_tok_pieces), count):
+                piece = f"tok{i} "
+                _tok_json.append(_encode(piece))
+                _tok_pieces.append(piece)
     return _tok_pieces[:count]
 
 

@@ -227,6 +227,21 @@ async def test_anthropic_error_statuses() -> None:
 
 
 @pytest.mark.asyncio
+async def test_api_key_forms() -> None:
+    async with FakeUpstream(api_key="right") as up, httpx2.AsyncClient(base_url=up.url) as http:
+        body = {"model": "m", "max_tokens": 5, "messages": []}
+        assert (
+            await http.post("/v1/messages", json=body, headers={"x-api-key": "right"})
+        ).is_success
+        bearer = {"authorization": "Bearer right"}
+        assert (await http.post("/v1/messages", json=body, headers=bearer)).is_success
+        assert (await http.post("/v1/chat/completions", json=body, headers=bearer)).is_success
+        # x-api-key is Anthropic's header only.
+        wrong = await http.post("/v1/chat/completions", json=body, headers={"x-api-key": "right"})
+        assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
+
+
+@pytest.mark.asyncio
 async def test_raw_http_unknown_path_and_malformed_json() -> None:
     async with FakeUpstream() as up, httpx2.AsyncClient(base_url=up.url) as http:
         missing = await http.get("/v1/nothing")
@@ -377,6 +392,16 @@ async def test_disconnect_during_first_token_delay() -> None:
         req = only(up, "o")
         assert await up.wait_disconnected(req, timeout=2) - req.started_at < 1
         assert req.deltas_sent == 0 and req.status == 200
+
+
+@pytest.mark.asyncio
+async def test_disconnect_during_headers_delay() -> None:
+    async with FakeUpstream(default=Script(headers_delay=30)) as up, ant(up, timeout=0.2) as client:
+        with pytest.raises(anthropic.APITimeoutError):
+            await client.messages.create(model="a", max_tokens=5, messages=ANT_MESSAGES)
+        req = only(up, "a")
+        await up.wait_disconnected(req, timeout=2)
+        assert req.status == 0 and not req.completed
 
 
 @pytest.mark.asyncio

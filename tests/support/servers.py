@@ -7,13 +7,16 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import uvicorn
 from starlette.types import ASGIApp
 
 
 @contextlib.contextmanager
-def serve_in_thread(app: ASGIApp, *, host: str = "127.0.0.1") -> Iterator[str]:
+def serve_in_thread(
+    app: ASGIApp, *, host: str = "127.0.0.1", options: dict[str, Any] | None = None
+) -> Iterator[str]:
     """Serve `app` with uvicorn (uvloop, httptools) until the block ends; yields the base URL."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -21,9 +24,7 @@ def serve_in_thread(app: ASGIApp, *, host: str = "127.0.0.1") -> Iterator[str]:
     port = sock.getsockname()[1]
     config = uvicorn.Config(
         app,
-        loop="uvloop",
-        http="httptools",
-        ws="websockets-sansio",
+        **{"loop": "uvloop", "http": "httptools", "ws": "websockets-sansio", **(options or {})},
         log_level="warning",
         lifespan="on",
         timeout_graceful_shutdown=2,

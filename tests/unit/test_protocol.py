@@ -44,7 +44,10 @@ def test_list_of_parts_content() -> None:
                 {"role": "system", "content": "be brief"},
                 {
                     "role": "user",
-                    "content": [{"type": "text", "text": "hello "}, {"type": "text", "text": "you"}],
+                    "content": [
+                        {"type": "text", "text": "hello "},
+                        {"type": "text", "text": "you"},
+                    ],
                 },
             ]
         )
@@ -91,7 +94,7 @@ def test_empty_body(data: bytes) -> None:
     [
         b"{",
         b"not json",
-        b'{"model":"m","messages":[]',
+        b'{"model":"demo/echo"',
         b'{"model":"m",}',
         b'{"model":"demo/echo","messages":[{"role":"user","content":"hi"}],"temperature":NaN}',
         b'{"model":"demo/echo","messages":[{"role":"user","content":"hi"}],"temperature":Infinity}',
@@ -111,7 +114,6 @@ def test_invalid_json(data: bytes) -> None:
         ({"temperature": 3}, "temperature"),
         ({"temperature": -0.1}, "temperature"),
         ({"temperature": "0.5"}, "temperature"),
-        ({"temperature": 1e999}, "temperature"),
         ({"top_p": -1}, "top_p"),
         ({"top_p": 1.5}, "top_p"),
         ({"max_tokens": 0}, "max_tokens"),
@@ -140,14 +142,25 @@ def test_invalid_json(data: bytes) -> None:
     ],
 )
 def test_bad_fields_name_the_param(fields: dict[str, Any], param: str) -> None:
-    data = body(**fields) if "1e999" not in repr(fields) else None
-    if data is None:  # json.dumps cannot write an out-of-range literal
-        data = body(**{k: "__X__" for k in fields}).replace(b'"__X__"', b"1e999")
     with pytest.raises(InvalidRequestError) as info:
-        decode_body(data)
+        decode_body(body(**fields))
     assert info.value.param == param
     assert info.value.message.startswith(f"Invalid request body at '{param}': ")
     assert "`" not in info.value.message
+
+
+@pytest.mark.parametrize(
+    ("field", "literal"),
+    [("temperature", b"1e999"), ("presence_penalty", b"-1e999"), ("top_p", b"1e400")],
+)
+def test_out_of_range_number_literals(field: str, literal: bytes) -> None:
+    data = b'{"model":"m","messages":[{"role":"user","content":"hi"}],"%s":%s}' % (
+        field.encode(),
+        literal,
+    )
+    with pytest.raises(InvalidRequestError) as info:
+        decode_body(data)
+    assert info.value.param == field
 
 
 def test_missing_model_is_reported() -> None:

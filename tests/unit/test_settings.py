@@ -138,6 +138,7 @@ def test_environment_overrides(tmp_path: Path) -> None:
             "TOKENRELAY_SERVER__SSE_HEARTBEAT": "5",
             "TOKENRELAY_SERVER__HOST": "0.0.0.0",
             "TOKENRELAY_SERVER__LOG_LEVEL": "warning",
+            "TOKENRELAY_WEBSOCKET__MAX_STREAMS": "3",
             "TOKENRELAY_DEMO": "false",
             "OPENAI_API_KEY": SECRET,
         },
@@ -146,6 +147,7 @@ def test_environment_overrides(tmp_path: Path) -> None:
     assert settings.server.host == "0.0.0.0"
     assert settings.server.log_level == "warning"
     assert settings.server.port == 9000
+    assert settings.websocket.max_streams == 3
     assert settings.demo is False
     assert names_and_kinds(settings) == [("openai", "openai")]
 
@@ -169,6 +171,17 @@ def test_tokenrelay_config_names_the_file(tmp_path: Path) -> None:
         ({"TOKENRELAY_COLOUR": "red"}, ["colour: unknown setting"]),
         ({"TOKENRELAY_SERVER__SSE_HEARTBEAT": "0"}, ["server.sse_heartbeat: expected a positive"]),
         ({"TOKENRELAY_SERVER__PORT": "70000"}, ["server.port: expected 1-65535"]),
+        (
+            {"TOKENRELAY_SERVER__SLOW_CONSUMER_TIMEOUT": "-1"},
+            ["server.slow_consumer_timeout: expected a positive number of seconds"],
+        ),
+        (
+            {"TOKENRELAY_WEBSOCKET__MAX_STREAMS": "0", "TOKENRELAY_WEBSOCKET__PING_TIMEOUT": "0"},
+            [
+                "websocket.max_streams: expected a positive number",
+                "websocket.ping_timeout: expected a positive number",
+            ],
+        ),
         (
             {"TOKENRELAY_SERVER__LOG_LEVEL": "loud"},
             ["server.log_level: expected one of 'debug', 'info', 'warning', 'error'"],
@@ -217,6 +230,7 @@ idle_timeout = -1
 [[providers]]
 name = "f"
 kind = "bogus"
+base_url = "http://127.0.0.1:4"
 """
 
 EXPECTED_PROBLEMS = {

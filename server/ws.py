@@ -1,0 +1,273 @@
+"""The WebSocket endpoint (protocol v1): many streams per socket, each cancellable on its own.
+
+Each `chat.start` runs the shared stream service in a task of its own. `chat.cancel` cancels
+that task, which closes its upstream response at once (the same mechanism an SSE disconnect
+uses), and the stream then ends with `chat.done` / `cancelled`. The socket closing cancels
+every task it owns. Frames of different streams interleave; each stream's frames carry `seq`
+0, 1, 2, … and exactly one terminal frame (`chat.done` or `chat.error`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from typing import Any
+
+import msgspec
+from starlette.types import Receive, Scope, Send
+
+from providers.errors import GatewayError, InvalidRequestError
+from providers.types import FinishReason, TextDelta, Usage
+from server import protocol
+from server.chat import ChatService, StreamState
+from server.errors import (
+    ClientGone,
+    DuplicateStreamError,
+    TooManyStreamsError,
+    error_body,
+)
+from server.settings import WebSocketSettings
+
+log = logging.getLogger("tokenrelay.ws")
+
+
+class _Socket:
+    """Sends text frames; a send to a socket that is gone raises `ClientGone`."""
+
+    __slots__ = ("_send", "closed")
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self.closed = False
+
+    async def text(self, data: str) -> None:
+        if self.closed:
+            raise ClientGone
+        try:
+            await self._send({"type": "websocket.send", "text": data})
+        except OSError as exc:  # uvicorn's ClientDisconnected
+            self.closed = True
+            raise ClientGone from exc
+
+    async def close(self, code: int, reason: str = "") -> None:
+        if not self.closed:
+            self.closed = True
+            try:
+                await self._send({"type": "websocket.close", "code": code, "reason": reason})
+            except OSError:
+                pass
+
+
+class WSSink:
+    """Writes one stream's frames; guarantees a single terminal frame."""
+
+    __slots__ = ("_socket", "_framer", "_id", "_state", "_model", "seq", "ended")
+
+    def __init__(self, socket: _Socket, stream_id: str, state: StreamState, model: str) -> None:
+        self._socket = socket
+        self._framer = protocol.DeltaFramer(stream_id)
+        self._id = stream_id
+        self._state = state
+        self._model = model
+        self.seq = 0
+        self.ended = False
+
+    async def delta(self, event: TextDelta | Any) -> None:
+        seq = self.seq
+        self.seq = seq + 1
+        if type(event) is TextDelta:
+            await self._socket.text(self._framer.text(seq, event.text))
+        else:
+            await self._socket.text(self._framer.reasoning(seq, event.text))
+
+    async def finish(self, reason: FinishReason, usage: Usage) -> None:
+        ttft = self._state.ttft
+        frame = protocol.ChatDone(
+            id=self._id,
+            seq=self._terminal_seq(),
+            finish_reason=reason,
+            usage=protocol.UsageBody.of(usage),
+            ttft_ms=None if ttft is None else round(ttft * 1000, 3),
+            model=self._model,
+        )
+        await self._socket.text(protocol.encode_text(frame))
+
+    async def cancelled(self) -> None:
+        await self.finish("cancelled", self._state.usage_so_far())
+
+    async def error(self, exc: GatewayError) -> None:
+        frame = protocol.ChatErrorFrame(
+            id=self._id, seq=self._terminal_seq(), error=error_body(exc, self._state.request_id)
+        )
+        await self._socket.text(protocol.encode_text(frame))
+
+    def _terminal_seq(self) -> int:
+        assert not self.ended, "a stream has one terminal frame"
+        self.ended = True
+        seq = self.seq
+        self.seq = seq + 1
+        return seq
+
+
+class _Stream:
+    __slots__ = ("task", "sink", "cancel_requested")
+
+    def __init__(self, task: asyncio.Task[None], sink: WSSink) -> None:
+        self.task = task
+        self.sink = sink
+        self.cancel_requested = False
+
+
+class Connection:
+    """One accepted socket: reads frames, runs streams, cancels them."""
+
+    def __init__(self, service: ChatService, socket: _Socket, settings: WebSocketSettings) -> None:
+        self._service = service
+        self._socket = socket
+        self._settings = settings
+        self._streams: dict[str, _Stream] = {}
+
+    async def serve(self, receive: Receive) -> None:
+        try:
+            while True:
+                message = await receive()
+                if message["type"] == "websocket.disconnect":
+                    return
+                text = message.get("text")
+                if text is None:
+                    await self._protocol_error("binary_frame", "Frames must be JSON text.")
+                elif len(text) * 4 > self._settings.max_frame_bytes and (
+                    len(text.encode()) > self._settings.max_frame_bytes
+                ):
+                    await self._socket.close(1009, "frame too large")
+                    return
+                else:
+                    await self._handle(text)
+        except ClientGone:
+            return
+        finally:
+            self._socket.closed = True
+            await self._cancel_all()
+
+    async def _handle(self, text: str) -> None:
+        received_at = asyncio.get_running_loop().time()
+        try:
+            frame = protocol.decode_client_frame(text)
+        except msgspec.ValidationError as exc:
+            await self._invalid_frame(text, exc)
+            return
+        except msgspec.DecodeError:
+            await self._protocol_error("bad_json", "The frame is not valid JSON.")
+            return
+        match frame:
+            case protocol.ChatStart():
+                await self._start(frame, received_at)
+            case protocol.ChatCancel():
+                await self._cancel(frame.id)
+            case protocol.Ping():
+                await self._socket.text(protocol.PONG)
+
+    async def _invalid_frame(self, text: str, exc: msgspec.ValidationError) -> None:
+        message, path = protocol.frame_problem(exc)
+        kind, stream_id = protocol.frame_envelope(text)
+        if kind == "chat.start" and stream_id is not None and (path or "").startswith("request"):
+            # A bad request inside a well-formed start fails that stream, as it would over REST.
+            param = path[len("request.") :] if path and path.startswith("request.") else None
+            where = f" at '{param}'" if param else ""
+            error = InvalidRequestError(f"Invalid request{where}: {message}", param=param)
+            await self._reject(stream_id, error)
+        elif path == "type" or kind not in ("chat.start", "chat.cancel", "ping"):
+            await self._protocol_error("unknown_type", f"Unknown frame type: {message}", stream_id)
+        else:
+            where = f" at '{path}'" if path else ""
+            await self._protocol_error(
+                "invalid_frame", f"Invalid frame{where}: {message}", stream_id
+            )
+
+    async def _start(self, frame: protocol.ChatStart, received_at: float) -> None:
+        if frame.id in self._streams:
+            error: GatewayError = DuplicateStreamError(
+                f"A stream with id '{frame.id}' is still running on this socket.", param="id"
+            )
+            await self._reject(frame.id, error)
+            return
+        if len(self._streams) >= self._settings.max_streams:
+            error = TooManyStreamsError(
+                f"This socket already runs {self._settings.max_streams} streams; "
+                "wait for one to end or cancel one."
+            )
+            await self._reject(frame.id, error)
+            return
+        try:
+            prepared = self._service.prepare(frame.request)
+        except GatewayError as exc:
+            await self._reject(frame.id, exc)
+            return
+        state = StreamState(uuid.uuid4().hex, received_at)
+        sink = WSSink(self._socket, frame.id, state, frame.request.model)
+        task = asyncio.create_task(self._run(frame.id, prepared, sink, state))
+        self._streams[frame.id] = _Stream(task, sink)
+
+    async def _run(self, stream_id: str, prepared: Any, sink: WSSink, state: StreamState) -> None:
+        try:
+            await self._service.run(prepared, sink, state)
+        except asyncio.CancelledError:
+            stream = self._streams.get(stream_id)
+            if stream is not None and stream.cancel_requested and not sink.ended:
+                try:
+                    await sink.cancelled()
+                except ClientGone:
+                    pass
+            raise
+        except ClientGone:
+            pass
+        finally:
+            self._streams.pop(stream_id, None)
+
+    async def _cancel(self, stream_id: str) -> None:
+        stream = self._streams.get(stream_id)
+        if stream is None or stream.sink.ended:
+            frame = protocol.CancelIgnored(id=stream_id, reason="unknown_or_finished")
+            await self._socket.text(protocol.encode_text(frame))
+            return
+        stream.cancel_requested = True
+        stream.task.cancel()
+
+    async def _reject(self, stream_id: str, error: GatewayError) -> None:
+        """A start that never ran: its one terminal frame is this `chat.error` (seq 0)."""
+        frame = protocol.ChatErrorFrame(id=stream_id, seq=0, error=error_body(error))
+        await self._socket.text(protocol.encode_text(frame))
+
+    async def _protocol_error(self, code: str, message: str, stream_id: str | None = None) -> None:
+        frame = protocol.ProtocolErrorFrame(code=code, message=message, id=stream_id)
+        await self._socket.text(protocol.encode_text(frame))
+
+    async def _cancel_all(self) -> None:
+        tasks = [stream.task for stream in self._streams.values()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class WebSocketEndpoint:
+    """`GET /api/ws` as a plain ASGI app."""
+
+    def __init__(self, service: ChatService, settings: WebSocketSettings) -> None:
+        self._service = service
+        self._settings = settings
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        message = await receive()
+        if message["type"] != "websocket.connect":
+            return
+        offered = scope.get("subprotocols") or []
+        if offered and protocol.SUBPROTOCOL not in offered:
+            await send({"type": "websocket.close", "code": 1002})  # refused before the handshake
+            return
+        await send(
+            {"type": "websocket.accept", "subprotocol": protocol.SUBPROTOCOL if offered else None}
+        )
+        socket = _Socket(send)
+        await Connection(self._service, socket, self._settings).serve(receive)
+        await socket.close(1000)
