@@ -10,6 +10,7 @@ from providers.types import (
     ChatRequest,
     Event,
     Finish,
+    FinishReason,
     ReasoningDelta,
     TextDelta,
     Usage,
@@ -17,7 +18,8 @@ from providers.types import (
 )
 
 MODELS = ("echo", "reasoner")
-_PIECES = re.compile(r"\s*\S+")
+_PIECES = re.compile(r"\s*\S+|\s+")  # the last alternative keeps trailing space
+_REASONING = "The user wants a demo answer; I will quote them."
 
 
 def _answer(question: str) -> str:
@@ -41,8 +43,17 @@ def _answer(question: str) -> str:
     )
 
 
+def _before_stop(text: str, stops: list[str] | None) -> str:
+    """The text up to the first stop sequence, as an upstream with `stop` would return it."""
+    found = [i for i in (text.find(s) for s in stops or () if s) if i >= 0]
+    return text[: min(found)] if found else text
+
+
 class DemoProvider:
-    """Streams a markdown answer that quotes the last user message; `reasoner` thinks first."""
+    """Streams a markdown answer that quotes the last user message; `reasoner` thinks first.
+
+    Every piece, reasoning or text, counts as one completion token against `max_tokens`.
+    """
 
     def __init__(self, *, name: str = "demo", pace: float = 0.02) -> None:
         self.name = name
@@ -51,45 +62,21 @@ class DemoProvider:
     async def stream(self, request: ChatRequest) -> AsyncGenerator[Event, None]:
         question = next((m.text for m in reversed(request.messages) if m.role == "user"), "")
         prompt_tokens = sum(estimate_tokens(m.text) for m in request.messages)
-        produced = 0
-        limit = request.max_tokens
-        if request.model == "reasoner":
-            for piece in _PIECES.findall("The user wants a demo answer; I will quote them."):
-                await asyncio.sleep(self._pace)
-                produced += 1
-                yield ReasoningDelta(piece)
-        text = ""
-        for piece in _PIECES.findall(_answer(question)):
-            if limit is not None and produced >= limit:
-                yield Finish(
-                    reason="length",
-                    usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=produced),
-                )
-                return
+        reasoning = _PIECES.findall(_REASONING) if request.model == "reasoner" else []
+        text = _PIECES.findall(_before_stop(_answer(question), request.stop))
+        pieces: list[Event] = [ReasoningDelta(p) for p in reasoning]
+        pieces += [TextDelta(p) for p in text]
+        reason: FinishReason = "stop"
+        if request.max_tokens is not None and len(pieces) > request.max_tokens:
+            pieces, reason = pieces[: request.max_tokens], "length"
+        for piece in pieces:
             await asyncio.sleep(self._pace)
-            text += piece
-            stop_at = _stop_index(text, request.stop)
-            if stop_at is not None:
-                cut = piece[: len(piece) - (len(text) - stop_at)]
-                if cut:
-                    produced += 1
-                    yield TextDelta(cut)
-                break
-            produced += 1
-            yield TextDelta(piece)
-        yield Finish(
-            reason="stop", usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=produced)
-        )
+            yield piece
+        usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=len(pieces))
+        yield Finish(reason=reason, usage=usage)
 
     async def list_models(self) -> list[str]:
         return list(MODELS)
 
     async def aclose(self) -> None:
         return None
-
-
-def _stop_index(text: str, stops: list[str] | None) -> int | None:
-    if not stops:
-        return None
-    found = [i for i in (text.find(s) for s in stops if s) if i >= 0]
-    return min(found) if found else None

@@ -23,6 +23,7 @@ How each class shows on the wire (HTTP status, error type and code) is one table
 from __future__ import annotations
 
 import email.utils
+import math
 import re
 import time
 from collections.abc import Iterable, Mapping
@@ -97,7 +98,7 @@ class UpstreamProtocolError(ProviderError):
 
 
 # Upstream messages are shown to clients, so anything that looks like a credential goes.
-_CREDENTIAL = re.compile(r"(sk-[A-Za-z0-9_\-*.]{3,}|(?i:bearer)\s+\S+)")
+_CREDENTIAL = re.compile(r"(\bsk-[A-Za-z0-9_\-*.]{3,}|(?i:\bbearer)\s+\S+)")
 _MAX_MESSAGE = 500
 
 
@@ -115,19 +116,24 @@ def parse_retry_after(headers: Mapping[str, str]) -> float | None:
     millis = headers.get("retry-after-ms")
     if millis:
         try:
-            return max(float(millis) / 1000, 0.0)
+            return _seconds(float(millis) / 1000)
         except ValueError:
             pass
     value = headers.get("retry-after")
     if not value:
         return None
     try:
-        return max(float(value), 0.0)
+        return _seconds(float(value))
     except ValueError:
         parsed = email.utils.parsedate_tz(value)
         if parsed is None:
             return None
-        return max(email.utils.mktime_tz(parsed) - time.time(), 0.0)
+        return _seconds(email.utils.mktime_tz(parsed) - time.time())
+
+
+def _seconds(value: float) -> float | None:
+    """A usable wait: finite and not negative (`nan`, `inf` and `1e400` are not)."""
+    return max(value, 0.0) if math.isfinite(value) else None
 
 
 def _for_status(status: int) -> type[ProviderError]:
@@ -204,8 +210,10 @@ def from_inband(
     """Translate an error event that arrived inside a stream."""
     status = _ANTHROPIC_INBAND.get(kind or "", 500)
     cls = _for_status(status)
-    text = redact(message or "no detail", secrets)
-    return cls(f"{provider}: upstream failed mid-stream ({kind or 'error'}): {text}")
+    message_out = f"{provider}: upstream failed mid-stream ({kind or 'error'})"
+    if cls is not UpstreamAuthError:  # as in from_status: that text is about our key
+        message_out += f": {redact(message or 'no detail', secrets)}"
+    return cls(message_out)
 
 
 def body_message(body: object) -> str | None:

@@ -136,6 +136,13 @@ class _Watchdog:
             step = min(self.upstream_limit, self.write_limit) / 4
             self._handle = self._loop.call_at(min(due, now + step), self._check)
 
+    def first_token(self, idle_limit: float) -> None:
+        """Switch from the first-token limit to the idle limit, and look again soon enough."""
+        self.upstream_limit = idle_limit
+        self._handle.cancel()
+        step = min(idle_limit, self.write_limit) / 4
+        self._handle = self._loop.call_at(self._loop.time() + step, self._check)
+
     def cancel(self) -> None:
         self._handle.cancel()
 
@@ -179,7 +186,7 @@ class ChatService:
                     state.chunks += 1
                     if state.first_token_at is None:
                         state.first_token_at = loop.time()
-                        watchdog.upstream_limit = route.settings.idle_timeout
+                        watchdog.first_token(route.settings.idle_timeout)
                     watchdog.writing = False
                     watchdog.since = loop.time()
                 else:

@@ -81,8 +81,7 @@ def load(path: str | Path | None, environ: Mapping[str, str]) -> Settings:
         if not any(isinstance(p, dict) and p.get("name") == "demo" for p in data["providers"]):
             data["providers"].append({"name": "demo", "kind": "demo"})
     settings: Settings | None = _convert(data, Settings, "", problems)
-    if settings is not None:
-        problems.extend(_check(settings, environ))
+    problems.extend(_check(data, environ))
     if problems or settings is None:
         raise SettingsError(problems)
     return settings
@@ -171,48 +170,72 @@ def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
 
-def _check(settings: Settings, environ: Mapping[str, str]) -> list[str]:
-    """Rules beyond types: names, URLs, timeouts, keys present."""
+def _part(value: Any, annotation: Any) -> Any:
+    """`value` converted, or None when it has type problems (those are reported already)."""
+    try:
+        return msgspec.convert(value, annotation)
+    except msgspec.ValidationError:
+        return None
+
+
+def _check(data: dict[str, Any], environ: Mapping[str, str]) -> list[str]:
+    """Rules beyond types (names, URLs, limits, keys present), on every part that converts."""
     problems: list[str] = []
-    server = settings.server
-    if not 0 < server.port < 65536:
-        problems.append("server.port: expected 1-65535")
-    if server.max_body_bytes <= 0:
-        problems.append("server.max_body_bytes: expected a positive number of bytes")
-    for name in ("sse_heartbeat", "slow_consumer_timeout"):
-        if getattr(server, name) <= 0:
-            problems.append(f"server.{name}: expected a positive number of seconds")
-    ws = settings.websocket
-    for name in ("max_streams", "max_frame_bytes", "ping_interval", "ping_timeout"):
-        if getattr(ws, name) <= 0:
-            problems.append(f"websocket.{name}: expected a positive number")
+    server = _part(data.get("server", {}), ServerSettings)
+    if server is not None:
+        if not 0 < server.port < 65536:
+            problems.append("server.port: expected 1-65535")
+        if server.max_body_bytes <= 0:
+            problems.append("server.max_body_bytes: expected a positive number of bytes")
+        for name in ("sse_heartbeat", "slow_consumer_timeout"):
+            if getattr(server, name) <= 0:
+                problems.append(f"server.{name}: expected a positive number of seconds")
+    ws = _part(data.get("websocket", {}), WebSocketSettings)
+    if ws is not None:
+        for name in ("max_streams", "max_frame_bytes", "ping_interval", "ping_timeout"):
+            if getattr(ws, name) <= 0:
+                problems.append(f"websocket.{name}: expected a positive number")
+    providers = data.get("providers")
     seen: set[str] = set()
-    for i, provider in enumerate(settings.providers):
-        where = f"providers[{i}]"
-        if not _NAME.match(provider.name):
-            problems.append(f"{where}.name: expected letters, digits, '_', '.' or '-'")
-        elif provider.name in seen:
-            problems.append(f"{where}.name: '{provider.name}' is used by another provider")
-        seen.add(provider.name)
-        if provider.base_url is not None:
-            url = urlsplit(provider.base_url)
-            if url.scheme not in ("http", "https") or not url.hostname:
-                problems.append(f"{where}.base_url: expected an http(s) URL")
-            elif provider.kind == "demo":
-                problems.append(f"{where}.base_url: the demo provider has no upstream")
-        for name in ("connect_timeout", "first_token_timeout", "idle_timeout", "pace"):
-            if getattr(provider, name) < 0 or (name != "pace" and getattr(provider, name) == 0):
-                problems.append(f"{where}.{name}: expected a positive number of seconds")
-        if provider.max_connections <= 0:
-            problems.append(f"{where}.max_connections: expected a positive number")
-        if provider.api_key_env is not None and not environ.get(provider.api_key_env):
-            problems.append(
-                f"{where}.api_key_env: environment variable {provider.api_key_env} is not set"
-            )
-        elif provider.api_key_env is None and provider.kind != "demo" and provider.base_url is None:
-            problems.append(
-                f"{where}.api_key_env: required for a '{provider.kind}' provider without base_url"
-            )
+    for i, raw in enumerate(providers if isinstance(providers, list) else ()):
+        given: Any = raw.get("name") if isinstance(raw, dict) else None
+        if isinstance(given, str) and given in seen:
+            problems.append(f"providers[{i}].name: '{given}' is used by another provider")
+        elif isinstance(given, str):
+            seen.add(given)
+        provider = _part(raw, ProviderSettings)
+        if provider is not None:
+            problems.extend(_check_provider(f"providers[{i}]", provider, environ))
+    return problems
+
+
+def _check_provider(
+    where: str, provider: ProviderSettings, environ: Mapping[str, str]
+) -> list[str]:
+    problems: list[str] = []
+    if not _NAME.match(provider.name):
+        problems.append(f"{where}.name: expected letters, digits, '_', '.' or '-'")
+    if provider.base_url is not None:
+        url = urlsplit(provider.base_url)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            problems.append(f"{where}.base_url: expected an http(s) URL")
+        elif provider.kind == "demo":
+            problems.append(f"{where}.base_url: the demo provider has no upstream")
+    for name in ("connect_timeout", "first_token_timeout", "idle_timeout"):
+        if getattr(provider, name) <= 0:
+            problems.append(f"{where}.{name}: expected a positive number of seconds")
+    if provider.pace < 0:
+        problems.append(f"{where}.pace: expected zero or more seconds")
+    if provider.max_connections <= 0:
+        problems.append(f"{where}.max_connections: expected a positive number")
+    if provider.api_key_env is not None and not environ.get(provider.api_key_env):
+        problems.append(
+            f"{where}.api_key_env: environment variable {provider.api_key_env} is not set"
+        )
+    elif provider.api_key_env is None and provider.kind != "demo" and provider.base_url is None:
+        problems.append(
+            f"{where}.api_key_env: required for a '{provider.kind}' provider without base_url"
+        )
     return problems
 
 

@@ -65,7 +65,7 @@ def make_gateway(upstream: FakeUpstream) -> GatewayFactory:
             websocket=websocket or WebSocketSettings(),
             providers=provider_settings(upstream, **provider_overrides),
         )
-        options = uvicorn_options(settings) | {"log_level": "warning"}
+        options = uvicorn_options(settings)
         with serve_in_thread(create_app(settings, ENVIRON), options=options) as url:
             yield url
 
@@ -76,7 +76,7 @@ def make_gateway(upstream: FakeUpstream) -> GatewayFactory:
 def gateway(upstream: FakeUpstream) -> Iterator[str]:
     """A gateway with default settings, shared by a module's tests."""
     settings = Settings(providers=provider_settings(upstream))
-    options = uvicorn_options(settings) | {"log_level": "warning"}
+    options = uvicorn_options(settings)
     with serve_in_thread(create_app(settings, ENVIRON), options=options) as url:
         yield url
 

@@ -19,7 +19,9 @@ Model = Callable[..., str]
 
 
 @pytest.fixture(params=["openai", "anthropic"])
-async def provider(request: pytest.FixtureRequest, upstream: FakeUpstream) -> AsyncIterator[Provider]:
+async def provider(
+    request: pytest.FixtureRequest, upstream: FakeUpstream
+) -> AsyncIterator[Provider]:
     settings = provider_settings(upstream)[0 if request.param == "openai" else 1]
     built = build_provider(settings, ENVIRON)
     yield built
@@ -165,7 +167,12 @@ async def test_openai_request_mapping(upstream: FakeUpstream, model: Model) -> N
     ]
     assert body["stream"] is True
     assert body["stream_options"] == {"include_usage": True}
-    assert (body["temperature"], body["stop"], body["seed"], body["user"]) == (0.5, ["END"], 7, "u1")
+    assert (body["temperature"], body["stop"], body["seed"], body["user"]) == (
+        0.5,
+        ["END"],
+        7,
+        "u1",
+    )
 
 
 async def test_anthropic_request_mapping(upstream: FakeUpstream, model: Model) -> None:

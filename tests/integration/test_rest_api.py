@@ -29,7 +29,8 @@ async def test_non_streamed_completion(
     client: openai.AsyncOpenAI, model: Model, provider: str
 ) -> None:
     completion = await client.chat.completions.create(
-        model=f"{provider}/{model(tokens=4, prompt_tokens=9)}", messages=HELLO  # type: ignore[arg-type]
+        model=f"{provider}/{model(tokens=4, prompt_tokens=9)}",
+        messages=HELLO,  # type: ignore[arg-type]
     )
     assert completion.object == "chat.completion"
     assert completion.choices[0].message.content == "tok0 tok1 tok2 tok3 "
@@ -57,7 +58,9 @@ async def test_streamed_completion_with_usage(
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == "tok0 tok1 tok2 "
-    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    finishes = [
+        c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
+    ]
     assert finishes == ["stop"]
     assert chunks[-1].choices == []
     assert chunks[-1].usage is not None
@@ -68,7 +71,9 @@ async def test_stream_without_usage_option_has_no_usage_chunk(
     client: openai.AsyncOpenAI, model: Model
 ) -> None:
     stream = await client.chat.completions.create(
-        model=f"oai/{model(tokens=2)}", messages=HELLO, stream=True  # type: ignore[arg-type]
+        model=f"oai/{model(tokens=2)}",
+        messages=HELLO,
+        stream=True,  # type: ignore[arg-type]
     )
     chunks = [chunk async for chunk in stream]
     assert all(c.choices for c in chunks)
@@ -77,7 +82,8 @@ async def test_stream_without_usage_option_has_no_usage_chunk(
 
 async def test_reasoning_is_relayed(client: openai.AsyncOpenAI, model: Model) -> None:
     completion = await client.chat.completions.create(
-        model=f"ant/{model(tokens=1, reasoning=['hmm '])}", messages=HELLO  # type: ignore[arg-type]
+        model=f"ant/{model(tokens=1, reasoning=['hmm '])}",
+        messages=HELLO,  # type: ignore[arg-type]
     )
     message = completion.choices[0].message
     assert message.content == "tok0 "
@@ -87,7 +93,9 @@ async def test_reasoning_is_relayed(client: openai.AsyncOpenAI, model: Model) ->
 async def test_demo_provider_end_to_end(client: openai.AsyncOpenAI) -> None:
     messages = [{"role": "user", "content": "What is a gateway?"}]
     stream = await client.chat.completions.create(
-        model="demo/echo", messages=messages, stream=True  # type: ignore[arg-type]
+        model="demo/echo",
+        messages=messages,
+        stream=True,  # type: ignore[arg-type]
     )
     text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
     assert "What is a gateway?" in text
@@ -107,10 +115,18 @@ async def test_models_list(client: openai.AsyncOpenAI) -> None:
         ({"model": "nope/x"}, openai.NotFoundError, "model"),
         ({"model": "demo/missing"}, openai.NotFoundError, "model"),
         ({"temperature": 3}, openai.BadRequestError, "temperature"),
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, openai.BadRequestError, "tools"),
+        (
+            {"tools": [{"type": "function", "function": {"name": "f"}}]},
+            openai.BadRequestError,
+            "tools",
+        ),
         ({"n": 2}, openai.BadRequestError, "n"),
         ({"messages": []}, openai.BadRequestError, "messages"),
-        ({"messages": [{"role": "wizard", "content": "x"}]}, openai.BadRequestError, "messages[0].role"),
+        (
+            {"messages": [{"role": "wizard", "content": "x"}]},
+            openai.BadRequestError,
+            "messages[0].role",
+        ),
     ],
 )
 async def test_request_errors_map_to_sdk_classes(
@@ -163,7 +179,9 @@ async def test_failure_after_the_first_token_is_an_error_event(
     client: openai.AsyncOpenAI, model: Model, fault: dict[str, int]
 ) -> None:
     stream = await client.chat.completions.create(
-        model=f"oai/{model(tokens=5, **fault)}", messages=HELLO, stream=True  # type: ignore[arg-type]
+        model=f"oai/{model(tokens=5, **fault)}",
+        messages=HELLO,
+        stream=True,  # type: ignore[arg-type]
     )
     seen: list[str] = []
     with pytest.raises(openai.APIError) as caught:
@@ -183,7 +201,7 @@ async def test_failure_after_the_first_token_has_no_done_marker(gateway: str, mo
     assert "[DONE]" not in events
     last = json.loads(events[-1])
     assert last["error"]["code"] == "upstream_protocol_error"
-    assert all("finish_reason\":\"stop" not in e for e in events)
+    assert all('finish_reason":"stop' not in e for e in events)
 
 
 async def test_sse_headers_disable_buffering(gateway: str, model: Model) -> None:
@@ -220,7 +238,9 @@ async def test_client_disconnect_closes_the_upstream(
     body = {"model": f"oai/{name}", "messages": HELLO, "stream": stream}
     async with httpx2.AsyncClient() as http:
         if stream:
-            async with http.stream("POST", gateway + "/api/chat/completions", json=body) as response:
+            async with http.stream(
+                "POST", gateway + "/api/chat/completions", json=body
+            ) as response:
                 async for _ in response.aiter_bytes():
                     break  # first token seen: hang up
         else:
@@ -261,7 +281,11 @@ async def test_unknown_fields_are_tolerated_and_never_forwarded(
         (b"{not json", 400, "invalid_request"),
         (b"", 400, "invalid_request"),
         (b"[1, 2]", 400, "invalid_request"),
-        (b'{"model": "demo/echo", "messages": [{"role": "user", "content": NaN}]}', 400, "invalid_request"),
+        (
+            b'{"model": "demo/echo", "messages": [{"role": "user", "content": NaN}]}',
+            400,
+            "invalid_request",
+        ),
     ],
 )
 async def test_malformed_bodies(gateway: str, content: bytes, status: int, code: str) -> None:
@@ -283,10 +307,12 @@ async def test_oversized_body_is_413(make_gateway: GatewayFactory) -> None:
                 await client.chat.completions.create(**big)  # type: ignore[call-overload]
         assert caught.value.status_code == 413
         assert caught.value.body["code"] == "payload_too_large"  # type: ignore[index]
+
         # Sent in pieces without a declared length, it is refused just the same.
         async def pieces() -> AsyncIterator[bytes]:
             for _ in range(20):
                 yield b" " * 100
+
         async with httpx2.AsyncClient() as http:
             response = await http.post(url + "/api/chat/completions", content=pieces())
         assert response.status_code == 413
@@ -315,7 +341,9 @@ async def test_heartbeats_while_waiting_for_the_first_token(
         async with httpx2.AsyncClient() as http:
             response = await http.post(url + "/api/chat/completions", json=body)
     lines = response.text.split("\n")
-    first_data = next(i for i, line in enumerate(lines) if line.startswith("data: {") and "tok0" in line)
+    first_data = next(
+        i for i, line in enumerate(lines) if line.startswith("data: {") and "tok0" in line
+    )
     assert lines[:first_data].count(": keepalive") >= 2
     assert response.text.rstrip().endswith("data: [DONE]")
 
@@ -327,7 +355,9 @@ async def test_first_token_timeout_before_headers_is_504(
     with make_gateway(first_token_timeout=0.3) as url:
         async with openai.AsyncOpenAI(base_url=url + "/api", api_key="-", max_retries=0) as client:
             with pytest.raises(openai.InternalServerError) as caught:
-                await client.chat.completions.create(model=f"oai/{name}", messages=HELLO, stream=True)  # type: ignore[arg-type]
+                await client.chat.completions.create(
+                    model=f"oai/{name}", messages=HELLO, stream=True
+                )  # type: ignore[arg-type]
     assert caught.value.status_code == 504
     assert "first token" in caught.value.body["message"]  # type: ignore[index]
     (recorded,) = upstream.by_model(name)
@@ -341,7 +371,9 @@ async def test_idle_timeout_mid_stream_is_an_error_event(
     with make_gateway(idle_timeout=0.3) as url:
         async with openai.AsyncOpenAI(base_url=url + "/api", api_key="-", max_retries=0) as client:
             stream = await client.chat.completions.create(
-                model=f"oai/{name}", messages=HELLO, stream=True  # type: ignore[arg-type]
+                model=f"oai/{name}",
+                messages=HELLO,
+                stream=True,  # type: ignore[arg-type]
             )
             with pytest.raises(openai.APIError) as caught:
                 async for _ in stream:

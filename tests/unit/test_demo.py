@@ -62,7 +62,7 @@ async def test_answer_quotes_last_user_message_and_ends_with_one_finish() -> Non
     text = text_of(events)
     assert text.startswith('## tokenrelay demo\n\nYou wrote: *What is "two" plus two?*')
     assert "the first question" not in text
-    assert text == demo._answer(QUESTION).rstrip()
+    assert text == demo._answer(QUESTION)
     finishes = [e for e in events if isinstance(e, Finish)]
     assert len(finishes) == 1
     assert events[-1] == Finish(
@@ -126,7 +126,7 @@ async def test_stop_sequence_cuts_text(stop: list[str]) -> None:
 
 async def test_stop_sequence_that_never_appears() -> None:
     events = await collect(request(stop=["zzz-not-there"]))
-    assert text_of(events) == demo._answer(QUESTION).rstrip()
+    assert text_of(events) == demo._answer(QUESTION)
     finish = events[-1]
     assert isinstance(finish, Finish)
     assert finish.reason == "stop"
@@ -145,7 +145,7 @@ async def test_reasoner_thinks_before_answering() -> None:
     assert kinds[-1] is Finish
     reasoning = "".join(e.text for e in events if isinstance(e, ReasoningDelta))
     assert reasoning == "The user wants a demo answer; I will quote them."
-    assert text_of(events) == demo._answer(QUESTION).rstrip()
+    assert text_of(events) == demo._answer(QUESTION)
     finish = events[-1]
     assert isinstance(finish, Finish)
     assert finish.usage is not None

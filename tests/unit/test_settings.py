@@ -307,7 +307,7 @@ pace = -0.5
         "providers[2].name: expected letters, digits, '_', '.' or '-'",
         "providers[2].api_key_env: required for a 'anthropic' provider without base_url",
         "providers[3].base_url: the demo provider has no upstream",
-        "providers[3].pace: expected a positive number of seconds",
+        "providers[3].pace: expected zero or more seconds",
     ]
 
 
@@ -434,7 +434,12 @@ base_url = "http://127.0.0.1:1"
     assert main(["check-config", "--config", str(path)]) == 2
     out, err = capsys.readouterr()
     assert out == ""
-    assert err == "tokenrelay: the configuration has 1 problem(s):\n  extra: unknown setting\n"
+    assert err == (
+        "tokenrelay: the configuration has 3 problem(s):\n"
+        "  extra: unknown setting\n"
+        "  providers[0].base_url: expected an http(s) URL\n"
+        "  providers[1].name: 'a' is used by another provider\n"
+    )
 
     path = write(
         tmp_path,
