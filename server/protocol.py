@@ -282,15 +282,15 @@ class _Envelope(msgspec.Struct):
 _decode_envelope = msgspec.json.Decoder(_Envelope).decode
 
 
-def frame_envelope(data: str) -> tuple[str | None, str | None]:
-    """The `type` and `id` of a frame that failed validation, where they are strings."""
+def frame_envelope(data: str) -> tuple[bool, str | None, str | None]:
+    """Whether a frame that failed validation is a JSON object, and its `type` and `id`."""
     try:
         envelope = _decode_envelope(data)
     except msgspec.DecodeError:
-        return None, None
+        return False, None, None
     kind = envelope.type if isinstance(envelope.type, str) else None
     sid = envelope.id if isinstance(envelope.id, str) and 0 < len(envelope.id) <= 128 else None
-    return kind, sid
+    return True, kind, sid
 
 
 def frame_problem(exc: msgspec.ValidationError) -> tuple[str, str | None]:

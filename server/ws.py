@@ -170,14 +170,14 @@ class Connection:
 
     async def _invalid_frame(self, text: str, exc: msgspec.ValidationError) -> None:
         message, path = protocol.frame_problem(exc)
-        kind, stream_id = protocol.frame_envelope(text)
+        is_object, kind, stream_id = protocol.frame_envelope(text)
         if kind == "chat.start" and stream_id is not None and (path or "").startswith("request"):
             # A bad request inside a well-formed start fails that stream, as it would over REST.
             param = path[len("request.") :] if path and path.startswith("request.") else None
             where = f" at '{param}'" if param else ""
             error = InvalidRequestError(f"Invalid request{where}: {message}", param=param)
             await self._reject(stream_id, error)
-        elif path == "type" or kind not in ("chat.start", "chat.cancel", "ping"):
+        elif is_object and (path == "type" or kind not in ("chat.start", "chat.cancel", "ping")):
             await self._protocol_error("unknown_type", f"Unknown frame type: {message}", stream_id)
         else:
             where = f" at '{path}'" if path else ""

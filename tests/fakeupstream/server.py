@@ -477,7 +477,7 @@ class FakeUpstream:
                 thread.join()
 
     # The timeout parameter is part of the fixture's documented API.
-    async def wait_disconnected(self, req: RecordedRequest, timeout: float = 5.0) -> float:  # noqa: ASYNC109
+    async def wait_disconnected(self, req: RecordedRequest, timeout: float = 5.0) -> float:
         """Poll until the client's disconnect was recorded; return its time.monotonic() value."""
         deadline = time.monotonic() + timeout
         while req.disconnected_at is None:
