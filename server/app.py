@@ -8,8 +8,9 @@ from collections.abc import AsyncIterator, Mapping
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route, WebSocketRoute
 
 from providers.errors import GatewayError
@@ -25,14 +26,13 @@ from server.errors import (
     error_body,
     spec_for,
 )
-from server.rest import ChatCompletions, list_models, request_id
+from server.health import Lifecycle, healthz, readyz
+from server.http import request_id_of
+from server.metrics import exposition
+from server.observe import RequestObserver, StreamObserver
+from server.rest import ChatCompletions, list_models
 from server.settings import Settings, load
 from server.ws import WebSocketEndpoint
-
-
-async def healthz(request: Request) -> Response:
-    """The process is alive and serving."""
-    return JSONResponse({"status": "ok"})
 
 
 def _http_error(request: Request, exc: Exception) -> Response:
@@ -42,7 +42,7 @@ def _http_error(request: Request, exc: Exception) -> Response:
         error = MethodNotAllowedError(f"{request.method} is not allowed on {request.url.path}.")
     else:
         error = RouteNotFoundError(f"No route at {request.url.path}.")
-    rid = request_id(dict(request.scope["headers"]))
+    rid = request_id_of(request.scope)
     body = protocol.encode(ErrorEnvelope(error_body(error, rid)))
     return Response(
         body, status_code=spec_for(error).status, media_type="application/json", headers=exc.headers
@@ -50,7 +50,7 @@ def _http_error(request: Request, exc: Exception) -> Response:
 
 
 def _server_error(request: Request, exc: Exception) -> Response:
-    rid = request_id(dict(request.scope["headers"]))
+    rid = request_id_of(request.scope)
     body = error_body(as_gateway_error(exc, rid), rid)
     return Response(
         protocol.encode(ErrorEnvelope(body)), status_code=500, media_type="application/json"
@@ -62,7 +62,12 @@ def create_app(settings: Settings, environ: Mapping[str, str] | None = None) -> 
     registry = Registry.from_settings(
         settings.providers, os.environ if environ is None else environ
     )
-    service = ChatService(registry, write_timeout=settings.server.slow_consumer_timeout)
+    service = ChatService(
+        registry,
+        write_timeout=settings.server.slow_consumer_timeout,
+        observer=StreamObserver(log_content=settings.server.log_content),
+    )
+    lifecycle = Lifecycle()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -70,6 +75,7 @@ def create_app(settings: Settings, environ: Mapping[str, str] | None = None) -> 
         try:
             yield
         finally:
+            lifecycle.draining = True
             await registry.aclose()
 
     app = Starlette(
@@ -80,13 +86,23 @@ def create_app(settings: Settings, environ: Mapping[str, str] | None = None) -> 
             Route("/api/models", list_models, methods=["GET"]),
             WebSocketRoute("/api/ws", WebSocketEndpoint(service, settings.websocket)),
             Route("/healthz", healthz, methods=["GET"]),
+            Route("/readyz", readyz, methods=["GET"]),
+            Route("/metrics", metrics_endpoint, methods=["GET"]),
         ],
+        middleware=[Middleware(RequestObserver)],
         exception_handlers={HTTPException: _http_error, Exception: _server_error},
         lifespan=lifespan,
     )
     app.state.settings = settings
     app.state.service = service
+    app.state.lifecycle = lifecycle
     return app
+
+
+async def metrics_endpoint(request: Request) -> Response:
+    """Prometheus text exposition."""
+    body, content_type = exposition()
+    return Response(body, media_type=content_type)
 
 
 def app_from_environment() -> Starlette:

@@ -31,6 +31,8 @@ from providers.types import (
     estimate_tokens,
 )
 from server.errors import ClientGone, as_gateway_error
+from server.metrics import Outcome, Transport
+from server.observe import StreamObserver
 from server.protocol import ChatCompletionBody
 
 log = logging.getLogger("tokenrelay.chat")
@@ -51,6 +53,10 @@ class StreamState:
 
     __slots__ = (
         "request_id",
+        "transport",
+        "cancel_cause",
+        "cancelled_at",
+        "outcome",
         "model",
         "provider",
         "started_at",
@@ -63,9 +69,14 @@ class StreamState:
         "_request",
     )
 
-    def __init__(self, request_id: str, started_at: float) -> None:
+    def __init__(self, request_id: str, started_at: float, transport: Transport) -> None:
         self.request_id = request_id
+        self.transport: Transport = transport
         self.started_at = started_at
+        # Set by the transport just before it cancels the stream's task.
+        self.cancel_cause: Outcome | None = None
+        self.cancelled_at: float | None = None
+        self.outcome: Outcome = "client_disconnected"
         self.model = ""
         self.provider = ""
         self.first_token_at: float | None = None
@@ -76,10 +87,22 @@ class StreamState:
         self.error: GatewayError | None = None
         self._request: ChatRequest | None = None
 
+    def cancel(self, cause: Outcome) -> None:
+        """Note why and when the transport is about to cancel this stream."""
+        if self.cancel_cause is None:
+            self.cancel_cause = cause
+            self.cancelled_at = asyncio.get_running_loop().time()
+
     @property
     def ttft(self) -> float | None:
         """Seconds from the request's arrival to the first token written to the client."""
         return None if self.first_token_at is None else self.first_token_at - self.started_at
+
+    def messages(self) -> list[dict[str, str]]:
+        """The request's messages as role and text (only ever logged when explicitly enabled)."""
+        if self._request is None:
+            return []
+        return [{"role": m.role, "content": m.text} for m in self._request.messages]
 
     def usage_so_far(self) -> Usage:
         """The upstream's usage when it sent one, else a count of what was relayed."""
@@ -150,9 +173,16 @@ class _Watchdog:
 class ChatService:
     """Resolves models and runs streams; shared by REST, SSE and WebSocket."""
 
-    def __init__(self, registry: Registry, *, write_timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        *,
+        write_timeout: float = 30.0,
+        observer: StreamObserver | None = None,
+    ) -> None:
         self.registry = registry
         self._write_timeout = write_timeout
+        self._observer = observer or StreamObserver()
 
     def prepare(self, body: ChatCompletionBody) -> Prepared:
         """Validate the body and route it; raises a `RequestError` before any upstream call."""
@@ -171,6 +201,7 @@ class ChatService:
         loop = asyncio.get_running_loop()
         events = route.provider.stream(prepared.request)
         watchdog: _Watchdog | None = None
+        self._observer.started(state)
         try:
             async with asyncio.timeout(None) as scope, contextlib.aclosing(events):
                 watchdog = _Watchdog(scope, route.settings.first_token_timeout, self._write_timeout)
@@ -181,6 +212,7 @@ class ChatService:
                         state.reason = event.reason
                         state.usage = event.usage
                         await sink.finish(event.reason, state.usage_so_far())
+                        state.outcome = "completed"
                         break
                     await sink.delta(event)
                     state.chunks += 1
@@ -199,7 +231,11 @@ class ChatService:
                 return
             await self._fail(sink, state, self._timeout_error(watchdog, state))
             log.debug("stream %s timed out", state.request_id, exc_info=exc)
+        except asyncio.CancelledError:
+            state.outcome = state.cancel_cause or "client_disconnected"
+            raise
         except ClientGone:
+            state.outcome = "client_disconnected"
             raise  # nobody to tell; the upstream is already closed
         except GatewayError as exc:
             await self._fail(sink, state, exc)
@@ -208,7 +244,8 @@ class ChatService:
         finally:
             if watchdog is not None:
                 watchdog.cancel()
-            state.ended_at = loop.time()
+            state.ended_at = loop.time()  # the upstream response is closed by now
+            self._observer.ended(state)
 
     @staticmethod
     def _timeout_error(watchdog: _Watchdog, state: StreamState) -> GatewayError:
@@ -226,4 +263,5 @@ class ChatService:
     async def _fail(sink: Sink, state: StreamState, exc: GatewayError) -> None:
         state.reason = "error"
         state.error = exc
+        state.outcome = "timeout" if isinstance(exc, UpstreamTimeoutError) else "error"
         await sink.error(exc)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Sequence
 
 from server.settings import ENV_PREFIX, Settings, SettingsError, load, uvicorn_options
@@ -29,6 +32,12 @@ def _serve(args: argparse.Namespace) -> int:
     if args.config:
         # Workers rebuild the app from the environment, so they must see the same file.
         os.environ[ENV_PREFIX + "CONFIG"] = os.path.abspath(args.config)
+    if args.workers > 1:
+        # Each worker writes its metrics to files here and /metrics aggregates them; the
+        # directory is new for every run and removed at exit.
+        metrics_dir = tempfile.mkdtemp(prefix="tokenrelay-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+        atexit.register(shutil.rmtree, metrics_dir, ignore_errors=True)
     uvicorn.run(
         "server.app:app_from_environment",
         factory=True,

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+import uuid
+
 from starlette.types import Receive, Scope, Send
 
 from providers.errors import GatewayError, PayloadTooLargeError
@@ -51,6 +54,23 @@ async def send_error(send: Send, exc: GatewayError, request_id: str) -> None:
     extra += [(k.encode(), v.encode()) for k, v in retry_after_header(exc).items()]
     body = protocol.encode(ErrorEnvelope(error_body(exc, request_id)))
     await send_json(send, spec_for(exc).status, body, extra)
+
+
+_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._\-]{1,64}$")
+
+
+def request_id_of(scope: Scope) -> str:
+    """The request's id: the client's `x-request-id` when it is a sane token, else a new one.
+
+    Kept in the scope's state so the middleware, the endpoint and the logs all use the same.
+    """
+    state = scope.setdefault("state", {})
+    rid: str | None = state.get("request_id")
+    if rid is None:
+        given = dict(scope.get("headers", ())).get(b"x-request-id")
+        rid = given.decode() if given is not None and _REQUEST_ID.match(given) else uuid.uuid4().hex
+        state["request_id"] = rid
+    return rid
 
 
 def header_map(scope: Scope) -> dict[bytes, bytes]:

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import re
 import time
-import uuid
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -17,20 +15,10 @@ from server import protocol
 from server.catalog import Catalog
 from server.chat import ChatService, Prepared, StreamState
 from server.errors import ClientGone
-from server.http import header_map, read_body, send_error, send_json
+from server.http import header_map, read_body, request_id_of, send_error, send_json
 from server.settings import ServerSettings
 from server.sse import stream_sse
 from server.streaming import race, watch_disconnect
-
-_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._\-]{1,64}$")
-
-
-def request_id(headers: dict[bytes, bytes]) -> str:
-    """The client's `x-request-id` when it is a sane token, else a fresh one."""
-    given = headers.get(b"x-request-id")
-    if given is not None and _REQUEST_ID.match(given):
-        return given.decode()
-    return uuid.uuid4().hex
 
 
 class ChatCompletions:
@@ -43,7 +31,7 @@ class ChatCompletions:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = asyncio.get_running_loop().time()
         headers = header_map(scope)
-        rid = request_id(headers)
+        rid = request_id_of(scope)
         try:
             raw = await read_body(receive, headers, self._settings.max_body_bytes)
             body = protocol.decode_body(raw)
@@ -53,11 +41,12 @@ class ChatCompletions:
         except GatewayError as exc:
             await send_error(send, exc, rid)
             return
-        state = StreamState(rid, started)
+        stream = body.stream or b"text/event-stream" in headers.get(b"accept", b"")
+        state = StreamState(rid, started, "sse" if stream else "rest")
         created = int(time.time())
         completion_id = f"chatcmpl-{rid}"
         extra = [(b"x-request-id", rid.encode())]
-        if body.stream or b"text/event-stream" in headers.get(b"accept", b""):
+        if stream:
             await stream_sse(
                 self._service,
                 prepared,
@@ -84,7 +73,9 @@ class ChatCompletions:
     ) -> None:
         """Collect the same event stream into one `chat.completion`; a disconnect cancels it."""
         collector = Collector()
-        if not await race(self._service.run(prepared, collector, state), watch_disconnect(receive)):
+        if not await race(
+            self._service.run(prepared, collector, state), watch_disconnect(receive, state)
+        ):
             return
         if collector.failure is not None:
             await send_error(send, collector.failure, state.request_id)

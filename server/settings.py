@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 import msgspec
 
 from providers.settings import ProviderSettings
+from server.logs import log_config
 
 ENV_PREFIX = "TOKENRELAY_"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -34,6 +35,8 @@ class ServerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     sse_heartbeat: float = 15.0
     slow_consumer_timeout: float = 30.0
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = "text"
+    log_content: bool = False
 
 
 class WebSocketSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -252,6 +255,7 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
         "ws_ping_interval": ws.ping_interval,
         "ws_ping_timeout": ws.ping_timeout,
         "log_level": settings.server.log_level,
+        "log_config": log_config(settings.server.log_level, settings.server.log_format),
         "access_log": False,
         "server_header": False,
     }

@@ -124,7 +124,9 @@ async def stream_sse(
         send, framer, SSE_HEADERS + extra_headers, prepared.body.include_usage, state.request_id
     )
     finished = await race(
-        service.run(prepared, sink, state), sink.keepalive(heartbeat), watch_disconnect(receive)
+        service.run(prepared, sink, state),
+        sink.keepalive(heartbeat),
+        watch_disconnect(receive, state),
     )
     if finished and not sink.complete:
         await send({"type": "http.response.body", "body": b"", "more_body": False})

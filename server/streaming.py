@@ -8,12 +8,15 @@ from typing import Any
 
 from starlette.types import Receive
 
+from server.chat import StreamState
 
-async def watch_disconnect(receive: Receive) -> None:
+
+async def watch_disconnect(receive: Receive, state: StreamState) -> None:
     """Return when the HTTP client goes away (the request body has already been read)."""
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
+            state.cancel("client_disconnected")
             return
 
 

@@ -111,12 +111,12 @@ class WSSink:
 
 
 class _Stream:
-    __slots__ = ("task", "sink", "cancel_requested")
+    __slots__ = ("task", "sink", "state")
 
-    def __init__(self, task: asyncio.Task[None], sink: WSSink) -> None:
+    def __init__(self, task: asyncio.Task[None], sink: WSSink, state: StreamState) -> None:
         self.task = task
         self.sink = sink
-        self.cancel_requested = False
+        self.state = state
 
 
 class Connection:
@@ -204,17 +204,17 @@ class Connection:
         except GatewayError as exc:
             await self._reject(frame.id, exc)
             return
-        state = StreamState(uuid.uuid4().hex, received_at)
+        state = StreamState(uuid.uuid4().hex, received_at, "ws")
         sink = WSSink(self._socket, frame.id, state, frame.request.model)
         task = asyncio.create_task(self._run(frame.id, prepared, sink, state))
-        self._streams[frame.id] = _Stream(task, sink)
+        self._streams[frame.id] = _Stream(task, sink, state)
 
     async def _run(self, stream_id: str, prepared: Any, sink: WSSink, state: StreamState) -> None:
         try:
             await self._service.run(prepared, sink, state)
         except asyncio.CancelledError:
             stream = self._streams.get(stream_id)
-            if stream is not None and stream.cancel_requested and not sink.ended:
+            if stream is not None and state.cancel_cause == "cancelled" and not sink.ended:
                 try:
                     await sink.cancelled()
                 except ClientGone:
@@ -231,7 +231,7 @@ class Connection:
             frame = protocol.CancelIgnored(id=stream_id, reason="unknown_or_finished")
             await self._socket.text(protocol.encode_text(frame))
             return
-        stream.cancel_requested = True
+        stream.state.cancel("cancelled")
         stream.task.cancel()
 
     async def _reject(self, stream_id: str, error: GatewayError) -> None:
@@ -244,9 +244,11 @@ class Connection:
         await self._socket.text(protocol.encode_text(frame))
 
     async def _cancel_all(self) -> None:
-        tasks = [stream.task for stream in self._streams.values()]
-        for task in tasks:
-            task.cancel()
+        tasks = []
+        for stream in self._streams.values():
+            stream.state.cancel("client_disconnected")
+            stream.task.cancel()
+            tasks.append(stream.task)
         await asyncio.gather(*tasks, return_exceptions=True)
 
 

@@ -114,7 +114,7 @@ async def run(
         decode_body(b'{"model":"p/x","messages":[{"role":"user","content":"say hi now"}]}')
     )
     sink = sink or RecordingSink()
-    state = StreamState("req-123", started_at=0.0)
+    state = StreamState("req-123", started_at=0.0, transport="rest")
     await service.run(prepared, sink, state)
     return provider, sink, state
 
@@ -294,7 +294,7 @@ async def test_client_gone_propagates_and_closes_the_upstream() -> None:
         decode_body(b'{"model":"p/x","messages":[{"role":"user","content":"hi"}]}')
     )
     sink = RecordingSink(gone=True)
-    state = StreamState("r", 0.0)
+    state = StreamState("r", 0.0, "rest")
     with pytest.raises(ClientGone):
         await service.run(prepared, sink, state)
     assert provider.closed == 1
@@ -368,7 +368,7 @@ async def test_cancel_propagates_and_closes_the_upstream() -> None:
         decode_body(b'{"model":"p/x","messages":[{"role":"user","content":"hi"}]}')
     )
     sink = RecordingSink()
-    state = StreamState("req-9", started_at=0.0)
+    state = StreamState("req-9", started_at=0.0, transport="rest")
     task = asyncio.create_task(service.run(prepared, sink, state))
     await provider.started.wait()
     await sink.got_delta.wait()
@@ -393,7 +393,7 @@ async def test_cancel_before_first_token() -> None:
         decode_body(b'{"model":"p/x","messages":[{"role":"user","content":"hi"}]}')
     )
     sink = RecordingSink()
-    task = asyncio.create_task(service.run(prepared, sink, StreamState("r", 0.0)))
+    task = asyncio.create_task(service.run(prepared, sink, StreamState("r", 0.0, "rest")))
     await provider.started.wait()
     task.cancel()
     with pytest.raises(asyncio.CancelledError):

@@ -1,0 +1,41 @@
+"""Liveness (`/healthz`: the process serves) and readiness (`/readyz`: it should get traffic)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+
+class Lifecycle:
+    """Process-wide state readiness depends on; `draining` turns true as shutdown begins."""
+
+    def __init__(self) -> None:
+        self.draining = False
+
+
+async def healthz(request: Request) -> Response:
+    """The process is alive and serving."""
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    """Ready when not shutting down and at least one provider can serve; parts report their state.
+
+    `status` is `ready`, `degraded` (serving, but a part is impaired) or `unavailable`; the
+    HTTP status is 200 unless unavailable (503), so a balancer stops sending traffic only
+    when the gateway really cannot serve.
+    """
+    lifecycle: Lifecycle = request.app.state.lifecycle
+    if lifecycle.draining:
+        return JSONResponse({"status": "unavailable", "reason": "shutting down"}, status_code=503)
+    snapshot = await request.app.state.catalog.snapshot()
+    providers: dict[str, Any] = {name: "ok" for name in request.app.state.service.registry.names}
+    for name in snapshot.unavailable:
+        providers[name] = "unreachable"
+    usable = any(state == "ok" for state in providers.values())
+    degraded = not all(state == "ok" for state in providers.values())
+    checks: dict[str, Any] = {"providers": providers}
+    status = "unavailable" if not usable else ("degraded" if degraded else "ready")
+    return JSONResponse({"status": status, "checks": checks}, status_code=200 if usable else 503)

@@ -1,0 +1,126 @@
+"""Recording what happened: per-stream metrics and log lines, and per-request HTTP ones.
+
+`StreamObserver` is called by the stream service when a stream starts and ends, whatever the
+transport; `RequestObserver` is a pure ASGI middleware (no buffering, nothing per chunk beyond
+passing messages on) that gives every HTTP request an id, a metric and a log line.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from providers.errors import ProviderError
+from server import metrics
+from server.errors import spec_for
+from server.http import request_id_of
+
+if TYPE_CHECKING:
+    from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+    from server.chat import StreamState
+
+stream_log = logging.getLogger("tokenrelay.stream")
+request_log = logging.getLogger("tokenrelay.request")
+
+_ACTIVE = {t: metrics.STREAMS_ACTIVE.labels(t) for t in metrics.TRANSPORTS}
+_CANCEL = {t: metrics.CANCEL_PROPAGATION.labels(t) for t in metrics.TRANSPORTS}
+
+
+class StreamObserver:
+    """Metrics and one log line per stream, recorded once at its end."""
+
+    def __init__(self, *, log_content: bool = False) -> None:
+        self._log_content = log_content
+
+    def started(self, state: StreamState) -> None:
+        _ACTIVE[state.transport].inc()
+
+    def ended(self, state: StreamState) -> None:
+        transport, provider, outcome = state.transport, state.provider, state.outcome
+        _ACTIVE[transport].dec()
+        ended_at = state.ended_at or state.started_at
+        duration = ended_at - state.started_at
+        metrics.STREAMS.labels(transport, provider, outcome).inc()
+        metrics.STREAM_DURATION.labels(transport, provider, outcome).observe(duration)
+        ttft = state.ttft
+        if ttft is not None:
+            metrics.STREAM_TTFT.labels(transport, provider).observe(ttft)
+        if state.chunks:
+            metrics.CHUNKS.labels(transport, provider).inc(state.chunks)
+        usage = state.usage_so_far()
+        metrics.TOKENS.labels(transport, provider, "prompt").inc(usage.prompt_tokens)
+        metrics.TOKENS.labels(transport, provider, "completion").inc(usage.completion_tokens)
+        if state.cancelled_at is not None and outcome in ("cancelled", "client_disconnected"):
+            _CANCEL[transport].observe(max(ended_at - state.cancelled_at, 0.0))
+        code = None
+        if state.error is not None:
+            code = spec_for(state.error).code
+            if isinstance(state.error, ProviderError):
+                metrics.UPSTREAM_ERRORS.labels(provider, code).inc()
+        fields: dict[str, Any] = {
+            "request_id": state.request_id,
+            "transport": transport,
+            "provider": provider,
+            "model": state.model,
+            "outcome": outcome,
+            "error": code,
+            "ttft_ms": None if ttft is None else round(ttft * 1000, 3),
+            "duration_ms": round(duration * 1000, 3),
+            "chunks": state.chunks,
+            "prompt_tokens": usage.prompt_tokens,
+            "completion_tokens": usage.completion_tokens,
+        }
+        stream_log.info("stream", extra={"fields": fields})
+        if self._log_content and stream_log.isEnabledFor(logging.DEBUG):
+            stream_log.debug(
+                "stream content",
+                extra={"fields": {"request_id": state.request_id, "messages": state.messages()}},
+            )
+
+
+class RequestObserver:
+    """ASGI middleware: a request id on every HTTP request and response, a metric, a log line."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        rid = request_id_of(scope)
+        rid_header = (b"x-request-id", rid.encode())
+        status = 500  # unless a response starts
+
+        async def observed_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = list(message.get("headers", ()))
+                if not any(name == b"x-request-id" for name, _ in headers):
+                    headers.append(rid_header)
+                    message = {**message, "headers": headers}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, observed_send)
+        finally:
+            duration = time.perf_counter() - started
+            route = metrics.route_label(scope["path"])
+            method = scope["method"] if scope["method"] in _METHODS else "other"
+            metrics.HTTP_REQUESTS.labels(route, method, metrics.status_label(status)).inc()
+            metrics.HTTP_DURATION.labels(route, method).observe(duration)
+            fields = {
+                "request_id": rid,
+                "method": method,
+                "route": route,
+                "status": status,
+                "duration_ms": round(duration * 1000, 3),
+            }
+            request_log.info("request", extra={"fields": fields})
+
+
+_METHODS = frozenset({"GET", "POST", "HEAD", "OPTIONS", "PUT", "DELETE", "PATCH"})
