@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from typing import Protocol
 
 from providers.errors import (
@@ -49,7 +50,11 @@ class Sink(Protocol):
 
 
 class StreamState:
-    """What happened in one stream so far; the transport may read it after a cancel."""
+    """What happened in one stream so far; the transport may read it after a cancel.
+
+    Times are `time.monotonic()` (uvloop's loop clock moves in whole milliseconds, too coarse
+    for time to first token and cancel propagation).
+    """
 
     __slots__ = (
         "request_id",
@@ -91,7 +96,7 @@ class StreamState:
         """Note why and when the transport is about to cancel this stream."""
         if self.cancel_cause is None:
             self.cancel_cause = cause
-            self.cancelled_at = asyncio.get_running_loop().time()
+            self.cancelled_at = time.monotonic()
 
     @property
     def ttft(self) -> float | None:
@@ -217,7 +222,7 @@ class ChatService:
                     await sink.delta(event)
                     state.chunks += 1
                     if state.first_token_at is None:
-                        state.first_token_at = loop.time()
+                        state.first_token_at = time.monotonic()
                         watchdog.first_token(route.settings.idle_timeout)
                     watchdog.writing = False
                     watchdog.since = loop.time()
@@ -244,7 +249,7 @@ class ChatService:
         finally:
             if watchdog is not None:
                 watchdog.cancel()
-            state.ended_at = loop.time()  # the upstream response is closed by now
+            state.ended_at = time.monotonic()  # the upstream response is closed by now
             self._observer.ended(state)
 
     @staticmethod

@@ -50,8 +50,9 @@ class StreamObserver:
         if state.chunks:
             metrics.CHUNKS.labels(transport, provider).inc(state.chunks)
         usage = state.usage_so_far()
-        metrics.TOKENS.labels(transport, provider, "prompt").inc(usage.prompt_tokens)
-        metrics.TOKENS.labels(transport, provider, "completion").inc(usage.completion_tokens)
+        if outcome == "completed" or state.chunks:  # a stream that relayed nothing used nothing
+            metrics.TOKENS.labels(transport, provider, "prompt").inc(usage.prompt_tokens)
+            metrics.TOKENS.labels(transport, provider, "completion").inc(usage.completion_tokens)
         if state.cancelled_at is not None and outcome in ("cancelled", "client_disconnected"):
             _CANCEL[transport].observe(max(ended_at - state.cancelled_at, 0.0))
         code = None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 from starlette.requests import Request
@@ -29,7 +28,7 @@ class ChatCompletions:
         self._settings = settings
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        started = asyncio.get_running_loop().time()
+        started = time.monotonic()
         headers = header_map(scope)
         rid = request_id_of(scope)
         try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from typing import Any
 
@@ -19,7 +20,7 @@ from starlette.types import Receive, Scope, Send
 
 from providers.errors import GatewayError, InvalidRequestError
 from providers.types import FinishReason, TextDelta, Usage
-from server import protocol
+from server import metrics, protocol
 from server.chat import ChatService, StreamState
 from server.errors import (
     ClientGone,
@@ -30,6 +31,8 @@ from server.errors import (
 from server.settings import WebSocketSettings
 
 log = logging.getLogger("tokenrelay.ws")
+_FRAMES_IN = {kind: metrics.WS_FRAMES.labels("in", kind) for kind in metrics.FRAME_TYPES}
+_FRAMES_OUT = {kind: metrics.WS_FRAMES.labels("out", kind) for kind in metrics.FRAME_TYPES}
 
 
 class _Socket:
@@ -40,6 +43,11 @@ class _Socket:
     def __init__(self, send: Send) -> None:
         self._send = send
         self.closed = False
+
+    async def frame(self, kind: str, data: str) -> None:
+        """Send a non-delta frame, counted by type (deltas are counted in bulk per stream)."""
+        _FRAMES_OUT[kind].inc()
+        await self.text(data)
 
     async def text(self, data: str) -> None:
         if self.closed:
@@ -91,7 +99,7 @@ class WSSink:
             ttft_ms=None if ttft is None else round(ttft * 1000, 3),
             model=self._model,
         )
-        await self._socket.text(protocol.encode_text(frame))
+        await self._socket.frame("chat.done", protocol.encode_text(frame))
 
     async def cancelled(self) -> None:
         await self.finish("cancelled", self._state.usage_so_far())
@@ -100,7 +108,7 @@ class WSSink:
         frame = protocol.ChatErrorFrame(
             id=self._id, seq=self._terminal_seq(), error=error_body(exc, self._state.request_id)
         )
-        await self._socket.text(protocol.encode_text(frame))
+        await self._socket.frame("chat.error", protocol.encode_text(frame))
 
     def _terminal_seq(self) -> int:
         assert not self.ended, "a stream has one terminal frame"
@@ -136,6 +144,7 @@ class Connection:
                     return
                 text = message.get("text")
                 if text is None:
+                    _FRAMES_IN["invalid"].inc()
                     await self._protocol_error("binary_frame", "Frames must be JSON text.")
                 elif len(text) * 4 > self._settings.max_frame_bytes and (
                     len(text.encode()) > self._settings.max_frame_bytes
@@ -151,24 +160,29 @@ class Connection:
             await self._cancel_all()
 
     async def _handle(self, text: str) -> None:
-        received_at = asyncio.get_running_loop().time()
+        received_at = time.monotonic()
         try:
             frame = protocol.decode_client_frame(text)
         except msgspec.ValidationError as exc:
             await self._invalid_frame(text, exc)
             return
         except msgspec.DecodeError:
+            _FRAMES_IN["invalid"].inc()
             await self._protocol_error("bad_json", "The frame is not valid JSON.")
             return
         match frame:
             case protocol.ChatStart():
+                _FRAMES_IN["chat.start"].inc()
                 await self._start(frame, received_at)
             case protocol.ChatCancel():
+                _FRAMES_IN["chat.cancel"].inc()
                 await self._cancel(frame.id)
             case protocol.Ping():
-                await self._socket.text(protocol.PONG)
+                _FRAMES_IN["ping"].inc()
+                await self._socket.frame("pong", protocol.PONG)
 
     async def _invalid_frame(self, text: str, exc: msgspec.ValidationError) -> None:
+        _FRAMES_IN["invalid"].inc()
         message, path = protocol.frame_problem(exc)
         is_object, kind, stream_id = protocol.frame_envelope(text)
         if kind == "chat.start" and stream_id is not None and (path or "").startswith("request"):
@@ -224,12 +238,13 @@ class Connection:
             pass
         finally:
             self._streams.pop(stream_id, None)
+            _FRAMES_OUT["chat.delta"].inc(state.chunks)
 
     async def _cancel(self, stream_id: str) -> None:
         stream = self._streams.get(stream_id)
         if stream is None or stream.sink.ended:
             frame = protocol.CancelIgnored(id=stream_id, reason="unknown_or_finished")
-            await self._socket.text(protocol.encode_text(frame))
+            await self._socket.frame("cancel.ignored", protocol.encode_text(frame))
             return
         stream.state.cancel("cancelled")
         stream.task.cancel()
@@ -237,11 +252,11 @@ class Connection:
     async def _reject(self, stream_id: str, error: GatewayError) -> None:
         """A start that never ran: its one terminal frame is this `chat.error` (seq 0)."""
         frame = protocol.ChatErrorFrame(id=stream_id, seq=0, error=error_body(error))
-        await self._socket.text(protocol.encode_text(frame))
+        await self._socket.frame("chat.error", protocol.encode_text(frame))
 
     async def _protocol_error(self, code: str, message: str, stream_id: str | None = None) -> None:
         frame = protocol.ProtocolErrorFrame(code=code, message=message, id=stream_id)
-        await self._socket.text(protocol.encode_text(frame))
+        await self._socket.frame("error", protocol.encode_text(frame))
 
     async def _cancel_all(self) -> None:
         tasks = []
@@ -271,5 +286,9 @@ class WebSocketEndpoint:
             {"type": "websocket.accept", "subprotocol": protocol.SUBPROTOCOL if offered else None}
         )
         socket = _Socket(send)
-        await Connection(self._service, socket, self._settings).serve(receive)
-        await socket.close(1000)
+        metrics.WS_CONNECTIONS.inc()
+        try:
+            await Connection(self._service, socket, self._settings).serve(receive)
+            await socket.close(1000)
+        finally:
+            metrics.WS_CONNECTIONS.dec()
