@@ -16,6 +16,7 @@ from starlette.routing import Route, WebSocketRoute
 from providers.errors import GatewayError
 from providers.registry import Registry
 from server import protocol
+from server.cache import Cache, MemoryCache, RedisCache
 from server.catalog import Catalog
 from server.chat import ChatService
 from server.errors import (
@@ -31,7 +32,7 @@ from server.http import request_id_of
 from server.metrics import exposition
 from server.observe import RequestObserver, StreamObserver
 from server.rest import ChatCompletions, list_models
-from server.settings import Settings, load
+from server.settings import CacheSettings, Settings, load
 from server.ws import WebSocketEndpoint
 
 
@@ -57,15 +58,25 @@ def _server_error(request: Request, exc: Exception) -> Response:
     )
 
 
+def build_cache(settings: CacheSettings) -> Cache:
+    """Redis when `url` is set, else the bounded in-memory cache."""
+    if settings.url:
+        return RedisCache(settings.url, namespace=settings.namespace, timeout=settings.timeout)
+    return MemoryCache(max_entries=settings.max_entries, max_bytes=settings.max_bytes)
+
+
 def create_app(settings: Settings, environ: Mapping[str, str] | None = None) -> Starlette:
     """Build the gateway for `settings`; provider keys come from `environ` (default os.environ)."""
     registry = Registry.from_settings(
         settings.providers, os.environ if environ is None else environ
     )
+    cache = build_cache(settings.cache)
     service = ChatService(
         registry,
         write_timeout=settings.server.slow_consumer_timeout,
         observer=StreamObserver(log_content=settings.server.log_content),
+        cache=cache if settings.cache.completions else None,
+        cache_ttl=settings.cache.ttl,
     )
     lifecycle = Lifecycle()
 
@@ -77,6 +88,7 @@ def create_app(settings: Settings, environ: Mapping[str, str] | None = None) -> 
         finally:
             lifecycle.draining = True
             await registry.aclose()
+            await cache.aclose()
 
     app = Starlette(
         routes=[
@@ -96,6 +108,7 @@ def create_app(settings: Settings, environ: Mapping[str, str] | None = None) -> 
     app.state.settings = settings
     app.state.service = service
     app.state.lifecycle = lifecycle
+    app.state.cache = cache
     return app
 
 

@@ -13,7 +13,10 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import AsyncGenerator
 from typing import Protocol
+
+import msgspec
 
 from providers.errors import (
     GatewayError,
@@ -24,6 +27,7 @@ from providers.errors import (
 from providers.registry import Registry, Route
 from providers.types import (
     ChatRequest,
+    Event,
     Finish,
     FinishReason,
     ReasoningDelta,
@@ -31,6 +35,7 @@ from providers.types import (
     Usage,
     estimate_tokens,
 )
+from server.cache import Cache, CachePolicy, completion_key
 from server.errors import ClientGone, as_gateway_error
 from server.metrics import Outcome, Transport
 from server.observe import StreamObserver
@@ -59,6 +64,7 @@ class StreamState:
     __slots__ = (
         "request_id",
         "transport",
+        "cached",
         "cancel_cause",
         "cancelled_at",
         "outcome",
@@ -82,6 +88,7 @@ class StreamState:
         self.cancel_cause: Outcome | None = None
         self.cancelled_at: float | None = None
         self.outcome: Outcome = "client_disconnected"
+        self.cached = False  # served from the completion cache
         self.model = ""
         self.provider = ""
         self.first_token_at: float | None = None
@@ -120,14 +127,42 @@ class StreamState:
 
 
 class Prepared:
-    """A validated request with its route, ready to run."""
+    """A validated request with its route and cache policy, ready to run."""
 
-    __slots__ = ("body", "route", "request")
+    __slots__ = ("body", "route", "request", "cache_policy")
 
-    def __init__(self, body: ChatCompletionBody, route: Route, request: ChatRequest) -> None:
+    def __init__(
+        self,
+        body: ChatCompletionBody,
+        route: Route,
+        request: ChatRequest,
+        cache_policy: CachePolicy,
+    ) -> None:
         self.body = body
         self.route = route
         self.request = request
+        self.cache_policy = cache_policy
+
+
+class CachedAnswer(msgspec.Struct, frozen=True, array_like=True):
+    """A complete answer as stored: its events in order, so a replay streams like the original."""
+
+    created: float
+    events: list[TextDelta | ReasoningDelta]
+    reason: FinishReason
+    usage: Usage | None
+
+
+_encode_answer = msgspec.msgpack.Encoder().encode
+_decode_answer = msgspec.msgpack.Decoder(CachedAnswer).decode
+# Answers worth serving again: complete ones (a length cut is what the request asked for).
+_STORABLE: frozenset[FinishReason] = frozenset({"stop", "length"})
+
+
+async def _replay(answer: CachedAnswer) -> AsyncGenerator[Event, None]:
+    for event in answer.events:
+        yield event
+    yield Finish(reason=answer.reason, usage=answer.usage)
 
 
 class _Watchdog:
@@ -184,18 +219,48 @@ class ChatService:
         *,
         write_timeout: float = 30.0,
         observer: StreamObserver | None = None,
+        cache: Cache | None = None,
+        cache_ttl: float = 3600.0,
     ) -> None:
         self.registry = registry
         self._write_timeout = write_timeout
         self._observer = observer or StreamObserver()
+        self._cache = cache  # completions are cached only when a cache is given
+        self._cache_ttl = cache_ttl
 
-    def prepare(self, body: ChatCompletionBody) -> Prepared:
+    def prepare(self, body: ChatCompletionBody, cache_control: str | None = None) -> Prepared:
         """Validate the body and route it; raises a `RequestError` before any upstream call."""
         unsupported = body.unsupported()
         if unsupported is not None:
             raise unsupported
         route = self.registry.resolve(body.model)
-        return Prepared(body, route, body.to_request(route.model))
+        policy = CachePolicy.parse(cache_control)
+        return Prepared(body, route, body.to_request(route.model), policy)
+
+    async def _cached(self, prepared: Prepared, key: str) -> CachedAnswer | None:
+        assert self._cache is not None
+        raw = await self._cache.get(key)
+        if raw is None:
+            return None
+        try:
+            answer = _decode_answer(raw)
+        except msgspec.DecodeError:
+            await self._cache.delete(key)  # written by an incompatible version: drop it
+            return None
+        max_age = prepared.cache_policy.max_age
+        if max_age is not None and time.time() - answer.created > max_age:
+            return None
+        return answer
+
+    async def _store(
+        self, prepared: Prepared, key: str, events: list[TextDelta | ReasoningDelta], finish: Finish
+    ) -> None:
+        assert self._cache is not None
+        ttl = self._cache_ttl
+        if prepared.cache_policy.max_age is not None:
+            ttl = min(ttl, prepared.cache_policy.max_age)
+        answer = CachedAnswer(time.time(), events, finish.reason, finish.usage)
+        await self._cache.set(key, _encode_answer(answer), ttl)
 
     async def run(self, prepared: Prepared, sink: Sink, state: StreamState) -> None:
         """Relay one stream to `sink`. Failures go to `sink.error`; a cancel propagates."""
@@ -204,9 +269,23 @@ class ChatService:
         state.provider = route.settings.name
         state._request = prepared.request
         loop = asyncio.get_running_loop()
-        events = route.provider.stream(prepared.request)
         watchdog: _Watchdog | None = None
         self._observer.started(state)
+        policy = prepared.cache_policy
+        key: str | None = None
+        recording: list[TextDelta | ReasoningDelta] | None = None
+        events: AsyncGenerator[Event, None] | None = None
+        if self._cache is not None:
+            key = completion_key(route.settings.name, prepared.request)
+            if policy.read:
+                answer = await self._cached(prepared, key)
+                if answer is not None:
+                    state.cached = True
+                    events = _replay(answer)
+            if events is None and policy.store:
+                recording = []
+        if events is None:
+            events = route.provider.stream(prepared.request)
         try:
             async with asyncio.timeout(None) as scope, contextlib.aclosing(events):
                 watchdog = _Watchdog(scope, route.settings.first_token_timeout, self._write_timeout)
@@ -218,7 +297,11 @@ class ChatService:
                         state.usage = event.usage
                         await sink.finish(event.reason, state.usage_so_far())
                         state.outcome = "completed"
+                        if recording is not None and key is not None and event.reason in _STORABLE:
+                            await self._store(prepared, key, recording, event)
                         break
+                    if recording is not None:
+                        recording.append(event)
                     await sink.delta(event)
                     state.chunks += 1
                     if state.first_token_at is None:

@@ -36,6 +36,9 @@ async def readyz(request: Request) -> Response:
         providers[name] = "unreachable"
     usable = any(state == "ok" for state in providers.values())
     degraded = not all(state == "ok" for state in providers.values())
-    checks: dict[str, Any] = {"providers": providers}
+    cache = request.app.state.cache
+    cache_state = "ok" if await cache.healthy() else "degraded"  # misses, never failures
+    degraded = degraded or cache_state != "ok"
+    checks: dict[str, Any] = {"providers": providers, "cache": {cache.backend: cache_state}}
     status = "unavailable" if not usable else ("degraded" if degraded else "ready")
     return JSONResponse({"status": status, "checks": checks}, status_code=200 if usable else 503)

@@ -256,6 +256,7 @@ class ChatStart(
 ):
     id: StreamId
     request: ChatCompletionBody
+    cache_control: Annotated[str, msgspec.Meta(max_length=200)] | None = None
 
 
 class ChatCancel(
@@ -305,6 +306,7 @@ class ChatDone(msgspec.Struct, frozen=True, kw_only=True, tag="chat.done"):
     usage: UsageBody
     ttft_ms: float | None
     model: str
+    cached: bool
 
 
 class ChatErrorFrame(msgspec.Struct, frozen=True, kw_only=True, tag="chat.error"):

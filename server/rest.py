@@ -16,7 +16,7 @@ from server.chat import ChatService, Prepared, StreamState
 from server.errors import ClientGone
 from server.http import header_map, read_body, request_id_of, send_error, send_json
 from server.settings import ServerSettings
-from server.sse import stream_sse
+from server.sse import CACHE_HIT_HEADER, stream_sse
 from server.streaming import race, watch_disconnect
 
 
@@ -34,7 +34,10 @@ class ChatCompletions:
         try:
             raw = await read_body(receive, headers, self._settings.max_body_bytes)
             body = protocol.decode_body(raw)
-            prepared = self._service.prepare(body)
+            cache_control = headers.get(b"cache-control")
+            prepared = self._service.prepare(
+                body, cache_control.decode("latin-1") if cache_control else None
+            )
         except ClientGone:
             return
         except GatewayError as exc:
@@ -94,6 +97,8 @@ class ChatCompletions:
             ],
             usage=protocol.UsageBody.of(collector.usage or Usage()),
         )
+        if state.cached:
+            extra = [*extra, CACHE_HIT_HEADER]
         await send_json(send, 200, protocol.encode(completion), extra)
 
 

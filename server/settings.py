@@ -48,11 +48,24 @@ class WebSocketSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     ping_timeout: float = 20.0
 
 
+class CacheSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The `[cache]` table: in memory unless `url` names a Redis server."""
+
+    url: str | None = None
+    completions: bool = False
+    ttl: float = 3600.0
+    max_entries: int = 10_000
+    max_bytes: int = 64 * 1024 * 1024
+    timeout: float = 0.1
+    namespace: str = "tokenrelay"
+
+
 class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """The whole configuration."""
 
     server: ServerSettings = msgspec.field(default_factory=ServerSettings)
     websocket: WebSocketSettings = msgspec.field(default_factory=WebSocketSettings)
+    cache: CacheSettings = msgspec.field(default_factory=CacheSettings)
     providers: list[ProviderSettings] = msgspec.field(default_factory=list)
     demo: bool = True
 
@@ -198,6 +211,13 @@ def _check(data: dict[str, Any], environ: Mapping[str, str]) -> list[str]:
         for name in ("max_streams", "max_frame_bytes", "ping_interval", "ping_timeout"):
             if getattr(ws, name) <= 0:
                 problems.append(f"websocket.{name}: expected a positive number")
+    cache = _part(data.get("cache", {}), CacheSettings)
+    if cache is not None:
+        if cache.url is not None and urlsplit(cache.url).scheme not in ("redis", "rediss", "unix"):
+            problems.append("cache.url: expected a redis://, rediss:// or unix:// URL")
+        for name in ("ttl", "max_entries", "max_bytes", "timeout"):
+            if getattr(cache, name) <= 0:
+                problems.append(f"cache.{name}: expected a positive number")
     providers = data.get("providers")
     seen: set[str] = set()
     for i, raw in enumerate(providers if isinstance(providers, list) else ()):

@@ -19,6 +19,7 @@ from server.errors import ErrorEnvelope, error_body
 from server.http import send_error
 from server.streaming import race, watch_disconnect
 
+CACHE_HIT_HEADER = (b"x-tokenrelay-cache", b"hit")
 SSE_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-cache"),
@@ -34,7 +35,7 @@ class SSESink:
         "_framer",
         "_headers",
         "_usage",
-        "_request_id",
+        "_state",
         "started",
         "complete",
         "last_sent",
@@ -46,13 +47,13 @@ class SSESink:
         framer: protocol.ChunkFramer,
         headers: list[tuple[bytes, bytes]],
         include_usage: bool,
-        request_id: str,
+        state: StreamState,
     ) -> None:
         self._send = send
         self._framer = framer
         self._headers = headers
         self._usage = include_usage
-        self._request_id = request_id
+        self._state = state
         self.started = False
         self.complete = False
         self.last_sent = asyncio.get_running_loop().time()
@@ -64,7 +65,10 @@ class SSESink:
     async def _start(self) -> bytes:
         """Send the headers; returns the assistant-role chunk that opens every stream."""
         self.started = True
-        await self._send({"type": "http.response.start", "status": 200, "headers": self._headers})
+        headers = self._headers
+        if self._state.cached:  # known before the first event, as the lookup comes first
+            headers = [*headers, CACHE_HIT_HEADER]
+        await self._send({"type": "http.response.start", "status": 200, "headers": headers})
         return self._framer.role()
 
     async def delta(self, event: TextDelta | ReasoningDelta) -> None:
@@ -88,9 +92,10 @@ class SSESink:
     async def error(self, exc: GatewayError) -> None:
         if not self.started:
             self.started = self.complete = True
-            await send_error(self._send, exc, self._request_id)
+            await send_error(self._send, exc, self._state.request_id)
             return
-        await self._body(protocol.sse_event(ErrorEnvelope(error_body(exc, self._request_id))))
+        body = ErrorEnvelope(error_body(exc, self._state.request_id))
+        await self._body(protocol.sse_event(body))
 
     async def keepalive(self, interval: float) -> None:
         """Send a comment whenever nothing else was sent for `interval` seconds."""
@@ -120,9 +125,7 @@ async def stream_sse(
     framer = protocol.ChunkFramer(
         completion_id=completion_id, created=created, model=prepared.body.model
     )
-    sink = SSESink(
-        send, framer, SSE_HEADERS + extra_headers, prepared.body.include_usage, state.request_id
-    )
+    sink = SSESink(send, framer, SSE_HEADERS + extra_headers, prepared.body.include_usage, state)
     finished = await race(
         service.run(prepared, sink, state),
         sink.keepalive(heartbeat),

@@ -98,6 +98,7 @@ class WSSink:
             usage=protocol.UsageBody.of(usage),
             ttft_ms=None if ttft is None else round(ttft * 1000, 3),
             model=self._model,
+            cached=self._state.cached,
         )
         await self._socket.frame("chat.done", protocol.encode_text(frame))
 
@@ -214,7 +215,7 @@ class Connection:
             await self._reject(frame.id, error)
             return
         try:
-            prepared = self._service.prepare(frame.request)
+            prepared = self._service.prepare(frame.request, frame.cache_control)
         except GatewayError as exc:
             await self._reject(frame.id, exc)
             return

@@ -210,7 +210,10 @@ async def test_readiness_reports_each_part(served: Served) -> None:
     async with httpx2.AsyncClient() as http:
         ready = await http.get(served.url + "/readyz")
     assert ready.status_code == 200
-    assert ready.json() == {"status": "ready", "checks": {"providers": {"oai": "ok"}}}
+    assert ready.json() == {
+        "status": "ready",
+        "checks": {"providers": {"oai": "ok"}, "cache": {"memory": "ok"}},
+    }
 
 
 def test_metrics_are_aggregated_across_workers(upstream: FakeUpstream, model: Model) -> None:

@@ -1,0 +1,235 @@
+"""The cache: one small async interface, an in-memory backend by default and Redis for replicas.
+
+Values are bytes (callers encode with msgspec MessagePack); keys are namespaced and versioned.
+Every failure is a miss: a cache that is down, slow or broken never fails a request. The Redis
+backend stops asking for a short, growing while after an error (so a dead Redis costs nothing
+per request) and tries again by itself, so it recovers without a restart.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from typing import Any, Protocol
+
+import msgspec
+from cachetools import TLRUCache
+
+from providers.types import ChatRequest
+from server import metrics
+
+log = logging.getLogger("tokenrelay.cache")
+KEY_VERSION = 1
+
+
+class Cache(Protocol):
+    """What the gateway needs of a cache backend."""
+
+    backend: str
+
+    async def get(self, key: str) -> bytes | None: ...
+
+    async def set(self, key: str, value: bytes, ttl: float) -> None: ...
+
+    async def delete(self, key: str) -> None: ...
+
+    async def healthy(self) -> bool: ...
+
+    async def aclose(self) -> None: ...
+
+
+def _count(backend: str, operation: str, result: str) -> None:
+    metrics.CACHE_OPERATIONS.labels(backend, operation, result).inc()
+
+
+class MemoryCache:
+    """cachetools, bounded by entry count and by approximate bytes, with a TTL per entry."""
+
+    backend = "memory"
+
+    def __init__(self, *, max_entries: int = 10_000, max_bytes: int = 64 * 1024 * 1024) -> None:
+        self._max_entries = max_entries
+        self._entries: TLRUCache[str, tuple[float, bytes]] = TLRUCache(
+            maxsize=max_bytes,
+            ttu=lambda _key, value, now: now + value[0],
+            getsizeof=lambda value: len(value[1]) + 100,  # the key and the entry's own overhead
+        )
+
+    async def get(self, key: str) -> bytes | None:
+        entry = self._entries.get(key)
+        _count(self.backend, "get", "miss" if entry is None else "hit")
+        return None if entry is None else entry[1]
+
+    async def set(self, key: str, value: bytes, ttl: float) -> None:
+        if len(value) + 100 > self._entries.maxsize or ttl <= 0:
+            return
+        while len(self._entries) >= self._max_entries and key not in self._entries:
+            self._entries.popitem()
+        self._entries[key] = (ttl, value)
+        _count(self.backend, "set", "stored")
+
+    async def delete(self, key: str) -> None:
+        self._entries.pop(key, None)
+
+    async def healthy(self) -> bool:
+        return True
+
+    async def aclose(self) -> None:
+        self._entries.clear()
+
+
+class RedisCache:
+    """`redis.asyncio` with short timeouts, fail-open, and a back-off after errors."""
+
+    backend = "redis"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        namespace: str = "tokenrelay",
+        timeout: float = 0.1,
+        max_connections: int = 64,
+    ) -> None:
+        import redis.asyncio
+
+        self._prefix = f"{namespace}:v{KEY_VERSION}:"
+        self._client = redis.asyncio.Redis.from_url(
+            url,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            max_connections=max_connections,
+            retry_on_timeout=False,
+        )
+        self._down_until = 0.0
+        self._backoff = 0.0
+        self._errors_since_log = 0
+        self._last_log = 0.0
+
+    def _available(self, operation: str) -> bool:
+        if time.monotonic() < self._down_until:
+            _count(self.backend, operation, "error")
+            return False
+        return True
+
+    def _failed(self, operation: str, exc: BaseException) -> None:
+        _count(self.backend, operation, "error")
+        self._backoff = min(self._backoff * 2 or 0.25, 5.0)
+        self._down_until = time.monotonic() + self._backoff
+        self._errors_since_log += 1
+        now = time.monotonic()
+        if now - self._last_log >= 30.0:  # one line per 30 s at most, with a count
+            log.warning(
+                "cache backend failing; treating as misses",
+                extra={
+                    "fields": {
+                        "backend": self.backend,
+                        "errors": self._errors_since_log,
+                        "error": type(exc).__name__,
+                    }
+                },
+            )
+            self._last_log = now
+            self._errors_since_log = 0
+
+    def _succeeded(self) -> None:
+        if self._backoff:
+            log.info("cache backend answering again", extra={"fields": {"backend": self.backend}})
+        self._backoff = 0.0
+
+    async def get(self, key: str) -> bytes | None:
+        if not self._available("get"):
+            return None
+        try:
+            found = await self._client.get(self._prefix + key)
+        except Exception as exc:  # any failure of the backend is a miss
+            self._failed("get", exc)
+            return None
+        self._succeeded()
+        value = found if isinstance(found, bytes) else None
+        _count(self.backend, "get", "miss" if value is None else "hit")
+        return value
+
+    async def set(self, key: str, value: bytes, ttl: float) -> None:
+        if ttl <= 0 or not self._available("set"):
+            return
+        try:
+            await self._client.set(self._prefix + key, value, px=max(int(ttl * 1000), 1))
+        except Exception as exc:
+            self._failed("set", exc)
+            return
+        self._succeeded()
+        _count(self.backend, "set", "stored")
+
+    async def delete(self, key: str) -> None:
+        if not self._available("delete"):
+            return
+        try:
+            await self._client.delete(self._prefix + key)
+        except Exception as exc:
+            self._failed("delete", exc)
+
+    async def healthy(self) -> bool:
+        try:
+            return bool(await self._client.ping())
+        except Exception:
+            return False
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+def completion_key(provider: str, request: ChatRequest) -> str:
+    """SHA-256 over a canonical MessagePack encoding of exactly what changes the answer.
+
+    msgspec encodes the Structs in field order, so equal requests give equal bytes; `user`
+    and anything transport-specific are left out.
+    """
+    material: tuple[Any, ...] = (
+        KEY_VERSION,
+        provider,
+        request.model,
+        request.messages,
+        request.temperature,
+        request.top_p,
+        request.max_tokens,
+        request.stop,
+        request.seed,
+        request.presence_penalty,
+        request.frequency_penalty,
+    )
+    return "chat:" + hashlib.sha256(_encode(material)).hexdigest()
+
+
+_encode = msgspec.msgpack.Encoder().encode
+
+
+class CachePolicy(msgspec.Struct, frozen=True):
+    """What one request allows: read a cached answer, store its own, and the oldest it accepts."""
+
+    read: bool = True
+    store: bool = True
+    max_age: float | None = None
+
+    @classmethod
+    def parse(cls, value: str | None) -> CachePolicy:
+        """From a `Cache-Control` value: `no-cache`, `no-store`, `max-age=N` (others ignored)."""
+        if not value:
+            return _DEFAULT_POLICY
+        read, store, max_age = True, True, None
+        for part in value.lower().split(","):
+            name, _, arg = part.strip().partition("=")
+            if name == "no-cache":
+                read = False
+            elif name == "no-store":
+                store = False
+            elif name == "max-age":
+                try:
+                    max_age = max(float(arg.strip().strip('"')), 0.0)
+                except ValueError:
+                    continue
+        return cls(read=read, store=store, max_age=max_age)
+
+
+_DEFAULT_POLICY = CachePolicy()

@@ -1,0 +1,336 @@
+"""The cache: both backends through one contract, and completion caching through real clients."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import httpx2
+import pytest
+from websockets.asyncio.client import connect
+
+from providers.types import ChatRequest, Message
+from server.app import create_app
+from server.cache import Cache, MemoryCache, RedisCache, completion_key
+from server.settings import CacheSettings, Settings, uvicorn_options
+from tests.conftest import ENVIRON, provider_settings
+from tests.fakeupstream import FakeUpstream
+from tests.support.redis import RedisServer
+from tests.support.servers import serve_in_thread
+from tests.support.wsclient import StreamClient
+
+Model = Callable[..., str]
+HELLO = [{"role": "user", "content": "hello"}]
+
+
+@pytest.fixture(scope="module")
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer()
+    server.start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def fresh_redis() -> Iterator[RedisServer]:
+    """A Redis of this test's own, which it may stop and start."""
+    server = RedisServer()
+    server.start()
+    yield server
+    server.close()
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def cache(request: pytest.FixtureRequest, redis_server: RedisServer) -> AsyncIterator[Cache]:
+    backend: Cache
+    if request.param == "memory":
+        backend = MemoryCache()
+    else:
+        backend = RedisCache(redis_server.url, namespace=f"test-{uuid.uuid4().hex[:8]}")
+    yield backend
+    await backend.aclose()
+
+
+# -- the contract every backend keeps --------------------------------------------------------
+
+
+async def test_get_set_delete(cache: Cache) -> None:
+    assert await cache.get("k") is None
+    await cache.set("k", b"\x00value\xff", ttl=60)
+    assert await cache.get("k") == b"\x00value\xff"
+    await cache.set("k", b"second", ttl=60)
+    assert await cache.get("k") == b"second"
+    await cache.delete("k")
+    assert await cache.get("k") is None
+    assert await cache.healthy()
+
+
+async def test_entries_expire(cache: Cache) -> None:
+    await cache.set("short", b"x", ttl=0.05)
+    await cache.set("long", b"y", ttl=60)
+    await asyncio.sleep(0.2)
+    assert await cache.get("short") is None
+    assert await cache.get("long") == b"y"
+
+
+async def test_namespaces_keep_replicas_apart(redis_server: RedisServer) -> None:
+    a = RedisCache(redis_server.url, namespace="a")
+    b = RedisCache(redis_server.url, namespace="b")
+    a_again = RedisCache(redis_server.url, namespace="a")  # another replica, same namespace
+    await a.set("k", b"from a", ttl=60)
+    assert await b.get("k") is None
+    assert await a_again.get("k") == b"from a"
+    for cache in (a, b, a_again):
+        await cache.aclose()
+
+
+async def test_memory_cache_is_bounded_by_entries_and_bytes() -> None:
+    by_count = MemoryCache(max_entries=3)
+    for i in range(10):
+        await by_count.set(f"k{i}", b"v", ttl=60)
+    assert [await by_count.get(f"k{i}") for i in range(10)].count(b"v") == 3
+    by_size = MemoryCache(max_bytes=1000)
+    for i in range(10):
+        await by_size.set(f"k{i}", b"x" * 300, ttl=60)
+    kept = [await by_size.get(f"k{i}") for i in range(10)]
+    assert 1 <= sum(v is not None for v in kept) <= 2
+    assert await by_size.get("k9") is not None  # the newest stays
+    await by_size.set("huge", b"x" * 5000, ttl=60)  # larger than the whole cache: not stored
+    assert await by_size.get("huge") is None
+
+
+async def test_unreachable_redis_is_a_miss_not_a_failure() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cache = RedisCache(f"redis://127.0.0.1:{port}/0", timeout=0.1)
+    assert await cache.get("k") is None
+    await cache.set("k", b"v", ttl=60)  # no exception
+    assert await cache.get("k") is None
+    assert not await cache.healthy()
+    await cache.aclose()
+
+
+def test_completion_keys_depend_on_exactly_what_changes_the_answer() -> None:
+    base = ChatRequest(model="m", messages=[Message(role="user", content="hi")], temperature=0.5)
+    same = ChatRequest(
+        model="m", messages=[Message(role="user", content="hi")], temperature=0.5, user="someone"
+    )
+    assert completion_key("p", base) == completion_key("p", same)
+    variants = [
+        ChatRequest(model="m2", messages=base.messages, temperature=0.5),
+        ChatRequest(model="m", messages=[Message(role="user", content="hi!")], temperature=0.5),
+        ChatRequest(model="m", messages=base.messages, temperature=0.6),
+        ChatRequest(model="m", messages=base.messages, temperature=0.5, max_tokens=5),
+        ChatRequest(model="m", messages=base.messages, temperature=0.5, stop=["x"]),
+        ChatRequest(model="m", messages=base.messages, temperature=0.5, seed=1),
+    ]
+    keys = {completion_key("p", v) for v in variants} | {completion_key("q", base)}
+    assert completion_key("p", base) not in keys
+    assert len(keys) == len(variants) + 1
+
+
+# -- completion caching through the gateway ----------------------------------------------------
+
+
+def gateway_settings(upstream: FakeUpstream, cache: CacheSettings) -> Settings:
+    return Settings(providers=provider_settings(upstream), cache=cache)
+
+
+def start_gateway(upstream: FakeUpstream, cache: CacheSettings) -> Any:
+    settings = gateway_settings(upstream, cache)
+    return serve_in_thread(create_app(settings, ENVIRON), options=uvicorn_options(settings))
+
+
+async def sse_events(
+    http: httpx2.AsyncClient, url: str, body: dict[str, Any], **headers: str
+) -> tuple[list[Any], httpx2.Headers]:
+    response = await http.post(
+        url + "/api/chat/completions", json={**body, "stream": True}, headers=headers
+    )
+    events = [line[6:] for line in response.text.split("\n") if line.startswith("data: ")]
+    return [e if e == "[DONE]" else json.loads(e) for e in events], response.headers
+
+
+def comparable(events: list[Any]) -> list[Any]:
+    """SSE events without what differs per response by design (id, created)."""
+    return [
+        e if e == "[DONE]" else {k: v for k, v in e.items() if k not in ("id", "created")}
+        for e in events
+    ]
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+async def test_sse_replay_is_chunk_for_chunk_the_live_stream(
+    upstream: FakeUpstream, model: Model, redis_server: RedisServer, backend: str
+) -> None:
+    url_setting = redis_server.url if backend == "redis" else None
+    cache = CacheSettings(url=url_setting, completions=True, namespace=uuid.uuid4().hex)
+    name = model(tokens=6, reasoning=["think "], pace=0.005)
+    body = {"model": f"ant/{name}", "messages": HELLO, "stream_options": {"include_usage": True}}
+    with start_gateway(upstream, cache) as url:
+        async with httpx2.AsyncClient(timeout=10) as http:
+            live, live_headers = await sse_events(http, url, body)
+            replay, replay_headers = await sse_events(http, url, body)
+    assert len(upstream.by_model(name)) == 1
+    assert "x-tokenrelay-cache" not in live_headers
+    assert replay_headers["x-tokenrelay-cache"] == "hit"
+    assert comparable(replay) == comparable(live)
+    assert len(live) == 1 + 1 + 6 + 1 + 1 + 1  # role, reasoning, 6 deltas, finish, usage, [DONE]
+
+
+async def test_websocket_replay_matches_and_says_cached(
+    upstream: FakeUpstream, model: Model
+) -> None:
+    name = model(tokens=5)
+    with start_gateway(upstream, CacheSettings(completions=True)) as url:
+        async with connect(
+            url.replace("http", "ws") + "/api/ws", subprotocols=["tokenrelay.v1"]
+        ) as ws:  # type: ignore[list-item]
+            client = StreamClient(ws)
+            first = await client.start(f"oai/{name}", sid="first")
+            await client.until_terminal(first)
+            second = await client.start(f"oai/{name}", sid="second")
+            await client.until_terminal(second)
+    assert len(upstream.by_model(name)) == 1
+
+    def shape(frames: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [
+            {k: v for k, v in f.items() if k not in ("id", "ttft_ms", "cached")} for f in frames
+        ]
+
+    assert shape(client.by_id["second"]) == shape(client.by_id["first"])
+    assert client.by_id["first"][-1]["cached"] is False
+    assert client.by_id["second"][-1]["cached"] is True
+
+
+async def test_rest_hit_and_cache_control(upstream: FakeUpstream, model: Model) -> None:
+    name = model(tokens=3)
+    body = {"model": f"oai/{name}", "messages": HELLO}
+    with start_gateway(upstream, CacheSettings(completions=True)) as url:
+        async with httpx2.AsyncClient(timeout=10) as http:
+            post = lambda **h: http.post(url + "/api/chat/completions", json=body, headers=h)  # noqa: E731
+            first = await post()
+            hit = await post()
+            assert hit.headers["x-tokenrelay-cache"] == "hit"
+            assert hit.json()["choices"] == first.json()["choices"]
+            assert len(upstream.by_model(name)) == 1
+            skipped = await post(**{"cache-control": "no-cache"})
+            assert "x-tokenrelay-cache" not in skipped.headers
+            assert len(upstream.by_model(name)) == 2
+            too_old = await post(**{"cache-control": "max-age=0"})
+            assert "x-tokenrelay-cache" not in too_old.headers
+            assert len(upstream.by_model(name)) == 3
+            fresh_enough = await post(**{"cache-control": "max-age=3600"})
+            assert fresh_enough.headers["x-tokenrelay-cache"] == "hit"
+        # no-store: answered, never stored.
+        other = model(tokens=2)
+        other_body = {"model": f"oai/{other}", "messages": HELLO}
+        async with httpx2.AsyncClient(timeout=10) as http:
+            for _ in range(2):
+                response = await http.post(
+                    url + "/api/chat/completions",
+                    json=other_body,
+                    headers={"cache-control": "no-store"},
+                )
+                assert "x-tokenrelay-cache" not in response.headers
+        assert len(upstream.by_model(other)) == 2
+
+
+async def test_caching_is_off_by_default(
+    gateway: str, model: Model, upstream: FakeUpstream
+) -> None:
+    name = model(tokens=1)
+    async with httpx2.AsyncClient(timeout=10) as http:
+        for _ in range(2):
+            await http.post(
+                gateway + "/api/chat/completions", json={"model": f"oai/{name}", "messages": HELLO}
+            )
+    assert len(upstream.by_model(name)) == 2
+
+
+@pytest.mark.parametrize(
+    "script",
+    [
+        {"status": 500},
+        {"tokens": 5, "close_after": 2},
+        {"tokens": 5, "error_after": 2},
+        {"tokens": 3, "finish_reason": "content_filter"},
+    ],
+)
+async def test_failures_are_never_stored(
+    upstream: FakeUpstream, model: Model, script: dict[str, Any]
+) -> None:
+    name = model(**script)
+    with start_gateway(upstream, CacheSettings(completions=True)) as url:
+        async with httpx2.AsyncClient(timeout=10) as http:
+            for _ in range(2):
+                await sse_events(http, url, {"model": f"oai/{name}", "messages": HELLO})
+    assert len(upstream.by_model(name)) == 2
+
+
+async def test_cancelled_streams_are_never_stored(upstream: FakeUpstream, model: Model) -> None:
+    name = model(tokens=30, pace=0.02)
+    with start_gateway(upstream, CacheSettings(completions=True)) as url:
+        async with connect(
+            url.replace("http", "ws") + "/api/ws", subprotocols=["tokenrelay.v1"]
+        ) as ws:  # type: ignore[list-item]
+            client = StreamClient(ws)
+            sid = await client.start(f"oai/{name}")
+            await client.until_deltas(sid, 2)
+            await client.cancel(sid)
+            assert (await client.until_terminal(sid))["finish_reason"] == "cancelled"
+            again = await client.start(f"oai/{name}")
+            await client.until_deltas(again, 1)
+            await client.cancel(again)
+            await client.until_terminal(again)
+    assert len(upstream.by_model(name)) == 2
+
+
+async def test_two_replicas_share_one_redis(
+    upstream: FakeUpstream, model: Model, redis_server: RedisServer
+) -> None:
+    name = model(tokens=4)
+    cache = CacheSettings(url=redis_server.url, completions=True, namespace=uuid.uuid4().hex)
+    body = {"model": f"oai/{name}", "messages": HELLO}
+    with start_gateway(upstream, cache) as a, start_gateway(upstream, cache) as b:
+        async with httpx2.AsyncClient(timeout=10) as http:
+            from_a = await http.post(a + "/api/chat/completions", json=body)
+            from_b = await http.post(b + "/api/chat/completions", json=body)
+    assert from_b.headers["x-tokenrelay-cache"] == "hit"
+    assert from_b.json()["choices"] == from_a.json()["choices"]
+    assert len(upstream.by_model(name)) == 1
+
+
+async def test_redis_dying_and_coming_back(
+    upstream: FakeUpstream, model: Model, fresh_redis: RedisServer
+) -> None:
+    cache = CacheSettings(url=fresh_redis.url, completions=True, timeout=0.1)
+    before, during, after = model(tokens=2), model(tokens=2), model(tokens=2)
+    with start_gateway(upstream, cache) as url:
+        async with httpx2.AsyncClient(timeout=10) as http:
+
+            async def ask(name: str) -> httpx2.Response:
+                response = await http.post(
+                    url + "/api/chat/completions", json={"model": f"oai/{name}", "messages": HELLO}
+                )
+                assert response.status_code == 200
+                return response
+
+            await ask(before)
+            assert (await ask(before)).headers.get("x-tokenrelay-cache") == "hit"
+            fresh_redis.stop()
+            for _ in range(3):  # Redis is gone: every request still succeeds, from the upstream
+                assert "x-tokenrelay-cache" not in (await ask(during)).headers
+            ready = (await http.get(url + "/readyz")).json()
+            assert ready["status"] == "degraded"
+            assert ready["checks"]["cache"] == {"redis": "degraded"}
+            fresh_redis.start()  # empty, same port: no restart of the gateway
+            async with asyncio.timeout(15):
+                while "x-tokenrelay-cache" not in (await ask(after)).headers:
+                    await asyncio.sleep(0.1)
+    assert len(upstream.by_model(during)) == 3
