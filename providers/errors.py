@@ -183,6 +183,9 @@ def from_transport(provider: str, exc: BaseException) -> ProviderError:
     """Translate an httpx2 (both SDKs' HTTP client) failure during a request or mid-stream."""
     import httpx2
 
+    if isinstance(exc, httpx2.ConnectTimeout | httpx2.PoolTimeout):
+        # Not the model being slow: the upstream could not be reached (or no connection was free).
+        return UpstreamUnavailableError(f"{provider}: upstream unreachable ({type(exc).__name__})")
     if isinstance(exc, httpx2.TimeoutException):
         return UpstreamTimeoutError(f"{provider}: upstream timed out ({type(exc).__name__})")
     if isinstance(exc, httpx2.RemoteProtocolError):

@@ -205,7 +205,9 @@ def translate(
         detail = errors.body_message(exc.body) or exc.message
         return errors.from_status(provider, exc.status_code, detail, exc.response.headers, secrets)
     if isinstance(exc, openai.APITimeoutError):
-        return errors.UpstreamTimeoutError(f"{provider}: upstream timed out")
+        # Reads have no timeout here (the stream service owns those), so this is a connect,
+        # write or pool timeout: the upstream is not reachable, not slow.
+        return errors.UpstreamUnavailableError(f"{provider}: upstream did not answer in time")
     if isinstance(exc, openai.APIConnectionError):
         return errors.UpstreamUnavailableError(f"{provider}: upstream unreachable")
     return errors.UpstreamProtocolError(f"{provider}: {errors.redact(exc.message, secrets)}")

@@ -24,6 +24,9 @@ class ProviderSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     first_token_timeout: float = 180.0
     idle_timeout: float = 90.0
     max_connections: int = 1000
+    retries: int = 2
+    retry_backoff: float = 0.25
+    retry_max_delay: float = 4.0
     default_max_tokens: int = 4096
     stream_usage: bool = True
     pace: float = 0.02

@@ -77,6 +77,8 @@ def create_app(settings: Settings, environ: Mapping[str, str] | None = None) -> 
         observer=StreamObserver(log_content=settings.server.log_content),
         cache=cache if settings.cache.completions else None,
         cache_ttl=settings.cache.ttl,
+        fallbacks=settings.fallbacks,
+        retry_budget=settings.server.retry_budget,
     )
     lifecycle = Lifecycle()
 

@@ -12,19 +12,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Mapping
 from typing import Protocol
 
 import msgspec
 
 from providers.errors import (
     GatewayError,
+    ProviderError,
     SlowConsumerError,
     UpstreamProtocolError,
+    UpstreamRateLimitError,
     UpstreamTimeoutError,
+    UpstreamUnavailableError,
 )
 from providers.registry import Registry, Route
+from providers.settings import ProviderSettings
 from providers.types import (
     ChatRequest,
     Event,
@@ -36,7 +41,7 @@ from providers.types import (
     estimate_tokens,
 )
 from server.cache import Cache, CachePolicy, completion_key
-from server.errors import ClientGone, as_gateway_error
+from server.errors import ClientGone, ServerShuttingDownError, as_gateway_error
 from server.metrics import Outcome, Transport
 from server.observe import StreamObserver
 from server.protocol import ChatCompletionBody
@@ -65,6 +70,8 @@ class StreamState:
         "request_id",
         "transport",
         "cached",
+        "watchdog",
+        "draining",
         "cancel_cause",
         "cancelled_at",
         "outcome",
@@ -89,6 +96,8 @@ class StreamState:
         self.cancelled_at: float | None = None
         self.outcome: Outcome = "client_disconnected"
         self.cached = False  # served from the completion cache
+        self.watchdog: _Watchdog | None = None  # of the upstream attempt in progress
+        self.draining = False  # the server is shutting down: end now, no more retries
         self.model = ""
         self.provider = ""
         self.first_token_at: float | None = None
@@ -129,7 +138,7 @@ class StreamState:
 class Prepared:
     """A validated request with its route and cache policy, ready to run."""
 
-    __slots__ = ("body", "route", "request", "cache_policy")
+    __slots__ = ("body", "route", "request", "cache_policy", "routes")
 
     def __init__(
         self,
@@ -137,11 +146,14 @@ class Prepared:
         route: Route,
         request: ChatRequest,
         cache_policy: CachePolicy,
+        fallbacks: list[tuple[str, Route]] | None = None,
     ) -> None:
         self.body = body
         self.route = route
         self.request = request
         self.cache_policy = cache_policy
+        # The model asked for, then its fallbacks: (the id clients use, where it goes).
+        self.routes: list[tuple[str, Route]] = [(body.model, route), *(fallbacks or ())]
 
 
 class CachedAnswer(msgspec.Struct, frozen=True, array_like=True):
@@ -221,8 +233,12 @@ class ChatService:
         observer: StreamObserver | None = None,
         cache: Cache | None = None,
         cache_ttl: float = 3600.0,
+        fallbacks: Mapping[str, list[str]] | None = None,
+        retry_budget: float = 30.0,
     ) -> None:
         self.registry = registry
+        self._fallbacks = dict(fallbacks or {})
+        self._retry_budget = retry_budget
         self._write_timeout = write_timeout
         self._observer = observer or StreamObserver()
         self._cache = cache  # completions are cached only when a cache is given
@@ -235,7 +251,8 @@ class ChatService:
             raise unsupported
         route = self.registry.resolve(body.model)
         policy = CachePolicy.parse(cache_control)
-        return Prepared(body, route, body.to_request(route.model), policy)
+        fallbacks = [(fb, self.registry.resolve(fb)) for fb in self._fallbacks.get(body.model, ())]
+        return Prepared(body, route, body.to_request(route.model), policy, fallbacks)
 
     async def _cached(self, prepared: Prepared, key: str) -> CachedAnswer | None:
         assert self._cache is not None
@@ -263,62 +280,19 @@ class ChatService:
         await self._cache.set(key, _encode_answer(answer), ttl)
 
     async def run(self, prepared: Prepared, sink: Sink, state: StreamState) -> None:
-        """Relay one stream to `sink`. Failures go to `sink.error`; a cancel propagates."""
-        route = prepared.route
+        """Relay one stream to `sink`. Failures go to `sink.error`; a cancel propagates.
+
+        Until the first token reaches the client, a failed upstream is retried (connection
+        errors, 429, 5xx: jittered exponential backoff, `Retry-After` honoured) and then the
+        model's fallbacks are tried in order, all within the retry budget. After it, a failure
+        ends the stream with an error event: a half-sent answer is never restarted.
+        """
         state.model = prepared.body.model
-        state.provider = route.settings.name
+        state.provider = prepared.route.settings.name
         state._request = prepared.request
-        loop = asyncio.get_running_loop()
-        watchdog: _Watchdog | None = None
         self._observer.started(state)
-        policy = prepared.cache_policy
-        key: str | None = None
-        recording: list[TextDelta | ReasoningDelta] | None = None
-        events: AsyncGenerator[Event, None] | None = None
-        if self._cache is not None:
-            key = completion_key(route.settings.name, prepared.request)
-            if policy.read:
-                answer = await self._cached(prepared, key)
-                if answer is not None:
-                    state.cached = True
-                    events = _replay(answer)
-            if events is None and policy.store:
-                recording = []
-        if events is None:
-            events = route.provider.stream(prepared.request)
         try:
-            async with asyncio.timeout(None) as scope, contextlib.aclosing(events):
-                watchdog = _Watchdog(scope, route.settings.first_token_timeout, self._write_timeout)
-                async for event in events:
-                    watchdog.writing = True
-                    watchdog.since = loop.time()
-                    if isinstance(event, Finish):
-                        state.reason = event.reason
-                        state.usage = event.usage
-                        await sink.finish(event.reason, state.usage_so_far())
-                        state.outcome = "completed"
-                        if recording is not None and key is not None and event.reason in _STORABLE:
-                            await self._store(prepared, key, recording, event)
-                        break
-                    if recording is not None:
-                        recording.append(event)
-                    await sink.delta(event)
-                    state.chunks += 1
-                    if state.first_token_at is None:
-                        state.first_token_at = time.monotonic()
-                        watchdog.first_token(route.settings.idle_timeout)
-                    watchdog.writing = False
-                    watchdog.since = loop.time()
-                else:
-                    raise UpstreamProtocolError(
-                        f"{route.settings.name}: the stream ended without a finish"
-                    )
-        except TimeoutError as exc:
-            if watchdog is None or not scope.expired():
-                await self._fail(sink, state, as_gateway_error(exc, state.request_id))
-                return
-            await self._fail(sink, state, self._timeout_error(watchdog, state))
-            log.debug("stream %s timed out", state.request_id, exc_info=exc)
+            await self._run(prepared, sink, state)
         except asyncio.CancelledError:
             state.outcome = state.cancel_cause or "client_disconnected"
             raise
@@ -330,13 +304,107 @@ class ChatService:
         except Exception as exc:
             await self._fail(sink, state, as_gateway_error(exc, state.request_id))
         finally:
+            state.ended_at = time.monotonic()  # every upstream response is closed by now
+            self._observer.ended(state)
+
+    async def _run(self, prepared: Prepared, sink: Sink, state: StreamState) -> None:
+        key: str | None = None
+        if self._cache is not None:
+            key = completion_key(prepared.route.settings.name, prepared.request)
+            if prepared.cache_policy.read:
+                answer = await self._cached(prepared, key)
+                if answer is not None:
+                    state.cached = True
+                    await self._relay(prepared, _replay(answer), prepared.route, sink, state)
+                    return
+            if not prepared.cache_policy.store:
+                key = None
+        deadline = time.monotonic() + self._retry_budget
+        failure: ProviderError | None = None
+        for public_id, route in prepared.routes:
+            primary = route is prepared.route
+            request = prepared.request if primary else prepared.body.to_request(route.model)
+            state.model, state.provider = public_id, route.settings.name
+            for attempt in range(route.settings.retries + 1):
+                events = route.provider.stream(request)
+                try:
+                    await self._relay(
+                        prepared, events, route, sink, state, key if primary else None
+                    )
+                    return
+                except ProviderError as exc:
+                    self._observer.upstream_failed(route.settings.name, exc)
+                    if state.chunks or state.draining:
+                        raise  # the client has part of an answer, or the server is stopping
+                    failure = exc
+                    delay = _retry_delay(exc, attempt, route.settings)
+                    if delay is None or time.monotonic() + delay > deadline:
+                        break
+                    log.info(
+                        "retrying upstream",
+                        extra={"fields": _retry_fields(state, exc, attempt, delay)},
+                    )
+                    await asyncio.sleep(delay)
+            if time.monotonic() >= deadline:
+                break
+        assert failure is not None
+        raise failure
+
+    async def _relay(
+        self,
+        prepared: Prepared,
+        events: AsyncGenerator[Event, None],
+        route: Route,
+        sink: Sink,
+        state: StreamState,
+        key: str | None = None,
+    ) -> None:
+        """One upstream attempt: relay its events until the finish, or raise what failed."""
+        loop = asyncio.get_running_loop()
+        recording: list[TextDelta | ReasoningDelta] | None = [] if key is not None else None
+        watchdog: _Watchdog | None = None
+        try:
+            async with asyncio.timeout(None) as scope, contextlib.aclosing(events):
+                watchdog = _Watchdog(scope, route.settings.first_token_timeout, self._write_timeout)
+                state.watchdog = watchdog
+                async for event in events:
+                    watchdog.writing = True
+                    watchdog.since = loop.time()
+                    if isinstance(event, Finish):
+                        state.reason = event.reason
+                        state.usage = event.usage
+                        await sink.finish(event.reason, state.usage_so_far())
+                        state.outcome = "completed"
+                        if recording is not None and key is not None and event.reason in _STORABLE:
+                            await self._store(prepared, key, recording, event)
+                        return
+                    if recording is not None:
+                        recording.append(event)
+                    await sink.delta(event)
+                    state.chunks += 1
+                    if state.first_token_at is None:
+                        state.first_token_at = time.monotonic()
+                        watchdog.first_token(route.settings.idle_timeout)
+                    watchdog.writing = False
+                    watchdog.since = loop.time()
+                raise UpstreamProtocolError(
+                    f"{route.settings.name}: the stream ended without a finish"
+                )
+        except TimeoutError as exc:
+            if watchdog is None or not scope.expired():
+                raise
+            raise self._timeout_error(watchdog, state) from exc
+        finally:
+            state.watchdog = None
             if watchdog is not None:
                 watchdog.cancel()
-            state.ended_at = time.monotonic()  # the upstream response is closed by now
-            self._observer.ended(state)
 
     @staticmethod
     def _timeout_error(watchdog: _Watchdog, state: StreamState) -> GatewayError:
+        if state.draining:
+            return ServerShuttingDownError(
+                "The server is shutting down; the stream was ended. Retry on another replica."
+            )
         if watchdog.writing:
             return SlowConsumerError(
                 f"The client did not read the stream for {watchdog.write_limit:g} s; "
@@ -353,3 +421,33 @@ class ChatService:
         state.error = exc
         state.outcome = "timeout" if isinstance(exc, UpstreamTimeoutError) else "error"
         await sink.error(exc)
+
+
+_RETRYABLE = (UpstreamUnavailableError, UpstreamRateLimitError, UpstreamProtocolError)
+
+
+def _retry_delay(exc: ProviderError, attempt: int, settings: ProviderSettings) -> float | None:
+    """Seconds to wait before trying the same upstream again, or None not to.
+
+    Connection failures, 5xx, 429 and streams cut before the first token are retried;
+    refusals (auth, bad request, unknown model) and first-token timeouts are not. The upstream's
+    `Retry-After` wins over the backoff, which doubles per attempt with "equal jitter".
+    """
+    if not isinstance(exc, _RETRYABLE) or attempt >= settings.retries:
+        return None
+    if exc.retry_after is not None:
+        return exc.retry_after
+    ceiling = min(settings.retry_backoff * 2**attempt, settings.retry_max_delay)
+    return random.uniform(ceiling / 2, ceiling)
+
+
+def _retry_fields(
+    state: StreamState, exc: ProviderError, attempt: int, delay: float
+) -> dict[str, object]:
+    return {
+        "request_id": state.request_id,
+        "provider": state.provider,
+        "attempt": attempt + 1,
+        "delay_ms": round(delay * 1000, 1),
+        "error": type(exc).__name__,
+    }

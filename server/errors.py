@@ -29,6 +29,10 @@ class TooManyStreamsError(e.RequestError):
     """A WebSocket already runs as many streams as it may."""
 
 
+class ServerShuttingDownError(e.GatewayError):
+    """The server is shutting down; the request should go to another replica."""
+
+
 class RouteNotFoundError(e.RequestError):
     """No route at that path."""
 
@@ -55,6 +59,7 @@ TABLE: dict[type[BaseException], Spec] = {
     e.SlowConsumerError: Spec(408, "invalid_request_error", "slow_consumer"),
     DuplicateStreamError: Spec(409, "invalid_request_error", "duplicate_id"),
     TooManyStreamsError: Spec(429, "rate_limit_error", "too_many_streams"),
+    ServerShuttingDownError: Spec(503, "server_error", "server_shutting_down"),
     RouteNotFoundError: Spec(404, "invalid_request_error", "not_found"),
     MethodNotAllowedError: Spec(405, "invalid_request_error", "method_not_allowed"),
     e.ProviderError: Spec(502, "upstream_error", "upstream_error"),

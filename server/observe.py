@@ -37,6 +37,10 @@ class StreamObserver:
     def started(self, state: StreamState) -> None:
         _ACTIVE[state.transport].inc()
 
+    def upstream_failed(self, provider: str, exc: ProviderError) -> None:
+        """Every failed upstream attempt, including ones a retry or a fallback then saved."""
+        metrics.UPSTREAM_ERRORS.labels(provider, spec_for(exc).code).inc()
+
     def ended(self, state: StreamState) -> None:
         transport, provider, outcome = state.transport, state.provider, state.outcome
         _ACTIVE[transport].dec()
@@ -55,11 +59,7 @@ class StreamObserver:
             metrics.TOKENS.labels(transport, provider, "completion").inc(usage.completion_tokens)
         if state.cancelled_at is not None and outcome in ("cancelled", "client_disconnected"):
             _CANCEL[transport].observe(max(ended_at - state.cancelled_at, 0.0))
-        code = None
-        if state.error is not None:
-            code = spec_for(state.error).code
-            if isinstance(state.error, ProviderError):
-                metrics.UPSTREAM_ERRORS.labels(provider, code).inc()
+        code = None if state.error is None else spec_for(state.error).code
         fields: dict[str, Any] = {
             "request_id": state.request_id,
             "transport": transport,

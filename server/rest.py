@@ -91,7 +91,7 @@ class ChatCompletions:
             id=completion_id,
             object="chat.completion",
             created=created,
-            model=prepared.body.model,
+            model=state.model,  # the model that answered: a fallback, maybe
             choices=[
                 protocol.Choice(index=0, message=message, finish_reason=collector.reason or "stop")
             ],

@@ -34,6 +34,8 @@ class ServerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     max_body_bytes: int = 4 * 1024 * 1024
     sse_heartbeat: float = 15.0
     slow_consumer_timeout: float = 30.0
+    retry_budget: float = 30.0
+    shutdown_grace: float = 20.0
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
     log_content: bool = False
@@ -66,6 +68,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     server: ServerSettings = msgspec.field(default_factory=ServerSettings)
     websocket: WebSocketSettings = msgspec.field(default_factory=WebSocketSettings)
     cache: CacheSettings = msgspec.field(default_factory=CacheSettings)
+    fallbacks: dict[str, list[str]] = msgspec.field(default_factory=dict)
     providers: list[ProviderSettings] = msgspec.field(default_factory=list)
     demo: bool = True
 
@@ -203,7 +206,7 @@ def _check(data: dict[str, Any], environ: Mapping[str, str]) -> list[str]:
             problems.append("server.port: expected 1-65535")
         if server.max_body_bytes <= 0:
             problems.append("server.max_body_bytes: expected a positive number of bytes")
-        for name in ("sse_heartbeat", "slow_consumer_timeout"):
+        for name in ("sse_heartbeat", "slow_consumer_timeout", "retry_budget", "shutdown_grace"):
             if getattr(server, name) <= 0:
                 problems.append(f"server.{name}: expected a positive number of seconds")
     ws = _part(data.get("websocket", {}), WebSocketSettings)
@@ -229,6 +232,19 @@ def _check(data: dict[str, Any], environ: Mapping[str, str]) -> list[str]:
         provider = _part(raw, ProviderSettings)
         if provider is not None:
             problems.extend(_check_provider(f"providers[{i}]", provider, environ))
+    fallbacks = _part(data.get("fallbacks", {}), dict[str, list[str]])
+    if fallbacks is not None:
+        names = seen | ({"demo"} if data.get("demo", True) is True else set())
+        for model, targets in fallbacks.items():
+            for where, target in [
+                (model, model),
+                *((f"{model}[{j}]", t) for j, t in enumerate(targets)),
+            ]:
+                prefix, slash, rest = target.partition("/")
+                if not slash or not rest or prefix not in names:
+                    problems.append(
+                        f"fallbacks.{where}: expected 'provider/model' with a configured provider"
+                    )
     return problems
 
 
@@ -251,6 +267,11 @@ def _check_provider(
         problems.append(f"{where}.pace: expected zero or more seconds")
     if provider.max_connections <= 0:
         problems.append(f"{where}.max_connections: expected a positive number")
+    if provider.retries < 0:
+        problems.append(f"{where}.retries: expected zero or more")
+    for name in ("retry_backoff", "retry_max_delay"):
+        if getattr(provider, name) <= 0:
+            problems.append(f"{where}.{name}: expected a positive number of seconds")
     if provider.api_key_env is not None and not environ.get(provider.api_key_env):
         problems.append(
             f"{where}.api_key_env: environment variable {provider.api_key_env} is not set"

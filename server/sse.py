@@ -33,6 +33,7 @@ class SSESink:
     __slots__ = (
         "_send",
         "_framer",
+        "_completion",
         "_headers",
         "_usage",
         "_state",
@@ -44,13 +45,14 @@ class SSESink:
     def __init__(
         self,
         send: Send,
-        framer: protocol.ChunkFramer,
+        completion: tuple[str, int],
         headers: list[tuple[bytes, bytes]],
         include_usage: bool,
         state: StreamState,
     ) -> None:
         self._send = send
-        self._framer = framer
+        self._framer: protocol.ChunkFramer | None = None
+        self._completion = completion  # (id, created) shared by every chunk
         self._headers = headers
         self._usage = include_usage
         self._state = state
@@ -62,31 +64,45 @@ class SSESink:
         self.last_sent = asyncio.get_running_loop().time()
         await self._send({"type": "http.response.body", "body": data, "more_body": True})
 
-    async def _start(self) -> bytes:
-        """Send the headers; returns the assistant-role chunk that opens every stream."""
+    async def _start(self) -> None:
+        """Send the headers (with the first output, or a heartbeat while waiting for it)."""
         self.started = True
         headers = self._headers
         if self._state.cached:  # known before the first event, as the lookup comes first
             headers = [*headers, CACHE_HIT_HEADER]
         await self._send({"type": "http.response.start", "status": 200, "headers": headers})
-        return self._framer.role()
+
+    async def _open(self) -> protocol.ChunkFramer:
+        """At the first output: the framer for the model that answers (a fallback, maybe)."""
+        if not self.started:
+            await self._start()
+        completion_id, created = self._completion
+        self._framer = protocol.ChunkFramer(
+            completion_id=completion_id, created=created, model=self._state.model
+        )
+        return self._framer
 
     async def delta(self, event: TextDelta | ReasoningDelta) -> None:
         framer = self._framer
+        opening = b""
+        if framer is None:
+            framer = await self._open()
+            opening = framer.role()
         if type(event) is TextDelta:
             data = framer.content(event.text)
         else:
             data = framer.reasoning(event.text)
-        if not self.started:
-            data = await self._start() + data
-        await self._body(data)
+        await self._body(opening + data if opening else data)
 
     async def finish(self, reason: FinishReason, usage: Usage) -> None:
-        data = self._framer.finish(reason)
+        framer = self._framer
+        opening = b""
+        if framer is None:
+            framer = await self._open()
+            opening = framer.role()
+        data = opening + framer.finish(reason)
         if self._usage:
-            data += self._framer.usage(usage)
-        if not self.started:
-            data = await self._start() + data
+            data += framer.usage(usage)
         await self._body(data + protocol.SSE_DONE)
 
     async def error(self, exc: GatewayError) -> None:
@@ -103,10 +119,9 @@ class SSESink:
         while True:
             await asyncio.sleep(max(self.last_sent + interval - loop.time(), 0.0))
             if loop.time() - self.last_sent >= interval:
-                data = protocol.SSE_HEARTBEAT
                 if not self.started:
-                    data = await self._start() + data
-                await self._body(data)
+                    await self._start()
+                await self._body(protocol.SSE_HEARTBEAT)
 
 
 async def stream_sse(
@@ -122,10 +137,13 @@ async def stream_sse(
     extra_headers: list[tuple[bytes, bytes]],
 ) -> None:
     """Serve one SSE stream until it ends or the client disconnects (which cancels it)."""
-    framer = protocol.ChunkFramer(
-        completion_id=completion_id, created=created, model=prepared.body.model
+    sink = SSESink(
+        send,
+        (completion_id, created),
+        SSE_HEADERS + extra_headers,
+        prepared.body.include_usage,
+        state,
     )
-    sink = SSESink(send, framer, SSE_HEADERS + extra_headers, prepared.body.include_usage, state)
     finished = await race(
         service.run(prepared, sink, state),
         sink.keepalive(heartbeat),

@@ -70,14 +70,13 @@ class _Socket:
 class WSSink:
     """Writes one stream's frames; guarantees a single terminal frame."""
 
-    __slots__ = ("_socket", "_framer", "_id", "_state", "_model", "seq", "ended")
+    __slots__ = ("_socket", "_framer", "_id", "_state", "seq", "ended")
 
-    def __init__(self, socket: _Socket, stream_id: str, state: StreamState, model: str) -> None:
+    def __init__(self, socket: _Socket, stream_id: str, state: StreamState) -> None:
         self._socket = socket
         self._framer = protocol.DeltaFramer(stream_id)
         self._id = stream_id
         self._state = state
-        self._model = model
         self.seq = 0
         self.ended = False
 
@@ -97,7 +96,7 @@ class WSSink:
             finish_reason=reason,
             usage=protocol.UsageBody.of(usage),
             ttft_ms=None if ttft is None else round(ttft * 1000, 3),
-            model=self._model,
+            model=self._state.model,  # the model that answered: a fallback, maybe
             cached=self._state.cached,
         )
         await self._socket.frame("chat.done", protocol.encode_text(frame))
@@ -220,7 +219,7 @@ class Connection:
             await self._reject(frame.id, exc)
             return
         state = StreamState(uuid.uuid4().hex, received_at, "ws")
-        sink = WSSink(self._socket, frame.id, state, frame.request.model)
+        sink = WSSink(self._socket, frame.id, state)
         task = asyncio.create_task(self._run(frame.id, prepared, sink, state))
         self._streams[frame.id] = _Stream(task, sink, state)
 

@@ -27,7 +27,7 @@ def upstream() -> Iterator[FakeUpstream]:
 
 def provider_settings(upstream: FakeUpstream, **overrides: Any) -> list[ProviderSettings]:
     """An OpenAI-compatible, an Anthropic and a fast demo provider, all on the fake upstream."""
-    common = {"first_token_timeout": 10.0, "idle_timeout": 10.0, **overrides}
+    common = {"first_token_timeout": 10.0, "idle_timeout": 10.0, "retries": 0, **overrides}
     return [
         ProviderSettings(
             name="oai",

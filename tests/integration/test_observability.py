@@ -33,7 +33,7 @@ def config(upstream: FakeUpstream, log_level: str = "info", **provider: object) 
 @pytest.fixture(scope="module")
 def served(upstream: FakeUpstream) -> Iterator[Served]:
     with serve_process(
-        config(upstream, first_token_timeout=0.5), env={"UPSTREAM_KEY": UPSTREAM_KEY}
+        config(upstream, first_token_timeout=0.5, retries=0), env={"UPSTREAM_KEY": UPSTREAM_KEY}
     ) as process:
         yield process
 
