@@ -58,12 +58,14 @@ def make_gateway(upstream: FakeUpstream) -> GatewayFactory:
     def start(
         server: ServerSettings | None = None,
         websocket: WebSocketSettings | None = None,
+        fallbacks: dict[str, list[str]] | None = None,
         **provider_overrides: Any,
     ) -> Iterator[str]:
         settings = Settings(
             server=server or ServerSettings(),
             websocket=websocket or WebSocketSettings(),
             providers=provider_settings(upstream, **provider_overrides),
+            fallbacks=fallbacks or {},
         )
         options = uvicorn_options(settings)
         with serve_in_thread(create_app(settings, ENVIRON), options=options) as url:

@@ -51,6 +51,7 @@ class Script:
     first_token_delay: float = 0.0
     headers_delay: float = 0.0
     status: int = 200
+    fail_first: int | None = None  # with a status: only this model's first N requests fail
     error_message: str = "scripted failure"
     retry_after: float | None = None
     close_after: int | None = None
@@ -589,7 +590,9 @@ class FakeUpstream:
     def _respond(self, conn: _Connection, req: RecordedRequest, rid: int, script: Script) -> None:
         if conn.closed:
             return
-        if script.status != 200:
+        if script.status != 200 and (
+            script.fail_first is None or len(self.by_model(req.model or "")) <= script.fail_first
+        ):
             self._send_error(conn, req, script.status, script.error_message, script.retry_after)
             return
         plan = _plan(req.body, script)
