@@ -27,8 +27,9 @@ from server.errors import (
     error_body,
     spec_for,
 )
-from server.health import Lifecycle, healthz, readyz
+from server.health import healthz, readyz
 from server.http import request_id_of
+from server.lifecycle import Lifecycle
 from server.metrics import exposition
 from server.observe import RequestObserver, StreamObserver
 from server.rest import ChatCompletions, list_models
@@ -71,6 +72,7 @@ def create_app(settings: Settings, environ: Mapping[str, str] | None = None) -> 
         settings.providers, os.environ if environ is None else environ
     )
     cache = build_cache(settings.cache)
+    lifecycle = Lifecycle(grace=settings.server.shutdown_grace)
     service = ChatService(
         registry,
         write_timeout=settings.server.slow_consumer_timeout,
@@ -79,12 +81,13 @@ def create_app(settings: Settings, environ: Mapping[str, str] | None = None) -> 
         cache_ttl=settings.cache.ttl,
         fallbacks=settings.fallbacks,
         retry_budget=settings.server.retry_budget,
+        lifecycle=lifecycle,
     )
-    lifecycle = Lifecycle()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         app.state.catalog = Catalog(registry)
+        lifecycle.install_signal_handler()
         try:
             yield
         finally:

@@ -42,6 +42,7 @@ from providers.types import (
 )
 from server.cache import Cache, CachePolicy, completion_key
 from server.errors import ClientGone, ServerShuttingDownError, as_gateway_error
+from server.lifecycle import Lifecycle
 from server.metrics import Outcome, Transport
 from server.observe import StreamObserver
 from server.protocol import ChatCompletionBody
@@ -72,6 +73,7 @@ class StreamState:
         "cached",
         "watchdog",
         "draining",
+        "_wakeup",
         "cancel_cause",
         "cancelled_at",
         "outcome",
@@ -98,6 +100,7 @@ class StreamState:
         self.cached = False  # served from the completion cache
         self.watchdog: _Watchdog | None = None  # of the upstream attempt in progress
         self.draining = False  # the server is shutting down: end now, no more retries
+        self._wakeup: asyncio.Event | None = None
         self.model = ""
         self.provider = ""
         self.first_token_at: float | None = None
@@ -107,6 +110,24 @@ class StreamState:
         self.usage: Usage | None = None
         self.error: GatewayError | None = None
         self._request: ChatRequest | None = None
+
+    def interrupt(self) -> None:
+        """End the stream now with a shutdown error (from the upstream wait, a write or a pause)."""
+        self.draining = True
+        if self.watchdog is not None:
+            self.watchdog.expire()
+        if self._wakeup is not None:
+            self._wakeup.set()
+
+    async def pause(self, seconds: float) -> None:
+        """Sleep before a retry, unless interrupted."""
+        self._wakeup = asyncio.Event()
+        try:
+            await asyncio.wait_for(self._wakeup.wait(), seconds)
+        except TimeoutError:
+            pass
+        finally:
+            self._wakeup = None
 
     def cancel(self, cause: Outcome) -> None:
         """Note why and when the transport is about to cancel this stream."""
@@ -218,6 +239,10 @@ class _Watchdog:
         step = min(idle_limit, self.write_limit) / 4
         self._handle = self._loop.call_at(self._loop.time() + step, self._check)
 
+    def expire(self) -> None:
+        """Time out now, whichever side is being waited on."""
+        self._scope.reschedule(self._loop.time())
+
     def cancel(self) -> None:
         self._handle.cancel()
 
@@ -235,8 +260,10 @@ class ChatService:
         cache_ttl: float = 3600.0,
         fallbacks: Mapping[str, list[str]] | None = None,
         retry_budget: float = 30.0,
+        lifecycle: Lifecycle | None = None,
     ) -> None:
         self.registry = registry
+        self.lifecycle = lifecycle or Lifecycle()
         self._fallbacks = dict(fallbacks or {})
         self._retry_budget = retry_budget
         self._write_timeout = write_timeout
@@ -246,6 +273,10 @@ class ChatService:
 
     def prepare(self, body: ChatCompletionBody, cache_control: str | None = None) -> Prepared:
         """Validate the body and route it; raises a `RequestError` before any upstream call."""
+        if self.lifecycle.draining:
+            raise ServerShuttingDownError(
+                "The server is shutting down and takes no new streams; retry on another replica."
+            )
         unsupported = body.unsupported()
         if unsupported is not None:
             raise unsupported
@@ -291,6 +322,7 @@ class ChatService:
         state.provider = prepared.route.settings.name
         state._request = prepared.request
         self._observer.started(state)
+        self.lifecycle.add(state)
         try:
             await self._run(prepared, sink, state)
         except asyncio.CancelledError:
@@ -305,6 +337,7 @@ class ChatService:
             await self._fail(sink, state, as_gateway_error(exc, state.request_id))
         finally:
             state.ended_at = time.monotonic()  # every upstream response is closed by now
+            self.lifecycle.remove(state)
             self._observer.ended(state)
 
     async def _run(self, prepared: Prepared, sink: Sink, state: StreamState) -> None:
@@ -326,6 +359,8 @@ class ChatService:
             request = prepared.request if primary else prepared.body.to_request(route.model)
             state.model, state.provider = public_id, route.settings.name
             for attempt in range(route.settings.retries + 1):
+                if state.draining:
+                    raise _shutting_down()
                 events = route.provider.stream(request)
                 try:
                     await self._relay(
@@ -344,7 +379,7 @@ class ChatService:
                         "retrying upstream",
                         extra={"fields": _retry_fields(state, exc, attempt, delay)},
                     )
-                    await asyncio.sleep(delay)
+                    await state.pause(delay)
             if time.monotonic() >= deadline:
                 break
         assert failure is not None
@@ -402,9 +437,7 @@ class ChatService:
     @staticmethod
     def _timeout_error(watchdog: _Watchdog, state: StreamState) -> GatewayError:
         if state.draining:
-            return ServerShuttingDownError(
-                "The server is shutting down; the stream was ended. Retry on another replica."
-            )
+            return _shutting_down()
         if watchdog.writing:
             return SlowConsumerError(
                 f"The client did not read the stream for {watchdog.write_limit:g} s; "
@@ -421,6 +454,12 @@ class ChatService:
         state.error = exc
         state.outcome = "timeout" if isinstance(exc, UpstreamTimeoutError) else "error"
         await sink.error(exc)
+
+
+def _shutting_down() -> ServerShuttingDownError:
+    return ServerShuttingDownError(
+        "The server is shutting down; the stream was ended. Retry on another replica."
+    )
 
 
 _RETRYABLE = (UpstreamUnavailableError, UpstreamRateLimitError, UpstreamProtocolError)

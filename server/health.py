@@ -7,12 +7,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-
-class Lifecycle:
-    """Process-wide state readiness depends on; `draining` turns true as shutdown begins."""
-
-    def __init__(self) -> None:
-        self.draining = False
+from server.lifecycle import Lifecycle
 
 
 async def healthz(request: Request) -> Response:

@@ -299,4 +299,7 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
         "log_config": log_config(settings.server.log_level, settings.server.log_format),
         "access_log": False,
         "server_header": False,
+        # The app drains streams itself on SIGTERM before uvicorn's shutdown starts; this is
+        # only the time left for connections to take their error frames and close.
+        "timeout_graceful_shutdown": 5,
     }

@@ -31,7 +31,9 @@ async def test_retry_then_success(
     with make_gateway(retries=2, retry_backoff=0.01) as url:
         async with sdk(url) as client:
             stream = await client.chat.completions.create(
-                model=f"oai/{name}", messages=HELLO, stream=True  # type: ignore[arg-type]
+                model=f"oai/{name}",
+                messages=HELLO,
+                stream=True,  # type: ignore[arg-type]
             )
             text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
     assert text == "tok0 tok1 tok2 "
@@ -95,7 +97,9 @@ async def test_no_retry_once_the_client_has_tokens(
     with make_gateway(retries=3, retry_backoff=0.01) as url:
         async with sdk(url) as client:
             stream = await client.chat.completions.create(
-                model=f"oai/{name}", messages=HELLO, stream=True  # type: ignore[arg-type]
+                model=f"oai/{name}",
+                messages=HELLO,
+                stream=True,  # type: ignore[arg-type]
             )
             seen = []
             with pytest.raises(openai.APIError):
@@ -128,13 +132,18 @@ async def test_fallback_to_another_provider(
     with make_gateway(fallbacks=fallbacks, retries=1, retry_backoff=0.01) as url:
         async with sdk(url) as client:
             completion = await client.chat.completions.create(
-                model=f"oai/{broken}", messages=HELLO  # type: ignore[arg-type]
+                model=f"oai/{broken}",
+                messages=HELLO,  # type: ignore[arg-type]
             )
             stream = await client.chat.completions.create(
-                model=f"oai/{broken}", messages=HELLO, stream=True  # type: ignore[arg-type]
+                model=f"oai/{broken}",
+                messages=HELLO,
+                stream=True,  # type: ignore[arg-type]
             )
             chunks = [c async for c in stream]
-        async with connect(url.replace("http", "ws") + "/api/ws", subprotocols=["tokenrelay.v1"]) as ws:  # type: ignore[list-item]
+        async with connect(
+            url.replace("http", "ws") + "/api/ws", subprotocols=["tokenrelay.v1"]
+        ) as ws:  # type: ignore[list-item]
             ws_client = StreamClient(ws)
             sid = await ws_client.start(f"oai/{broken}")
             done = await ws_client.until_terminal(sid)
