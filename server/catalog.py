@@ -152,12 +152,10 @@ class Catalog:
             models_expire = now + (self._retry if failed else self._ttl)
         else:
             models, unavailable, models_expire = old.models, old.unavailable, old.models_expire
-        if old is not None and old.models == models and now < old.classes_expire:
-            classes, source, classes_expire = old.classes, old.source, old.classes_expire
-        else:
-            classes, source = await self._classify(models)
-            degraded = source in ("fallback", "stale")
-            classes_expire = now + self._retry if degraded else math.inf
+        # Classified on every refresh: one call per TTL keeps `classifier_status` current.
+        classes, source = await self._classify(models)
+        degraded = source in ("fallback", "stale")
+        classes_expire = now + self._retry if degraded else math.inf
         snapshot = Snapshot(
             models=models,
             unavailable=unavailable,

@@ -41,15 +41,18 @@ class ClassifierServicer(classifier_pb2_grpc.ModelClassifierServicer):  # type: 
 class ClassifierServer:
     """A grpc.aio server with the classifier and health services; `port` 0 picks a free one."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self, host: str = "127.0.0.1", port: int = 0, servicer: ClassifierServicer | None = None
+    ) -> None:
         self.host = host
         self.port = port
+        self._servicer = servicer or ClassifierServicer()
         self.health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
 
     async def start(self) -> None:
         server = grpc.aio.server(options=SERVER_OPTIONS)
-        classifier_pb2_grpc.add_ModelClassifierServicer_to_server(ClassifierServicer(), server)
+        classifier_pb2_grpc.add_ModelClassifierServicer_to_server(self._servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         self.port = server.add_insecure_port(f"{self.host}:{self.port}")
         await server.start()
