@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import functools
 import re
-import tomllib
 from collections.abc import Iterable, Sequence
-from importlib import resources
 from typing import Literal
 
 import msgspec
@@ -116,6 +114,8 @@ class Rules:
     @classmethod
     def parse(cls, text: str) -> Rules:
         """Parse and check a rules file; raises `msgspec.ValidationError` naming the field."""
+        import tomllib  # here, not at the top: the gateway starts before any rule is needed
+
         data = msgspec.convert(tomllib.loads(text), RuleFile)
         for rule in data.family:
             if "other" in rule.categories:
@@ -165,6 +165,8 @@ def normalise(upstream_id: str) -> str:
 @functools.cache
 def default_rules() -> Rules:
     """The rules shipped with the package, parsed on first use."""
+    from importlib import resources
+
     text = resources.files("server.classification").joinpath("rules.toml").read_text("utf-8")
     return Rules.parse(text)
 
