@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install install-dev serve lint test
+.PHONY: install install-dev serve lint test protos
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,3 +30,6 @@ lint: install-dev
 
 test: lint  ## install, lint, type-check and run the whole test suite
 	$(BIN)/pytest $(ARGS)
+
+protos: install-dev  ## regenerate the gRPC stubs in server/classification/stubs from proto/
+	PYTHON=$(BIN)/python scripts/gen-protos

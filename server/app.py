@@ -32,7 +32,7 @@ from server.http import request_id_of
 from server.lifecycle import Lifecycle
 from server.metrics import exposition
 from server.observe import RequestObserver, StreamObserver
-from server.rest import ChatCompletions, list_models
+from server.rest import ChatCompletions, list_models, model_categories
 from server.settings import CacheSettings, Settings, load
 from server.ws import WebSocketEndpoint
 
@@ -86,12 +86,20 @@ def create_app(settings: Settings, environ: Mapping[str, str] | None = None) -> 
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        app.state.catalog = Catalog(registry)
+        catalog = Catalog(
+            registry,
+            ttl=settings.catalog.ttl,
+            retry=settings.catalog.retry,
+            classifier_address=settings.classifier.address,
+            classifier_deadline=settings.classifier.deadline,
+        )
+        app.state.catalog = catalog
         lifecycle.install_signal_handler()
         try:
             yield
         finally:
             lifecycle.draining = True
+            await catalog.aclose()
             await registry.aclose()
             await cache.aclose()
 
@@ -101,6 +109,7 @@ def create_app(settings: Settings, environ: Mapping[str, str] | None = None) -> 
                 "/api/chat/completions", ChatCompletions(service, settings.server), methods=["POST"]
             ),
             Route("/api/models", list_models, methods=["GET"]),
+            Route("/api/models/categories", model_categories, methods=["GET"]),
             WebSocketRoute("/api/ws", WebSocketEndpoint(service, settings.websocket)),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),

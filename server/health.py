@@ -34,6 +34,12 @@ async def readyz(request: Request) -> Response:
     cache = request.app.state.cache
     cache_state = "ok" if await cache.healthy() else "degraded"  # misses, never failures
     degraded = degraded or cache_state != "ok"
-    checks: dict[str, Any] = {"providers": providers, "cache": {cache.backend: cache_state}}
+    classifier = request.app.state.catalog.classifier_status  # local | serving | degraded
+    degraded = degraded or classifier == "degraded"
+    checks: dict[str, Any] = {
+        "providers": providers,
+        "cache": {cache.backend: cache_state},
+        "classifier": classifier,
+    }
     status = "unavailable" if not usable else ("degraded" if degraded else "ready")
     return JSONResponse({"status": status, "checks": checks}, status_code=200 if usable else 503)
