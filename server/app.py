@@ -27,6 +27,7 @@ from server.errors import (
 )
 from server.rest import ChatCompletions, list_models, request_id
 from server.settings import Settings, load
+from server.ui import ui_mount
 from server.ws import WebSocketEndpoint
 
 
@@ -80,6 +81,7 @@ def create_app(settings: Settings, environ: Mapping[str, str] | None = None) -> 
             Route("/api/models", list_models, methods=["GET"]),
             WebSocketRoute("/api/ws", WebSocketEndpoint(service, settings.websocket)),
             Route("/healthz", healthz, methods=["GET"]),
+            ui_mount(),  # the browser UI; last, so every API route wins
         ],
         exception_handlers={HTTPException: _http_error, Exception: _server_error},
         lifespan=lifespan,
