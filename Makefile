@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install install-dev system-deps serve lint test
+.PHONY: install install-dev system-deps serve lint test protos
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,3 +33,6 @@ system-deps:  ## Debian's chromium for the browser tests (installed when missing
 
 test: lint system-deps  ## install, lint, type-check and run the whole test suite
 	$(BIN)/pytest $(ARGS)
+
+protos: install-dev  ## regenerate the gRPC stubs in server/classification/stubs from proto/
+	PYTHON=$(BIN)/python scripts/gen-protos

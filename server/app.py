@@ -25,7 +25,7 @@ from server.errors import (
     error_body,
     spec_for,
 )
-from server.rest import ChatCompletions, list_models, request_id
+from server.rest import ChatCompletions, list_models, model_categories, request_id
 from server.settings import Settings, load
 from server.ui import ui_mount
 from server.ws import WebSocketEndpoint
@@ -67,10 +67,18 @@ def create_app(settings: Settings, environ: Mapping[str, str] | None = None) -> 
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        app.state.catalog = Catalog(registry)
+        catalog = Catalog(
+            registry,
+            ttl=settings.catalog.ttl,
+            retry=settings.catalog.retry,
+            classifier_address=settings.classifier.address,
+            classifier_deadline=settings.classifier.deadline,
+        )
+        app.state.catalog = catalog
         try:
             yield
         finally:
+            await catalog.aclose()
             await registry.aclose()
 
     app = Starlette(
@@ -79,6 +87,7 @@ def create_app(settings: Settings, environ: Mapping[str, str] | None = None) -> 
                 "/api/chat/completions", ChatCompletions(service, settings.server), methods=["POST"]
             ),
             Route("/api/models", list_models, methods=["GET"]),
+            Route("/api/models/categories", model_categories, methods=["GET"]),
             WebSocketRoute("/api/ws", WebSocketEndpoint(service, settings.websocket)),
             Route("/healthz", healthz, methods=["GET"]),
             ui_mount(),  # the browser UI; last, so every API route wins

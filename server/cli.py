@@ -1,4 +1,4 @@
-"""The `tokenrelay` command: `serve` and `check-config`."""
+"""The `tokenrelay` command: `serve`, `classifier` and `check-config`."""
 
 from __future__ import annotations
 
@@ -49,6 +49,17 @@ def _check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _classifier(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    from server.classification import service
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    asyncio.run(service.serve(args.host, args.port, grace=args.grace))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tokenrelay", description="A realtime LLM chat gateway.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -58,6 +69,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("--config", help="TOML settings file (or TOKENRELAY_CONFIG)")
     serve.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     serve.set_defaults(run=_serve)
+    classifier = commands.add_parser(
+        "classifier", help="run the model-classification gRPC service (SIGTERM stops it gracefully)"
+    )
+    classifier.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
+    classifier.add_argument("--port", type=int, default=50051, help="port; 0 picks one (50051)")
+    classifier.add_argument(
+        "--grace", type=float, default=5.0, help="seconds calls in flight get on stop (5)"
+    )
+    classifier.set_defaults(run=_classifier)
     check = commands.add_parser(
         "check-config", help="validate the settings and report every problem"
     )

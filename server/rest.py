@@ -132,9 +132,11 @@ async def list_models(request: Request) -> Response:
     """`GET /api/models` in OpenAI's list format; `unavailable` names providers not listed."""
     catalog: Catalog = request.app.state.catalog
     snapshot = await catalog.snapshot()
-    cards = [
-        protocol.ModelCard(id=m.id, object="model", created=m.created, owned_by=m.provider)
-        for m in snapshot.models
-    ]
-    body = protocol.ModelList(object="list", data=cards, unavailable=snapshot.unavailable)
-    return Response(protocol.encode(body), media_type="application/json")
+    return Response(snapshot.models_body, media_type="application/json")
+
+
+async def model_categories(request: Request) -> Response:
+    """`GET /api/models/categories`: the same models grouped by category, with attributes."""
+    catalog: Catalog = request.app.state.catalog
+    snapshot = await catalog.snapshot()
+    return Response(snapshot.categories_body, media_type="application/json")

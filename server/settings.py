@@ -23,6 +23,7 @@ from providers.settings import ProviderSettings
 
 ENV_PREFIX = "TOKENRELAY_"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_ADDRESS = re.compile(r"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})$")
 
 
 class ServerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -45,11 +46,27 @@ class WebSocketSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     ping_timeout: float = 20.0
 
 
+class CatalogSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The `[catalog]` table: how long a fetched model list is served before it is refreshed."""
+
+    ttl: float = 300.0
+    retry: float = 15.0  # after a provider or the classifier failed, try again this soon
+
+
+class ClassifierSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The `[classifier]` table: no `address` runs the rules in-process."""
+
+    address: str | None = None
+    deadline: float = 2.0
+
+
 class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """The whole configuration."""
 
     server: ServerSettings = msgspec.field(default_factory=ServerSettings)
     websocket: WebSocketSettings = msgspec.field(default_factory=WebSocketSettings)
+    catalog: CatalogSettings = msgspec.field(default_factory=CatalogSettings)
+    classifier: ClassifierSettings = msgspec.field(default_factory=ClassifierSettings)
     providers: list[ProviderSettings] = msgspec.field(default_factory=list)
     demo: bool = True
 
@@ -195,6 +212,19 @@ def _check(data: dict[str, Any], environ: Mapping[str, str]) -> list[str]:
         for name in ("max_streams", "max_frame_bytes", "ping_interval", "ping_timeout"):
             if getattr(ws, name) <= 0:
                 problems.append(f"websocket.{name}: expected a positive number")
+    catalog = _part(data.get("catalog", {}), CatalogSettings)
+    if catalog is not None:
+        for name in ("ttl", "retry"):
+            if getattr(catalog, name) <= 0:
+                problems.append(f"catalog.{name}: expected a positive number of seconds")
+    classifier = _part(data.get("classifier", {}), ClassifierSettings)
+    if classifier is not None:
+        if classifier.deadline <= 0:
+            problems.append("classifier.deadline: expected a positive number of seconds")
+        if classifier.address is not None:
+            found = _ADDRESS.match(classifier.address)
+            if found is None or not 0 < int(found.group(1)) < 65536:
+                problems.append("classifier.address: expected host:port, e.g. 127.0.0.1:50051")
     providers = data.get("providers")
     seen: set[str] = set()
     for i, raw in enumerate(providers if isinstance(providers, list) else ()):
