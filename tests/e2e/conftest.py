@@ -19,7 +19,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from providers.settings import ProviderSettings
 from server.app import create_app
 from server.settings import Settings, uvicorn_options
-from tests.conftest import ENVIRON
+from tests.conftest import ENVIRON, UPSTREAM_KEY
 from tests.fakeupstream import FakeUpstream, RecordedRequest, Script
 from tests.support.servers import serve_in_thread
 
@@ -130,19 +130,30 @@ def wait_disconnected(req: RecordedRequest, timeout: float = 5.0) -> float:
 UIFactory = Callable[..., contextlib.AbstractContextManager[UI]]
 
 
+@pytest.fixture(scope="module")
+def ui_upstream() -> Iterator[FakeUpstream]:
+    """A fake upstream of the browser tests' own, whose model list each test extends."""
+    with FakeUpstream(api_key=UPSTREAM_KEY, models=[]).running_in_thread() as fake:
+        yield fake
+
+
 @pytest.fixture
-def make_ui(browser: Browser, upstream: FakeUpstream) -> UIFactory:
+def make_ui(browser: Browser, ui_upstream: FakeUpstream) -> UIFactory:
     """Start a gateway serving one scripted upstream model per keyword, and a page on it.
 
     `make_ui(fast=Script(tokens=3), slow=Script(pace=0.02))` serves `oai/<fresh name>` for each
-    label (in that order) next to the demo provider; `block_websocket=True` refuses upgrades.
+    label next to the demo provider; `block_websocket=True` refuses upgrades.
     """
 
     @contextlib.contextmanager
     def start(*, block_websocket: bool = False, **scripts: Script) -> Iterator[UI]:
         names = {label: f"ui-{label}-{uuid.uuid4().hex[:8]}" for label in scripts}
+        upstream = ui_upstream
         for label, script in scripts.items():
             upstream.scripts[names[label]] = script
+        # The catalogue lists only what the upstream lists, like a real provider would.
+        assert upstream.models is not None
+        upstream.models.extend(names.values())
         providers = [
             ProviderSettings(
                 name="oai",
