@@ -201,10 +201,13 @@ async function streamSse(body, stream, signal) {
     stream.error(error);
     return;
   }
+  // A replayed cached answer says so in a header (the WebSocket says it in `chat.done`).
+  const cached = response.headers.get("x-tokenrelay-cache") === "hit";
   const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
   let buffer = "";
   let finish = null;
   let usage = null;
+  let chunk0Model = null; // the model that answered (a fallback may answer for another)
   for (;;) {
     const { value, done } = await reader.read();
     if (done) break;
@@ -216,10 +219,11 @@ async function streamSse(body, stream, signal) {
       const data = event.split(/\r?\n/).filter((l) => l.startsWith("data:")).map((l) => l.slice(5).trimStart()).join("\n");
       if (!data) continue; // a keepalive comment
       if (data === "[DONE]") {
-        stream.done({ finish_reason: finish || "stop", usage, ttft_ms: null, model: body.model });
+        stream.done({ finish_reason: finish || "stop", usage, ttft_ms: null, model: chunk0Model || body.model, cached });
         return;
       }
       const chunk = JSON.parse(data);
+      if (typeof chunk.model === "string") chunk0Model = chunk.model;
       if (chunk.error) {
         stream.error(chunk.error);
         return;
