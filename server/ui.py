@@ -94,5 +94,6 @@ class _UIMount(Mount):
 
 def ui_mount(directory: Path = STATIC_DIR) -> Mount:
     """The UI's files at `/`, `index.html` for `/`; paths outside `directory` are never served."""
-    files = StaticFiles(directory=directory, html=True, follow_symlink=False)
+    # check_dir=False: an install without `static/` still serves the API (and 404 at `/`).
+    files = StaticFiles(directory=directory, html=True, follow_symlink=False, check_dir=False)
     return _UIMount("/", SecureStatic(files))
