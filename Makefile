@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install install-dev serve lint test protos
+.PHONY: install install-dev system-deps serve lint test protos
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +28,10 @@ lint: install-dev
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: lint  ## install, lint, type-check and run the whole test suite
+system-deps:  ## Debian's chromium for the browser tests (installed when missing; fails if unusable)
+	scripts/install-system-deps
+
+test: lint system-deps  ## install, lint, type-check and run the whole test suite
 	$(BIN)/pytest $(ARGS)
 
 protos: install-dev  ## regenerate the gRPC stubs in server/classification/stubs from proto/

@@ -34,6 +34,7 @@ from server.metrics import exposition
 from server.observe import RequestObserver, StreamObserver
 from server.rest import ChatCompletions, list_models, model_categories
 from server.settings import CacheSettings, Settings, load
+from server.ui import ui_mount
 from server.ws import WebSocketEndpoint
 
 
@@ -114,6 +115,7 @@ def create_app(settings: Settings, environ: Mapping[str, str] | None = None) -> 
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
             Route("/metrics", metrics_endpoint, methods=["GET"]),
+            ui_mount(),  # the browser UI; last, so every API route wins
         ],
         middleware=[Middleware(RequestObserver)],
         exception_handlers={HTTPException: _http_error, Exception: _server_error},

@@ -1,0 +1,384 @@
+// The chat page: wires the conversation store, the model picker and the transport to the DOM.
+import { Store } from "./store.js";
+import { Transport } from "./transport.js";
+import { loadCatalogue, describe } from "./models.js";
+import { messageElement, updateAssistant, streamInto } from "./messages.js";
+
+const $ = (id) => document.getElementById(id);
+const ui = {
+  layout: document.querySelector(".layout"),
+  list: $("conversations"),
+  itemTemplate: $("conversation-item"),
+  messages: $("messages"),
+  empty: $("empty"),
+  composer: $("composer"),
+  prompt: $("prompt"),
+  send: $("send"),
+  stop: $("stop"),
+  model: $("model"),
+  modelInfo: $("model-info"),
+  connection: $("connection"),
+  announcer: $("announcer"),
+  toggle: $("toggle-sidebar"),
+};
+
+const store = new Store();
+let catalogue = { groups: [], models: new Map(), note: "" };
+let active = null; // {stream, message, article, renderer, conversation}
+
+const transport = new Transport({
+  onStatus(mode, detail) {
+    ui.connection.dataset.mode = mode;
+    ui.connection.textContent = mode === "websocket" ? "Live" : mode === "sse" ? "Fallback (SSE)" : "Connecting…";
+    ui.connection.title = detail || (mode === "websocket" ? "Streaming over WebSocket" : "");
+  },
+});
+
+// ---- conversations ------------------------------------------------------------------------
+
+function renderList() {
+  ui.list.replaceChildren();
+  for (const conversation of store.conversations) {
+    const item = ui.itemTemplate.content.firstElementChild.cloneNode(true);
+    item.dataset.id = conversation.id;
+    const open = item.querySelector(".open");
+    open.textContent = conversation.title;
+    if (conversation.id === store.currentId) {
+      item.classList.add("current");
+      open.setAttribute("aria-current", "true");
+    }
+    item.querySelector(".rename").setAttribute("aria-label", `Rename “${conversation.title}”`);
+    item.querySelector(".delete").setAttribute("aria-label", `Delete “${conversation.title}”`);
+    ui.list.append(item);
+  }
+}
+
+function renderConversation() {
+  const conversation = store.current;
+  const nodes = conversation.messages.map((message, i) => messageElement(message, i));
+  ui.messages.replaceChildren(ui.empty, ...nodes);
+  ui.empty.hidden = nodes.length > 0;
+  refreshLastActions();
+  scrollToEnd(true);
+}
+
+function refreshLastActions() {
+  const messages = store.current.messages;
+  for (const article of ui.messages.querySelectorAll("article.assistant")) {
+    const i = Number(article.dataset.index);
+    updateAssistant(article, messages[i], { last: i === messages.length - 1 });
+  }
+}
+
+ui.list.addEventListener("click", (event) => {
+  const item = event.target.closest("li.conversation");
+  if (!item) return;
+  const id = item.dataset.id;
+  if (event.target.closest(".open")) {
+    stopActive();
+    store.open(id);
+    renderList();
+    renderConversation();
+    ui.layout.classList.remove("sidebar-open");
+    ui.prompt.focus();
+  } else if (event.target.closest(".rename")) {
+    startRename(item, id);
+  } else if (event.target.closest(".delete")) {
+    const del = event.target.closest(".delete");
+    if (del.dataset.confirm !== "yes") {
+      del.dataset.confirm = "yes";
+      del.textContent = "Delete?";
+      setTimeout(() => { if (del.isConnected) { del.dataset.confirm = ""; del.textContent = "✕"; } }, 4000);
+      return;
+    }
+    if (id === store.currentId) stopActive();
+    store.remove(id);
+    renderList();
+    renderConversation();
+  }
+});
+
+function startRename(item, id) {
+  const conversation = store.conversations.find((c) => c.id === id);
+  const input = document.createElement("input");
+  input.type = "text";
+  input.className = "rename-input";
+  input.value = conversation.title;
+  input.setAttribute("aria-label", "Conversation name");
+  item.querySelector(".open").replaceWith(input);
+  input.focus();
+  input.select();
+  let finished = false;
+  const finish = (keep) => {
+    if (finished) return;
+    finished = true;
+    if (keep) store.rename(id, input.value);
+    renderList();
+    ui.list.querySelector(`li[data-id="${CSS.escape(id)}"] .rename`)?.focus();
+  };
+  input.addEventListener("keydown", (e) => {
+    if (e.key === "Enter") { e.preventDefault(); finish(true); }
+    if (e.key === "Escape") { e.preventDefault(); e.stopPropagation(); finish(false); }
+  });
+  input.addEventListener("blur", () => finish(true));
+}
+
+$("new-chat").addEventListener("click", () => {
+  stopActive();
+  const current = store.current;
+  if (current.messages.length) store.create();
+  renderList();
+  renderConversation();
+  ui.layout.classList.remove("sidebar-open");
+  ui.prompt.focus();
+});
+
+ui.toggle.addEventListener("click", () => {
+  const open = ui.layout.classList.toggle("sidebar-open");
+  ui.toggle.setAttribute("aria-expanded", String(open));
+});
+
+// ---- models -------------------------------------------------------------------------------
+
+async function loadModels() {
+  try {
+    catalogue = await loadCatalogue();
+  } catch (err) {
+    ui.modelInfo.textContent = `Could not load the models: ${err.message}`;
+    return;
+  }
+  ui.model.replaceChildren();
+  for (const group of catalogue.groups) {
+    const optgroup = document.createElement("optgroup");
+    optgroup.label = group.label;
+    for (const model of group.models) {
+      const option = document.createElement("option");
+      option.value = model.id;
+      option.textContent = model.display_name ? `${model.display_name} (${model.id})` : model.id;
+      optgroup.append(option);
+    }
+    ui.model.append(optgroup);
+  }
+  const remembered = store.model;
+  if (remembered && catalogue.models.has(remembered)) ui.model.value = remembered;
+  showModelInfo();
+}
+
+function showModelInfo() {
+  const text = describe(catalogue.models.get(ui.model.value));
+  ui.modelInfo.textContent = [text, catalogue.note].filter(Boolean).join(" — ");
+}
+
+ui.model.addEventListener("change", () => {
+  store.model = ui.model.value;
+  showModelInfo();
+});
+
+// ---- sending and streaming ---------------------------------------------------------------
+
+function history(messages) {
+  return messages
+    .filter((m) => (m.role === "user" || m.role === "assistant") && m.content)
+    .map((m) => ({ role: m.role, content: m.content }));
+}
+
+function send(text) {
+  if (active || !text.trim()) return;
+  const conversation = store.current;
+  conversation.messages.push({ role: "user", content: text });
+  const article = messageElement(conversation.messages.at(-1), conversation.messages.length - 1);
+  ui.messages.append(article);
+  answer(conversation);
+}
+
+/** Appends an assistant message to `conversation` and streams the answer into it. */
+async function answer(conversation) {
+  const model = ui.model.value;
+  const request = { model, messages: history(conversation.messages) };
+  const message = { role: "assistant", content: "", reasoning: "", status: "streaming", model, meta: {} };
+  conversation.messages.push(message);
+  store.touch(conversation);
+  renderList();
+  ui.empty.hidden = true;
+  const article = messageElement(message, conversation.messages.length - 1);
+  ui.messages.append(article);
+  refreshLastActions();
+  const renderer = streamInto(article);
+  active = { message, article, renderer, conversation, stream: null };
+  setBusy(true);
+  scrollToEnd(true);
+  active.stream = await transport.start(request, {
+    onDelta({ text, reasoning }) {
+      if (reasoning) {
+        message.reasoning += reasoning;
+        updateAssistant(article, message);
+      }
+      if (text) {
+        const first = !message.content;
+        message.content += text;
+        renderer.set(message.content);
+        if (first) updateAssistant(article, message);
+      }
+      scrollToEnd();
+    },
+    onDone(frame) {
+      const seconds = frame.firstAt != null ? (frame.endedAt - frame.firstAt) / 1000 : 0;
+      const tokens = frame.usage?.completion_tokens;
+      message.status = frame.finish_reason === "cancelled" ? "stopped" : "done";
+      message.model = frame.model || model;
+      message.meta = {
+        finish_reason: frame.finish_reason,
+        ttft_ms: frame.ttft_ms,
+        completion_tokens: tokens ?? null,
+        tps: tokens > 1 && seconds > 0 ? tokens / seconds : null,
+        cached: frame.cached === true,
+        transport: frame.transport,
+      };
+      finish(message.status === "stopped" ? "Answer stopped." : "Answer complete.");
+    },
+    onError(error) {
+      message.status = "error";
+      message.error = {
+        code: error.code, status: error.status, message: error.message,
+        retry_after: error.retry_after, request_id: error.request_id,
+      };
+      finish("The answer failed.");
+    },
+  });
+}
+
+function finish(announcement) {
+  const { renderer, conversation } = active;
+  renderer.flush();
+  active = null;
+  store.touch(conversation);
+  if (conversation === store.current) refreshLastActions();
+  setBusy(false);
+  ui.announcer.textContent = announcement;
+}
+
+function stopActive() {
+  if (active?.stream) active.stream.cancel();
+}
+
+function setBusy(busy) {
+  ui.send.hidden = busy;
+  ui.stop.hidden = !busy;
+  ui.messages.setAttribute("aria-busy", String(busy));
+  if (busy && document.activeElement === ui.send) ui.stop.focus();
+  if (!busy && document.activeElement === ui.stop) ui.prompt.focus();
+}
+
+function scrollToEnd(force = false) {
+  const gap = ui.messages.scrollHeight - ui.messages.scrollTop - ui.messages.clientHeight;
+  if (force || gap < 120) ui.messages.scrollTop = ui.messages.scrollHeight;
+}
+
+// Regenerate / retry / edit / copy: one delegated handler for every message.
+ui.messages.addEventListener("click", (event) => {
+  const target = event.target.closest("[data-action]");
+  if (!target) return;
+  const article = target.closest("article.message");
+  const index = Number(article?.dataset.index);
+  const conversation = store.current;
+  switch (target.dataset.action) {
+    case "copy-code": {
+      const code = target.closest(".code")?.querySelector("code")?.textContent ?? "";
+      navigator.clipboard?.writeText(code).then(() => { target.textContent = "Copied"; }, () => { target.textContent = "Copy failed"; });
+      setTimeout(() => { target.textContent = "Copy"; }, 1500);
+      break;
+    }
+    case "regenerate":
+    case "retry":
+      if (active) return;
+      conversation.messages.splice(index);
+      renderConversation();
+      answer(conversation);
+      break;
+    case "edit":
+      if (!active) startEdit(article, index);
+      break;
+    default:
+      break;
+  }
+});
+
+function startEdit(article, index) {
+  const conversation = store.current;
+  const original = conversation.messages[index].content;
+  const form = document.createElement("form");
+  form.className = "edit";
+  const area = document.createElement("textarea");
+  area.value = original;
+  area.setAttribute("aria-label", "Edit message");
+  const save = document.createElement("button");
+  save.type = "submit";
+  save.className = "primary";
+  save.textContent = "Send";
+  const cancel = document.createElement("button");
+  cancel.type = "button";
+  cancel.textContent = "Cancel";
+  form.append(area, save, cancel);
+  article.querySelector(".content").replaceWith(form);
+  article.querySelector(".actions").hidden = true;
+  area.focus();
+  const submit = () => {
+    if (active || !area.value.trim()) return;
+    conversation.messages.splice(index);
+    conversation.messages.push({ role: "user", content: area.value });
+    renderConversation();
+    answer(conversation);
+  };
+  form.addEventListener("submit", (e) => { e.preventDefault(); submit(); });
+  area.addEventListener("keydown", (e) => {
+    if (e.key === "Enter" && !e.shiftKey && !e.isComposing) { e.preventDefault(); submit(); }
+    if (e.key === "Escape") { e.preventDefault(); e.stopPropagation(); renderConversation(); }
+  });
+  cancel.addEventListener("click", () => renderConversation());
+}
+
+// ---- composer and keys ----------------------------------------------------------------------
+
+ui.composer.addEventListener("submit", (event) => {
+  event.preventDefault();
+  const text = ui.prompt.value;
+  if (active || !text.trim()) return;
+  ui.prompt.value = "";
+  autosize();
+  send(text);
+});
+
+ui.prompt.addEventListener("keydown", (event) => {
+  if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+    event.preventDefault();
+    ui.composer.requestSubmit();
+  }
+});
+
+function autosize() {
+  ui.prompt.style.height = "auto";
+  ui.prompt.style.height = `${Math.min(ui.prompt.scrollHeight, 240)}px`;
+}
+ui.prompt.addEventListener("input", autosize);
+
+ui.stop.addEventListener("click", stopActive);
+document.addEventListener("keydown", (event) => {
+  if (event.key === "Escape" && active) {
+    event.preventDefault();
+    stopActive();
+  }
+});
+
+// ---- start --------------------------------------------------------------------------------
+
+// An answer that was streaming when the page went away cannot continue.
+for (const conversation of store.conversations) {
+  for (const message of conversation.messages) {
+    if (message.status === "streaming") message.status = "interrupted";
+  }
+}
+store.save();
+renderList();
+renderConversation();
+loadModels();
+ui.prompt.focus();
