@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install install-dev serve lint test
+.PHONY: install install-dev serve lint test bench loadtest
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,3 +30,9 @@ lint: install-dev
 
 test: lint  ## install, lint, type-check and run the whole test suite
 	$(BIN)/pytest $(ARGS)
+
+bench: install-dev  ## direct vs gateway: TTFB, CPU per chunk, memory, capacity, cancels (~4 min)
+	$(BIN)/python -m loadtests.bench $(ARGS)
+
+loadtest: install-dev  ## locust, headless, through the gateway to the fake upstream
+	$(BIN)/python -m loadtests.loadtest $(ARGS)

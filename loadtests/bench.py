@@ -153,7 +153,9 @@ class Bench:
 
         if target == GW_WS:
             n = math.ceil(count / WS_STREAMS_PER_SOCKET)
-            sockets.extend(await asyncio.gather(*(WSClient.open(self.gateway_url) for _ in range(n))))
+            sockets.extend(
+                await asyncio.gather(*(WSClient.open(self.gateway_url) for _ in range(n)))
+            )
         try:
             return list(await asyncio.gather(*((ws if sockets else sse)(i) for i in range(count))))
         finally:
@@ -171,7 +173,9 @@ class Bench:
         sockets: list[WSClient] = []
         if target == GW_WS:
             n = math.ceil(concurrency / WS_STREAMS_PER_SOCKET)
-            sockets.extend(await asyncio.gather(*(WSClient.open(self.gateway_url) for _ in range(n))))
+            sockets.extend(
+                await asyncio.gather(*(WSClient.open(self.gateway_url) for _ in range(n)))
+            )
 
         async def worker(i: int) -> None:
             await asyncio.sleep(stagger * i / concurrency)
@@ -179,7 +183,9 @@ class Bench:
             try:
                 while loop.time() < deadline:
                     if client is None:
-                        r = await sockets[i // WS_STREAMS_PER_SOCKET].chat(self.model(target, model))
+                        r = await sockets[i // WS_STREAMS_PER_SOCKET].chat(
+                            self.model(target, model)
+                        )
                     else:
                         r = await client.chat(self.model(target, model), stream=stream)
                     results.append(r)
@@ -336,7 +342,8 @@ class Bench:
                 "ready_s": round(ready, 3),
                 "idle_rss_mb": round(harness.rss_bytes(child.pid) / 2**20, 1),
             }
-            await self.control.script("slow", tokens=100_000, pace=1.0)
+            # Slow enough that 5,000 open streams cost the gateway little CPU (1,000 chunks/s).
+            await self.control.script("slow", tokens=120, pace=5.0)
             client_url = url
             tasks: list[asyncio.Task[Result]] = []
             clients: list[SSEClient] = []
@@ -348,7 +355,7 @@ class Bench:
                     tasks.append(asyncio.create_task(client.chat("fake/slow")))
                     if len(clients) % 200 == 0:
                         await asyncio.sleep(0.05)  # let the accept queue drain
-                opened = await _wait_first_tokens(tasks, clients, timeout=60)
+                opened = await _wait_first_tokens(tasks, clients, seconds=60)
                 await asyncio.sleep(1.0)
                 levels[str(level)] = {
                     "streams_open": opened,
@@ -436,7 +443,7 @@ class Bench:
     async def cancel(self) -> None:
         """Cancel mid-stream: time until the upstream sees its connection closed, tokens after."""
         s = self.sizes
-        await self.control.script("long", tokens=100_000, pace=s.pace)
+        await self.control.script("long", tokens=2000, pace=s.pace)
         out: dict[str, Any] = {}
         for level in s.cancel_levels:
             for target in (DIRECT, GW_SSE, GW_WS):
@@ -481,10 +488,10 @@ class Bench:
 
 
 async def _wait_first_tokens(
-    tasks: list[asyncio.Task[Result]], clients: list[SSEClient], timeout: float
+    tasks: list[asyncio.Task[Result]], clients: list[SSEClient], seconds: float
 ) -> int:
     """Wait until every open stream got its first token; returns how many did."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         pending = [c for c in clients if not _has_first(c)]
         if not pending:
@@ -599,7 +606,13 @@ def rows(f: dict[str, Any]) -> list[tuple[str, Any, Any, Any, str]]:
             out.append((f"RSS with {level} open streams (MB)", "", m["rss_mb"], "", goal))
         out.append(("memory per open stream (kB)", "", mem["kb_per_stream"], "", ""))
         out.append(
-            ("upstream streams left open after close", "", mem["upstream_open_after_close"], "", "0")
+            (
+                "upstream streams left open after close",
+                "",
+                mem["upstream_open_after_close"],
+                "",
+                "0",
+            )
         )
     cap = f.get("capacity")
     if cap:

@@ -294,7 +294,7 @@ class WSClient:
                         result.note(1)
                         if cancel_after is not None and result.chunks >= cancel_after:
                             result.cancelled_at = time.monotonic()
-                            await self.ws.send('{"type":"chat.cancel","id":"%s"}' % frame.id)
+                            await self.ws.send(f'{{"type":"chat.cancel","id":"{frame.id}"}}')
                     continue
                 if frame.type == "chat.done":
                     result.status = 200

@@ -62,15 +62,22 @@ def rss_bytes(pid: int) -> int:
 class Child:
     """One started process in its own session (process group), with its stdout lines."""
 
-    def __init__(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        env: dict[str, str] | None = None,
+        *,
+        inherit_output: bool = False,
+    ) -> None:
         self.name = name
         self.log = tempfile.TemporaryFile(prefix=f"{name}-")
         self.proc = subprocess.Popen(
             argv,
             cwd=ROOT,
             env={**os.environ, **(env or {})},
-            stdout=subprocess.PIPE,
-            stderr=self.log,
+            stdout=None if inherit_output else subprocess.PIPE,
+            stderr=None if inherit_output else self.log,
             start_new_session=True,
         )
         self.started_at = time.monotonic()
