@@ -349,6 +349,7 @@ class Bench:
             clients: list[SSEClient] = []
             levels: dict[str, Any] = {}
             for level in s.memory_levels:
+                began = time.monotonic()
                 while len(clients) < level:
                     client = SSEClient.for_url(client_url, "/api/chat/completions")
                     clients.append(client)
@@ -356,9 +357,11 @@ class Bench:
                     if len(clients) % 200 == 0:
                         await asyncio.sleep(0.05)  # let the accept queue drain
                 opened = await _wait_first_tokens(tasks, clients, seconds=60)
+                open_s = time.monotonic() - began
                 await asyncio.sleep(1.0)
                 levels[str(level)] = {
                     "streams_open": opened,
+                    "open_s": round(open_s, 1),
                     "rss_mb": round(harness.rss_bytes(child.pid) / 2**20, 1),
                     "client_rss_mb": round(harness.rss_bytes(os.getpid()) / 2**20, 1),
                 }
@@ -367,10 +370,13 @@ class Bench:
             out["kb_per_stream"] = round(
                 (levels[str(hi)]["rss_mb"] - levels[str(lo)]["rss_mb"]) * 1024 / (hi - lo), 1
             )
+            closed_at = time.monotonic()
             for client in clients:
                 client.close()
             await asyncio.gather(*tasks, return_exceptions=True)
-            out["upstream_open_after_close"] = await self._still_open("slow", seconds=5)
+            # Every client went away at once: how long until the upstream saw all of them go.
+            out["upstream_open_after_close"] = await self._still_open("slow", seconds=60)
+            out["close_drain_s"] = round(time.monotonic() - closed_at, 1)
             self.figures["memory"] = out
         finally:
             self.stack.remove(child)
@@ -605,15 +611,13 @@ def rows(f: dict[str, Any]) -> list[tuple[str, Any, Any, Any, str]]:
             goal = "< 500 MB" if level == "5000" else ""
             out.append((f"RSS with {level} open streams (MB)", "", m["rss_mb"], "", goal))
         out.append(("memory per open stream (kB)", "", mem["kb_per_stream"], "", ""))
+        for level, m in mem["levels"].items():
+            out.append((f"seconds to open {level} streams", "", m["open_s"], "", ""))
         out.append(
-            (
-                "upstream streams left open after close",
-                "",
-                mem["upstream_open_after_close"],
-                "",
-                "0",
-            )
+            ("all clients gone: upstream closed after (s)", "", mem["close_drain_s"], "", "")
         )
+        left = mem["upstream_open_after_close"]
+        out.append(("upstream streams still open 60 s later", "", left, "", "0"))
     cap = f.get("capacity")
     if cap:
         s = cap["sustained"]
