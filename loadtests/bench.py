@@ -461,7 +461,11 @@ class Bench:
                 )
                 await self._still_open("long", seconds=5)
                 records = {r["user"]: r for r in await self.control.requests(times=True)}
-                out[f"{target}@{level}"] = _cancel_figures(phase.results, records)
+                figures = _cancel_figures(phase.results, records)
+                figures["gateway_cpu_share"] = round(phase.gateway_cpu / phase.wall, 3)
+                figures["fake_cpu_share"] = round(phase.fake_cpu / phase.wall, 3)
+                figures["client_cpu_share"] = round(phase.client_cpu / phase.wall, 3)
+                out[f"{target}@{level}"] = figures
         self.figures["cancel"] = out
 
     async def run(self, only: list[str]) -> dict[str, Any]:
