@@ -231,12 +231,15 @@ class Stack:
 
 
 def stop_on_signals() -> None:
-    """Turn SIGTERM (and SIGHUP) into KeyboardInterrupt, so `finally` blocks stop the children."""
+    """Turn SIGINT, SIGTERM and SIGHUP into KeyboardInterrupt, so `finally` stops the children.
+
+    SIGINT too, as a shell starts background jobs with it ignored.
+    """
 
     def interrupt(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
-    for sig in (signal.SIGTERM, signal.SIGHUP):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, interrupt)
 
 
