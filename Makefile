@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install install-dev system-deps serve lint test protos
+.PHONY: install install-dev system-deps serve lint test protos bench loadtest
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,3 +36,9 @@ test: lint system-deps  ## install, lint, type-check and run the whole test suit
 
 protos: install-dev  ## regenerate the gRPC stubs in server/classification/stubs from proto/
 	PYTHON=$(BIN)/python scripts/gen-protos
+
+bench: install-dev  ## direct vs gateway: TTFB, CPU per chunk, memory, capacity, cancels (~4 min)
+	$(BIN)/python -m loadtests.bench $(ARGS)
+
+loadtest: install-dev  ## locust, headless, through the gateway to the fake upstream
+	$(BIN)/python -m loadtests.loadtest $(ARGS)

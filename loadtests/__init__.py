@@ -1,0 +1,1 @@
+"""Load tests (locust) and benchmarks for the gateway against the fake upstream."""

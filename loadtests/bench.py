@@ -1,0 +1,729 @@
+"""Benchmark: the same scenarios straight against the fake upstream and through the gateway.
+
+    python -m loadtests.bench [--tiny] [--out FILE] [--only NAME ...] [--profile DIR]
+
+Starts the fake upstream and a gateway (one uvicorn worker) as separate processes, runs each
+scenario alternately direct and through the gateway, prints a table and writes the figures as
+JSON. Gateway CPU and memory come from `/proc/<pid>`. Nothing here asserts a timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from loadtests import harness
+from loadtests.clients import Result, SSEClient, WSClient, percentile
+
+DIRECT, GW_SSE, GW_WS, GW_JSON = "direct-sse", "gateway-sse", "gateway-ws", "gateway-json"
+WS_STREAMS_PER_SOCKET = 8
+
+
+@dataclass
+class Sizes:
+    """How big each scenario runs; `tiny` is for CI (seconds), `full` for figures."""
+
+    c1_requests: int = 300
+    load_concurrency: int = 200
+    load_seconds: float = 5.0
+    load_rounds: int = 2
+    fixed_concurrency: int = 50
+    fixed_seconds: float = 3.0
+    memory_levels: tuple[int, ...] = (1000, 5000)
+    capacity_levels: tuple[int, ...] = (100, 200, 300, 400, 600, 800, 1200, 1600)
+    cancel_levels: tuple[int, ...] = (50, 1000)
+    tokens: int = 64
+    pace: float = 0.02
+
+
+TINY = Sizes(
+    c1_requests=10,
+    load_concurrency=10,
+    load_seconds=0.6,
+    load_rounds=1,
+    fixed_concurrency=4,
+    fixed_seconds=0.5,
+    memory_levels=(20, 40),
+    capacity_levels=(10,),
+    cancel_levels=(5,),
+    tokens=8,
+    pace=0.01,
+)
+
+
+def ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 3)
+
+
+def summary(values: list[float]) -> dict[str, float | None]:
+    """p50/p99/max in milliseconds."""
+    return {
+        "p50_ms": ms(percentile(values, 50)),
+        "p99_ms": ms(percentile(values, 99)),
+        "max_ms": ms(max(values)) if values else None,
+        "n": len(values),
+    }
+
+
+@dataclass
+class Phase:
+    """CPU and wall time of the processes while one phase ran."""
+
+    wall: float = 0.0
+    gateway_cpu: float = 0.0
+    fake_cpu: float = 0.0
+    client_cpu: float = 0.0
+    results: list[Result] = field(default_factory=list)
+
+
+def _self_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+class Bench:
+    def __init__(self, sizes: Sizes, stack: harness.Stack, profile: Path | None) -> None:
+        self.sizes = sizes
+        self.stack = stack
+        self.profile = profile
+        self.fake: harness.Child
+        self.gateway: harness.Child
+        self.control: harness.Control
+        self.fake_url = ""
+        self.gateway_url = ""
+        self.figures: dict[str, Any] = {}
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    def client(self, target: str) -> SSEClient:
+        if target == DIRECT:
+            return SSEClient.for_url(self.fake_url, "/v1/chat/completions")
+        return SSEClient.for_url(self.gateway_url, "/api/chat/completions")
+
+    @staticmethod
+    def model(target: str, name: str) -> str:
+        return name if target == DIRECT else f"fake/{name}"
+
+    async def measure(self, run: Callable[[], Awaitable[list[Result]]]) -> Phase:
+        g0, f0 = harness.cpu_seconds(self.gateway.pid), harness.cpu_seconds(self.fake.pid)
+        c0, t0 = _self_cpu(), time.monotonic()
+        results = await run()
+        phase = Phase(
+            wall=time.monotonic() - t0,
+            gateway_cpu=harness.cpu_seconds(self.gateway.pid) - g0,
+            fake_cpu=harness.cpu_seconds(self.fake.pid) - f0,
+            client_cpu=_self_cpu() - c0,
+            results=results,
+        )
+        return phase
+
+    async def one_shot(
+        self, target: str, model: str, count: int, spread: float, cancel_after: Callable[[int], int]
+    ) -> list[Result]:
+        """`count` streams started evenly over `spread` seconds; each its own connection."""
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        sockets: list[WSClient] = []
+
+        async def sse(i: int) -> Result:
+            await asyncio.sleep(max(0.0, start + spread * i / count - loop.time()))
+            client = self.client(target)
+            try:
+                return await client.chat(self.model(target, model), cancel_after=cancel_after(i))
+            finally:
+                client.close()
+
+        async def ws(i: int) -> Result:
+            await asyncio.sleep(max(0.0, start + spread * i / count - loop.time()))
+            socket = sockets[i // WS_STREAMS_PER_SOCKET]
+            return await socket.chat(self.model(target, model), cancel_after=cancel_after(i))
+
+        if target == GW_WS:
+            n = math.ceil(count / WS_STREAMS_PER_SOCKET)
+            sockets.extend(
+                await asyncio.gather(*(WSClient.open(self.gateway_url) for _ in range(n)))
+            )
+        try:
+            return list(await asyncio.gather(*((ws if sockets else sse)(i) for i in range(count))))
+        finally:
+            await asyncio.gather(*(s.close() for s in sockets), return_exceptions=True)
+
+    async def closed_loop(
+        self, target: str, model: str, concurrency: int, seconds: float, stagger: float
+    ) -> list[Result]:
+        """`concurrency` workers, each sending its next request as soon as one ends."""
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        deadline = start + stagger + seconds
+        results: list[Result] = []
+        stream = target != GW_JSON
+        sockets: list[WSClient] = []
+        if target == GW_WS:
+            n = math.ceil(concurrency / WS_STREAMS_PER_SOCKET)
+            sockets.extend(
+                await asyncio.gather(*(WSClient.open(self.gateway_url) for _ in range(n)))
+            )
+
+        async def worker(i: int) -> None:
+            await asyncio.sleep(stagger * i / concurrency)
+            client = None if sockets else self.client(target)
+            try:
+                while loop.time() < deadline:
+                    if client is None:
+                        r = await sockets[i // WS_STREAMS_PER_SOCKET].chat(
+                            self.model(target, model)
+                        )
+                    else:
+                        r = await client.chat(self.model(target, model), stream=stream)
+                    results.append(r)
+            finally:
+                if client is not None:
+                    client.close()
+
+        try:
+            await asyncio.gather(*(worker(i) for i in range(concurrency)))
+        finally:
+            await asyncio.gather(*(s.close() for s in sockets), return_exceptions=True)
+        return results
+
+    @contextlib.contextmanager
+    def profiled(self, name: str, seconds: float) -> Any:
+        """py-spy samples the gateway for `seconds` while the block runs (with --profile)."""
+        spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+        if self.profile is None or not os.path.exists(spy):
+            yield
+            return
+        self.profile.mkdir(parents=True, exist_ok=True)
+        out = self.profile / f"{name}.txt"
+        argv = [spy, "record", "--pid", str(self.gateway.pid), "--rate", "250", "--nonblocking"]
+        argv += ["--duration", str(max(1, int(seconds))), "--format", "raw", "-o", str(out)]
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            yield
+        finally:
+            try:
+                proc.wait(timeout=seconds + 10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    # -- scenarios ------------------------------------------------------------------------
+
+    async def ttft_c1(self) -> None:
+        """Concurrency 1: the same short stream alternately direct, via SSE, via WebSocket."""
+        await self.control.script("c1", tokens=8, pace=0.002)
+        sse = {t: self.client(t) for t in (DIRECT, GW_SSE)}
+        ws = await WSClient.open(self.gateway_url)
+        samples: dict[str, list[float]] = {DIRECT: [], GW_SSE: [], GW_WS: []}
+        try:
+            for i in range(self.sizes.c1_requests + 10):
+                for target in samples:
+                    if target == GW_WS:
+                        r = await ws.chat(self.model(target, "c1"))
+                    else:
+                        r = await sse[target].chat(self.model(target, "c1"))
+                    if i >= 10 and r.ttft is not None and r.error is None:  # 10 warm-ups
+                        samples[target].append(r.ttft)
+        finally:
+            await ws.close()
+            for client in sse.values():
+                client.close()
+        out: dict[str, Any] = {t: summary(v) for t, v in samples.items()}
+        for t in (GW_SSE, GW_WS):
+            out[t]["added_p50_ms"] = _minus(out[t]["p50_ms"], out[DIRECT]["p50_ms"])
+            out[t]["added_p99_ms"] = _minus(out[t]["p99_ms"], out[DIRECT]["p99_ms"])
+        self.figures["ttft_c1"] = out
+
+    async def load(self) -> None:
+        """Paced streams at fixed concurrency (closed loop), targets alternating by phase."""
+        s = self.sizes
+        await self.control.script("paced", tokens=s.tokens, pace=s.pace)
+        stream_time = s.tokens * s.pace
+        phases: dict[str, list[Phase]] = {DIRECT: [], GW_SSE: [], GW_WS: []}
+        for _ in range(s.load_rounds):
+            for target in phases:
+                seconds = stream_time + s.load_seconds
+                with self.profiled(f"load-{target}", seconds if target != DIRECT else 0):
+                    phase = await self.measure(
+                        lambda t=target: self.closed_loop(  # type: ignore[misc]
+                            t, "paced", s.load_concurrency, s.load_seconds, stream_time
+                        )
+                    )
+                phases[target].append(phase)
+                await self.control.forget()
+        out = {t: self._load_figures(p, s.pace) for t, p in phases.items()}
+        for t in (GW_SSE, GW_WS):
+            d, g = out[DIRECT]["ttft"], out[t]["ttft"]
+            out[t]["ttft_p99_ratio"] = _ratio(g["p99_ms"], d["p99_ms"])
+            out[t]["ttft_p50_ratio"] = _ratio(g["p50_ms"], d["p50_ms"])
+        self.figures["load"] = {"concurrency": s.load_concurrency, **out}
+
+    @staticmethod
+    def _load_figures(phases: list[Phase], pace: float) -> dict[str, Any]:
+        results = [r for p in phases for r in p.results]
+        ok = [r for r in results if r.error is None]
+        gaps = [g for r in ok for g in r.gaps()]
+        chunks = sum(r.chunks for r in ok)
+        cpu = sum(p.gateway_cpu for p in phases)
+        wall = sum(p.wall for p in phases)
+        return {
+            "requests": len(results),
+            "errors": len(results) - len(ok),
+            "chunks": chunks,
+            "ttft": summary([r.ttft for r in ok if r.ttft is not None]),
+            "gap": summary(gaps),
+            "stalled_streams": sum(1 for r in ok if max(r.gaps(), default=0) > 10 * pace),
+            "gateway_cpu_s": round(cpu, 3),
+            "gateway_cpu_share": round(cpu / wall, 3) if wall else None,
+            "cpu_per_chunk_us": round(cpu / chunks * 1e6, 1) if chunks else None,
+            "cpu_per_request_ms": round(cpu / len(ok) * 1e3, 3) if ok else None,
+            "fake_cpu_share": round(sum(p.fake_cpu for p in phases) / wall, 3) if wall else None,
+            "client_cpu_share": round(sum(p.client_cpu for p in phases) / wall, 3)
+            if wall
+            else None,
+        }
+
+    async def fixed_cost(self) -> None:
+        """One-token answers back to back: the gateway's CPU per request (streamed and not)."""
+        s = self.sizes
+        await self.control.script("one", tokens=1, pace=0.0)
+        out: dict[str, Any] = {}
+        for target in (DIRECT, GW_SSE, GW_WS, GW_JSON):
+            with self.profiled(f"fixed-{target}", s.fixed_seconds if target != DIRECT else 0):
+                phase = await self.measure(
+                    lambda t=target: self.closed_loop(  # type: ignore[misc]
+                        t, "one", s.fixed_concurrency, s.fixed_seconds, 0.1
+                    )
+                )
+            await self.control.forget()
+            ok = [r for r in phase.results if r.error is None]
+            out[target] = {
+                "requests": len(phase.results),
+                "errors": len(phase.results) - len(ok),
+                "requests_per_s": round(len(ok) / phase.wall, 1),
+                "cpu_per_request_ms": round(phase.gateway_cpu / len(ok) * 1e3, 3) if ok else None,
+                "gateway_cpu_share": round(phase.gateway_cpu / phase.wall, 3),
+                "client_cpu_share": round(phase.client_cpu / phase.wall, 3),
+            }
+        load = self.figures.get("load")
+        if load is not None:
+            tokens = self.sizes.tokens
+            for target in (GW_SSE, GW_WS):
+                full = load[target]["cpu_per_request_ms"]
+                one = out[target]["cpu_per_request_ms"]
+                if full is not None and one is not None:
+                    # Marginal cost of one more relayed chunk: two request sizes, one line.
+                    out[target]["marginal_cpu_per_chunk_us"] = round(
+                        (full - one) / (tokens - 1) * 1e3, 1
+                    )
+        self.figures["fixed_cost"] = out
+
+    async def memory(self) -> None:
+        """A fresh gateway: start-up time, idle RSS, then RSS with many open slow streams."""
+        s = self.sizes
+        child, url, ready = harness.start_gateway(self.fake_url)
+        self.stack.add(child)
+        try:
+            await asyncio.sleep(0.5)
+            out: dict[str, Any] = {
+                "ready_s": round(ready, 3),
+                "idle_rss_mb": round(harness.rss_bytes(child.pid) / 2**20, 1),
+            }
+            # Slow enough that 5,000 open streams cost the gateway little CPU (1,000 chunks/s).
+            await self.control.script("slow", tokens=120, pace=5.0)
+            client_url = url
+            tasks: list[asyncio.Task[Result]] = []
+            clients: list[SSEClient] = []
+            levels: dict[str, Any] = {}
+            for level in s.memory_levels:
+                began = time.monotonic()
+                while len(clients) < level:
+                    client = SSEClient.for_url(client_url, "/api/chat/completions")
+                    clients.append(client)
+                    tasks.append(asyncio.create_task(client.chat("fake/slow")))
+                    if len(clients) % 200 == 0:
+                        await asyncio.sleep(0.05)  # let the accept queue drain
+                opened = await _wait_first_tokens(tasks, clients, seconds=60)
+                open_s = time.monotonic() - began
+                await asyncio.sleep(1.0)
+                levels[str(level)] = {
+                    "streams_open": opened,
+                    "open_s": round(open_s, 1),
+                    "rss_mb": round(harness.rss_bytes(child.pid) / 2**20, 1),
+                    "client_rss_mb": round(harness.rss_bytes(os.getpid()) / 2**20, 1),
+                }
+            lo, hi = s.memory_levels[0], s.memory_levels[-1]
+            out["levels"] = levels
+            out["kb_per_stream"] = round(
+                (levels[str(hi)]["rss_mb"] - levels[str(lo)]["rss_mb"]) * 1024 / (hi - lo), 1
+            )
+            closed_at = time.monotonic()
+            for client in clients:
+                client.close()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            # Every client went away at once: how long until the upstream saw all of them go.
+            out["upstream_open_after_close"] = await self._still_open("slow", seconds=60)
+            out["close_drain_s"] = round(time.monotonic() - closed_at, 1)
+            self.figures["memory"] = out
+        finally:
+            self.stack.remove(child)
+            await self.control.forget()
+
+    async def _still_open(self, model: str, seconds: float) -> int:
+        """Upstream requests for `model` not yet closed, after waiting up to `seconds`."""
+        deadline = time.monotonic() + seconds
+        while True:
+            records = await self.control.requests()
+            still = sum(
+                1
+                for r in records
+                if r["model"] == model and r["disconnected_at"] is None and not r["completed"]
+            )
+            if still == 0 or time.monotonic() > deadline:
+                return still
+            await asyncio.sleep(0.2)
+
+    async def capacity(self) -> None:
+        """Highest concurrency at which no stream stalls longer than 10x the pacing."""
+        s = self.sizes
+        await self.control.script("cap", tokens=s.tokens, pace=s.pace)
+        limit = 10 * s.pace
+        passed: dict[str, int] = {DIRECT: 0, GW_SSE: 0, GW_WS: 0}
+        failed: set[str] = set()
+        levels: list[dict[str, Any]] = []
+        for level in s.capacity_levels:
+            for target in passed:
+                if target in failed:
+                    continue
+                phase = await self.measure(
+                    lambda t=target, n=level: self.one_shot(  # type: ignore[misc]
+                        t, "cap", n, spread=1.0, cancel_after=lambda i: None
+                    )
+                )
+                await self.control.forget()
+                bad = [
+                    r
+                    for r in phase.results
+                    if r.error is not None
+                    or r.ttft is None
+                    or r.ttft > limit
+                    or max(r.gaps(), default=0) > limit
+                ]
+                gaps = [g for r in phase.results for g in r.gaps()]
+                levels.append(
+                    {
+                        "target": target,
+                        "streams": level,
+                        "stalled": len(bad),
+                        "ttft": summary([r.ttft for r in phase.results if r.ttft is not None]),
+                        "gap_max_ms": ms(max(gaps)) if gaps else None,
+                        "gateway_cpu_share": round(phase.gateway_cpu / phase.wall, 3),
+                        "client_cpu_share": round(phase.client_cpu / phase.wall, 3),
+                    }
+                )
+                if bad:
+                    failed.add(target)
+                else:
+                    passed[target] = level
+            if len(failed) == len(passed):
+                break
+        self.figures["capacity"] = {
+            "stall_limit_ms": ms(limit),
+            "sustained": passed,
+            "levels": levels,
+        }
+
+    async def cancel(self) -> None:
+        """Cancel mid-stream: time until the upstream sees its connection closed, tokens after."""
+        s = self.sizes
+        await self.control.script("long", tokens=2000, pace=s.pace)
+        out: dict[str, Any] = {}
+        for level in s.cancel_levels:
+            for target in (DIRECT, GW_SSE, GW_WS):
+                await self.control.forget()
+                phase = await self.measure(
+                    lambda t=target, n=level: self.one_shot(  # type: ignore[misc]
+                        t, "long", n, spread=1.0, cancel_after=lambda i: 3 + i % 10
+                    )
+                )
+                await self._still_open("long", seconds=5)
+                records = {r["user"]: r for r in await self.control.requests(times=True)}
+                figures = _cancel_figures(phase.results, records)
+                figures["gateway_cpu_share"] = round(phase.gateway_cpu / phase.wall, 3)
+                figures["fake_cpu_share"] = round(phase.fake_cpu / phase.wall, 3)
+                figures["client_cpu_share"] = round(phase.client_cpu / phase.wall, 3)
+                out[f"{target}@{level}"] = figures
+        self.figures["cancel"] = out
+
+    async def run(self, only: list[str]) -> dict[str, Any]:
+        fake, self.fake_url, control = harness.start_fake(self.sizes.tokens, self.sizes.pace)
+        self.fake = self.stack.add(fake)
+        self.control = harness.Control(control)
+        scenarios: dict[str, Callable[[], Awaitable[None]]] = {
+            "memory": self.memory,  # first, on its own fresh gateway
+            "ttft_c1": self.ttft_c1,
+            "load": self.load,
+            "fixed_cost": self.fixed_cost,
+            "capacity": self.capacity,
+            "cancel": self.cancel,
+        }
+        gateway, self.gateway_url, ready = harness.start_gateway(self.fake_url)
+        self.gateway = self.stack.add(gateway)
+        self.figures["machine"] = {
+            "cpus": os.cpu_count(),
+            "python": sys.version.split()[0],
+            "fd_limit": harness.raise_fd_limit(),
+        }
+        for name, scenario in scenarios.items():
+            if only and name not in only:
+                continue
+            started = time.monotonic()
+            print(f"… {name}", file=sys.stderr, flush=True)
+            await scenario()
+            self.figures.setdefault("seconds", {})[name] = round(time.monotonic() - started, 1)
+        return self.figures
+
+
+async def _wait_first_tokens(
+    tasks: list[asyncio.Task[Result]], clients: list[SSEClient], seconds: float
+) -> int:
+    """Wait until every open stream got its first token; returns how many did."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        pending = [c for c in clients if not _has_first(c)]
+        if not pending:
+            break
+        await asyncio.sleep(0.1)
+    return sum(1 for c in clients if _has_first(c))
+
+
+def _has_first(client: SSEClient) -> bool:
+    proto = client._proto
+    result = proto._result if proto is not None else None
+    return result is not None and result.first_at is not None
+
+
+def _cancel_figures(results: list[Result], records: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    latencies: list[float] = []
+    after: list[int] = []
+    acks: list[float] = []
+    missing = 0
+    cancelled = [r for r in results if r.cancelled_at is not None]
+    for r in cancelled:
+        assert r.cancelled_at is not None
+        if r.acked_at is not None:
+            acks.append(r.acked_at - r.cancelled_at)
+        record = records.get(r.tag)
+        if record is None or record["disconnected_at"] is None:
+            missing += 1
+            continue
+        latencies.append(record["disconnected_at"] - r.cancelled_at)
+        after.append(sum(1 for t in record["delta_times"] if t > r.cancelled_at))
+    return {
+        "streams": len(results),
+        "cancelled": len(cancelled),
+        "errors": sum(1 for r in results if r.error is not None and r.cancelled_at is None),
+        "not_seen_upstream": missing,
+        "propagation": summary(latencies),
+        "tokens_after_cancel_max": max(after) if after else None,
+        "tokens_after_cancel_mean": round(sum(after) / len(after), 2) if after else None,
+        "streams_with_more_than_one_after": sum(1 for a in after if a > 1),
+        "client_ack": summary(acks) if acks else None,
+    }
+
+
+def _minus(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else round(a - b, 3)
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None or b == 0 else round(a / b, 2)
+
+
+def _get(figures: dict[str, Any], *path: str) -> Any:
+    node: Any = figures
+    for key in path:
+        if not isinstance(node, dict) or key not in node:
+            return None
+        node = node[key]
+    return node
+
+
+def rows(f: dict[str, Any]) -> list[tuple[str, Any, Any, Any, str]]:
+    """(figure, direct, gateway, ratio or difference, goal) for the table."""
+    out: list[tuple[str, Any, Any, Any, str]] = []
+    c1 = f.get("ttft_c1")
+    if c1:
+        for q in ("p50", "p99"):
+            d = c1[DIRECT][f"{q}_ms"]
+            for t in (GW_SSE, GW_WS):
+                goal = "added <= 1 ms" if q == "p50" else ""
+                out.append((f"TTFB {q} c=1, {t} (ms)", d, c1[t][f"{q}_ms"], _plus(c1[t], q), goal))
+    load = f.get("load")
+    if load:
+        c = load["concurrency"]
+        for t in (GW_SSE, GW_WS):
+            for q in ("p50", "p99"):
+                d, g = load[DIRECT]["ttft"][f"{q}_ms"], load[t]["ttft"][f"{q}_ms"]
+                goal = "<= 1.5x direct" if q == "p99" else ""
+                out.append((f"TTFB {q} c={c} paced, {t} (ms)", d, g, _x(_ratio(g, d)), goal))
+            d, g = load[DIRECT]["gap"]["p99_ms"], load[t]["gap"]["p99_ms"]
+            out.append((f"inter-chunk gap p99 c={c}, {t} (ms)", d, g, _x(_ratio(g, d)), ""))
+            out.append((f"stalled streams c={c}, {t}", 0, load[t]["stalled_streams"], "", "0"))
+            cpu = load[t]["cpu_per_chunk_us"]
+            out.append((f"CPU per relayed chunk, all-in, {t} (us)", "", cpu, "", "<= 30 us"))
+            out.append(
+                (
+                    f"CPU per 64-token stream, {t} (ms)",
+                    "",
+                    load[t]["cpu_per_request_ms"],
+                    "",
+                    "",
+                )
+            )
+            share = load[t]["gateway_cpu_share"]
+            out.append((f"gateway CPU busy at c={c}, {t} (cores)", "", share, "", ""))
+    fixed = f.get("fixed_cost")
+    if fixed:
+        for t in (GW_SSE, GW_WS):
+            marginal = fixed[t].get("marginal_cpu_per_chunk_us")
+            out.append((f"CPU per relayed chunk, marginal, {t} (us)", "", marginal, "", "<= 30 us"))
+            cpu = fixed[t]["cpu_per_request_ms"]
+            out.append((f"CPU per 1-token stream, {t} (ms)", "", cpu, "", ""))
+        cpu = fixed[GW_JSON]["cpu_per_request_ms"]
+        out.append(("CPU per non-streamed request (ms)", "", cpu, "", "<= 1 ms"))
+        for t in (DIRECT, GW_SSE, GW_WS, GW_JSON):
+            out.append((f"1-token requests/s, {t}", "", fixed[t]["requests_per_s"], "", ""))
+    mem = f.get("memory")
+    if mem:
+        out.append(("ready to serve after start (s)", "", mem["ready_s"], "", "<= 1.5 s"))
+        out.append(("idle RSS (MB)", "", mem["idle_rss_mb"], "", "<= 80 MB"))
+        for level, m in mem["levels"].items():
+            goal = "< 500 MB" if level == "5000" else ""
+            out.append((f"RSS with {level} open streams (MB)", "", m["rss_mb"], "", goal))
+        out.append(("memory per open stream (kB)", "", mem["kb_per_stream"], "", ""))
+        for level, m in mem["levels"].items():
+            out.append((f"seconds to open {level} streams", "", m["open_s"], "", ""))
+        out.append(
+            ("all clients gone: upstream closed after (s)", "", mem["close_drain_s"], "", "")
+        )
+        left = mem["upstream_open_after_close"]
+        out.append(("upstream streams still open 60 s later", "", left, "", "0"))
+    cap = f.get("capacity")
+    if cap:
+        s = cap["sustained"]
+        for t in (GW_SSE, GW_WS):
+            out.append((f"streams sustained, {t}", s[DIRECT], s[t], "", ">= 5000 open"))
+    cancel = f.get("cancel")
+    if cancel:
+        for key, c in cancel.items():
+            target, level = key.split("@")
+            if target == DIRECT:
+                continue
+            d = cancel.get(f"{DIRECT}@{level}", {})
+            for q in ("p50", "p99"):
+                out.append(
+                    (
+                        f"cancel->upstream {q} @{level}, {target} (ms)",
+                        _get(d, "propagation", f"{q}_ms"),
+                        c["propagation"][f"{q}_ms"],
+                        "",
+                        "p99 <= 20 ms" if q == "p99" else "",
+                    )
+                )
+            out.append(
+                (
+                    f"tokens after cancel max/mean @{level}, {target}",
+                    f"{d.get('tokens_after_cancel_max')}/{d.get('tokens_after_cancel_mean')}",
+                    f"{c['tokens_after_cancel_max']}/{c['tokens_after_cancel_mean']}",
+                    "",
+                    "<= 1",
+                )
+            )
+            out.append(
+                (
+                    f"cancels not seen upstream @{level}, {target}",
+                    d.get("not_seen_upstream"),
+                    c["not_seen_upstream"],
+                    "",
+                    "0",
+                )
+            )
+    return out
+
+
+def _plus(entry: dict[str, Any], q: str) -> str:
+    added = entry.get(f"added_{q}_ms")
+    return "" if added is None else f"+{added:g} ms"
+
+
+def _x(ratio: float | None) -> str:
+    return "" if ratio is None else f"{ratio:g}x"
+
+
+def table(figures: dict[str, Any]) -> str:
+    header = ("figure", "direct", "gateway", "vs direct", "goal")
+    lines = [header, *((a, _cell(b), _cell(c), _cell(d), e) for a, b, c, d, e in rows(figures))]
+    widths = [max(len(str(line[i])) for line in lines) for i in range(5)]
+    fmt = "  ".join(f"{{:{'<' if i == 0 else '>'}{w}}}" for i, w in enumerate(widths))
+    text = [fmt.format(*lines[0]), "  ".join("-" * w for w in widths)]
+    text += [fmt.format(*line) for line in lines[1:]]
+    return "\n".join(text)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loadtests.bench", description=__doc__)
+    parser.add_argument("--tiny", action="store_true", help="a few seconds, for CI")
+    parser.add_argument("--out", default="loadtests/results/bench.json", help="JSON report")
+    parser.add_argument(
+        "--only", action="append", default=[], help="run only this scenario (repeatable)"
+    )
+    parser.add_argument("--profile", type=Path, help="py-spy the gateway into this folder")
+    args = parser.parse_args(argv)
+    harness.raise_fd_limit()
+    harness.stop_on_signals()
+    sizes = TINY if args.tiny else Sizes()
+    try:
+        import uvloop
+
+        runner: Callable[[Any], Any] = uvloop.run
+    except ImportError:
+        runner = asyncio.run
+    with harness.Stack() as stack:
+        try:
+            figures = runner(Bench(sizes, stack, args.profile).run(args.only))
+        except KeyboardInterrupt:
+            print("interrupted; stopped everything started", file=sys.stderr)
+            return 130
+    figures["sizes"] = asdict(sizes)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(figures, indent=2) + "\n")
+    print(table(figures))
+    print(f"\nfigures written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
