@@ -151,6 +151,10 @@ class RateLimiter:
     def enabled(self) -> bool:
         return bool(self._rpm or self._tpm)
 
+    @property
+    def counts_tokens(self) -> bool:
+        return bool(self._tpm)
+
     async def admit(self, principal: str) -> float:
         """Take one request; the seconds to wait before retrying, or 0 when admitted."""
         if self._tpm:
@@ -181,7 +185,12 @@ class ChargingObserver(StreamObserver):
     def ended(self, state: StreamState) -> None:
         super().ended(state)
         principal = current_principal.get()
-        if principal is None or state.cached or not (state.outcome == "completed" or state.chunks):
+        if (
+            not self._limiter.counts_tokens
+            or principal is None
+            or state.cached
+            or not (state.outcome == "completed" or state.chunks)
+        ):
             return
         tokens = state.usage_so_far().total_tokens
         task = asyncio.get_running_loop().create_task(self._limiter.charge(principal, tokens))

@@ -115,7 +115,8 @@ async def test_every_route_and_spelling_refuses_a_bad_key(
 
 
 @pytest.mark.parametrize(
-    "header", [f"Bearer {KEY}", f"bearer {KEY}", f"BEARER {KEY}", f"Bearer   {KEY}", f"Bearer {OTHER}"]
+    "header",
+    [f"Bearer {KEY}", f"bearer {KEY}", f"BEARER {KEY}", f"Bearer   {KEY}", f"Bearer {OTHER}"],
 )
 async def test_a_valid_key_is_let_in(gateway: str, header: str) -> None:
     async with httpx2.AsyncClient(base_url=gateway, headers={"Authorization": header}) as http:
@@ -165,7 +166,9 @@ async def ws_status(url: str, **options: object) -> int:
 async def test_websocket_with_a_bearer_header(gateway: str) -> None:
     headers = {"Authorization": f"Bearer {KEY}"}
     assert await ws_status(gateway, additional_headers=headers) == 101
-    assert await ws_status(gateway, additional_headers={"Authorization": f"Bearer {REVOKED}"}) == 401
+    assert (
+        await ws_status(gateway, additional_headers={"Authorization": f"Bearer {REVOKED}"}) == 401
+    )
     assert await ws_status(gateway) == 401
 
 
@@ -184,7 +187,9 @@ async def test_browser_websocket_key_in_a_subprotocol(gateway: str) -> None:
     assert await ws_status(gateway, subprotocols=both) == 401
     header = {"Authorization": f"Bearer {REVOKED}"}
     assert (
-        await ws_status(gateway, subprotocols=[SUBPROTOCOL, auth_protocol(KEY)], additional_headers=header)
+        await ws_status(
+            gateway, subprotocols=[SUBPROTOCOL, auth_protocol(KEY)], additional_headers=header
+        )
         == 401
     )
 
@@ -214,7 +219,10 @@ async def test_websocket_origin_allow_list(gateway: str, origin: str, status: in
 
 
 async def test_foreign_origin_is_refused_before_the_key_is_checked(gateway: str) -> None:
-    options = {"origin": "https://evil.example.com", "subprotocols": [SUBPROTOCOL, auth_protocol(KEY)]}
+    options = {
+        "origin": "https://evil.example.com",
+        "subprotocols": [SUBPROTOCOL, auth_protocol(KEY)],
+    }
     assert await ws_status(gateway, **options) == 403
 
 

@@ -51,7 +51,10 @@ def nested(depth: int) -> object:
 OVER = [
     ({"messages": HELLO * 5}, "messages"),
     ({"messages": [{"role": "user", "content": "x" * 101}]}, "messages"),
-    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "x" * 101}]}]}, "messages"),
+    (
+        {"messages": [{"role": "user", "content": [{"type": "text", "text": "x" * 101}]}]},
+        "messages",
+    ),
     ({"max_tokens": 51}, "max_tokens"),
     ({"max_completion_tokens": 51}, "max_completion_tokens"),
     ({"metadata": nested(9)}, None),
@@ -102,8 +105,14 @@ async def test_request_limits_over_websocket(
         (rb'{"model": "demo/echo", "messages": [{"role": "user", "content": "\udc00"}]}', 400),
         (b'{"model": "demo/echo", "x": ' + b"[" * 5000 + b"]" * 5000 + b"}", 400),
         (b'{"model": "demo/echo", "tools": ' + b"[" * 5000 + b"]" * 5000 + b"}", 400),
-        (b'{"model": "demo/echo", "messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', 400),
-        (b'{"model": "demo/echo", "messages": [{"role": "user", "content": "hi"}], "top_p": Infinity}', 400),
+        (
+            b'{"model": "demo/echo", "messages": [{"role": "user", "content": "hi"}], "temperature": NaN}',
+            400,
+        ),
+        (
+            b'{"model": "demo/echo", "messages": [{"role": "user", "content": "hi"}], "top_p": Infinity}',
+            400,
+        ),
         (b'{"model": "demo/echo", "messages": [{"role": "tool", "content": "hi"}]}', 400),
     ],
 )
@@ -118,7 +127,10 @@ async def test_hostile_bodies_are_400s(http: httpx2.AsyncClient, body: bytes, st
 async def test_deep_frames_do_not_break_the_socket(gateway: str) -> None:
     async with connect(ws_url(gateway), subprotocols=[SUBPROTOCOL]) as ws:  # type: ignore[list-item]
         client = StreamClient(ws)
-        for deep in ("[" * 5000 + "]" * 5000, '{"type": "ping", "x": ' + "[" * 5000 + "]" * 5000 + "}"):
+        for deep in (
+            "[" * 5000 + "]" * 5000,
+            '{"type": "ping", "x": ' + "[" * 5000 + "]" * 5000 + "}",
+        ):
             await ws.send(deep)
             assert (await client.next())["type"] == "error"
         await ws.send('{"type": "ping"}')
@@ -214,7 +226,9 @@ async def test_websocket_starts_count_as_requests(upstream: FakeUpstream) -> Non
             assert error["code"] == "rate_limited" and error["retry_after"] > 0
 
 
-async def test_tokens_per_minute_are_charged_at_the_end(upstream: FakeUpstream, model: Model) -> None:
+async def test_tokens_per_minute_are_charged_at_the_end(
+    upstream: FakeUpstream, model: Model
+) -> None:
     with gateway_with(upstream, limits=LimitSettings(tokens_per_minute=600)) as url:
         async with httpx2.AsyncClient(base_url=url, timeout=10) as http:
             big = {"model": f"oai/{model(tokens=3, prompt_tokens=1000)}", "messages": HELLO}

@@ -58,9 +58,13 @@ def test_no_key_leaks_anywhere(upstream: FakeUpstream, model: Model) -> None:
                 client = StreamClient(ws)
                 sid = await client.start(body["model"])
                 assert (await client.until_terminal(sid))["type"] == "chat.error"
-                seen.append(json.dumps(client.frames) + str(ws.response.headers if ws.response else ""))
+                seen.append(
+                    json.dumps(client.frames) + str(ws.response.headers if ws.response else "")
+                )
             try:
-                async with connect(url, subprotocols=["tokenrelay.v1", auth_protocol(stranger_key)]):  # type: ignore[list-item]
+                async with connect(
+                    url, subprotocols=["tokenrelay.v1", auth_protocol(stranger_key)]
+                ):  # type: ignore[list-item]
                     raise AssertionError("a stranger's key opened a socket")
             except InvalidStatus as exc:
                 seen.append(exc.response.body.decode() + str(exc.response.headers))
@@ -70,7 +74,14 @@ def test_no_key_leaks_anywhere(upstream: FakeUpstream, model: Model) -> None:
     everything = "\n".join(seen)
     assert "upstream_auth_failed" in everything  # the failure itself is reported
     for secret in (gateway_key, stranger_key, upstream_key):
-        for form in (secret, secret[4:], auth_protocol(secret), base64.b64encode(secret.encode()).decode()):
+        for form in (
+            secret,
+            secret[4:],
+            auth_protocol(secret),
+            base64.b64encode(secret.encode()).decode(),
+        ):
             assert form not in everything
     assert digest(gateway_key) not in everything
-    assert "tokenrelay.auth.[redacted]" in process.log  # uvicorn did print the handshake  # only a short key id is ever logged
+    assert (
+        "tokenrelay.auth.[redacted]" in process.log
+    )  # uvicorn did print the handshake  # only a short key id is ever logged

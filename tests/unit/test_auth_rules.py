@@ -11,9 +11,18 @@ from server.settings import SettingsError, load
 
 @pytest.mark.parametrize(
     "path",
-    ["/api/models", "//api//models", "/API/Models", "/api/models/", "/api%2Fmodels",
-     "/api%252Fmodels", "/./api/models", "/healthz/../api/models", "/x/%2e%2e/api/models",
-     "\\api\\models"],
+    [
+        "/api/models",
+        "//api//models",
+        "/API/Models",
+        "/api/models/",
+        "/api%2Fmodels",
+        "/api%252Fmodels",
+        "/./api/models",
+        "/healthz/../api/models",
+        "/x/%2e%2e/api/models",
+        "\\api\\models",
+    ],
 )
 def test_every_spelling_normalises_to_one_path(path: str) -> None:
     assert normalise_path(path) == "/api/models"
