@@ -276,3 +276,12 @@ async def test_dns_rebinding_is_not_same_origin(gateway: str, host: str, status:
         await writer.wait_closed()
     assert int(head.split(b" ", 2)[1]) == status
     assert KEY.encode() not in head
+
+
+async def test_security_headers_on_every_response(gateway: str) -> None:
+    async with httpx2.AsyncClient(base_url=gateway) as http:
+        for response in (await http.get("/healthz"), await http.get("/api/models")):
+            assert response.headers["x-content-type-options"] == "nosniff"
+            assert response.headers["referrer-policy"] == "no-referrer"
+            assert response.headers["x-frame-options"] == "DENY"
+            assert "frame-ancestors 'none'" in response.headers["content-security-policy"]
