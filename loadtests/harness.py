@@ -142,6 +142,13 @@ log_level = "warning"
 [websocket]
 max_streams = {ws_streams}
 
+# The load generator multiplexes many streams per socket and per client address: the
+# per-socket frame rate and per-client caps would measure the limits, not the relay.
+[limits]
+ws_frames_per_second = 100000
+streams_per_key = 100000
+ws_sockets_per_key = 100000
+
 [[providers]]
 name = "fake"
 kind = "openai"

@@ -16,6 +16,7 @@ from starlette.routing import Route, WebSocketRoute
 from providers.errors import GatewayError
 from providers.registry import Registry
 from server import protocol
+from server.auth import Gatekeeper, KeyRing
 from server.cache import Cache, MemoryCache, RedisCache
 from server.catalog import Catalog
 from server.chat import ChatService
@@ -30,11 +31,15 @@ from server.errors import (
 from server.health import healthz, readyz
 from server.http import request_id_of
 from server.lifecycle import Lifecycle
+from server.limits import Limits
 from server.metrics import exposition
-from server.observe import RequestObserver, StreamObserver
+from server.observe import RequestObserver
+from server.openapi import openapi_endpoint
+from server.ratelimit import Buckets, ChargingObserver, MemoryBuckets, RateLimiter, RedisBuckets
 from server.rest import ChatCompletions, list_models, model_categories
 from server.settings import CacheSettings, Settings, load
 from server.ui import ui_mount
+from server.webheaders import SecurityHeaders
 from server.ws import WebSocketEndpoint
 
 
@@ -67,6 +72,18 @@ def build_cache(settings: CacheSettings) -> Cache:
     return MemoryCache(max_entries=settings.max_entries, max_bytes=settings.max_bytes)
 
 
+def build_limits(settings: Settings) -> Limits:
+    """Limits with rate buckets in the cache's Redis when it has one, else in memory."""
+    buckets: Buckets = MemoryBuckets()
+    if settings.cache.url:
+        buckets = RedisBuckets(
+            settings.cache.url, namespace=settings.cache.namespace, timeout=settings.cache.timeout
+        )
+    limits = settings.limits
+    limiter = RateLimiter(buckets, limits.requests_per_minute, limits.tokens_per_minute)
+    return Limits(limits, limiter)
+
+
 def create_app(settings: Settings, environ: Mapping[str, str] | None = None) -> Starlette:
     """Build the gateway for `settings`; provider keys come from `environ` (default os.environ)."""
     registry = Registry.from_settings(
@@ -74,10 +91,12 @@ def create_app(settings: Settings, environ: Mapping[str, str] | None = None) -> 
     )
     cache = build_cache(settings.cache)
     lifecycle = Lifecycle(grace=settings.server.shutdown_grace)
+    limits = build_limits(settings)
+    observer = ChargingObserver(limits.limiter, log_content=settings.server.log_content)
     service = ChatService(
         registry,
         write_timeout=settings.server.slow_consumer_timeout,
-        observer=StreamObserver(log_content=settings.server.log_content),
+        observer=observer,
         cache=cache if settings.cache.completions else None,
         cache_ttl=settings.cache.ttl,
         fallbacks=settings.fallbacks,
@@ -103,21 +122,37 @@ def create_app(settings: Settings, environ: Mapping[str, str] | None = None) -> 
             await catalog.aclose()
             await registry.aclose()
             await cache.aclose()
+            await observer.aclose()
+            await limits.limiter.aclose()
 
     app = Starlette(
         routes=[
             Route(
-                "/api/chat/completions", ChatCompletions(service, settings.server), methods=["POST"]
+                "/api/chat/completions",
+                ChatCompletions(service, settings.server, limits),
+                methods=["POST"],
             ),
             Route("/api/models", list_models, methods=["GET"]),
             Route("/api/models/categories", model_categories, methods=["GET"]),
-            WebSocketRoute("/api/ws", WebSocketEndpoint(service, settings.websocket)),
+            Route("/api/openapi.json", openapi_endpoint, methods=["GET"]),
+            WebSocketRoute("/api/ws", WebSocketEndpoint(service, settings.websocket, limits)),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
             Route("/metrics", metrics_endpoint, methods=["GET"]),
             ui_mount(),  # the browser UI; last, so every API route wins
         ],
-        middleware=[Middleware(RequestObserver)],
+        middleware=[
+            Middleware(RequestObserver),
+            Middleware(SecurityHeaders),
+            Middleware(
+                Gatekeeper,
+                keys=KeyRing(settings.auth.keys),
+                origins=settings.auth.origins,
+                limiter=limits.limiter,
+                max_header_bytes=settings.limits.max_header_bytes,
+                sockets=limits.sockets,
+            ),
+        ],
         exception_handlers={HTTPException: _http_error, Exception: _server_error},
         lifespan=lifespan,
     )

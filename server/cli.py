@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import ipaddress
 import os
 import shutil
 import sys
@@ -23,9 +24,28 @@ def _load_or_report(config: str | None) -> Settings | None:
         return None
 
 
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def _serve(args: argparse.Namespace) -> int:
     settings = _load_or_report(args.config)
     if settings is None:
+        return 2
+    host = args.host or settings.server.host
+    if not settings.auth.keys and not _is_loopback(host) and not args.allow_unauthenticated:
+        print(
+            f"tokenrelay: refusing to serve on {host} without gateway keys: anyone who can "
+            "reach it could spend the providers' credit. Add keys to [auth] keys (see "
+            "`tokenrelay create-key`), bind a loopback address, or pass "
+            "--allow-unauthenticated if something in front of the gateway authenticates.",
+            file=sys.stderr,
+        )
         return 2
     import uvicorn
 
@@ -41,7 +61,7 @@ def _serve(args: argparse.Namespace) -> int:
     uvicorn.run(
         "server.app:app_from_environment",
         factory=True,
-        host=args.host or settings.server.host,
+        host=host,
         port=args.port or settings.server.port,
         workers=args.workers,
         **uvicorn_options(settings),
@@ -69,6 +89,16 @@ def _classifier(args: argparse.Namespace) -> int:
     return 0
 
 
+def _create_key(args: argparse.Namespace) -> int:
+    from server.auth import digest, new_key
+
+    key = new_key()
+    print(f"key:    {key}")
+    print(f"digest: {digest(key)}")
+    print("Give the key to its user; put only the digest in [auth] keys.", file=sys.stderr)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tokenrelay", description="A realtime LLM chat gateway.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -77,6 +107,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("--port", type=int, help="port to bind (default from settings: 8000)")
     serve.add_argument("--config", help="TOML settings file (or TOKENRELAY_CONFIG)")
     serve.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    serve.add_argument(
+        "--allow-unauthenticated",
+        action="store_true",
+        help="serve a non-loopback address without [auth] keys",
+    )
     serve.set_defaults(run=_serve)
     classifier = commands.add_parser(
         "classifier", help="run the model-classification gRPC service (SIGTERM stops it gracefully)"
@@ -87,6 +122,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--grace", type=float, default=5.0, help="seconds calls in flight get on stop (5)"
     )
     classifier.set_defaults(run=_classifier)
+    create = commands.add_parser(
+        "create-key", help="make a gateway key; prints it and the digest for [auth] keys"
+    )
+    create.set_defaults(run=_create_key)
     check = commands.add_parser(
         "check-config", help="validate the settings and report every problem"
     )

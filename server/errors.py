@@ -41,6 +41,30 @@ class MethodNotAllowedError(e.RequestError):
     """The route exists but not for that method."""
 
 
+class AuthenticationError(e.RequestError):
+    """No gateway key, or one that is not configured."""
+
+
+class ForbiddenOriginError(e.RequestError):
+    """A browser request or WebSocket handshake from an origin that is not allowed."""
+
+
+class LimitExceededError(e.RequestError):
+    """A request over one of the `[limits]` (names the field in `param`)."""
+
+
+class HeadersTooLargeError(e.RequestError):
+    """The request's headers are larger than allowed."""
+
+
+class RateLimitedError(e.RequestError):
+    """The key (or client address) is over its requests or tokens per minute."""
+
+
+class TooManySocketsError(e.RequestError):
+    """The key (or client address) already has as many WebSockets open as it may."""
+
+
 class Spec(NamedTuple):
     """An error class's wire identity."""
 
@@ -62,6 +86,12 @@ TABLE: dict[type[BaseException], Spec] = {
     ServerShuttingDownError: Spec(503, "server_error", "server_shutting_down"),
     RouteNotFoundError: Spec(404, "invalid_request_error", "not_found"),
     MethodNotAllowedError: Spec(405, "invalid_request_error", "method_not_allowed"),
+    AuthenticationError: Spec(401, "authentication_error", "invalid_api_key"),
+    ForbiddenOriginError: Spec(403, "permission_error", "forbidden_origin"),
+    LimitExceededError: Spec(400, "invalid_request_error", "limit_exceeded"),
+    HeadersTooLargeError: Spec(431, "invalid_request_error", "headers_too_large"),
+    RateLimitedError: Spec(429, "rate_limit_error", "rate_limited"),
+    TooManySocketsError: Spec(429, "rate_limit_error", "too_many_sockets"),
     e.ProviderError: Spec(502, "upstream_error", "upstream_error"),
     e.UpstreamAuthError: Spec(502, "upstream_error", "upstream_auth_failed"),
     e.UpstreamRejectedError: Spec(400, "invalid_request_error", "upstream_rejected"),

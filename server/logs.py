@@ -59,10 +59,12 @@ def log_config(level: str, fmt: str) -> dict[str, Any]:
             "text": {"()": "server.logs.TextFormatter"},
             "json": {"()": "server.logs.JsonFormatter"},
         },
+        "filters": {"secrets": {"()": "server.redaction.SecretFilter"}},
         "handlers": {
             "default": {
                 "class": "logging.StreamHandler",
                 "formatter": formatter,
+                "filters": ["secrets"],
                 "stream": "ext://sys.stderr",
             }
         },

@@ -42,6 +42,7 @@ ROUTES = frozenset(
         "/api/chat/completions",
         "/api/models",
         "/api/models/categories",
+        "/api/openapi.json",
         "/api/ws",
         "/healthz",
         "/readyz",

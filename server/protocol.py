@@ -130,6 +130,10 @@ def decode_body(data: bytes) -> ChatCompletionBody:
         raise InvalidRequestError(f"Invalid request body{where}: {message}", param=param) from exc
     except msgspec.DecodeError as exc:
         raise InvalidRequestError(f"The request body is not valid JSON: {exc}") from exc
+    except UnicodeDecodeError as exc:  # a string that is not UTF-8
+        raise InvalidRequestError("The request body is not valid UTF-8.") from exc
+    except RecursionError as exc:  # nesting deeper than the decoder follows
+        raise InvalidRequestError("The request body nests too deeply.") from exc
 
 
 def _split_location(text: str) -> tuple[str, str | None]:
@@ -270,7 +274,16 @@ class Ping(msgspec.Struct, frozen=True, kw_only=True, tag="ping", forbid_unknown
 
 
 ClientFrame = ChatStart | ChatCancel | Ping
-decode_client_frame = msgspec.json.Decoder(ClientFrame).decode
+_decode_client_frame = msgspec.json.Decoder(ClientFrame).decode
+
+
+def decode_client_frame(data: str | bytes) -> ClientFrame:
+    """Decode a client frame; anything that is not a valid frame raises a msgspec error."""
+    try:
+        frame: ClientFrame = _decode_client_frame(data)
+    except RecursionError as exc:  # nesting deeper than the decoder follows
+        raise msgspec.DecodeError("The frame nests too deeply.") from exc
+    return frame
 
 
 class _Envelope(msgspec.Struct):
@@ -287,7 +300,7 @@ def frame_envelope(data: str) -> tuple[bool, str | None, str | None]:
     """Whether a frame that failed validation is a JSON object, and its `type` and `id`."""
     try:
         envelope = _decode_envelope(data)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):
         return False, None, None
     kind = envelope.type if isinstance(envelope.type, str) else None
     sid = envelope.id if isinstance(envelope.id, str) and 0 < len(envelope.id) <= 128 else None

@@ -15,6 +15,8 @@ from server.catalog import Catalog
 from server.chat import ChatService, Prepared, StreamState
 from server.errors import ClientGone
 from server.http import header_map, read_body, request_id_of, send_error, send_json
+from server.limits import Limits
+from server.ratelimit import current_principal
 from server.settings import ServerSettings
 from server.sse import CACHE_HIT_HEADER, stream_sse
 from server.streaming import race, watch_disconnect
@@ -23,9 +25,12 @@ from server.streaming import race, watch_disconnect
 class ChatCompletions:
     """`POST /api/chat/completions` as a plain ASGI app: one code path for JSON and SSE."""
 
-    def __init__(self, service: ChatService, settings: ServerSettings) -> None:
+    def __init__(
+        self, service: ChatService, settings: ServerSettings, limits: Limits | None = None
+    ) -> None:
         self._service = service
         self._settings = settings
+        self._limits = limits
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.monotonic()
@@ -34,6 +39,9 @@ class ChatCompletions:
         try:
             raw = await read_body(receive, headers, self._settings.max_body_bytes)
             body = protocol.decode_body(raw)
+            if self._limits is not None:
+                self._limits.check_depth(raw)
+                self._limits.check_body(body)
             cache_control = headers.get(b"cache-control")
             prepared = self._service.prepare(
                 body, cache_control.decode("latin-1") if cache_control else None
@@ -43,6 +51,29 @@ class ChatCompletions:
         except GatewayError as exc:
             await send_error(send, exc, rid)
             return
+        principal = current_principal.get() if self._limits is not None else None
+        try:
+            if self._limits is not None:
+                self._limits.stream_slot(principal)
+        except GatewayError as exc:
+            await send_error(send, exc, rid)
+            return
+        try:
+            await self._respond(body, prepared, headers, rid, started, receive, send)
+        finally:
+            if self._limits is not None:
+                self._limits.end_stream(principal)
+
+    async def _respond(
+        self,
+        body: protocol.ChatCompletionBody,
+        prepared: Prepared,
+        headers: dict[bytes, bytes],
+        rid: str,
+        started: float,
+        receive: Receive,
+        send: Send,
+    ) -> None:
         stream = body.stream or b"text/event-stream" in headers.get(b"accept", b"")
         state = StreamState(rid, started, "sse" if stream else "rest")
         created = int(time.time())

@@ -77,6 +77,28 @@ class ClassifierSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unkno
     deadline: float = 2.0
 
 
+class AuthSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The `[auth]` table: gateway keys (as SHA-256 hex digests) and allowed browser origins."""
+
+    keys: list[str] = msgspec.field(default_factory=list)
+    origins: list[str] = msgspec.field(default_factory=list)
+
+
+class LimitSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The `[limits]` table; a rate of 0 means unlimited."""
+
+    max_messages: int = 512
+    max_chars: int = 1_000_000
+    max_tokens: int = 65_536
+    max_json_depth: int = 32
+    max_header_bytes: int = 16 * 1024
+    ws_frames_per_second: int = 50
+    ws_sockets_per_key: int = 16
+    streams_per_key: int = 64
+    requests_per_minute: int = 0
+    tokens_per_minute: int = 0
+
+
 class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """The whole configuration."""
 
@@ -86,6 +108,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     fallbacks: dict[str, list[str]] = msgspec.field(default_factory=dict)
     catalog: CatalogSettings = msgspec.field(default_factory=CatalogSettings)
     classifier: ClassifierSettings = msgspec.field(default_factory=ClassifierSettings)
+    auth: AuthSettings = msgspec.field(default_factory=AuthSettings)
+    limits: LimitSettings = msgspec.field(default_factory=LimitSettings)
     providers: list[ProviderSettings] = msgspec.field(default_factory=list)
     demo: bool = True
 
@@ -251,6 +275,12 @@ def _check(data: dict[str, Any], environ: Mapping[str, str]) -> list[str]:
             found = _ADDRESS.match(classifier.address)
             if found is None or not 0 < int(found.group(1)) < 65536:
                 problems.append("classifier.address: expected host:port, e.g. 127.0.0.1:50051")
+    problems.extend(_check_auth(data.get("auth", {})))
+    limits = _part(data.get("limits", {}), LimitSettings)
+    if limits is not None:
+        for name, value in msgspec.structs.asdict(limits).items():
+            if value < 0 or (value == 0 and not name.endswith("_per_minute")):
+                problems.append(f"limits.{name}: expected a positive number")
     providers = data.get("providers")
     seen: set[str] = set()
     for i, raw in enumerate(providers if isinstance(providers, list) else ()):
@@ -275,6 +305,28 @@ def _check(data: dict[str, Any], environ: Mapping[str, str]) -> list[str]:
                     problems.append(
                         f"fallbacks.{where}: expected 'provider/model' with a configured provider"
                     )
+    return problems
+
+
+_DIGEST = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _check_auth(raw: Any) -> list[str]:
+    auth = _part(raw, AuthSettings)
+    if auth is None:
+        return []
+    problems = [
+        f"auth.keys[{i}]: expected a SHA-256 hex digest (see `tokenrelay create-key`)"
+        for i, digest in enumerate(auth.keys)
+        if not _DIGEST.match(digest)
+    ]
+    for i, origin in enumerate(auth.origins):
+        url = urlsplit(origin)
+        exact = f"{url.scheme}://{url.netloc}" == origin and not url.username
+        if url.scheme not in ("http", "https") or not url.hostname or not exact:
+            problems.append(
+                f"auth.origins[{i}]: expected scheme://host[:port], e.g. https://chat.example.com"
+            )
     return problems
 
 

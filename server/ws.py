@@ -25,9 +25,13 @@ from server.chat import ChatService, StreamState
 from server.errors import (
     ClientGone,
     DuplicateStreamError,
+    LimitExceededError,
+    RateLimitedError,
     TooManyStreamsError,
     error_body,
 )
+from server.limits import FrameMeter, Limits
+from server.ratelimit import current_principal
 from server.settings import WebSocketSettings
 
 log = logging.getLogger("tokenrelay.ws")
@@ -130,17 +134,29 @@ class _Stream:
 class Connection:
     """One accepted socket: reads frames, runs streams, cancels them."""
 
-    def __init__(self, service: ChatService, socket: _Socket, settings: WebSocketSettings) -> None:
+    def __init__(
+        self,
+        service: ChatService,
+        socket: _Socket,
+        settings: WebSocketSettings,
+        limits: Limits | None = None,
+    ) -> None:
         self._service = service
         self._socket = socket
         self._settings = settings
         self._streams: dict[str, _Stream] = {}
+        self._limits = limits
+        self._meter = FrameMeter(limits.settings.ws_frames_per_second) if limits else None
+        self._principal = current_principal.get()
 
     async def serve(self, receive: Receive) -> None:
         try:
             while True:
                 message = await receive()
                 if message["type"] == "websocket.disconnect":
+                    return
+                if self._meter is not None and not self._meter.allow():
+                    await self._socket.close(1008, "too many frames per second")
                     return
                 text = message.get("text")
                 if text is None:
@@ -163,6 +179,12 @@ class Connection:
         received_at = time.monotonic()
         try:
             frame = protocol.decode_client_frame(text)
+            if self._limits is not None:
+                self._limits.check_depth(text.encode())
+        except LimitExceededError as exc:
+            _FRAMES_IN["invalid"].inc()
+            await self._protocol_error("limit_exceeded", exc.message)
+            return
         except msgspec.ValidationError as exc:
             await self._invalid_frame(text, exc)
             return
@@ -214,7 +236,10 @@ class Connection:
             await self._reject(frame.id, error)
             return
         try:
+            if self._limits is not None:
+                self._limits.check_body(frame.request)
             prepared = self._service.prepare(frame.request, frame.cache_control)
+            await self._admit()
         except GatewayError as exc:
             await self._reject(frame.id, exc)
             return
@@ -222,6 +247,17 @@ class Connection:
         sink = WSSink(self._socket, frame.id, state)
         task = asyncio.create_task(self._run(frame.id, prepared, sink, state))
         self._streams[frame.id] = _Stream(task, sink, state)
+
+    async def _admit(self) -> None:
+        """The key's rate limits and concurrent-stream cap (a slot released when `_run` ends)."""
+        if self._limits is None or self._principal is None:
+            return
+        wait = await self._limits.limiter.admit(self._principal)
+        if wait > 0:
+            raise RateLimitedError(
+                "Too many requests or tokens for this key; retry later.", retry_after=wait
+            )
+        self._limits.stream_slot(self._principal)
 
     async def _run(self, stream_id: str, prepared: Any, sink: WSSink, state: StreamState) -> None:
         try:
@@ -239,6 +275,8 @@ class Connection:
         finally:
             self._streams.pop(stream_id, None)
             _FRAMES_OUT["chat.delta"].inc(state.chunks)
+            if self._limits is not None:
+                self._limits.end_stream(self._principal)
 
     async def _cancel(self, stream_id: str) -> None:
         stream = self._streams.get(stream_id)
@@ -270,9 +308,12 @@ class Connection:
 class WebSocketEndpoint:
     """`GET /api/ws` as a plain ASGI app."""
 
-    def __init__(self, service: ChatService, settings: WebSocketSettings) -> None:
+    def __init__(
+        self, service: ChatService, settings: WebSocketSettings, limits: Limits | None = None
+    ) -> None:
         self._service = service
         self._settings = settings
+        self._limits = limits
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         message = await receive()
@@ -288,7 +329,7 @@ class WebSocketEndpoint:
         socket = _Socket(send)
         metrics.WS_CONNECTIONS.inc()
         try:
-            await Connection(self._service, socket, self._settings).serve(receive)
+            await Connection(self._service, socket, self._settings, self._limits).serve(receive)
             await socket.close(1000)
         finally:
             metrics.WS_CONNECTIONS.dec()

@@ -78,11 +78,12 @@ def test_no_path_escapes_the_static_directory(gateway: str, path: str) -> None:
 def test_api_routes_keep_their_own_answers(gateway: str) -> None:
     status, headers, body = get(gateway, "/api/nothing")
     assert status == 404 and json.loads(body)["error"]["code"] == "not_found"
-    assert "content-security-policy" not in headers  # only the UI's responses carry it
+    # API answers carry the strictest policy: they are data, never a page.
+    assert headers["content-security-policy"].startswith("default-src 'none'")
     status, _, body = get(gateway, "/api/chat/completions")
     assert status == 405 and json.loads(body)["error"]["code"] == "method_not_allowed"
     status, headers, _ = get(gateway, "/api/models")
-    assert status == 200 and "content-security-policy" not in headers
+    assert status == 200 and headers["content-security-policy"].startswith("default-src 'none'")
     status, _, body = get(gateway, "/missing.js")
     assert status == 404 and json.loads(body)["error"]["code"] == "not_found"
     status, _, _ = get(gateway, "/", method="POST")

@@ -1,0 +1,93 @@
+"""The OpenAPI 3.1 document of the REST API, built once from the wire types themselves."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+
+from server import protocol
+from server.errors import ErrorEnvelope
+
+_ERRORS = {
+    "400": "Invalid request, or over a `[limits]` limit (`error.param` names the field)",
+    "401": "Missing or invalid gateway key",
+    "403": "Origin not allowed",
+    "404": "Unknown model or route",
+    "413": "Body over `[server] max_body_bytes`",
+    "429": "Rate limited (see `Retry-After`)",
+    "431": "Headers over `[limits] max_header_bytes`",
+    "502": "Upstream failure",
+    "503": "Upstream unavailable",
+    "504": "Upstream timeout",
+}
+
+
+def document() -> dict[str, Any]:
+    """The document: paths, the bearer scheme, and every schema the API sends or accepts."""
+    _, schemas = msgspec.json.schema_components(
+        [protocol.ChatCompletionBody, protocol.ChatCompletion, protocol.ModelList, ErrorEnvelope],
+        ref_template="#/components/schemas/{name}",
+    )
+
+    def ref(name: str) -> dict[str, Any]:
+        return {"$ref": f"#/components/schemas/{name}"}
+
+    def json_content(name: str) -> dict[str, Any]:
+        return {"application/json": {"schema": ref(name)}}
+
+    errors = {
+        status: {"description": text, "content": json_content("ErrorEnvelope")}
+        for status, text in _ERRORS.items()
+    }
+    errors["default"] = {"description": "Any other error", "content": json_content("ErrorEnvelope")}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "tokenrelay", "version": "1", "description": "OpenAI-compatible API."},
+        "servers": [{"url": "/"}],
+        "security": [{"bearer": []}],
+        "paths": {
+            "/api/chat/completions": {
+                "post": {
+                    "operationId": "createChatCompletion",
+                    "requestBody": {
+                        "required": True,
+                        "content": json_content("ChatCompletionBody"),
+                    },
+                    "responses": {
+                        "200": {
+                            "description": "The answer; a stream of SSE events when `stream`",
+                            "content": {
+                                **json_content("ChatCompletion"),
+                                "text/event-stream": {"schema": {"type": "string"}},
+                            },
+                        },
+                        **errors,
+                    },
+                }
+            },
+            "/api/models": {
+                "get": {
+                    "operationId": "listModels",
+                    "responses": {
+                        "200": {"description": "The models", "content": json_content("ModelList")},
+                        **errors,
+                    },
+                }
+            },
+        },
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+    }
+
+
+_BODY = msgspec.json.encode(document())
+
+
+async def openapi_endpoint(request: Request) -> Response:
+    """`GET /api/openapi.json`."""
+    return Response(_BODY, media_type="application/json")
