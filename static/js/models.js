@@ -1,12 +1,14 @@
 // The model picker's data: categories from /api/models/categories, or one "Models" group from
 // /api/models when the gateway has no categories endpoint.
 
+import { apiFetch } from "./auth.js";
+
 /** {groups: [{label, models: [model]}], models: Map(id -> model), note} */
 export async function loadCatalogue() {
-  const response = await fetch("api/models/categories", { headers: { accept: "application/json" } });
+  const response = await apiFetch("api/models/categories", { headers: { accept: "application/json" } });
   if (response.ok) return fromCategories(await response.json());
   if (response.status !== 404) throw new Error(`the model list failed (HTTP ${response.status})`);
-  const plain = await fetch("api/models", { headers: { accept: "application/json" } });
+  const plain = await apiFetch("api/models", { headers: { accept: "application/json" } });
   if (!plain.ok) throw new Error(`the model list failed (HTTP ${plain.status})`);
   return fromList(await plain.json());
 }

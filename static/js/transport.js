@@ -4,7 +4,8 @@
 // drops mid-answer the answer ends as "interrupted" and the user decides whether to retry.
 // The socket itself is reopened with jittered exponential backoff.
 
-const SUBPROTOCOL = "tokenrelay.v1";
+import { apiFetch, socketProtocols } from "./auth.js";
+
 const OPEN_TIMEOUT_MS = 4000;
 const BACKOFF_BASE_MS = 500;
 const BACKOFF_MAX_MS = 15000;
@@ -76,7 +77,7 @@ export class Transport {
     url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
     let socket;
     try {
-      socket = new WebSocket(url, SUBPROTOCOL);
+      socket = new WebSocket(url, socketProtocols());
     } catch {
       this.opened = Promise.resolve(false);
       this.scheduleReconnect();
@@ -95,6 +96,11 @@ export class Transport {
     });
     socket.addEventListener("message", (event) => this.receive(event.data));
     socket.addEventListener("close", () => this.dropped(socket));
+    // A handshake refused for a missing or wrong key cannot be read by the page: ask over HTTP,
+    // which prompts for a key when that is the reason; the next reconnect then offers it.
+    this.opened.then((opened) => {
+      if (!opened) apiFetch("api/models", { headers: { accept: "application/json" } }).catch(() => {});
+    });
   }
 
   dropped(socket) {
@@ -183,7 +189,7 @@ export class Transport {
 }
 
 async function streamSse(body, stream, signal) {
-  const response = await fetch("api/chat/completions", {
+  const response = await apiFetch("api/chat/completions", {
     method: "POST",
     headers: { "content-type": "application/json", accept: "text/event-stream" },
     body: JSON.stringify(body),

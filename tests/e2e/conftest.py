@@ -18,7 +18,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from providers.settings import ProviderSettings
 from server.app import create_app
-from server.settings import Settings, uvicorn_options
+from server.auth import digest
+from server.settings import AuthSettings, Settings, uvicorn_options
 from tests.conftest import ENVIRON, UPSTREAM_KEY
 from tests.fakeupstream import FakeUpstream, RecordedRequest, Script
 from tests.support.servers import serve_in_thread
@@ -146,7 +147,9 @@ def make_ui(browser: Browser, ui_upstream: FakeUpstream) -> UIFactory:
     """
 
     @contextlib.contextmanager
-    def start(*, block_websocket: bool = False, **scripts: Script) -> Iterator[UI]:
+    def start(
+        *, block_websocket: bool = False, auth_keys: list[str] | None = None, **scripts: Script
+    ) -> Iterator[UI]:
         names = {label: f"ui-{label}-{uuid.uuid4().hex[:8]}" for label in scripts}
         upstream = ui_upstream
         for label, script in scripts.items():
@@ -167,7 +170,8 @@ def make_ui(browser: Browser, ui_upstream: FakeUpstream) -> UIFactory:
             ),
             ProviderSettings(name="demo", kind="demo", pace=0.001),
         ]
-        settings = Settings(providers=providers)
+        auth = AuthSettings(keys=[digest(key) for key in auth_keys or ()])
+        settings = Settings(providers=providers, auth=auth)
         app: ASGIApp = create_app(settings, ENVIRON)
         if block_websocket:
             app = _RefuseWebSockets(app)
