@@ -15,7 +15,7 @@ from starlette.routing import Route, WebSocketRoute
 
 from providers.errors import GatewayError
 from providers.registry import Registry
-from server import protocol
+from server import guard, protocol
 from server.auth import Gatekeeper, KeyRing
 from server.cache import Cache, MemoryCache, RedisCache
 from server.catalog import Catalog
@@ -171,4 +171,6 @@ async def metrics_endpoint(request: Request) -> Response:
 
 def app_from_environment() -> Starlette:
     """The factory `tokenrelay serve` gives uvicorn; settings come from the environment."""
-    return create_app(load(None, os.environ))
+    settings = load(None, os.environ)
+    guard.configure(settings.server.header_timeout)
+    return create_app(settings)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import uuid
 
@@ -9,14 +10,34 @@ from starlette.types import Receive, Scope, Send
 
 from providers.errors import GatewayError, PayloadTooLargeError
 from server import protocol
-from server.errors import ClientGone, ErrorEnvelope, error_body, retry_after_header, spec_for
+from server.errors import (
+    ClientGone,
+    ErrorEnvelope,
+    RequestTimeoutError,
+    error_body,
+    retry_after_header,
+    spec_for,
+)
 
 
-async def read_body(receive: Receive, headers: dict[bytes, bytes], limit: int) -> bytes:
-    """The whole request body, or `PayloadTooLargeError` as soon as it exceeds `limit`."""
+async def read_body(
+    receive: Receive, headers: dict[bytes, bytes], limit: int, within: float = 30.0
+) -> bytes:
+    """The whole request body: `PayloadTooLargeError` as soon as it exceeds `limit`, and
+    `RequestTimeoutError` when it has not all arrived `within` seconds after the headers."""
     declared = headers.get(b"content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise _too_large(limit)
+    try:
+        async with asyncio.timeout(within):
+            return await _read(receive, limit)
+    except TimeoutError:
+        raise RequestTimeoutError(
+            f"The request body did not arrive within {within:g} s of its headers."
+        ) from None
+
+
+async def _read(receive: Receive, limit: int) -> bytes:
     chunks: list[bytes] = []
     size = 0
     while True:

@@ -37,7 +37,9 @@ class ChatCompletions:
         headers = header_map(scope)
         rid = request_id_of(scope)
         try:
-            raw = await read_body(receive, headers, self._settings.max_body_bytes)
+            raw = await read_body(
+                receive, headers, self._settings.max_body_bytes, self._settings.body_timeout
+            )
             body = protocol.decode_body(raw)
             if self._limits is not None:
                 self._limits.check_depth(raw)

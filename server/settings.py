@@ -37,6 +37,9 @@ class ServerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     slow_consumer_timeout: float = 30.0
     retry_budget: float = 30.0
     shutdown_grace: float = 20.0
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    max_connections: int = 10_000
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
     log_content: bool = False
@@ -247,7 +250,16 @@ def _check(data: dict[str, Any], environ: Mapping[str, str]) -> list[str]:
             problems.append("server.port: expected 1-65535")
         if server.max_body_bytes <= 0:
             problems.append("server.max_body_bytes: expected a positive number of bytes")
-        for name in ("sse_heartbeat", "slow_consumer_timeout", "retry_budget", "shutdown_grace"):
+        if server.max_connections <= 0:
+            problems.append("server.max_connections: expected a positive number")
+        for name in (
+            "sse_heartbeat",
+            "slow_consumer_timeout",
+            "retry_budget",
+            "shutdown_grace",
+            "header_timeout",
+            "body_timeout",
+        ):
             if getattr(server, name) <= 0:
                 problems.append(f"server.{name}: expected a positive number of seconds")
     ws = _part(data.get("websocket", {}), WebSocketSettings)
@@ -370,7 +382,9 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
     ws = settings.websocket
     return {
         "loop": "uvloop",
-        "http": "httptools",
+        "http": "server.guard:GuardedHttpToolsProtocol",  # httptools with a header deadline
+        # Past this many connections and tasks, uvicorn answers 503 at once instead of queueing.
+        "limit_concurrency": settings.server.max_connections,
         "ws": "websockets-sansio",
         # One byte over our own limit, so the app sees an oversized frame and closes with 1009
         # itself, while uvicorn still never buffers an unbounded one.

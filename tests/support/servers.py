@@ -23,11 +23,20 @@ DEFAULTS: dict[str, Any] = {
 
 @contextlib.contextmanager
 def serve_in_thread(
-    app: ASGIApp, *, host: str = "127.0.0.1", options: dict[str, Any] | None = None
+    app: ASGIApp,
+    *,
+    host: str = "127.0.0.1",
+    options: dict[str, Any] | None = None,
+    servers: list[uvicorn.Server] | None = None,
 ) -> Iterator[str]:
-    """Serve `app` with uvicorn until the block ends; yields the base URL."""
+    """Serve `app` with uvicorn until the block ends; yields the base URL.
+
+    `servers`, when given, receives the uvicorn server (for its connection and task counts).
+    """
     config = uvicorn.Config(app, **{**DEFAULTS, **(options or {}), "log_level": "warning"})
     server = uvicorn.Server(config)
+    if servers is not None:
+        servers.append(server)
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
         sock.bind((host, 0))
         port = sock.getsockname()[1]
