@@ -11,7 +11,7 @@ import msgspec
 
 from providers import errors
 from providers.settings import ProviderSettings
-from providers.sse import SSEDecoder
+from providers.sse import SSEDecoder, body_chunks
 from providers.types import (
     ChatRequest,
     Event,
@@ -131,7 +131,7 @@ class AnthropicProvider:
         prompt_tokens: int | None = None
         completion_tokens: int | None = None
         reason: FinishReason | None = None
-        async for raw in response.aiter_bytes():
+        async for raw in body_chunks(response):
             for name, data in decoder.feed(raw):
                 try:
                     if name == b"content_block_delta":

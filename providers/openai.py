@@ -11,7 +11,7 @@ import openai
 
 from providers import errors
 from providers.settings import ProviderSettings
-from providers.sse import SSEDecoder
+from providers.sse import SSEDecoder, body_chunks
 from providers.types import (
     ChatRequest,
     Event,
@@ -114,7 +114,7 @@ class OpenAIProvider:
         reason: FinishReason | None = None
         usage: Usage | None = None
         done = False
-        async for raw in response.aiter_bytes():
+        async for raw in body_chunks(response):
             for _, data in decoder.feed(raw):
                 if data == _DONE:
                     done = True

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
+import httpx2
+
 
 class SSEDecoder:
     """Turns a byte stream into `(event, data)` pairs; comments and ids are ignored.
@@ -38,3 +42,17 @@ class SSEDecoder:
             elif line.startswith(b"event:"):
                 self._event = line[6:].strip()
         return events
+
+
+def body_chunks(response: httpx2.Response) -> AsyncIterator[bytes]:
+    """A streamed body's bytes as they arrive.
+
+    Straight from the transport's stream (which already maps transport errors) when the body
+    is not content-encoded: `Response.aiter_bytes()` would add a decoder and a chunker, two
+    generator layers on every chunk of every stream, to do nothing.
+    """
+    if response.headers.get("content-encoding", "identity").lower() in ("", "identity"):
+        stream = response.stream
+        if isinstance(stream, httpx2.AsyncByteStream):
+            return stream.__aiter__()
+    return response.aiter_bytes()

@@ -258,3 +258,31 @@ def test_the_classifier_command_serves_and_stops_on_sigterm() -> None:
             proc.wait()
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+async def test_a_restarted_server_is_used_again_without_a_gateway_restart() -> None:
+    first_server = ClassifierServer("127.0.0.1", 0)
+    await first_server.start()
+    port = first_server.port
+    registry = Registry.from_settings([provider_settings_demo()], {})
+    catalog = Catalog(
+        registry,
+        ttl=0.05,
+        retry=0.05,
+        classifier_address=f"127.0.0.1:{port}",
+        classifier_deadline=DEADLINE,
+    )
+    second_server = ClassifierServer("127.0.0.1", port)
+    try:
+        assert (await catalog.refresh()).source == "classifier"
+        await first_server.stop(grace=None)  # killed
+        assert (await catalog.refresh()).source in ("stale", "fallback")
+        assert catalog.classifier_status == "degraded"
+        await second_server.start()  # back, on the same port
+        async with asyncio.timeout(GUARD):
+            while (await catalog.refresh()).source != "classifier":
+                await asyncio.sleep(0.05)
+        assert catalog.classifier_status == "serving"
+    finally:
+        await catalog.aclose()
+        await second_server.stop(grace=None)
