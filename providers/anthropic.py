@@ -12,6 +12,7 @@ import msgspec
 from providers import errors
 from providers.settings import ProviderSettings
 from providers.sse import SSEDecoder, body_chunks
+from providers.transport import http_client
 from providers.types import (
     ChatRequest,
     Event,
@@ -260,7 +261,7 @@ def create(settings: ProviderSettings, key: str) -> AnthropicProvider:
         base_url=settings.base_url or ANTHROPIC_URL,
         max_retries=0,
         timeout=timeout,
-        http_client=anthropic.DefaultAsyncHttpxClient(timeout=timeout, limits=limits),
+        http_client=http_client(settings, timeout, limits),
     )
     return AnthropicProvider(
         name=settings.name,

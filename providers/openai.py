@@ -12,6 +12,7 @@ import openai
 from providers import errors
 from providers.settings import ProviderSettings
 from providers.sse import SSEDecoder, body_chunks
+from providers.transport import http_client
 from providers.types import (
     ChatRequest,
     Event,
@@ -235,7 +236,7 @@ def create(settings: ProviderSettings, key: str) -> OpenAIProvider:
         base_url=base_url,
         max_retries=0,
         timeout=timeout,
-        http_client=openai.DefaultAsyncHttpxClient(timeout=timeout, limits=limits),
+        http_client=http_client(settings, timeout, limits),
     )
     return OpenAIProvider(
         name=settings.name,

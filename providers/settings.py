@@ -24,6 +24,7 @@ class ProviderSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     first_token_timeout: float = 180.0
     idle_timeout: float = 90.0
     max_connections: int = 1000
+    transport: Literal["lean", "httpx"] = "lean"  # httpx for HTTP(S)_PROXY or HTTP/2 upstreams
     retries: int = 2
     retry_backoff: float = 0.25
     retry_max_delay: float = 4.0

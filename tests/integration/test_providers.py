@@ -18,11 +18,15 @@ from tests.fakeupstream import FakeUpstream, formats
 Model = Callable[..., str]
 
 
-@pytest.fixture(params=["openai", "anthropic"])
+@pytest.fixture(
+    params=[("openai", "lean"), ("anthropic", "lean"), ("openai", "httpx"), ("anthropic", "httpx")],
+    ids=lambda p: "-".join(p),
+)
 async def provider(
     request: pytest.FixtureRequest, upstream: FakeUpstream
 ) -> AsyncIterator[Provider]:
-    settings = provider_settings(upstream)[0 if request.param == "openai" else 1]
+    kind, transport = request.param
+    settings = provider_settings(upstream, transport=transport)[0 if kind == "openai" else 1]
     built = build_provider(settings, ENVIRON)
     yield built
     await built.aclose()
@@ -224,3 +228,27 @@ async def test_unreachable_upstream_is_unavailable() -> None:
     with pytest.raises(errors.UpstreamUnavailableError):
         await collect(provider, ask("anything"))
     await provider.aclose()
+
+
+async def test_connections_are_kept_alive_and_reused(upstream: FakeUpstream, model: Model) -> None:
+    provider = build_provider(provider_settings(upstream)[0], ENVIRON)
+    names = [model(tokens=2) for _ in range(3)]
+    for name in names:
+        await collect(provider, ask(name))
+    await provider.aclose()
+    connections = {upstream.by_model(name)[0].connection for name in names}
+    assert len(connections) == 1
+
+
+async def test_a_kept_alive_connection_the_server_closed_is_replaced() -> None:
+    # A fake of this test's own, on this loop: closing its connections must not cross threads.
+    async with FakeUpstream(api_key=UPSTREAM_KEY) as upstream:
+        provider = build_provider(provider_settings(upstream)[0], ENVIRON)
+        await collect(provider, ask("first"))
+        for connection in list(upstream._conns):  # the server drops its idle connections
+            connection.close_by_server(graceful=True)
+        events = await collect(provider, ask("second"))
+        await provider.aclose()
+        first, second = upstream.by_model("first")[0], upstream.by_model("second")[0]
+    assert events[:2] == [TextDelta("tok0 "), TextDelta("tok1 ")]
+    assert second.connection != first.connection

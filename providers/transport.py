@@ -1,0 +1,327 @@
+"""A lean HTTP/1.1 transport for the SDKs' httpx2 clients, built for long streamed responses.
+
+The SDKs build, sign and send requests and raise their usual errors; only the bytes travel
+differently. httpcore reads each chunk through several layers (anyio streams, a timeout scope,
+h11 events, exception maps) and scans its whole pool whenever a request starts or ends, which
+makes it the gateway's largest cost per relayed chunk. Here a connection is an asyncio
+`Protocol` whose httptools parser hands each body chunk straight to the waiting reader, and
+idle connections wait on a plain per-origin list.
+
+Scope: HTTP/1.1 over TCP or TLS, keep-alive, no proxies and no HTTP/2 (set `transport = "httpx"`
+on a provider for those). Errors are httpx2's own exception types, so the SDKs and the
+gateway's translation treat them as they treat httpcore's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ssl
+import time
+from typing import cast
+
+import httptools
+import httpx2
+
+from providers.settings import ProviderSettings
+
+_IDLE_SECONDS = 30.0  # a kept-alive connection older than this is not reused
+_HIGH_WATER = 256 * 1024  # bytes buffered unread before the socket stops being read
+
+
+class _Connection(asyncio.Protocol):
+    """One HTTP/1.1 connection; one response at a time."""
+
+    def __init__(self, origin: tuple[str, str, int]) -> None:
+        self.origin = origin
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.closed = False
+        self.idle_since = 0.0
+        self._reset()
+
+    def _reset(self) -> None:
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.head: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.chunks: collections.deque[bytes] = collections.deque()
+        self.buffered = 0
+        self.complete = False
+        self.error: Exception | None = None
+        self.keep_alive = False
+        self.waiter: asyncio.Future[None] | None = None
+        self.paused = False
+
+    # asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not subclass asyncio.Transport but offer the same methods.
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._fail(httpx2.RemoteProtocolError(f"malformed response: {exc}"))
+            if self.transport is not None:
+                self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if not self.complete:
+            self._fail(
+                httpx2.RemoteProtocolError(
+                    "peer closed connection without sending complete message body"
+                )
+                if self.head.done()
+                else httpx2.ReadError("the connection closed before a response")
+            )
+
+    # httptools callbacks
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        # Read now: httptools no longer answers it once the message is complete.
+        self.keep_alive = self.parser.should_keep_alive()
+        if not self.head.done():
+            self.head.set_result(None)
+
+    def on_body(self, body: bytes) -> None:
+        self.chunks.append(body)
+        self.buffered += len(body)
+        if self.buffered > _HIGH_WATER and not self.paused and self.transport is not None:
+            self.paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+        if not self.head.done():
+            self.head.set_result(None)
+        self._wake()
+
+    def _fail(self, error: Exception) -> None:
+        if self.error is None:
+            self.error = error
+        if not self.head.done():
+            self.head.set_exception(error)
+            self.head.exception()  # marked retrieved: the reader may be gone already
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # used by the body stream
+    def take(self) -> bytes | None:
+        """The next buffered chunk, or None when none is buffered."""
+        if not self.chunks:
+            return None
+        chunk = self.chunks.popleft()
+        self.buffered -= len(chunk)
+        if self.paused and self.buffered < _HIGH_WATER // 2 and self.transport is not None:
+            self.paused = False
+            self.transport.resume_reading()
+        return chunk
+
+    def reusable(self) -> bool:
+        return (
+            self.complete
+            and not self.closed
+            and self.error is None
+            and self.keep_alive
+            and self.transport is not None
+            and not self.transport.is_closing()
+        )
+
+    def prepare(self) -> None:
+        self.parser = httptools.HttpResponseParser(self)
+        self._reset()
+
+    def abort(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+
+class _Body(httpx2.AsyncByteStream):
+    """The response body as it arrives; closing it early closes the connection."""
+
+    def __init__(self, pool: LeanTransport, connection: _Connection) -> None:
+        self._pool = pool
+        self._connection: _Connection | None = connection
+
+    def __aiter__(self) -> _Body:
+        return self
+
+    async def __anext__(self) -> bytes:
+        connection = self._connection
+        if connection is None:
+            raise StopAsyncIteration
+        while True:
+            chunk = connection.take()
+            if chunk is not None:
+                return chunk
+            if connection.error is not None:
+                raise connection.error
+            if connection.complete:
+                self._release()
+                raise StopAsyncIteration
+            connection.waiter = asyncio.get_running_loop().create_future()
+            try:
+                await connection.waiter
+            finally:
+                connection.waiter = None
+
+    def _release(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            self._pool.release(connection)
+
+    async def aclose(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is None:
+            return
+        if connection.reusable() and not connection.chunks:
+            self._pool.release(connection)
+        else:
+            connection.abort()  # unread body: the upstream must see the client go
+            self._pool.release(connection)
+
+
+class LeanTransport(httpx2.AsyncBaseTransport):
+    """HTTP/1.1 with keep-alive, at most `max_connections` open at once."""
+
+    def __init__(
+        self,
+        *,
+        max_connections: int = 1000,
+        connect_timeout: float = 10.0,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self._slots = asyncio.Semaphore(max_connections)
+        self._connect_timeout = connect_timeout
+        self._ssl = ssl_context
+        self._idle: dict[tuple[str, str, int], list[_Connection]] = collections.defaultdict(list)
+        self._open: set[_Connection] = set()
+
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        url = request.url
+        origin = (url.scheme, url.host, url.port or (443 if url.scheme == "https" else 80))
+        body = await request.aread()
+        head = _request_head(request, body)
+        try:
+            await asyncio.wait_for(self._slots.acquire(), self._connect_timeout)
+        except TimeoutError:
+            raise httpx2.PoolTimeout("no upstream connection became free in time") from None
+        connection: _Connection | None = None
+        try:
+            connection, reused = await self._connection(origin)
+            assert connection.transport is not None
+            connection.transport.write(head + body)
+            try:
+                await connection.head
+            except httpx2.ReadError:
+                if not reused:
+                    raise
+                # A kept-alive connection the server had just closed: once more on a new one.
+                connection.abort()
+                self._open.discard(connection)
+                connection, _ = await self._connection(origin, fresh=True)
+                assert connection.transport is not None
+                connection.transport.write(head + body)
+                await connection.head
+        except BaseException:
+            if connection is not None:
+                connection.abort()
+                self._open.discard(connection)
+            self._slots.release()
+            raise
+        return httpx2.Response(
+            connection.parser.get_status_code(),
+            headers=connection.headers,
+            stream=_Body(self, connection),
+            extensions={"http_version": b"HTTP/1.1"},
+            request=request,
+        )
+
+    async def _connection(
+        self, origin: tuple[str, str, int], fresh: bool = False
+    ) -> tuple[_Connection, bool]:
+        idle = self._idle[origin]
+        now = time.monotonic()
+        while idle and not fresh:
+            connection = idle.pop()
+            if not connection.closed and now - connection.idle_since < _IDLE_SECONDS:
+                connection.prepare()
+                return connection, True
+            connection.abort()
+            self._open.discard(connection)
+        scheme, host, port = origin
+        loop = asyncio.get_running_loop()
+        context = None
+        if scheme == "https":
+            context = self._ssl or httpx2.create_ssl_context()
+            self._ssl = context
+        try:
+            _, protocol = await asyncio.wait_for(
+                loop.create_connection(
+                    lambda: _Connection(origin),
+                    host,
+                    port,
+                    ssl=context,
+                    server_hostname=host if context is not None else None,
+                ),
+                self._connect_timeout,
+            )
+        except TimeoutError:
+            raise httpx2.ConnectTimeout(f"could not connect to {host}:{port} in time") from None
+        except OSError as exc:
+            raise httpx2.ConnectError(f"could not connect to {host}:{port}: {exc}") from exc
+        self._open.add(protocol)
+        return protocol, False
+
+    def release(self, connection: _Connection) -> None:
+        """A response is done with its connection: keep it for the next one, or drop it."""
+        self._slots.release()
+        if connection.reusable():
+            connection.idle_since = time.monotonic()
+            self._idle[connection.origin].append(connection)
+        else:
+            connection.abort()
+            self._open.discard(connection)
+
+    async def aclose(self) -> None:
+        for connection in list(self._open):
+            connection.abort()
+        self._open.clear()
+        self._idle.clear()
+
+
+def _request_head(request: httpx2.Request, body: bytes) -> bytes:
+    target = request.url.raw_path or b"/"
+    lines = [request.method.encode() + b" " + target + b" HTTP/1.1"]
+    has_length = False
+    for name, value in request.headers.raw:
+        lowered = name.lower()
+        if lowered in (b"transfer-encoding",):
+            continue  # the body is sent whole, with its length
+        if lowered == b"content-length":
+            has_length = True
+        lines.append(name + b": " + value)
+    if not has_length and (body or request.method in ("POST", "PUT", "PATCH")):
+        lines.append(b"content-length: " + str(len(body)).encode())
+    return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+def http_client(
+    settings: ProviderSettings, timeout: httpx2.Timeout, limits: httpx2.Limits
+) -> httpx2.AsyncClient:
+    """The httpx2 client an SDK sends through: the lean transport unless `transport = "httpx"`."""
+    if settings.transport == "httpx":
+        return httpx2.AsyncClient(timeout=timeout, limits=limits, follow_redirects=True)
+    transport = LeanTransport(
+        max_connections=settings.max_connections, connect_timeout=settings.connect_timeout
+    )
+    # Proxies from the environment would bypass a custom transport silently: take none.
+    return httpx2.AsyncClient(transport=transport, timeout=timeout, trust_env=False)
