@@ -228,40 +228,18 @@ def translate(
     provider: str, exc: anthropic.APIError, secrets: Iterable[str] = ()
 ) -> errors.ProviderError:
     """Translate an `anthropic` SDK exception into the gateway's error tree."""
-    if isinstance(exc, anthropic.APIStatusError):
-        detail = errors.body_message(exc.body) or exc.message
-        return errors.from_status(provider, exc.status_code, detail, exc.response.headers, secrets)
-    if isinstance(exc, anthropic.APITimeoutError):
-        # Reads have no timeout here (the stream service owns those), so this is a connect,
-        # write or pool timeout: the upstream is not reachable, not slow.
-        return errors.UpstreamUnavailableError(f"{provider}: upstream did not answer in time")
-    if isinstance(exc, anthropic.APIConnectionError):
-        return errors.UpstreamUnavailableError(f"{provider}: upstream unreachable")
-    return errors.UpstreamProtocolError(f"{provider}: {errors.redact(exc.message, secrets)}")
-
-
-def _http_options(settings: ProviderSettings) -> tuple[httpx2.Timeout, httpx2.Limits]:
-    # The stream service enforces first-token and idle timeouts itself (read=None here), and
-    # retries are the gateway's decision, so the SDK's own retries are off (max_retries=0).
-    timeout = httpx2.Timeout(
-        connect=settings.connect_timeout, read=None, write=30.0, pool=settings.connect_timeout
-    )
-    limits = httpx2.Limits(
-        max_connections=settings.max_connections,
-        max_keepalive_connections=min(settings.max_connections, 100),
-    )
-    return timeout, limits
+    return errors.from_sdk(anthropic, provider, exc, secrets)
 
 
 def create(settings: ProviderSettings, key: str) -> AnthropicProvider:
     """An adapter with its own client and connection pool for one `[[providers]]` table."""
-    timeout, limits = _http_options(settings)
+    http = http_client(settings)
     client = anthropic.AsyncAnthropic(
         api_key=key or "unused",
         base_url=settings.base_url or ANTHROPIC_URL,
         max_retries=0,
-        timeout=timeout,
-        http_client=http_client(settings, timeout, limits),
+        timeout=http.timeout,
+        http_client=http,
     )
     return AnthropicProvider(
         name=settings.name,

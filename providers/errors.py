@@ -27,6 +27,7 @@ import math
 import re
 import time
 from collections.abc import Iterable, Mapping
+from types import ModuleType
 
 
 class GatewayError(Exception):
@@ -177,6 +178,23 @@ def from_status(
         message += f": {redact(detail, secrets)}"
     retry_after = parse_retry_after(headers) if headers is not None else None
     return cls(message, retry_after=retry_after)
+
+
+def from_sdk(
+    sdk: ModuleType, provider: str, exc: BaseException, secrets: Iterable[str] = ()
+) -> ProviderError:
+    """Translate an exception of the `openai` or `anthropic` SDK (passed as `sdk`; they share
+    their exception names), so this module imports neither."""
+    if isinstance(exc, sdk.APIStatusError):
+        detail = body_message(exc.body) or exc.message
+        return from_status(provider, exc.status_code, detail, exc.response.headers, secrets)
+    if isinstance(exc, sdk.APITimeoutError):
+        # Reads have no timeout here (the stream service owns those), so this is a connect,
+        # write or pool timeout: the upstream is not reachable, not slow.
+        return UpstreamUnavailableError(f"{provider}: upstream did not answer in time")
+    if isinstance(exc, sdk.APIConnectionError):
+        return UpstreamUnavailableError(f"{provider}: upstream unreachable")
+    return UpstreamProtocolError(f"{provider}: {redact(str(exc), secrets)}")
 
 
 def from_transport(provider: str, exc: BaseException) -> ProviderError:

@@ -314,11 +314,20 @@ def _request_head(request: httpx2.Request, body: bytes) -> bytes:
     return b"\r\n".join(lines) + b"\r\n\r\n"
 
 
-def http_client(
-    settings: ProviderSettings, timeout: httpx2.Timeout, limits: httpx2.Limits
-) -> httpx2.AsyncClient:
-    """The httpx2 client an SDK sends through: the lean transport unless `transport = "httpx"`."""
+def http_client(settings: ProviderSettings) -> httpx2.AsyncClient:
+    """The httpx2 client an SDK sends through: the lean transport unless `transport = "httpx"`.
+
+    The stream service enforces first-token and idle timeouts itself, so reads have none here;
+    retries are the gateway's decision, so the SDKs are built with `max_retries=0`.
+    """
+    timeout = httpx2.Timeout(
+        connect=settings.connect_timeout, read=None, write=30.0, pool=settings.connect_timeout
+    )
     if settings.transport == "httpx":
+        limits = httpx2.Limits(
+            max_connections=settings.max_connections,
+            max_keepalive_connections=min(settings.max_connections, 100),
+        )
         return httpx2.AsyncClient(timeout=timeout, limits=limits, follow_redirects=True)
     transport = LeanTransport(
         max_connections=settings.max_connections, connect_timeout=settings.connect_timeout

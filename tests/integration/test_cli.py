@@ -2,29 +2,15 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx2
 import pytest
 
-CLEAN_ENV = {
-    k: v
-    for k, v in os.environ.items()
-    if not k.startswith("TOKENRELAY_") and k not in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY")
-}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from tests.support.process import CLEAN_ENV, serve_process
 
 
 def tokenrelay(*args: str) -> list[str]:
@@ -33,36 +19,8 @@ def tokenrelay(*args: str) -> list[str]:
 
 @pytest.fixture
 def served() -> Iterator[str]:
-    port = free_port()
-    proc = subprocess.Popen(
-        tokenrelay("serve", "--port", str(port)),
-        env=CLEAN_ENV,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 15
-        while True:
-            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-            try:
-                if httpx2.get(url + "/healthz").status_code == 200:
-                    break
-            except httpx2.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the server did not come up"
-            time.sleep(0.05)
-        yield url
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=10)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            if proc.stdout:
-                proc.stdout.close()
+    with serve_process() as process:  # no configuration, no keys: the README's first command
+        yield process.url
 
 
 def test_serve_with_no_configuration_answers_with_the_demo_provider(served: str) -> None:
