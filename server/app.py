@@ -108,8 +108,10 @@ def create_app(settings: Settings, environ: Mapping[str, str] | None = None) -> 
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         catalog = Catalog(
             registry,
+            cache=cache,
             ttl=settings.catalog.ttl,
             retry=settings.catalog.retry,
+            keep_stale=settings.catalog.keep_stale,
             classifier_address=settings.classifier.address,
             classifier_deadline=settings.classifier.deadline,
         )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 import msgspec
@@ -33,6 +34,10 @@ class Cache(Protocol):
     async def set(self, key: str, value: bytes, ttl: float) -> None: ...
 
     async def delete(self, key: str) -> None: ...
+
+    async def get_many(self, keys: Sequence[str]) -> list[bytes | None]: ...
+
+    async def set_many(self, items: Mapping[str, bytes], ttl: float) -> None: ...
 
     async def healthy(self) -> bool: ...
 
@@ -71,6 +76,13 @@ class MemoryCache:
 
     async def delete(self, key: str) -> None:
         self._entries.pop(key, None)
+
+    async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        return [await self.get(key) for key in keys]
+
+    async def set_many(self, items: Mapping[str, bytes], ttl: float) -> None:
+        for key, value in items.items():
+            await self.set(key, value, ttl)
 
     async def healthy(self) -> bool:
         return True
@@ -169,6 +181,40 @@ class RedisCache:
             await self._client.delete(self._prefix + key)
         except Exception as exc:
             self._failed("delete", exc)
+
+    async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        """One MGET; a failure is a miss for every key."""
+        if not keys:
+            return []
+        if not self._available("get"):
+            return [None] * len(keys)
+        try:
+            found = await self._client.mget([self._prefix + key for key in keys])
+        except Exception as exc:
+            self._failed("get", exc)
+            return [None] * len(keys)
+        self._succeeded()
+        values = [value if isinstance(value, bytes) else None for value in found]
+        hits = sum(value is not None for value in values)
+        metrics.CACHE_OPERATIONS.labels(self.backend, "get", "hit").inc(hits)
+        metrics.CACHE_OPERATIONS.labels(self.backend, "get", "miss").inc(len(values) - hits)
+        return values
+
+    async def set_many(self, items: Mapping[str, bytes], ttl: float) -> None:
+        """One pipelined round trip (not a transaction: each entry stands alone)."""
+        if not items or ttl <= 0 or not self._available("set"):
+            return
+        px = max(int(ttl * 1000), 1)
+        try:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for key, value in items.items():
+                    pipe.set(self._prefix + key, value, px=px)
+                await pipe.execute()
+        except Exception as exc:
+            self._failed("set", exc)
+            return
+        self._succeeded()
+        metrics.CACHE_OPERATIONS.labels(self.backend, "set", "stored").inc(len(items))
 
     async def healthy(self) -> bool:
         try:

@@ -71,6 +71,7 @@ class CatalogSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
 
     ttl: float = 300.0
     retry: float = 15.0  # after a provider or the classifier failed, try again this soon
+    keep_stale: float = 86_400.0  # how long a list or classification stays to fall back on
 
 
 class ClassifierSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -276,9 +277,11 @@ def _check(data: dict[str, Any], environ: Mapping[str, str]) -> list[str]:
                 problems.append(f"cache.{name}: expected a positive number")
     catalog = _part(data.get("catalog", {}), CatalogSettings)
     if catalog is not None:
-        for name in ("ttl", "retry"):
+        for name in ("ttl", "retry", "keep_stale"):
             if getattr(catalog, name) <= 0:
                 problems.append(f"catalog.{name}: expected a positive number of seconds")
+        if 0 < catalog.keep_stale < catalog.ttl:
+            problems.append("catalog.keep_stale: expected at least catalog.ttl")
     classifier = _part(data.get("classifier", {}), ClassifierSettings)
     if classifier is not None:
         if classifier.deadline <= 0:

@@ -13,6 +13,7 @@ from providers.settings import ProviderSettings
 from server.app import create_app
 from server.settings import ServerSettings, Settings, WebSocketSettings, uvicorn_options
 from tests.fakeupstream import FakeUpstream, Script
+from tests.support.redis import RedisServer, running_redis
 from tests.support.servers import serve_in_thread
 
 UPSTREAM_KEY = "sk-fake-upstream-key-0123456789"
@@ -23,6 +24,32 @@ ENVIRON = {"FAKE_OPENAI_KEY": UPSTREAM_KEY, "FAKE_ANTHROPIC_KEY": UPSTREAM_KEY}
 def upstream() -> Iterator[FakeUpstream]:
     with FakeUpstream(api_key=UPSTREAM_KEY).running_in_thread() as fake:
         yield fake
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """One redis-server for the session: tests keep apart by namespace and must not stop it."""
+    with running_redis() as server:
+        yield server
+
+
+@pytest.fixture
+def fresh_redis() -> Iterator[RedisServer]:
+    """A Redis of this test's own, which it may stop and start."""
+    with running_redis() as server:
+        yield server
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeUpstream]:
+    """A fake upstream of the test's own, whose requests (e.g. `/v1/models` calls) it counts."""
+    with FakeUpstream(api_key=UPSTREAM_KEY).running_in_thread() as upstream:
+        yield upstream
+
+
+def model_calls(upstream: FakeUpstream) -> int:
+    """How many times the upstream's model list was asked for."""
+    return sum(1 for r in list(upstream.requests) if r.path == "/v1/models")
 
 
 def provider_settings(upstream: FakeUpstream, **overrides: Any) -> list[ProviderSettings]:

@@ -6,7 +6,7 @@ import asyncio
 import json
 import socket
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx2
@@ -25,23 +25,6 @@ from tests.support.wsclient import StreamClient
 
 Model = Callable[..., str]
 HELLO = [{"role": "user", "content": "hello"}]
-
-
-@pytest.fixture(scope="module")
-def redis_server() -> Iterator[RedisServer]:
-    server = RedisServer()
-    server.start()
-    yield server
-    server.close()
-
-
-@pytest.fixture
-def fresh_redis() -> Iterator[RedisServer]:
-    """A Redis of this test's own, which it may stop and start."""
-    server = RedisServer()
-    server.start()
-    yield server
-    server.close()
 
 
 @pytest.fixture(params=["memory", "redis"])
@@ -69,6 +52,18 @@ async def test_get_set_delete(cache: Cache) -> None:
     assert await cache.healthy()
 
 
+async def test_batch_operations_match_single_ones(cache: Cache) -> None:
+    assert await cache.get_many([]) == []
+    await cache.set_many({}, ttl=60)
+    await cache.set_many({"a": b"1", "b": b"\x00two"}, ttl=60)
+    await cache.set("c", b"3", ttl=60)
+    assert await cache.get_many(["a", "missing", "b", "c"]) == [b"1", None, b"\x00two", b"3"]
+    assert await cache.get("b") == b"\x00two"
+    await cache.set_many({"short": b"x"}, ttl=0.05)
+    await asyncio.sleep(0.2)
+    assert await cache.get_many(["short", "a"]) == [None, b"1"]
+
+
 async def test_entries_expire(cache: Cache) -> None:
     await cache.set("short", b"x", ttl=0.05)
     await cache.set("long", b"y", ttl=60)
@@ -78,9 +73,10 @@ async def test_entries_expire(cache: Cache) -> None:
 
 
 async def test_namespaces_keep_replicas_apart(redis_server: RedisServer) -> None:
-    a = RedisCache(redis_server.url, namespace="a")
-    b = RedisCache(redis_server.url, namespace="b")
-    a_again = RedisCache(redis_server.url, namespace="a")  # another replica, same namespace
+    first, second = f"a-{uuid.uuid4().hex[:8]}", f"b-{uuid.uuid4().hex[:8]}"
+    a = RedisCache(redis_server.url, namespace=first)
+    b = RedisCache(redis_server.url, namespace=second)
+    a_again = RedisCache(redis_server.url, namespace=first)  # another replica, same namespace
     await a.set("k", b"from a", ttl=60)
     assert await b.get("k") is None
     assert await a_again.get("k") == b"from a"
@@ -111,6 +107,8 @@ async def test_unreachable_redis_is_a_miss_not_a_failure() -> None:
     assert await cache.get("k") is None
     await cache.set("k", b"v", ttl=60)  # no exception
     assert await cache.get("k") is None
+    await cache.set_many({"k": b"v"}, ttl=60)
+    assert await cache.get_many(["k", "j"]) == [None, None]
     assert not await cache.healthy()
     await cache.aclose()
 

@@ -4,31 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Iterator
 from typing import Any
 
 import httpx2
-import pytest
 
 from providers.registry import Registry
 from providers.settings import ProviderSettings
 from server.app import create_app
 from server.catalog import Catalog
 from server.settings import CatalogSettings, Settings, uvicorn_options
-from tests.conftest import ENVIRON, UPSTREAM_KEY, provider_settings
+from tests.conftest import ENVIRON, UPSTREAM_KEY, model_calls, provider_settings
 from tests.fakeupstream import FakeUpstream
 from tests.support.servers import serve_in_thread
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeUpstream]:
-    """A fake upstream of this test's own, so its `/v1/models` calls can be counted."""
-    with FakeUpstream(api_key=UPSTREAM_KEY).running_in_thread() as upstream:
-        yield upstream
-
-
-def model_calls(upstream: FakeUpstream) -> int:
-    return sum(1 for r in list(upstream.requests) if r.path == "/v1/models")
 
 
 def registry_for(providers: list[ProviderSettings]) -> Registry:

@@ -240,23 +240,13 @@ async def test_tokens_per_minute_are_charged_at_the_end(
             assert int(response.headers["retry-after"]) >= 30  # 404 tokens owed at 10 per second
 
 
-@pytest.fixture
-def redis_server() -> Iterator[RedisServer]:
-    server = RedisServer()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.close()
-
-
 async def test_replicas_share_rate_limits_through_redis(
-    upstream: FakeUpstream, redis_server: RedisServer
+    upstream: FakeUpstream, fresh_redis: RedisServer
 ) -> None:
     from server.settings import CacheSettings
 
     limits = LimitSettings(requests_per_minute=4)
-    cache = CacheSettings(url=redis_server.url, timeout=1.0)
+    cache = CacheSettings(url=fresh_redis.url, timeout=1.0)
     with (
         gateway_with(upstream, limits=limits, cache=cache) as one,
         gateway_with(upstream, limits=limits, cache=cache) as two,
@@ -264,5 +254,5 @@ async def test_replicas_share_rate_limits_through_redis(
         async with httpx2.AsyncClient(timeout=10) as http:
             statuses = [(await http.get(url + "/api/models")).status_code for url in (one, two) * 3]
             assert statuses == [200, 200, 200, 200, 429, 429]
-            redis_server.stop()  # a dead Redis lets requests through, as a dead cache would
+            fresh_redis.stop()  # a dead Redis lets requests through, as a dead cache would
             assert (await http.get(one + "/api/models")).status_code == 200

@@ -183,6 +183,10 @@ def test_tokenrelay_config_names_the_file(tmp_path: Path) -> None:
             ],
         ),
         (
+            {"TOKENRELAY_CATALOG__TTL": "600", "TOKENRELAY_CATALOG__KEEP_STALE": "60"},
+            ["catalog.keep_stale: expected at least catalog.ttl"],
+        ),
+        (
             {"TOKENRELAY_SERVER__LOG_LEVEL": "loud"},
             ["server.log_level: expected one of 'debug', 'info', 'warning', 'error'"],
         ),

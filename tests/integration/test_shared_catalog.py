@@ -1,0 +1,324 @@
+"""The catalogue kept in the cache: replicas share model lists and classifications.
+
+"Replicas" here are separate `Catalog`s, each with its own registry and its own cache client, as
+separate processes would have; with Redis they share a real redis-server, with the in-memory
+backend one `MemoryCache` (what the workers of one process would see). The end-to-end test runs
+two whole gateways on one Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import httpx2
+import pytest
+
+from providers.registry import Registry
+from providers.settings import ProviderSettings
+from server.app import create_app
+from server.cache import Cache, MemoryCache, RedisCache
+from server.catalog import Catalog
+from server.classification.service import ClassifierServer, ClassifierServicer
+from server.classification.stubs import classifier_pb2 as pb
+from server.settings import CacheSettings, ClassifierSettings, Settings, uvicorn_options
+from tests.conftest import ENVIRON, UPSTREAM_KEY, model_calls, provider_settings
+from tests.fakeupstream import FakeUpstream
+from tests.support.redis import RedisServer
+from tests.support.servers import serve_in_thread
+
+GUARD = 10.0
+
+
+class CountingServicer(ClassifierServicer):
+    """The real classifier, recording which model ids each call asked about."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked: list[list[str]] = []
+
+    async def Classify(self, request: pb.ClassifyRequest, context: Any) -> pb.ClassifyResponse:
+        self.asked.append([m.id for m in request.models])
+        return await super().Classify(request, context)
+
+
+@pytest.fixture
+async def classifier() -> AsyncIterator[tuple[ClassifierServer, CountingServicer]]:
+    servicer = CountingServicer()
+    server = ClassifierServer("127.0.0.1", 0, servicer=servicer)
+    await server.start()
+    try:
+        yield server, servicer
+    finally:
+        await server.stop(grace=None)
+
+
+CacheFactory = Callable[[], Cache]
+
+
+@pytest.fixture(params=["memory", "redis"])
+def shared_cache(request: pytest.FixtureRequest, redis_server: RedisServer) -> CacheFactory:
+    """Makes each replica's cache client; all of one test's clients see the same entries."""
+    if request.param == "memory":
+        one = MemoryCache()
+        return lambda: one
+    namespace = f"catalog-{uuid.uuid4().hex[:8]}"
+    return lambda: RedisCache(redis_server.url, namespace=namespace)
+
+
+class Replicas:
+    """Builds catalogues the way separate gateways would, and closes all of them."""
+
+    def __init__(self, caches: CacheFactory) -> None:
+        self._caches = caches
+        self._open: list[tuple[Catalog, Registry, Cache]] = []
+
+    def start(self, providers: list[ProviderSettings], **options: Any) -> Catalog:
+        registry = Registry.from_settings(providers, ENVIRON)
+        cache = self._caches()
+        catalog = Catalog(registry, cache=cache, **options)
+        self._open.append((catalog, registry, cache))
+        return catalog
+
+    async def aclose(self) -> None:
+        for catalog, registry, cache in self._open:
+            await catalog.aclose()
+            await registry.aclose()
+            await cache.aclose()
+
+
+@pytest.fixture
+async def replicas(shared_cache: CacheFactory) -> AsyncIterator[Replicas]:
+    made = Replicas(shared_cache)
+    try:
+        yield made
+    finally:
+        await made.aclose()
+
+
+async def test_a_list_fetched_by_one_replica_serves_the_others(
+    fake: FakeUpstream, replicas: Replicas
+) -> None:
+    first = await replicas.start(provider_settings(fake)).snapshot()
+    assert model_calls(fake) == 2  # oai and ant; demo has no upstream
+    others = [await replicas.start(provider_settings(fake)).snapshot() for _ in range(3)]
+    assert model_calls(fake) == 2
+    for other in others:
+        assert other.models == first.models
+        assert other.models_body == first.models_body
+        assert other.categories_body == first.categories_body
+
+
+async def test_once_a_ttl_has_passed_one_replica_fetches_for_all(
+    fake: FakeUpstream, replicas: Replicas
+) -> None:
+    a = replicas.start(provider_settings(fake)[:1], ttl=0.2)
+    b = replicas.start(provider_settings(fake)[:1], ttl=0.2)
+    await a.snapshot()
+    await b.snapshot()
+    assert model_calls(fake) == 1
+    fake.models = ["gpt-4o-mini", "gpt-5"]
+    await asyncio.sleep(0.3)
+    assert [m.id for m in (await a.refresh()).models] == ["oai/gpt-4o-mini", "oai/gpt-5"]
+    assert [m.id for m in (await b.refresh()).models] == ["oai/gpt-4o-mini", "oai/gpt-5"]
+    assert model_calls(fake) == 2
+
+
+async def test_each_replica_applies_its_own_allow_list_to_the_shared_list(
+    fake: FakeUpstream, replicas: Replicas
+) -> None:
+    await replicas.start(provider_settings(fake)[:1]).snapshot()
+    narrow = provider_settings(fake, models=["o4-mini"], aliases={"fast": "gpt-4o-mini"})[:1]
+    snapshot = await replicas.start(narrow).snapshot()
+    assert [m.id for m in snapshot.models] == ["oai/o4-mini", "oai/fast"]
+    assert model_calls(fake) == 1
+
+
+async def test_a_replica_that_cannot_reach_the_upstream_uses_the_last_shared_list(
+    fake: FakeUpstream, replicas: Replicas
+) -> None:
+    first = await replicas.start(provider_settings(fake)[:1], ttl=0.05).snapshot()
+    fake.api_key = "sk-rotated-somewhere-else"  # every call is now refused with a 401
+    try:
+        await asyncio.sleep(0.1)
+        # A replica started now has never listed anything itself: only the cache has the list.
+        late = await replicas.start(provider_settings(fake)[:1], ttl=0.09, retry=0.01).snapshot()
+        refreshed_by = asyncio.get_running_loop().time() + 0.01
+    finally:
+        fake.api_key = UPSTREAM_KEY
+    assert model_calls(fake) == 2  # it did try
+    assert late.unavailable == []
+    assert late.models == first.models
+    assert late.models_expire <= refreshed_by  # tried again after `retry`, not after a TTL
+
+
+async def test_a_classification_made_by_one_replica_serves_the_others(
+    fake: FakeUpstream,
+    replicas: Replicas,
+    classifier: tuple[ClassifierServer, CountingServicer],
+) -> None:
+    server, servicer = classifier
+    remote = {"classifier_address": f"127.0.0.1:{server.port}"}
+    a = replicas.start(provider_settings(fake), **remote)
+    first = await a.snapshot()
+    assert (first.source, a.classifier_status) == ("classifier", "serving")
+    assert len(servicer.asked) == 1
+    assert sorted(servicer.asked[0]) == sorted(m.id for m in first.models)
+    b = replicas.start(provider_settings(fake), **remote)
+    second = await b.snapshot()
+    assert len(servicer.asked) == 1  # b asked nobody
+    assert b.classifier_calls == {}
+    assert (second.source, b.classifier_status) == ("classifier", "serving")
+    assert second.categories_body == first.categories_body
+
+
+async def test_only_models_no_replica_has_classified_are_sent(
+    fake: FakeUpstream,
+    replicas: Replicas,
+    classifier: tuple[ClassifierServer, CountingServicer],
+) -> None:
+    server, servicer = classifier
+    remote = {"classifier_address": f"127.0.0.1:{server.port}"}
+    narrow = provider_settings(fake, models=["gpt-4o-mini", "o4-mini"])[:1]
+    await replicas.start(narrow, **remote).snapshot()
+    wider = provider_settings(fake, models=["gpt-4o-mini", "o4-mini", "gpt-4.1"])[:1]
+    snapshot = await replicas.start(wider, **remote).snapshot()
+    assert servicer.asked == [["oai/gpt-4o-mini", "oai/o4-mini"], ["oai/gpt-4.1"]]
+    assert snapshot.source == "classifier"
+    assert [c.id for c in snapshot.classes] == ["oai/gpt-4.1", "oai/gpt-4o-mini", "oai/o4-mini"]
+
+
+async def test_a_classifier_that_is_down_leaves_the_shared_last_good_answer(
+    fake: FakeUpstream, replicas: Replicas
+) -> None:
+    server = ClassifierServer("127.0.0.1", 0)
+    await server.start()
+    options = {
+        "classifier_address": f"127.0.0.1:{server.port}",
+        "classifier_deadline": 0.3,
+        "ttl": 0.05,
+    }
+    try:
+        first = await replicas.start(provider_settings(fake), **options).snapshot()
+    finally:
+        await server.stop(grace=None)
+    await asyncio.sleep(0.1)
+    late = replicas.start(provider_settings(fake), **options)  # never saw the service answer
+    async with asyncio.timeout(GUARD):
+        stale = await late.snapshot()
+    assert (stale.source, late.classifier_status) == ("stale", "degraded")
+    assert stale.classes == first.classes
+    assert late.classifier_calls["ok"] == 0
+    # A model the service never classified is given the in-process rules' answer.
+    wider = provider_settings(fake, aliases={"newest": "gpt-4.1"})
+    async with asyncio.timeout(GUARD):
+        mixed = await replicas.start(wider, **options).snapshot()
+    assert mixed.source == "fallback"
+    assert {c.id for c in mixed.classes} == {c.id for c in first.classes} | {"oai/newest"}
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def test_without_redis_the_catalogue_is_still_served(fake: FakeUpstream) -> None:
+    registry = Registry.from_settings(provider_settings(fake), ENVIRON)
+    cache = RedisCache(f"redis://127.0.0.1:{closed_port()}/0", timeout=0.1)
+    catalog = Catalog(registry, cache=cache)
+    try:
+        async with asyncio.timeout(GUARD):
+            snapshot = await catalog.snapshot()
+    finally:
+        await catalog.aclose()
+        await registry.aclose()
+        await cache.aclose()
+    assert snapshot.unavailable == []
+    assert {m.provider for m in snapshot.models} == {"oai", "ant", "demo"}
+    assert model_calls(fake) == 2
+
+
+async def test_redis_dying_and_coming_back_mid_run(
+    fake: FakeUpstream, fresh_redis: RedisServer
+) -> None:
+    made = Replicas(lambda: RedisCache(fresh_redis.url, timeout=0.1))
+    try:
+        a = made.start(provider_settings(fake)[:1], ttl=0.05, retry=0.05)
+        b = made.start(provider_settings(fake)[:1], ttl=0.05, retry=0.05)
+        first = await a.snapshot()
+        fresh_redis.stop()
+        await asyncio.sleep(0.1)
+        async with asyncio.timeout(GUARD):
+            during = [await a.refresh(), await b.refresh()]  # each asks the upstream itself
+        assert all(s.models == first.models and s.unavailable == [] for s in during)
+        assert model_calls(fake) == 3
+        fresh_redis.start()  # empty, same port; neither catalogue is restarted
+        async with asyncio.timeout(GUARD):
+            while True:  # until a's client has found Redis again and stored its fetch
+                await asyncio.sleep(0.1)
+                before = model_calls(fake)
+                await a.refresh()
+                await b.refresh()
+                if model_calls(fake) == before + 1:  # b found a's list in Redis
+                    break
+    finally:
+        await made.aclose()
+
+
+async def test_unreadable_entries_are_made_again(fake: FakeUpstream) -> None:
+    cache = MemoryCache()
+    registry = Registry.from_settings(provider_settings(fake)[:1], ENVIRON)
+    catalog = Catalog(registry, cache=cache)
+    try:
+        key = catalog._list_keys["oai"]
+        await cache.set(key, b"\xc1 not msgpack", ttl=60)
+        snapshot = await catalog.snapshot()
+        assert [m.id for m in snapshot.models][:1] == ["oai/gpt-4.1"]
+        assert await cache.get(key) != b"\xc1 not msgpack"  # replaced by the fetched list
+    finally:
+        await catalog.aclose()
+        await registry.aclose()
+    assert model_calls(fake) == 1
+
+
+def test_two_gateways_on_one_redis_list_and_classify_once(
+    fake: FakeUpstream, redis_server: RedisServer
+) -> None:
+    async def run() -> None:
+        servicer = CountingServicer()
+        server = ClassifierServer("127.0.0.1", 0, servicer=servicer)
+        await server.start()
+        try:
+            settings = Settings(
+                providers=provider_settings(fake),
+                cache=CacheSettings(url=redis_server.url, namespace=uuid.uuid4().hex),
+                classifier=ClassifierSettings(address=f"127.0.0.1:{server.port}"),
+            )
+            bodies: list[tuple[bytes, bytes]] = []
+            with contextlib.ExitStack() as stack:
+                urls = [
+                    stack.enter_context(
+                        serve_in_thread(
+                            create_app(settings, ENVIRON), options=uvicorn_options(settings)
+                        )
+                    )
+                    for _ in range(2)
+                ]
+                async with httpx2.AsyncClient(timeout=GUARD) as http:
+                    for url in urls:
+                        listed = await http.get(url + "/api/models")
+                        grouped = await http.get(url + "/api/models/categories")
+                        assert listed.status_code == grouped.status_code == 200
+                        bodies.append((listed.content, grouped.content))
+            assert bodies[0] == bodies[1]
+            assert len(servicer.asked) == 1
+            assert model_calls(fake) == 2
+        finally:
+            await server.stop(grace=None)
+
+    asyncio.run(run())
