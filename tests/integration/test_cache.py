@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import socket
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import httpx2
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 
 from providers.types import ChatRequest, Message
@@ -304,6 +306,18 @@ async def test_two_replicas_share_one_redis(
     assert len(upstream.by_model(name)) == 1
 
 
+def asker(http: httpx2.AsyncClient, url: str) -> Callable[[str], Awaitable[httpx2.Response]]:
+    """`ask(model)`: one non-streamed chat request that must succeed."""
+
+    async def ask(name: str) -> httpx2.Response:
+        body = {"model": f"oai/{name}", "messages": HELLO}
+        response = await http.post(url + "/api/chat/completions", json=body)
+        assert response.status_code == 200
+        return response
+
+    return ask
+
+
 async def test_redis_dying_and_coming_back(
     upstream: FakeUpstream, model: Model, fresh_redis: RedisServer
 ) -> None:
@@ -311,13 +325,7 @@ async def test_redis_dying_and_coming_back(
     before, during, after = model(tokens=2), model(tokens=2), model(tokens=2)
     with start_gateway(upstream, cache) as url:
         async with httpx2.AsyncClient(timeout=10) as http:
-
-            async def ask(name: str) -> httpx2.Response:
-                response = await http.post(
-                    url + "/api/chat/completions", json={"model": f"oai/{name}", "messages": HELLO}
-                )
-                assert response.status_code == 200
-                return response
+            ask = asker(http, url)
 
             await ask(before)
             assert (await ask(before)).headers.get("x-tokenrelay-cache") == "hit"
@@ -332,3 +340,70 @@ async def test_redis_dying_and_coming_back(
                 while "x-tokenrelay-cache" not in (await ask(after)).headers:
                     await asyncio.sleep(0.1)
     assert len(upstream.by_model(during)) == 3
+
+
+async def cache_samples(http: httpx2.AsyncClient, url: str) -> dict[tuple[str, str], float]:
+    """`tokenrelay_cache_operations_total` for Redis, by (operation, result), from /metrics."""
+    text = (await http.get(url + "/metrics")).text
+    return {
+        (s.labels["operation"], s.labels["result"]): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "tokenrelay_cache_operations_total" and s.labels["backend"] == "redis"
+    }
+
+
+async def test_a_frozen_redis_is_a_miss_within_the_timeout(
+    upstream: FakeUpstream, model: Model, fresh_redis: RedisServer
+) -> None:
+    """Redis accepts connections but never answers (SIGSTOP): requests go to the upstream."""
+    cache = CacheSettings(url=fresh_redis.url, completions=True, timeout=0.1)
+    hot, cold = model(tokens=2), model(tokens=2)
+    with start_gateway(upstream, cache) as url:
+        async with httpx2.AsyncClient(timeout=10) as http:
+            ask = asker(http, url)
+
+            await ask(hot)
+            assert (await ask(hot)).headers.get("x-tokenrelay-cache") == "hit"
+            before = await cache_samples(http, url)
+            fresh_redis.pause()
+            try:
+                async with asyncio.timeout(5):  # a guard against a hang, not a measurement
+                    frozen = [await ask(hot), await ask(cold), await ask(cold)]
+                after = await cache_samples(http, url)
+            finally:
+                fresh_redis.resume()
+            assert all("x-tokenrelay-cache" not in r.headers for r in frozen)
+            errors = after.get(("get", "error"), 0) - before.get(("get", "error"), 0)
+            assert errors == 3  # a timeout, then no asking at all while the client backs off
+            async with asyncio.timeout(15):  # thawed: the hits come back, no restart
+                while (await ask(hot)).headers.get("x-tokenrelay-cache") != "hit":
+                    await asyncio.sleep(0.1)
+    assert len(upstream.by_model(cold)) == 2  # both asked the upstream: nothing was stored
+
+
+async def test_a_failing_redis_is_logged_once_not_per_operation(
+    fresh_redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    cache = RedisCache(fresh_redis.url, timeout=0.1)
+    try:
+        await cache.set("k", b"v", ttl=60)
+        fresh_redis.stop()
+        with caplog.at_level(logging.INFO, logger="tokenrelay.cache"):
+            async with asyncio.timeout(5):
+                for _ in range(40):  # 0.8 s: several real attempts between the back-offs
+                    assert await cache.get("k") is None
+                    await asyncio.sleep(0.02)
+            failing = [r for r in caplog.records if r.levelno == logging.WARNING]
+            assert len(failing) == 1
+            fresh_redis.start()
+            async with asyncio.timeout(15):
+                while await cache.get("k") is None:
+                    await cache.set("k", b"again", ttl=60)
+                    await asyncio.sleep(0.05)
+        assert [r.getMessage() for r in caplog.records if r.levelno == logging.INFO] == [
+            "cache backend answering again"
+        ]
+        assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
+    finally:
+        await cache.aclose()
