@@ -5,23 +5,32 @@ Refresh policy (stale-while-revalidate): the first request waits for the first f
 that a request never waits. A request that finds the snapshot expired starts one background
 refresh (single-flight: however many requests arrive, each provider is asked once per refresh)
 and is answered from the snapshot it found, as pre-encoded bytes. A provider whose fetch fails
-keeps its last good list; one that never answered is named in `unavailable`. Either failure,
+keeps its last good list; one with no list anywhere is named in `unavailable`. Either failure,
 like a degraded classifier, makes the snapshot expire after `retry` rather than `ttl`.
 
 Shared through the cache: each provider's raw model list, and each model's classification by
-the classifier service, are kept in the gateway's `Cache` stamped with the wall-clock time they
-were made. A refresh first looks there and only asks the upstream (or the classifier) when no
-replica has done so within `ttl`, so replicas on one Redis ask once per TTL between them. The
-entries outlive `ttl` (`keep_stale`): when a source fails, the newest entry any replica made is
-the "last good" answer. Each snapshot expires with a small random delay past its entries, so
-replicas do not all refresh at the same instant. Requests never touch the cache: they read the
-in-process snapshot.
+the classifier service, are kept in the gateway's `Cache` twice (`Shelf`): a "fresh" entry
+that the cache itself expires after `ttl`, and a "last good" one kept for `keep_stale`. A
+refresh takes the fresh entries any replica made and asks the upstream (or the classifier)
+only for the rest, so replicas on one Redis ask about once per TTL between them; when a source
+fails, the newest last-good entry any replica made is used. Freshness is the cache's expiry,
+never a comparison of the clocks of different hosts. Each snapshot expires with a small random
+delay, so replicas do not all refresh at the same instant. Requests read the in-process
+snapshot; only a refresh talks to the cache.
+
+Each process lists every provider itself once, on its first refresh, whatever the cache
+holds; from then on it takes fresh lists from the cache. So each provider's state, for
+readiness, speaks of this process: "ok" (listed by it, or fresh from the cache after it has
+listed the provider itself), "stale" (its fetch failed; it serves the last good list) or
+"unreachable" (its fetch failed and it never listed the provider: a list another replica made
+is still served, but does not make the provider usable here).
 
 The classifier is handed the fetched list: nothing asks an upstream for models to classify
 them. Without a classifier address the rules run in-process ("local"; pure and fast, so not
 cached); with one, the gRPC service is asked about the models no replica has classified within
-`ttl`, and when it cannot answer the last good remote classification ("stale") or, for models
-it never classified, the in-process rules ("fallback") are used instead, and
+`ttl` (with nothing to ask, its health is still checked, so every process knows its own path
+to the service), and when it cannot answer the last good remote classification ("stale") or,
+for models it never classified, the in-process rules ("fallback") are used instead, and
 `classifier_status` says "degraded".
 """
 
@@ -34,6 +43,7 @@ import math
 import random
 import time
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Generic, Literal, TypeVar
 
@@ -53,6 +63,7 @@ log = logging.getLogger("tokenrelay.catalog")
 
 Source = Literal["classifier", "local", "fallback", "stale"]
 ClassifierStatus = Literal["local", "serving", "degraded"]
+ProviderState = Literal["ok", "stale", "unreachable"]
 T = TypeVar("T")
 
 
@@ -64,18 +75,6 @@ class Stamped(msgspec.Struct, Generic[T], frozen=True, array_like=True):
 
 
 _encode = msgspec.msgpack.Encoder().encode
-_LIST = msgspec.msgpack.Decoder(Stamped[list[str]])
-_CLASS = msgspec.msgpack.Decoder(Stamped[ModelClass])
-
-
-def _decode(decoder: msgspec.msgpack.Decoder[Stamped[T]], raw: bytes | None) -> Stamped[T] | None:
-    """An entry, or None when there is none or it cannot be read (then it is made again)."""
-    if raw is None:
-        return None
-    try:
-        return decoder.decode(raw)
-    except msgspec.DecodeError:
-        return None
 
 
 def _newest(*found: Stamped[T] | None) -> Stamped[T] | None:
@@ -85,6 +84,48 @@ def _newest(*found: Stamped[T] | None) -> Stamped[T] | None:
 
 def _digest(material: object) -> str:
     return hashlib.sha256(_encode(material)).hexdigest()
+
+
+# In every key: replicas of a version that stores these entries differently never share them.
+_SCHEMA = _digest(msgspec.json.schema(Stamped[ModelClass]))[:8]
+
+
+class Shelf(Generic[T]):
+    """Entries under `catalog:<schema>:<name>` kept twice: `fresh` (the cache drops it after
+    `ttl`) and `last` (kept for `keep`, the last good answer); every cache failure is a miss."""
+
+    def __init__(self, cache: Cache, kind: type[T], *, ttl: float, keep: float) -> None:
+        self._cache = cache
+        self._decoder = msgspec.msgpack.Decoder(Stamped[kind])  # type: ignore[valid-type]
+        self._ttl = ttl
+        self._keep = keep
+
+    async def fresh(self, names: Sequence[str]) -> list[Stamped[T] | None]:
+        return self._decode(
+            await self._cache.get_many([f"catalog:{_SCHEMA}:{n}:fresh" for n in names])
+        )
+
+    async def last(self, names: Sequence[str]) -> list[Stamped[T] | None]:
+        return self._decode(
+            await self._cache.get_many([f"catalog:{_SCHEMA}:{n}:last" for n in names])
+        )
+
+    async def put(self, made: Mapping[str, Stamped[T]]) -> None:
+        encoded = {name: _encode(entry) for name, entry in made.items()}
+        fresh = {f"catalog:{_SCHEMA}:{n}:fresh": raw for n, raw in encoded.items()}
+        last = {f"catalog:{_SCHEMA}:{n}:last": raw for n, raw in encoded.items()}
+        await self._cache.set_many(fresh, self._ttl)
+        await self._cache.set_many(last, self._keep)
+
+    def _decode(self, found: list[bytes | None]) -> list[Stamped[T] | None]:
+        """Entries; one that cannot be read (another schema, damage) is a miss: made again."""
+        entries: list[Stamped[T] | None] = []
+        for raw in found:
+            try:
+                entries.append(None if raw is None else self._decoder.decode(raw))
+            except msgspec.DecodeError:
+                entries.append(None)
+        return entries
 
 
 class Category(msgspec.Struct, frozen=True, kw_only=True):
@@ -112,6 +153,7 @@ class Snapshot:
 
     models: list[ModelInfo]
     unavailable: list[str]
+    states: dict[str, ProviderState]
     classes: list[ModelClass]
     source: Source
     models_body: bytes
@@ -139,17 +181,20 @@ class Catalog:
         classifier_deadline: float = 2.0,
     ) -> None:
         self._registry = registry
-        self._cache: Cache = cache if cache is not None else MemoryCache(max_entries=10_000)
+        shared: Cache = cache if cache is not None else MemoryCache(max_entries=10_000)
+        keep = max(keep_stale, ttl)
+        self._list_shelf = Shelf(shared, list[str], ttl=ttl, keep=keep)
+        self._class_shelf = Shelf(shared, ModelClass, ttl=ttl, keep=keep)
         self._ttl = ttl
         self._retry = retry
-        self._keep = max(keep_stale, ttl)
         self._address = classifier_address
         self._deadline = classifier_deadline
         self._remote: RemoteClassifier | None = None
         # The last good answers this process saw: the fallback when the cache cannot answer.
         self._remote_known: dict[ModelRef, Stamped[ModelClass]] = {}
         self._lists: dict[str, Stamped[list[str]]] = {}
-        self._list_keys = {name: self._list_key(name) for name in registry.names}
+        self._listed: set[str] = set()  # providers this process has listed itself
+        self._list_names = {name: self._list_name(name) for name in registry.names}
         self._snapshot: Snapshot | None = None
         self._task: asyncio.Task[Snapshot] | None = None
         # With an address, "degraded" until the service has answered once.
@@ -203,17 +248,19 @@ class Catalog:
         now, started = asyncio.get_running_loop().time(), time.time()
         old = self._snapshot
         if old is None or now >= old.models_expire:
-            models, unavailable, fresh_for = await self._load_all(started)
+            models, states, fresh_for = await self._load_all(started)
             models_expire = now + fresh_for
         else:
-            models, unavailable, models_expire = old.models, old.unavailable, old.models_expire
+            models, states, models_expire = old.models, old.states, old.models_expire
+        unavailable = [name for name in self._registry.names if name not in self._lists]
         # Looked at on every refresh: reused while fresh, asked again once a TTL has passed.
         classes, source = await self._classify(models, started)
-        degraded = source in ("fallback", "stale")
+        degraded = source in ("fallback", "stale") or self.classifier_status == "degraded"
         classes_expire = now + self._retry if degraded else math.inf
         snapshot = Snapshot(
             models=models,
             unavailable=unavailable,
+            states=states,
             classes=classes,
             source=source,
             models_body=_models_body(models, unavailable),
@@ -224,43 +271,53 @@ class Catalog:
         self._snapshot = snapshot
         return snapshot
 
-    async def _load_all(self, started: float) -> tuple[list[ModelInfo], list[str], float]:
-        """Every provider's list, concurrently: (models, unavailable, seconds until stale)."""
+    async def _load_all(
+        self, started: float
+    ) -> tuple[list[ModelInfo], dict[str, ProviderState], float]:
+        """Every provider's list, concurrently: (models, states, seconds until stale)."""
         names = self._registry.names
         found = await asyncio.gather(*(self._load(name, started) for name in names))
         models: list[ModelInfo] = []
-        unavailable: list[str] = []
+        states: dict[str, ProviderState] = {}
         fresh_for = self._ttl
-        failed = False
-        for name, (listed, fresh) in zip(names, found, strict=True):
-            if listed is None:
-                unavailable.append(name)
-            else:
+        for name, (listed, state) in zip(names, found, strict=True):
+            states[name] = state
+            if listed is not None:
                 models.extend(self._entries(name, listed.value))
-            if not fresh:
-                failed = True
-            elif listed is not None:
-                fresh_for = min(fresh_for, self._ttl - max(started - listed.at, 0.0))
-        if failed:
-            return models, unavailable, self._retry
+                # Only a duration crosses hosts here, and it is kept within [0, ttl].
+                age = min(max(started - listed.at, 0.0), self._ttl)
+                fresh_for = min(fresh_for, self._ttl - age)
+        if any(state != "ok" for state in states.values()):
+            return models, states, self._retry
         # Spread the replicas' refreshes: the first to expire fetches, the others find its list.
-        return models, unavailable, fresh_for + random.uniform(0.0, min(self._ttl / 10, 30.0))
+        return models, states, fresh_for + random.uniform(0.0, min(self._ttl / 10, 30.0))
 
-    async def _load(self, name: str, started: float) -> tuple[Stamped[list[str]] | None, bool]:
-        """One provider's list and whether it is fresh: from the cache while a replica fetched
-        it within `ttl`, else from the upstream; when that fails, the newest list known."""
-        key = self._list_keys[name]
-        shared = _decode(_LIST, await self._cache.get(key))
-        if shared is not None and started - shared.at < self._ttl:
-            self._lists[name] = shared
-            return shared, True
+    async def _load(
+        self, name: str, started: float
+    ) -> tuple[Stamped[list[str]] | None, ProviderState]:
+        """One provider's list: fresh from the cache, else from the upstream; when that fails,
+        the newest last good list any replica (or, the cache failing, this process) had.
+
+        Until this process has listed a provider itself it always asks the upstream: readiness
+        then speaks of this process's own path (its key, its network), not of another replica's.
+        """
+        key = self._list_names[name]
+        if name in self._listed:
+            [fresh] = await self._list_shelf.fresh([key])
+            if fresh is not None:
+                self._lists[name] = fresh
+                return fresh, "ok"
         listed = await self._fetch(name)
-        if listed is None:
-            return _newest(shared, self._lists.get(name)), False
-        stamped = Stamped(listed, started)
-        self._lists[name] = stamped
-        await self._cache.set(key, _encode(stamped), self._keep)
-        return stamped, True
+        if listed is not None:
+            made = self._lists[name] = Stamped(listed, started)
+            self._listed.add(name)
+            await self._list_shelf.put({key: made})
+            return made, "ok"
+        [last] = await self._list_shelf.last([key])
+        kept = _newest(last, self._lists.get(name))  # clocks of two hosts: only to pick one
+        if kept is not None:
+            self._lists[name] = kept
+        return kept, "stale" if name in self._listed else "unreachable"
 
     async def _fetch(self, name: str) -> list[str] | None:
         provider, _ = self._registry.get(name)
@@ -270,10 +327,11 @@ class Catalog:
             log.warning("could not list the models of %s: %s", name, exc)
             return None
 
-    def _list_key(self, name: str) -> str:
-        """Named by the provider and what decides its list (kind and upstream), not its key."""
+    def _list_name(self, name: str) -> str:
+        """Named by the provider and what decides its list: kind, upstream, which credential."""
         _, settings = self._registry.get(name)
-        return f"catalog:models:{name}:{_digest((settings.kind, settings.base_url))[:16]}"
+        decides = (settings.kind, settings.base_url, settings.api_key_env)
+        return f"models:{name}:{_digest(decides)[:16]}"
 
     def _entries(self, name: str, listed: list[str]) -> list[ModelInfo]:
         """The listed models the allow-list admits, sorted, then the aliases of listed ones."""
@@ -298,38 +356,35 @@ class Catalog:
         ]
         if self._address is None:
             return rules.classify(refs), "local"
-        keys = [f"catalog:class:{_digest((self._address, ref))}" for ref in refs]
-        shared = await self._cache.get_many(keys)
-        known = [
-            _newest(_decode(_CLASS, raw), self._remote_known.get(ref))
-            for ref, raw in zip(refs, shared, strict=True)
-        ]
-        wanted = [i for i, k in enumerate(known) if k is None or started - k.at >= self._ttl]
-        if wanted:
-            try:
-                answered = await self._remote_classifier().classify([refs[i] for i in wanted])
-            except ClassifierUnavailableError as exc:
-                self.classifier_status = "degraded"
-                log.warning("classifier at %s did not answer (%s)", self._address, exc.outcome)
-                return self._without_classifier(refs, known)
-            made: dict[str, bytes] = {}
-            for i, answer in zip(wanted, answered, strict=True):
-                known[i] = stamped = Stamped(answer, started)
-                made[keys[i]] = _encode(stamped)
-            await self._cache.set_many(made, self._keep)
-        # Every class is now the service's own, made within `ttl` by this or another replica.
+        names = [f"class:{_digest((self._address, ref))}" for ref in refs]
+        known = await self._class_shelf.fresh(names)
+        wanted = [i for i, k in enumerate(known) if k is None]
+        try:
+            # With nothing wanted this only checks the service's health: the status stays true.
+            answered = await self._remote_classifier().classify([refs[i] for i in wanted])
+        except ClassifierUnavailableError as exc:
+            self.classifier_status = "degraded"
+            log.warning("classifier at %s did not answer (%s)", self._address, exc.outcome)
+            last = await self._class_shelf.last([names[i] for i in wanted])
+            for i, found in zip(wanted, last, strict=True):
+                known[i] = _newest(found, self._remote_known.get(refs[i]))
+            return self._without_classifier(refs, known, stale=bool(wanted))
+        made: dict[str, Stamped[ModelClass]] = {}
+        for i, answer in zip(wanted, answered, strict=True):
+            known[i] = made[names[i]] = Stamped(answer, started)
+        await self._class_shelf.put(made)
         self.classifier_status = "serving"
-        self._remote_known = {ref: k for ref, k in zip(refs, known, strict=True) if k is not None}
-        return [k.value for k in known if k is not None], "classifier"
+        return self._without_classifier(refs, known, stale=False)
 
     def _without_classifier(
-        self, refs: list[ModelRef], known: list[Stamped[ModelClass] | None]
+        self, refs: list[ModelRef], known: list[Stamped[ModelClass] | None], *, stale: bool
     ) -> tuple[list[ModelClass], Source]:
-        """The service's last answers ("stale"), and the rules for models it never classified."""
+        """The service's answers ("classifier", or "stale" when some are its last good ones),
+        and the in-process rules for models it never classified ("fallback")."""
         self._remote_known = {ref: k for ref, k in zip(refs, known, strict=True) if k is not None}
         missing = [ref for ref, k in zip(refs, known, strict=True) if k is None]
         if not missing:
-            return [k.value for k in known if k is not None], "stale"
+            return [k.value for k in known if k is not None], "stale" if stale else "classifier"
         guessed = iter(rules.classify(missing))
         return [next(guessed) if k is None else k.value for k in known], "fallback"
 

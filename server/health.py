@@ -26,10 +26,9 @@ async def readyz(request: Request) -> Response:
     if lifecycle.draining:
         return JSONResponse({"status": "unavailable", "reason": "shutting down"}, status_code=503)
     snapshot = await request.app.state.catalog.snapshot()
-    providers: dict[str, Any] = {name: "ok" for name in request.app.state.service.registry.names}
-    for name in snapshot.unavailable:
-        providers[name] = "unreachable"
-    usable = any(state == "ok" for state in providers.values())
+    # ok | stale (its fetch failed; serving the list this process had) | unreachable
+    providers: dict[str, Any] = dict(snapshot.states)
+    usable = any(state != "unreachable" for state in providers.values())
     degraded = not all(state == "ok" for state in providers.values())
     cache = request.app.state.cache
     cache_state = "ok" if await cache.healthy() else "degraded"  # misses, never failures

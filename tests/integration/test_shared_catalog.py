@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import socket
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
 import httpx2
@@ -67,7 +67,8 @@ def shared_cache(request: pytest.FixtureRequest, redis_server: RedisServer) -> C
         one = MemoryCache()
         return lambda: one
     namespace = f"catalog-{uuid.uuid4().hex[:8]}"
-    return lambda: RedisCache(redis_server.url, namespace=namespace)
+    # A generous timeout: a slow answer under load would be a miss and an extra upstream call.
+    return lambda: RedisCache(redis_server.url, namespace=namespace, timeout=1.0)
 
 
 class Replicas:
@@ -100,60 +101,95 @@ async def replicas(shared_cache: CacheFactory) -> AsyncIterator[Replicas]:
         await made.aclose()
 
 
-async def test_a_list_fetched_by_one_replica_serves_the_others(
+async def test_once_a_ttl_has_passed_one_replica_lists_for_all(
     fake: FakeUpstream, replicas: Replicas
 ) -> None:
-    first = await replicas.start(provider_settings(fake)).snapshot()
-    assert model_calls(fake) == 2  # oai and ant; demo has no upstream
-    others = [await replicas.start(provider_settings(fake)).snapshot() for _ in range(3)]
-    assert model_calls(fake) == 2
-    for other in others:
-        assert other.models == first.models
-        assert other.models_body == first.models_body
-        assert other.categories_body == first.categories_body
-
-
-async def test_once_a_ttl_has_passed_one_replica_fetches_for_all(
-    fake: FakeUpstream, replicas: Replicas
-) -> None:
-    a = replicas.start(provider_settings(fake)[:1], ttl=0.2)
-    b = replicas.start(provider_settings(fake)[:1], ttl=0.2)
-    await a.snapshot()
-    await b.snapshot()
-    assert model_calls(fake) == 1
+    started = [replicas.start(provider_settings(fake), ttl=0.2) for _ in range(3)]
+    first = [await replica.snapshot() for replica in started]
+    assert model_calls(fake) == 6  # each lists oai and ant itself once: its own path, checked
     fake.models = ["gpt-4o-mini", "gpt-5"]
     await asyncio.sleep(0.3)
-    assert [m.id for m in (await a.refresh()).models] == ["oai/gpt-4o-mini", "oai/gpt-5"]
-    assert [m.id for m in (await b.refresh()).models] == ["oai/gpt-4o-mini", "oai/gpt-5"]
-    assert model_calls(fake) == 2
+    again = [await replica.refresh() for replica in started]
+    assert model_calls(fake) == 8  # the first to refresh listed both; the others took its lists
+    for snapshot in again:
+        assert [m.id for m in snapshot.models if m.provider == "oai"] == [
+            "oai/gpt-4o-mini",
+            "oai/gpt-5",
+        ]
+        assert snapshot.models_body == again[0].models_body
+        assert snapshot.categories_body == again[0].categories_body
+        assert snapshot.states == {"oai": "ok", "ant": "ok", "demo": "ok"}
+    assert first[1].models == first[0].models
 
 
 async def test_each_replica_applies_its_own_allow_list_to_the_shared_list(
     fake: FakeUpstream, replicas: Replicas
 ) -> None:
-    await replicas.start(provider_settings(fake)[:1]).snapshot()
-    narrow = provider_settings(fake, models=["o4-mini"], aliases={"fast": "gpt-4o-mini"})[:1]
-    snapshot = await replicas.start(narrow).snapshot()
+    wide = replicas.start(provider_settings(fake)[:1], ttl=0.2)
+    narrow_settings = provider_settings(fake, models=["o4-mini"], aliases={"fast": "gpt-4o-mini"})
+    narrow = replicas.start(narrow_settings[:1], ttl=0.2)
+    await wide.snapshot()
+    await narrow.snapshot()
+    await asyncio.sleep(0.3)
+    await wide.refresh()
+    snapshot = await narrow.refresh()
+    assert model_calls(fake) == 3  # narrow took wide's list of everything
     assert [m.id for m in snapshot.models] == ["oai/o4-mini", "oai/fast"]
-    assert model_calls(fake) == 1
 
 
 async def test_a_replica_that_cannot_reach_the_upstream_uses_the_last_shared_list(
     fake: FakeUpstream, replicas: Replicas
 ) -> None:
-    first = await replicas.start(provider_settings(fake)[:1], ttl=0.05).snapshot()
+    early = replicas.start(provider_settings(fake)[:1], ttl=0.05, retry=0.01)
+    first = await early.snapshot()
     fake.api_key = "sk-rotated-somewhere-else"  # every call is now refused with a 401
     try:
         await asyncio.sleep(0.1)
         # A replica started now has never listed anything itself: only the cache has the list.
-        late = await replicas.start(provider_settings(fake)[:1], ttl=0.09, retry=0.01).snapshot()
+        late = await replicas.start(provider_settings(fake)[:1], ttl=0.05, retry=0.01).snapshot()
         refreshed_by = asyncio.get_running_loop().time() + 0.01
+        after = await early.refresh()
     finally:
         fake.api_key = UPSTREAM_KEY
-    assert model_calls(fake) == 2  # it did try
-    assert late.unavailable == []
-    assert late.models == first.models
+    assert model_calls(fake) == 3  # both did try
+    assert (late.unavailable, late.models) == ([], first.models)  # listed, as all replicas do
+    assert late.states == {"oai": "unreachable"}  # but it never reached the upstream itself
     assert late.models_expire <= refreshed_by  # tried again after `retry`, not after a TTL
+    assert (after.models, after.states) == (first.models, {"oai": "stale"})
+
+
+async def test_a_gateway_that_never_reached_its_upstream_is_not_ready(
+    fake: FakeUpstream, redis_server: RedisServer
+) -> None:
+    settings = Settings(
+        providers=provider_settings(fake)[:1],
+        cache=CacheSettings(url=redis_server.url, namespace=uuid.uuid4().hex, timeout=1.0),
+    )
+    good = Registry.from_settings(settings.providers, ENVIRON)
+    shared = RedisCache(settings.cache.url or "", namespace=settings.cache.namespace, timeout=1.0)
+    other = Catalog(good, cache=shared)
+    try:
+        await other.snapshot()  # another replica, with a working key, has shared its list
+    finally:
+        await other.aclose()
+        await good.aclose()
+        await shared.aclose()
+    wrong_key = {"FAKE_OPENAI_KEY": "sk-not-the-upstream-key"}
+    with serve_in_thread(create_app(settings, wrong_key), options=uvicorn_options(settings)) as url:
+        async with httpx2.AsyncClient(timeout=GUARD) as http:
+            ready = await http.get(url + "/readyz")
+            listed = await http.get(url + "/api/models")
+    assert ready.status_code == 503
+    assert ready.json() == {
+        "status": "unavailable",
+        "checks": {
+            "providers": {"oai": "unreachable"},
+            "cache": {"redis": "ok"},
+            "classifier": "local",
+        },
+    }
+    assert [m["id"] for m in listed.json()["data"]][:1] == ["oai/gpt-4.1"]
+    assert model_calls(fake) == 2
 
 
 async def test_a_classification_made_by_one_replica_serves_the_others(
@@ -170,8 +206,8 @@ async def test_a_classification_made_by_one_replica_serves_the_others(
     assert sorted(servicer.asked[0]) == sorted(m.id for m in first.models)
     b = replicas.start(provider_settings(fake), **remote)
     second = await b.snapshot()
-    assert len(servicer.asked) == 1  # b asked nobody
-    assert b.classifier_calls == {}
+    assert len(servicer.asked) == 1  # b classified nothing
+    assert b.classifier_calls == {"ok": 1}  # it only checked the service's health
     assert (second.source, b.classifier_status) == ("classifier", "serving")
     assert second.categories_body == first.categories_body
 
@@ -227,6 +263,23 @@ def closed_port() -> int:
         return int(sock.getsockname()[1])
 
 
+async def test_with_no_models_the_classifier_is_still_checked(fake: FakeUpstream) -> None:
+    nothing = provider_settings(fake, models=["not-listed-upstream"])[:1]
+    registry = Registry.from_settings(nothing, ENVIRON)
+    catalog = Catalog(
+        registry, classifier_address=f"127.0.0.1:{closed_port()}", classifier_deadline=0.3
+    )
+    try:
+        async with asyncio.timeout(GUARD):
+            snapshot = await catalog.snapshot()
+    finally:
+        await catalog.aclose()
+        await registry.aclose()
+    assert snapshot.models == snapshot.classes == []
+    assert catalog.classifier_status == "degraded"
+    assert catalog.classifier_calls == {"deadline_exceeded": 1}
+
+
 async def test_without_redis_the_catalogue_is_still_served(fake: FakeUpstream) -> None:
     registry = Registry.from_settings(provider_settings(fake), ENVIRON)
     cache = RedisCache(f"redis://127.0.0.1:{closed_port()}/0", timeout=0.1)
@@ -270,23 +323,67 @@ async def test_redis_dying_and_coming_back_mid_run(
         await made.aclose()
 
 
-async def test_unreadable_entries_are_made_again(fake: FakeUpstream) -> None:
-    cache = MemoryCache()
-    registry = Registry.from_settings(provider_settings(fake)[:1], ENVIRON)
-    catalog = Catalog(registry, cache=cache)
+class RecordingCache:
+    """A cache that notes every key written through it, to damage those entries later."""
+
+    def __init__(self, inner: Cache) -> None:
+        self.inner = inner
+        self.backend = inner.backend
+        self.written: set[str] = set()
+
+    async def get(self, key: str) -> bytes | None:
+        return await self.inner.get(key)
+
+    async def set(self, key: str, value: bytes, ttl: float) -> None:
+        self.written.add(key)
+        await self.inner.set(key, value, ttl)
+
+    async def delete(self, key: str) -> None:
+        await self.inner.delete(key)
+
+    async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        return await self.inner.get_many(keys)
+
+    async def set_many(self, items: Mapping[str, bytes], ttl: float) -> None:
+        self.written.update(items)
+        await self.inner.set_many(items, ttl)
+
+    async def healthy(self) -> bool:
+        return await self.inner.healthy()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_unreadable_entries_are_made_again(
+    fake: FakeUpstream,
+    shared_cache: CacheFactory,
+    classifier: tuple[ClassifierServer, CountingServicer],
+) -> None:
+    server, servicer = classifier
+    remote = {"classifier_address": f"127.0.0.1:{server.port}"}
+    recording = RecordingCache(shared_cache())
+    made = Replicas(lambda: recording)
     try:
-        key = catalog._list_keys["oai"]
-        await cache.set(key, b"\xc1 not msgpack", ttl=60)
-        snapshot = await catalog.snapshot()
-        assert [m.id for m in snapshot.models][:1] == ["oai/gpt-4.1"]
-        assert await cache.get(key) != b"\xc1 not msgpack"  # replaced by the fetched list
+        a = made.start(provider_settings(fake)[:1], ttl=0.2, **remote)
+        b = made.start(provider_settings(fake)[:1], ttl=0.2, **remote)
+        first = await a.snapshot()
+        await b.snapshot()
+        assert (model_calls(fake), len(servicer.asked)) == (2, 1)
+        assert recording.written
+        for key in recording.written:  # as another version, or damage, would leave them
+            await recording.inner.set(key, b"\xc1 not msgpack", ttl=60)
+        await asyncio.sleep(0.3)
+        again = await a.refresh()
+        assert (model_calls(fake), len(servicer.asked)) == (3, 2)  # made again, not failed
+        assert (again.models, again.classes) == (first.models, first.classes)
+        await b.refresh()
+        assert (model_calls(fake), len(servicer.asked)) == (3, 2)  # and readable once more
     finally:
-        await catalog.aclose()
-        await registry.aclose()
-    assert model_calls(fake) == 1
+        await made.aclose()
 
 
-def test_two_gateways_on_one_redis_list_and_classify_once(
+def test_two_gateways_on_one_redis_classify_once(
     fake: FakeUpstream, redis_server: RedisServer
 ) -> None:
     async def run() -> None:
@@ -316,8 +413,8 @@ def test_two_gateways_on_one_redis_list_and_classify_once(
                         assert listed.status_code == grouped.status_code == 200
                         bodies.append((listed.content, grouped.content))
             assert bodies[0] == bodies[1]
-            assert len(servicer.asked) == 1
-            assert model_calls(fake) == 2
+            assert len(servicer.asked) == 1  # the second gateway classified nothing itself
+            assert model_calls(fake) == 4  # each gateway lists each upstream once at start
         finally:
             await server.stop(grace=None)
 
