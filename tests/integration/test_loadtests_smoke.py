@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.support.redis import redis_binary
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -49,3 +51,25 @@ def test_locust_run_writes_csv_and_html(tmp_path: Path) -> None:
     for kind in ("SSE", "WS"):
         assert (kind, "ttft") in entries, entries
         assert (kind, "gap") in entries, entries
+
+
+def test_catalogue_benchmark_counts_the_work_sharing_saves() -> None:
+    redis_binary()  # it starts a redis-server: skipped without one locally, failed in CI
+    argv = ["loadtests.bench_catalog", "--replicas", "2", "--periods", "2", "--models", "10"]
+    done = run([*argv, "--samples", "2"], timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {
+        line[:14].strip(): line[14:].split()
+        for line in done.stdout.splitlines()
+        if line.startswith(("per process", "shared Redis"))
+    }
+    # Alone, each replica lists and classifies every period; shared, each lists once at start,
+    # then one lists per period for both, and each model is classified once per period.
+    assert rows == {"per process": ["4", "40"], "shared Redis": ["3", "20"]}
+    assert "refresh from Redis" in done.stdout
+
+
+def test_cache_key_benchmark_runs() -> None:
+    done = run(["loadtests.bench_cache_keys", "--repeat", "50"], timeout=60)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "json" in done.stdout.lower()
