@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -20,9 +21,13 @@ class Route:
     settings: ProviderSettings
 
 
+def _key(settings: ProviderSettings, environ: Mapping[str, str]) -> str:
+    return environ.get(settings.api_key_env, "") if settings.api_key_env else ""
+
+
 def build_provider(settings: ProviderSettings, environ: Mapping[str, str]) -> Provider:
     """Create one provider with its own SDK client; an SDK is imported only when it is used."""
-    key = environ.get(settings.api_key_env, "") if settings.api_key_env else ""
+    key = _key(settings, environ)
     if settings.kind == "openai":
         from providers import openai
 
@@ -37,8 +42,13 @@ def build_provider(settings: ProviderSettings, environ: Mapping[str, str]) -> Pr
 class Registry:
     """A plain mapping of provider name to provider, and the model-id routing rules."""
 
-    def __init__(self, entries: Mapping[str, tuple[Provider, ProviderSettings]]) -> None:
+    def __init__(
+        self,
+        entries: Mapping[str, tuple[Provider, ProviderSettings]],
+        credentials: Mapping[str, str] | None = None,
+    ) -> None:
         self._entries = dict(entries)
+        self._credentials = dict(credentials or {})
         # Bare model names (no `provider/` prefix) route where exactly one provider lists them.
         bare: dict[str, list[str]] = {}
         for name, (_, settings) in self._entries.items():
@@ -50,7 +60,10 @@ class Registry:
     def from_settings(
         cls, providers: list[ProviderSettings], environ: Mapping[str, str]
     ) -> Registry:
-        return cls({p.name: (build_provider(p, environ), p) for p in providers})
+        credentials = {
+            p.name: hashlib.sha256(_key(p, environ).encode()).hexdigest()[:16] for p in providers
+        }
+        return cls({p.name: (build_provider(p, environ), p) for p in providers}, credentials)
 
     @property
     def names(self) -> list[str]:
@@ -58,6 +71,10 @@ class Registry:
 
     def get(self, name: str) -> tuple[Provider, ProviderSettings]:
         return self._entries[name]
+
+    def credential_id(self, name: str) -> str:
+        """A short digest of the provider's key: tells credentials apart without holding one."""
+        return self._credentials.get(name, "")
 
     def resolve(self, model_id: str) -> Route:
         """Route a client's model id, or raise `ModelNotFoundError` without any upstream call."""

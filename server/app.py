@@ -108,7 +108,9 @@ def create_app(settings: Settings, environ: Mapping[str, str] | None = None) -> 
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         catalog = Catalog(
             registry,
-            cache=cache,
+            # Shared only through Redis; in memory the catalogue keeps its own entries, so they
+            # neither evict cached completions nor are evicted by them.
+            cache=cache if settings.cache.url else None,
             ttl=settings.catalog.ttl,
             retry=settings.catalog.retry,
             keep_stale=settings.catalog.keep_stale,

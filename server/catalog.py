@@ -9,14 +9,17 @@ keeps its last good list; one with no list anywhere is named in `unavailable`. E
 like a degraded classifier, makes the snapshot expire after `retry` rather than `ttl`.
 
 Shared through the cache: each provider's raw model list, and each model's classification by
-the classifier service, are kept in the gateway's `Cache` twice (`Shelf`): a "fresh" entry
+the classifier service, are kept in a `Cache` (the gateway's Redis when it has one, else an
+in-memory cache of the catalogue's own) twice (`Shelf`): a "fresh" entry
 that the cache itself expires after `ttl`, and a "last good" one kept for `keep_stale`. A
 refresh takes the fresh entries any replica made and asks the upstream (or the classifier)
 only for the rest, so replicas on one Redis ask about once per TTL between them; when a source
-fails, the newest last-good entry any replica made is used. Freshness is the cache's expiry,
-never a comparison of the clocks of different hosts. Each snapshot expires with a small random
-delay, so replicas do not all refresh at the same instant. Requests read the in-process
-snapshot; only a refresh talks to the cache.
+fails, the newest last-good entry any replica made is used. Freshness is the cache's expiry:
+the wall-clock stamp of an entry only picks the newer of two last-good copies, so clocks of
+different hosts never decide what is fresh. A snapshot lives a TTL from when it was made
+(plus a small random delay, so replicas that started together do not all refresh at the same
+instant): a list may be served up to about two TTLs after its fetch, one in the cache and one
+in the snapshot. Requests read the in-process snapshot; only a refresh talks to the cache.
 
 Each process lists every provider itself once, on its first refresh, whatever the cache
 holds; from then on it takes fresh lists from the cache. So each provider's state, for
@@ -31,7 +34,9 @@ cached); with one, the gRPC service is asked about the models no replica has cla
 `ttl` (with nothing to ask, its health is still checked, so every process knows its own path
 to the service), and when it cannot answer the last good remote classification ("stale") or,
 for models it never classified, the in-process rules ("fallback") are used instead, and
-`classifier_status` says "degraded".
+`classifier_status` says "degraded". When only the health check fails (every classification
+was fresh in the cache), the body still says "classifier", which its data is, while
+`classifier_status` and readiness say "degraded" and the check is repeated after `retry`.
 """
 
 from __future__ import annotations
@@ -274,23 +279,21 @@ class Catalog:
     async def _load_all(
         self, started: float
     ) -> tuple[list[ModelInfo], dict[str, ProviderState], float]:
-        """Every provider's list, concurrently: (models, states, seconds until stale)."""
+        """Every provider's list, concurrently: (models, states, seconds until the next)."""
         names = self._registry.names
         found = await asyncio.gather(*(self._load(name, started) for name in names))
         models: list[ModelInfo] = []
         states: dict[str, ProviderState] = {}
-        fresh_for = self._ttl
         for name, (listed, state) in zip(names, found, strict=True):
             states[name] = state
             if listed is not None:
                 models.extend(self._entries(name, listed.value))
-                # Only a duration crosses hosts here, and it is kept within [0, ttl].
-                age = min(max(started - listed.at, 0.0), self._ttl)
-                fresh_for = min(fresh_for, self._ttl - age)
         if any(state != "ok" for state in states.values()):
             return models, states, self._retry
-        # Spread the replicas' refreshes: the first to expire fetches, the others find its list.
-        return models, states, fresh_for + random.uniform(0.0, min(self._ttl / 10, 30.0))
+        # A TTL from now, whoever made the lists (no clocks of other hosts are read), and a
+        # random delay on top: of replicas that started together, the first to expire lists
+        # for the others instead of all listing at once.
+        return models, states, self._ttl + random.uniform(0.0, min(self._ttl / 10, 30.0))
 
     async def _load(
         self, name: str, started: float
@@ -330,7 +333,7 @@ class Catalog:
     def _list_name(self, name: str) -> str:
         """Named by the provider and what decides its list: kind, upstream, which credential."""
         _, settings = self._registry.get(name)
-        decides = (settings.kind, settings.base_url, settings.api_key_env)
+        decides = (settings.kind, settings.base_url, self._registry.credential_id(name))
         return f"models:{name}:{_digest(decides)[:16]}"
 
     def _entries(self, name: str, listed: list[str]) -> list[ModelInfo]:

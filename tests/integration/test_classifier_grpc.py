@@ -281,7 +281,8 @@ async def test_a_restarted_server_is_used_again_without_a_gateway_restart() -> N
         assert catalog.classifier_status == "degraded"
         await second_server.start()  # back, on the same port
         async with asyncio.timeout(GUARD):
-            while (await catalog.refresh()).source != "classifier":
+            while catalog.classifier_status != "serving":
+                await catalog.refresh()
                 await asyncio.sleep(0.05)
         assert catalog.classifier_status == "serving"
     finally:

@@ -61,11 +61,12 @@ CacheFactory = Callable[[], Cache]
 
 
 @pytest.fixture(params=["memory", "redis"])
-def shared_cache(request: pytest.FixtureRequest, redis_server: RedisServer) -> CacheFactory:
+def shared_cache(request: pytest.FixtureRequest) -> CacheFactory:
     """Makes each replica's cache client; all of one test's clients see the same entries."""
     if request.param == "memory":
         one = MemoryCache()
         return lambda: one
+    redis_server: RedisServer = request.getfixturevalue("redis_server")
     namespace = f"catalog-{uuid.uuid4().hex[:8]}"
     # A generous timeout: a slow answer under load would be a miss and an extra upstream call.
     return lambda: RedisCache(redis_server.url, namespace=namespace, timeout=1.0)
@@ -78,8 +79,13 @@ class Replicas:
         self._caches = caches
         self._open: list[tuple[Catalog, Registry, Cache]] = []
 
-    def start(self, providers: list[ProviderSettings], **options: Any) -> Catalog:
-        registry = Registry.from_settings(providers, ENVIRON)
+    def start(
+        self,
+        providers: list[ProviderSettings],
+        environ: dict[str, str] = ENVIRON,
+        **options: Any,
+    ) -> Catalog:
+        registry = Registry.from_settings(providers, environ)
         cache = self._caches()
         catalog = Catalog(registry, cache=cache, **options)
         self._open.append((catalog, registry, cache))
@@ -104,11 +110,11 @@ async def replicas(shared_cache: CacheFactory) -> AsyncIterator[Replicas]:
 async def test_once_a_ttl_has_passed_one_replica_lists_for_all(
     fake: FakeUpstream, replicas: Replicas
 ) -> None:
-    started = [replicas.start(provider_settings(fake), ttl=0.2) for _ in range(3)]
+    started = [replicas.start(provider_settings(fake), ttl=0.5) for _ in range(3)]
     first = [await replica.snapshot() for replica in started]
     assert model_calls(fake) == 6  # each lists oai and ant itself once: its own path, checked
     fake.models = ["gpt-4o-mini", "gpt-5"]
-    await asyncio.sleep(0.3)
+    await asyncio.sleep(0.6)
     again = [await replica.refresh() for replica in started]
     assert model_calls(fake) == 8  # the first to refresh listed both; the others took its lists
     for snapshot in again:
@@ -146,7 +152,7 @@ async def test_a_replica_that_cannot_reach_the_upstream_uses_the_last_shared_lis
     try:
         await asyncio.sleep(0.1)
         # A replica started now has never listed anything itself: only the cache has the list.
-        late = await replicas.start(provider_settings(fake)[:1], ttl=0.05, retry=0.01).snapshot()
+        late = await replicas.start(provider_settings(fake)[:1], ttl=60, retry=0.01).snapshot()
         refreshed_by = asyncio.get_running_loop().time() + 0.01
         after = await early.refresh()
     finally:
@@ -165,20 +171,25 @@ async def test_a_gateway_that_never_reached_its_upstream_is_not_ready(
         providers=provider_settings(fake)[:1],
         cache=CacheSettings(url=redis_server.url, namespace=uuid.uuid4().hex, timeout=1.0),
     )
-    good = Registry.from_settings(settings.providers, ENVIRON)
-    shared = RedisCache(settings.cache.url or "", namespace=settings.cache.namespace, timeout=1.0)
-    other = Catalog(good, cache=shared)
+    registry = Registry.from_settings(settings.providers, ENVIRON)
+    shared = RedisCache(redis_server.url, namespace=settings.cache.namespace, timeout=1.0)
+    other = Catalog(registry, cache=shared)
     try:
-        await other.snapshot()  # another replica, with a working key, has shared its list
+        await other.snapshot()  # another replica has listed the upstream and shared the list
     finally:
         await other.aclose()
-        await good.aclose()
+        await registry.aclose()
         await shared.aclose()
-    wrong_key = {"FAKE_OPENAI_KEY": "sk-not-the-upstream-key"}
-    with serve_in_thread(create_app(settings, wrong_key), options=uvicorn_options(settings)) as url:
-        async with httpx2.AsyncClient(timeout=GUARD) as http:
-            ready = await http.get(url + "/readyz")
-            listed = await http.get(url + "/api/models")
+    fake.api_key = "sk-rotated-somewhere-else"  # from now on this upstream refuses the key
+    try:
+        with serve_in_thread(
+            create_app(settings, ENVIRON), options=uvicorn_options(settings)
+        ) as url:
+            async with httpx2.AsyncClient(timeout=GUARD) as http:
+                ready = await http.get(url + "/readyz")
+                listed = await http.get(url + "/api/models")
+    finally:
+        fake.api_key = UPSTREAM_KEY
     assert ready.status_code == 503
     assert ready.json() == {
         "status": "unavailable",
@@ -188,8 +199,27 @@ async def test_a_gateway_that_never_reached_its_upstream_is_not_ready(
             "classifier": "local",
         },
     }
-    assert [m["id"] for m in listed.json()["data"]][:1] == ["oai/gpt-4.1"]
+    assert [m["id"] for m in listed.json()["data"]][:1] == ["oai/gpt-4.1"]  # the shared list
     assert model_calls(fake) == 2
+
+
+async def test_lists_are_shared_only_between_the_same_credentials(
+    fake: FakeUpstream, replicas: Replicas
+) -> None:
+    a = replicas.start(provider_settings(fake)[:1], ttl=0.3)
+    b = replicas.start(provider_settings(fake)[:1], ttl=0.3)
+    wrong = {"FAKE_OPENAI_KEY": "sk-another-key"}
+    other_key = replicas.start(provider_settings(fake)[:1], wrong, ttl=0.3, retry=0.1)
+    for replica in (a, b, other_key):
+        await replica.snapshot()
+    assert model_calls(fake) == 3
+    await asyncio.sleep(0.4)
+    await a.refresh()
+    await b.refresh()  # a's list
+    assert model_calls(fake) == 4
+    refused = await other_key.refresh()  # asks with its own key, is refused: nothing of a's
+    assert model_calls(fake) == 5
+    assert (refused.unavailable, refused.states) == (["oai"], {"oai": "unreachable"})
 
 
 async def test_a_classification_made_by_one_replica_serves_the_others(
@@ -210,6 +240,28 @@ async def test_a_classification_made_by_one_replica_serves_the_others(
     assert b.classifier_calls == {"ok": 1}  # it only checked the service's health
     assert (second.source, b.classifier_status) == ("classifier", "serving")
     assert second.categories_body == first.categories_body
+
+
+async def test_a_replica_cut_off_from_the_classifier_uses_fresh_shared_answers(
+    fake: FakeUpstream, replicas: Replicas
+) -> None:
+    server = ClassifierServer("127.0.0.1", 0)
+    await server.start()
+    options = {"classifier_address": f"127.0.0.1:{server.port}", "classifier_deadline": 0.3}
+    try:
+        first = await replicas.start(provider_settings(fake), **options).snapshot()
+    finally:
+        await server.stop(grace=None)
+    cut_off = replicas.start(provider_settings(fake), retry=5.0, **options)
+    async with asyncio.timeout(GUARD):
+        snapshot = await cut_off.snapshot()
+        checked_again_by = asyncio.get_running_loop().time() + 5.0
+    # The data is the service's own and fresh; this process's path to it is what is degraded.
+    assert (snapshot.source, snapshot.classes) == ("classifier", first.classes)
+    assert b'"degraded":false' in snapshot.categories_body
+    assert cut_off.classifier_status == "degraded"
+    assert cut_off.classifier_calls == {"deadline_exceeded": 1}
+    assert snapshot.classes_expire <= checked_again_by  # the check is repeated after `retry`
 
 
 async def test_only_models_no_replica_has_classified_are_sent(
@@ -276,6 +328,7 @@ async def test_with_no_models_the_classifier_is_still_checked(fake: FakeUpstream
         await catalog.aclose()
         await registry.aclose()
     assert snapshot.models == snapshot.classes == []
+    assert snapshot.source == "classifier"  # nothing to classify: only the status can say it
     assert catalog.classifier_status == "degraded"
     assert catalog.classifier_calls == {"deadline_exceeded": 1}
 
