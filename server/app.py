@@ -65,11 +65,13 @@ def _server_error(request: Request, exc: Exception) -> Response:
     )
 
 
-def build_cache(settings: CacheSettings) -> Cache:
-    """Redis when `url` is set, else the bounded in-memory cache."""
+def build_cache(settings: CacheSettings, use: str = "completions") -> Cache:
+    """Redis when `url` is set, else the bounded in-memory cache; `use` labels its metrics."""
     if settings.url:
-        return RedisCache(settings.url, namespace=settings.namespace, timeout=settings.timeout)
-    return MemoryCache(max_entries=settings.max_entries, max_bytes=settings.max_bytes)
+        return RedisCache(
+            settings.url, namespace=settings.namespace, timeout=settings.timeout, use=use
+        )
+    return MemoryCache(max_entries=settings.max_entries, max_bytes=settings.max_bytes, use=use)
 
 
 def build_limits(settings: Settings) -> Limits:
@@ -106,11 +108,12 @@ def create_app(settings: Settings, environ: Mapping[str, str] | None = None) -> 
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        # Shared only through Redis (a client of its own, so its operations are told apart in
+        # the metrics); in memory the catalogue keeps its own entries, apart from completions.
+        catalog_cache = build_cache(settings.cache, "catalog") if settings.cache.url else None
         catalog = Catalog(
             registry,
-            # Shared only through Redis; in memory the catalogue keeps its own entries, so they
-            # neither evict cached completions nor are evicted by them.
-            cache=cache if settings.cache.url else None,
+            cache=catalog_cache,
             ttl=settings.catalog.ttl,
             retry=settings.catalog.retry,
             keep_stale=settings.catalog.keep_stale,
@@ -126,6 +129,8 @@ def create_app(settings: Settings, environ: Mapping[str, str] | None = None) -> 
             await catalog.aclose()
             await registry.aclose()
             await cache.aclose()
+            if catalog_cache is not None:
+                await catalog_cache.aclose()
             await observer.aclose()
             await limits.limiter.aclose()
 

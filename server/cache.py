@@ -28,6 +28,7 @@ class Cache(Protocol):
     """What the gateway needs of a cache backend."""
 
     backend: str
+    use: str
 
     async def get(self, key: str) -> bytes | None: ...
 
@@ -44,8 +45,13 @@ class Cache(Protocol):
     async def aclose(self) -> None: ...
 
 
-def _count(backend: str, operation: str, result: str) -> None:
-    metrics.CACHE_OPERATIONS.labels(backend, operation, result).inc()
+class _Counted(Protocol):
+    backend: str
+    use: str
+
+
+def _count(cache: _Counted, operation: str, result: str, amount: int = 1) -> None:
+    metrics.CACHE_OPERATIONS.labels(cache.backend, cache.use, operation, result).inc(amount)
 
 
 class MemoryCache:
@@ -53,7 +59,14 @@ class MemoryCache:
 
     backend = "memory"
 
-    def __init__(self, *, max_entries: int = 10_000, max_bytes: int = 64 * 1024 * 1024) -> None:
+    def __init__(
+        self,
+        *,
+        max_entries: int = 10_000,
+        max_bytes: int = 64 * 1024 * 1024,
+        use: str = "completions",
+    ) -> None:
+        self.use = use  # what the entries are for: a label of the operation metrics
         self._max_entries = max_entries
         self._entries: TLRUCache[str, tuple[float, bytes]] = TLRUCache(
             maxsize=max_bytes,
@@ -63,7 +76,7 @@ class MemoryCache:
 
     async def get(self, key: str) -> bytes | None:
         entry = self._entries.get(key)
-        _count(self.backend, "get", "miss" if entry is None else "hit")
+        _count(self, "get", "miss" if entry is None else "hit")
         return None if entry is None else entry[1]
 
     async def set(self, key: str, value: bytes, ttl: float) -> None:
@@ -72,7 +85,7 @@ class MemoryCache:
         while len(self._entries) >= self._max_entries and key not in self._entries:
             self._entries.popitem()
         self._entries[key] = (ttl, value)
-        _count(self.backend, "set", "stored")
+        _count(self, "set", "stored")
 
     async def delete(self, key: str) -> None:
         self._entries.pop(key, None)
@@ -103,8 +116,11 @@ class RedisCache:
         namespace: str = "tokenrelay",
         timeout: float = 0.1,
         max_connections: int = 64,
+        use: str = "completions",
     ) -> None:
         import redis.asyncio
+
+        self.use = use  # what the entries are for: a label of the operation metrics
 
         self._prefix = f"{namespace}:v{KEY_VERSION}:"
         self._client = redis.asyncio.Redis.from_url(
@@ -121,12 +137,12 @@ class RedisCache:
 
     def _available(self, operation: str) -> bool:
         if time.monotonic() < self._down_until:
-            _count(self.backend, operation, "error")
+            _count(self, operation, "error")
             return False
         return True
 
     def _failed(self, operation: str, exc: BaseException) -> None:
-        _count(self.backend, operation, "error")
+        _count(self, operation, "error")
         self._backoff = min(self._backoff * 2 or 0.25, 5.0)
         self._down_until = time.monotonic() + self._backoff
         self._errors_since_log += 1
@@ -160,7 +176,7 @@ class RedisCache:
             return None
         self._succeeded()
         value = found if isinstance(found, bytes) else None
-        _count(self.backend, "get", "miss" if value is None else "hit")
+        _count(self, "get", "miss" if value is None else "hit")
         return value
 
     async def set(self, key: str, value: bytes, ttl: float) -> None:
@@ -172,7 +188,7 @@ class RedisCache:
             self._failed("set", exc)
             return
         self._succeeded()
-        _count(self.backend, "set", "stored")
+        _count(self, "set", "stored")
 
     async def delete(self, key: str) -> None:
         if not self._available("delete"):
@@ -196,8 +212,8 @@ class RedisCache:
         self._succeeded()
         values = [value if isinstance(value, bytes) else None for value in found]
         hits = sum(value is not None for value in values)
-        metrics.CACHE_OPERATIONS.labels(self.backend, "get", "hit").inc(hits)
-        metrics.CACHE_OPERATIONS.labels(self.backend, "get", "miss").inc(len(values) - hits)
+        _count(self, "get", "hit", hits)
+        _count(self, "get", "miss", len(values) - hits)
         return values
 
     async def set_many(self, items: Mapping[str, bytes], ttl: float) -> None:
@@ -214,7 +230,7 @@ class RedisCache:
             self._failed("set", exc)
             return
         self._succeeded()
-        metrics.CACHE_OPERATIONS.labels(self.backend, "set", "stored").inc(len(items))
+        _count(self, "set", "stored", len(items))
 
     async def healthy(self) -> bool:
         try:

@@ -186,7 +186,7 @@ class Catalog:
         classifier_deadline: float = 2.0,
     ) -> None:
         self._registry = registry
-        shared: Cache = cache if cache is not None else MemoryCache(max_entries=10_000)
+        shared: Cache = cache if cache is not None else MemoryCache(use="catalog")
         keep = max(keep_stale, ttl)
         self._list_shelf = Shelf(shared, list[str], ttl=ttl, keep=keep)
         self._class_shelf = Shelf(shared, ModelClass, ttl=ttl, keep=keep)

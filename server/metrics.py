@@ -126,8 +126,9 @@ UPSTREAM_ERRORS = Counter(
 )
 CACHE_OPERATIONS = Counter(
     "tokenrelay_cache_operations_total",
-    "Cache operations by backend, operation and result (hit, miss, stored, error).",
-    ["backend", "operation", "result"],
+    "Cache operations by backend, use (completions, catalog), operation and result "
+    "(hit, miss, stored, error).",
+    ["backend", "use", "operation", "result"],
 )
 CLASSIFIER_CALLS = Counter(
     "tokenrelay_classifier_calls_total",

@@ -343,13 +343,14 @@ async def test_redis_dying_and_coming_back(
 
 
 async def cache_samples(http: httpx2.AsyncClient, url: str) -> dict[tuple[str, str], float]:
-    """`tokenrelay_cache_operations_total` for Redis, by (operation, result), from /metrics."""
+    """Redis operations for completions, by (operation, result), from /metrics."""
     text = (await http.get(url + "/metrics")).text
     return {
         (s.labels["operation"], s.labels["result"]): s.value
         for family in text_string_to_metric_families(text)
         for s in family.samples
-        if s.name == "tokenrelay_cache_operations_total" and s.labels["backend"] == "redis"
+        if s.name == "tokenrelay_cache_operations_total"
+        and (s.labels["backend"], s.labels["use"]) == ("redis", "completions")
     }
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import socket
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -17,6 +18,7 @@ from typing import Any
 
 import httpx2
 import pytest
+from prometheus_client import REGISTRY
 
 from providers.registry import Registry
 from providers.settings import ProviderSettings
@@ -382,6 +384,7 @@ class RecordingCache:
     def __init__(self, inner: Cache) -> None:
         self.inner = inner
         self.backend = inner.backend
+        self.use = inner.use
         self.written: set[str] = set()
 
     async def get(self, key: str) -> bytes | None:
@@ -436,6 +439,11 @@ async def test_unreadable_entries_are_made_again(
         await made.aclose()
 
 
+def catalog_hits() -> float:
+    labels = {"backend": "redis", "use": "catalog", "operation": "get", "result": "hit"}
+    return REGISTRY.get_sample_value("tokenrelay_cache_operations_total", labels) or 0.0
+
+
 def test_two_gateways_on_one_redis_classify_once(
     fake: FakeUpstream, redis_server: RedisServer
 ) -> None:
@@ -450,6 +458,7 @@ def test_two_gateways_on_one_redis_classify_once(
                 classifier=ClassifierSettings(address=f"127.0.0.1:{server.port}"),
             )
             bodies: list[tuple[bytes, bytes]] = []
+            hits_before = catalog_hits()
             with contextlib.ExitStack() as stack:
                 urls = [
                     stack.enter_context(
@@ -467,6 +476,8 @@ def test_two_gateways_on_one_redis_classify_once(
                         bodies.append((listed.content, grouped.content))
             assert bodies[0] == bodies[1]
             assert len(servicer.asked) == 1  # the second gateway classified nothing itself
+            # Its classifications came from Redis, counted apart from completions.
+            assert catalog_hits() - hits_before >= len(json.loads(bodies[1][1])["models"])
             assert model_calls(fake) == 4  # each gateway lists each upstream once at start
         finally:
             await server.stop(grace=None)
