@@ -41,7 +41,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--headers-delay", type=float, default=0.0, help="seconds before the response headers"
     )
     parser.add_argument("--models", default="", help="comma-separated model ids for /v1/models")
-    parser.add_argument("--api-key", default=None, help="require this key (bearer or x-api-key); without it any key is accepted")
+    parser.add_argument(
+        "--api-key",
+        default=None,
+        help="require this key (bearer or x-api-key); without it any key is accepted",
+    )
     parser.add_argument("--uvloop", action="store_true", help="run on uvloop when it is installed")
     parser.add_argument(
         "--control-port",
