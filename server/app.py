@@ -39,7 +39,6 @@ from server.ratelimit import Buckets, ChargingObserver, MemoryBuckets, RateLimit
 from server.rest import ChatCompletions, list_models, model_categories
 from server.settings import CacheSettings, Settings, load
 from server.ui import ui_mount
-from server.webheaders import SecurityHeaders
 from server.ws import WebSocketEndpoint
 
 
@@ -152,7 +151,6 @@ def create_app(settings: Settings, environ: Mapping[str, str] | None = None) -> 
         ],
         middleware=[
             Middleware(RequestObserver),
-            Middleware(SecurityHeaders),
             Middleware(
                 Gatekeeper,
                 keys=KeyRing(settings.auth.keys),

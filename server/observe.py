@@ -15,6 +15,7 @@ from providers.errors import ProviderError
 from server import metrics
 from server.errors import spec_for
 from server.http import request_id_of
+from server.webheaders import add_security_headers
 
 if TYPE_CHECKING:
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -82,7 +83,8 @@ class StreamObserver:
 
 
 class RequestObserver:
-    """ASGI middleware: a request id on every HTTP request and response, a metric, a log line."""
+    """ASGI middleware: a request id and the security headers on every HTTP response, a
+    metric and a log line per request."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -103,7 +105,8 @@ class RequestObserver:
                 headers = list(message.get("headers", ()))
                 if not any(name == b"x-request-id" for name, _ in headers):
                     headers.append(rid_header)
-                    message = {**message, "headers": headers}
+                add_security_headers(headers)
+                message = {**message, "headers": headers}
             await send(message)
 
         try:
