@@ -42,6 +42,7 @@ class CountingServicer(ClassifierServicer):
     def __init__(self) -> None:
         super().__init__()
         self.asked: list[list[str]] = []
+        self.address = ""
 
     async def Classify(self, request: pb.ClassifyRequest, context: Any) -> pb.ClassifyResponse:
         self.asked.append([m.id for m in request.models])
@@ -49,14 +50,20 @@ class CountingServicer(ClassifierServicer):
 
 
 @pytest.fixture
-async def classifier() -> AsyncIterator[tuple[ClassifierServer, CountingServicer]]:
-    servicer = CountingServicer()
-    server = ClassifierServer("127.0.0.1", 0, servicer=servicer)
+async def servicer() -> AsyncIterator[CountingServicer]:
+    """A running classifier's servicer; `remote(servicer)` gives a catalogue's options for it."""
+    counting = CountingServicer()
+    server = ClassifierServer("127.0.0.1", 0, servicer=counting)
     await server.start()
+    counting.address = f"127.0.0.1:{server.port}"
     try:
-        yield server, servicer
+        yield counting
     finally:
         await server.stop(grace=None)
+
+
+def remote(servicer: CountingServicer) -> dict[str, Any]:
+    return {"classifier_address": servicer.address}
 
 
 CacheFactory = Callable[[], Cache]
@@ -227,16 +234,14 @@ async def test_lists_are_shared_only_between_the_same_credentials(
 async def test_a_classification_made_by_one_replica_serves_the_others(
     fake: FakeUpstream,
     replicas: Replicas,
-    classifier: tuple[ClassifierServer, CountingServicer],
+    servicer: CountingServicer,
 ) -> None:
-    server, servicer = classifier
-    remote = {"classifier_address": f"127.0.0.1:{server.port}"}
-    a = replicas.start(provider_settings(fake), **remote)
+    a = replicas.start(provider_settings(fake), **remote(servicer))
     first = await a.snapshot()
     assert (first.source, a.classifier_status) == ("classifier", "serving")
     assert len(servicer.asked) == 1
     assert sorted(servicer.asked[0]) == sorted(m.id for m in first.models)
-    b = replicas.start(provider_settings(fake), **remote)
+    b = replicas.start(provider_settings(fake), **remote(servicer))
     second = await b.snapshot()
     assert len(servicer.asked) == 1  # b classified nothing
     assert b.classifier_calls == {"ok": 1}  # it only checked the service's health
@@ -269,14 +274,12 @@ async def test_a_replica_cut_off_from_the_classifier_uses_fresh_shared_answers(
 async def test_only_models_no_replica_has_classified_are_sent(
     fake: FakeUpstream,
     replicas: Replicas,
-    classifier: tuple[ClassifierServer, CountingServicer],
+    servicer: CountingServicer,
 ) -> None:
-    server, servicer = classifier
-    remote = {"classifier_address": f"127.0.0.1:{server.port}"}
     narrow = provider_settings(fake, models=["gpt-4o-mini", "o4-mini"])[:1]
-    await replicas.start(narrow, **remote).snapshot()
+    await replicas.start(narrow, **remote(servicer)).snapshot()
     wider = provider_settings(fake, models=["gpt-4o-mini", "o4-mini", "gpt-4.1"])[:1]
-    snapshot = await replicas.start(wider, **remote).snapshot()
+    snapshot = await replicas.start(wider, **remote(servicer)).snapshot()
     assert servicer.asked == [["oai/gpt-4o-mini", "oai/o4-mini"], ["oai/gpt-4.1"]]
     assert snapshot.source == "classifier"
     assert [c.id for c in snapshot.classes] == ["oai/gpt-4.1", "oai/gpt-4o-mini", "oai/o4-mini"]
@@ -414,15 +417,13 @@ class RecordingCache:
 async def test_unreadable_entries_are_made_again(
     fake: FakeUpstream,
     shared_cache: CacheFactory,
-    classifier: tuple[ClassifierServer, CountingServicer],
+    servicer: CountingServicer,
 ) -> None:
-    server, servicer = classifier
-    remote = {"classifier_address": f"127.0.0.1:{server.port}"}
     recording = RecordingCache(shared_cache())
     made = Replicas(lambda: recording)
     try:
-        a = made.start(provider_settings(fake)[:1], ttl=0.2, **remote)
-        b = made.start(provider_settings(fake)[:1], ttl=0.2, **remote)
+        a = made.start(provider_settings(fake)[:1], ttl=0.2, **remote(servicer))
+        b = made.start(provider_settings(fake)[:1], ttl=0.2, **remote(servicer))
         first = await a.snapshot()
         await b.snapshot()
         assert (model_calls(fake), len(servicer.asked)) == (2, 1)
