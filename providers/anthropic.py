@@ -10,6 +10,7 @@ import httpx2
 import msgspec
 
 from providers import errors
+from providers.capabilities import Capabilities
 from providers.settings import ProviderSettings
 from providers.sse import SSEDecoder, body_chunks
 from providers.transport import http_client
@@ -98,6 +99,11 @@ def _prompt_tokens(usage: _Usage) -> int:
     )
 
 
+_CAPABILITIES = Capabilities(
+    options=frozenset({"temperature", "top_p", "top_k", "user"}), parts=frozenset()
+)
+
+
 class AnthropicProvider:
     """Streams messages through `anthropic.AsyncAnthropic`, decoding the SSE body with msgspec."""
 
@@ -115,6 +121,10 @@ class AnthropicProvider:
         self._secrets = (secret,) if secret else ()
         self._default_max_tokens = default_max_tokens
         self._list_timeout = list_timeout
+        self.capabilities = _CAPABILITIES
+
+    def check(self, request: ChatRequest) -> None:
+        self.capabilities.check(self.name, request)
 
     async def stream(self, request: ChatRequest) -> AsyncGenerator[Event, None]:
         params = self._params(request)
@@ -197,6 +207,8 @@ class AnthropicProvider:
             params["temperature"] = request.temperature
         if request.top_p is not None:
             params["top_p"] = request.top_p
+        if request.top_k is not None:
+            params["top_k"] = request.top_k
         if request.stop:
             params["stop_sequences"] = request.stop
         if request.user is not None:

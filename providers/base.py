@@ -15,6 +15,11 @@ class Provider(Protocol):
 
     name: str
 
+    def check(self, request: ChatRequest) -> None:
+        """Refuse, with an `UnsupportedFeatureError` naming the field, what this provider
+        cannot honour; called before any upstream call."""
+        ...
+
     def stream(self, request: ChatRequest) -> AsyncGenerator[Event, None]:
         """Stream the answer to `request` (its `model` is the upstream model name)."""
         ...

@@ -10,6 +10,7 @@ import msgspec
 import openai
 
 from providers import errors
+from providers.capabilities import EVERYTHING, Capabilities
 from providers.settings import ProviderSettings
 from providers.sse import SSEDecoder, body_chunks
 from providers.transport import http_client
@@ -20,15 +21,30 @@ from providers.types import (
     FinishReason,
     Message,
     ReasoningDelta,
+    RefusalDelta,
     TextDelta,
+    ToolCallDelta,
     Usage,
 )
+
+
+class _Function(msgspec.Struct):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class _ToolCall(msgspec.Struct):
+    index: int | None = None  # some compatible servers leave it out: then the list position
+    id: str | None = None
+    function: _Function | None = None
 
 
 class _Delta(msgspec.Struct):
     content: str | None = None
     reasoning_content: str | None = None  # vLLM, DeepSeek
     reasoning: str | None = None  # OpenRouter
+    refusal: str | None = None
+    tool_calls: list[_ToolCall] | None = None
 
 
 class _Choice(msgspec.Struct):
@@ -54,22 +70,19 @@ class _Chunk(msgspec.Struct):
 
 _decode_chunk = msgspec.json.Decoder(_Chunk).decode
 _DONE = b"[DONE]"
-_PASSED_THROUGH = (
-    "temperature",
-    "top_p",
-    "stop",
-    "seed",
-    "user",
-    "presence_penalty",
-    "frequency_penalty",
-)
+_to_builtins = msgspec.to_builtins
 _FINISH: dict[str, FinishReason] = {
     "stop": "stop",
     "length": "length",
     "content_filter": "content_filter",
-    "tool_calls": "stop",
-    "function_call": "stop",
+    "tool_calls": "tool_calls",
+    "function_call": "tool_calls",
 }
+# OpenAI itself has no `top_k`; compatible servers (vLLM, llama.cpp, Ollama, ...) take it.
+_OFFICIAL = Capabilities(
+    options=EVERYTHING.options - {"top_k"},
+    parts=EVERYTHING.parts,
+)
 
 
 class OpenAIProvider:
@@ -89,6 +102,7 @@ class OpenAIProvider:
         official: bool = True,
         stream_usage: bool = True,
         list_timeout: float = 10.0,
+        inputs: Iterable[str] | None = None,
     ) -> None:
         self.name = name
         self._client = client
@@ -96,6 +110,10 @@ class OpenAIProvider:
         self._official = official
         self._stream_usage = stream_usage
         self._list_timeout = list_timeout
+        self.capabilities = (_OFFICIAL if official else EVERYTHING).restricted(inputs)
+
+    def check(self, request: ChatRequest) -> None:
+        self.capabilities.check(self.name, request)
 
     async def stream(self, request: ChatRequest) -> AsyncGenerator[Event, None]:
         params = self._params(request)
@@ -135,6 +153,11 @@ class OpenAIProvider:
                     reasoning = delta.reasoning_content or delta.reasoning
                     if reasoning:
                         yield ReasoningDelta(reasoning)
+                    if delta.tool_calls:
+                        for position, call in enumerate(delta.tool_calls):
+                            yield _tool_call(call, position)
+                    if delta.refusal:
+                        yield RefusalDelta(delta.refusal)
                     if choice.finish_reason is not None:
                         reason = _FINISH.get(choice.finish_reason, "stop")
                 if chunk.usage is not None:
@@ -154,6 +177,7 @@ class OpenAIProvider:
         return errors.from_inband(self.name, error.type, error.message, self._secrets)
 
     def _params(self, request: ChatRequest) -> dict[str, Any]:
+        """The request in OpenAI's shape: our Structs mirror it, so each encodes as it is."""
         params: dict[str, Any] = {
             "model": request.model,
             "messages": [self._message(m) for m in request.messages],
@@ -166,22 +190,20 @@ class OpenAIProvider:
             # compatible servers reliably know only the older one.
             key = "max_completion_tokens" if self._official else "max_tokens"
             params[key] = request.max_tokens
-        for field in _PASSED_THROUGH:
-            value = getattr(request, field)
-            if value is not None:
-                params[field] = value
+        if request.stop is not None:
+            params["stop"] = request.stop
+        for field, value in request.options().items():
+            params[field] = _to_builtins(value)
         return params
 
     def _message(self, message: Message) -> dict[str, Any]:
-        role = message.role
-        if role == "developer" and not self._official:
-            role = "system"
-        content: Any = message.content
-        if not isinstance(content, str):
-            content = [{"type": "text", "text": part.text} for part in content]
-        out: dict[str, Any] = {"role": role, "content": content}
-        if message.name is not None:
-            out["name"] = message.name
+        out: dict[str, Any] = _to_builtins(message)
+        if message.role == "developer" and not self._official:
+            out["role"] = "system"
+        if message.reasoning_content is not None and self._official:
+            # Reasoning a client echoes back from an earlier answer: OpenAI has no input for
+            # it (its models keep their own reasoning), compatible servers may take it.
+            del out["reasoning_content"]
         return out
 
     async def list_models(self) -> list[str]:
@@ -193,6 +215,16 @@ class OpenAIProvider:
 
     async def aclose(self) -> None:
         await self._client.close()
+
+
+def _tool_call(call: _ToolCall, position: int) -> ToolCallDelta:
+    function = call.function
+    return ToolCallDelta(
+        index=position if call.index is None else call.index,
+        id=call.id,
+        name=function.name if function is not None else None,
+        arguments=(function.arguments or "") if function is not None else "",
+    )
 
 
 OPENAI_URL = "https://api.openai.com/v1"
@@ -222,4 +254,5 @@ def create(settings: ProviderSettings, key: str) -> OpenAIProvider:
         secret=key or None,
         official=base_url.rstrip("/") == OPENAI_URL,
         stream_usage=settings.stream_usage,
+        inputs=settings.inputs,
     )

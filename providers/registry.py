@@ -36,7 +36,7 @@ def build_provider(settings: ProviderSettings, environ: Mapping[str, str]) -> Pr
         from providers import anthropic
 
         return anthropic.create(settings, key)
-    return demo.DemoProvider(name=settings.name, pace=settings.pace)
+    return demo.DemoProvider(name=settings.name, pace=settings.pace, inputs=settings.inputs)
 
 
 class Registry:

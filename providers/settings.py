@@ -31,6 +31,9 @@ class ProviderSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     default_max_tokens: int = 4096
     stream_usage: bool = True
     pace: float = 0.02
+    # Media content parts to accept (default: all the kind can take); e.g. [] for a text-only
+    # model behind an OpenAI-compatible server, so images are refused before any upstream call.
+    inputs: list[Literal["image_url", "input_audio", "file"]] | None = None
 
     def allowed(self) -> frozenset[str] | None:
         """The allow-list, or None when the provider serves whatever its upstream has."""

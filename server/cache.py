@@ -21,7 +21,7 @@ from providers.types import ChatRequest
 from server import metrics
 
 log = logging.getLogger("tokenrelay.cache")
-KEY_VERSION = 1
+KEY_VERSION = 2
 
 
 class Cache(Protocol):
@@ -243,24 +243,29 @@ class RedisCache:
 
 
 def completion_key(provider: str, request: ChatRequest) -> str:
-    """SHA-256 over a canonical MessagePack encoding of exactly what changes the answer.
+    """SHA-256 over a canonical MessagePack encoding of everything that may change the answer.
 
-    msgspec encodes the Structs in field order, so equal requests give equal bytes; `user`
-    and anything transport-specific are left out.
+    msgspec encodes the Structs in field order and leaves unset fields out, so equal requests
+    give equal bytes: messages with their image and tool parts, tools, tool choice, response
+    format and every sampling option. Fields that only label or bill a request (`user`,
+    `metadata`, `safety_identifier`, `store`, `prompt_cache_key`) are left out.
     """
-    material: tuple[Any, ...] = (
-        KEY_VERSION,
-        provider,
-        request.model,
-        request.messages,
-        request.temperature,
-        request.top_p,
-        request.max_tokens,
-        request.stop,
-        request.seed,
-        request.presence_penalty,
-        request.frequency_penalty,
-    )
+    if (
+        request.user is not None
+        or request.metadata is not None
+        or request.safety_identifier is not None
+        or request.store is not None
+        or request.prompt_cache_key is not None
+    ):
+        request = msgspec.structs.replace(
+            request,
+            user=None,
+            metadata=None,
+            safety_identifier=None,
+            store=None,
+            prompt_cache_key=None,
+        )
+    material: tuple[Any, ...] = (KEY_VERSION, provider, request)
     return "chat:" + hashlib.sha256(_encode(material)).hexdigest()
 
 

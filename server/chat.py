@@ -32,11 +32,10 @@ from providers.registry import Registry, Route
 from providers.settings import ProviderSettings
 from providers.types import (
     ChatRequest,
+    Delta,
     Event,
     Finish,
     FinishReason,
-    ReasoningDelta,
-    TextDelta,
     Usage,
     estimate_tokens,
 )
@@ -53,7 +52,7 @@ log = logging.getLogger("tokenrelay.chat")
 class Sink(Protocol):
     """How one transport writes a stream's events to its client."""
 
-    async def delta(self, event: TextDelta | ReasoningDelta) -> None: ...
+    async def delta(self, event: Delta) -> None: ...
 
     async def finish(self, reason: FinishReason, usage: Usage) -> None: ...
 
@@ -181,7 +180,7 @@ class CachedAnswer(msgspec.Struct, frozen=True, array_like=True):
     """A complete answer as stored: its events in order, so a replay streams like the original."""
 
     created: float
-    events: list[TextDelta | ReasoningDelta]
+    events: list[Delta]
     reason: FinishReason
     usage: Usage | None
 
@@ -189,7 +188,7 @@ class CachedAnswer(msgspec.Struct, frozen=True, array_like=True):
 _encode_answer = msgspec.msgpack.Encoder().encode
 _decode_answer = msgspec.msgpack.Decoder(CachedAnswer).decode
 # Answers worth serving again: complete ones (a length cut is what the request asked for).
-_STORABLE: frozenset[FinishReason] = frozenset({"stop", "length"})
+_STORABLE: frozenset[FinishReason] = frozenset({"stop", "length", "tool_calls"})
 
 
 async def _replay(answer: CachedAnswer) -> AsyncGenerator[Event, None]:
@@ -277,13 +276,25 @@ class ChatService:
             raise ServerShuttingDownError(
                 "The server is shutting down and takes no new streams; retry on another replica."
             )
-        unsupported = body.unsupported()
-        if unsupported is not None:
-            raise unsupported
+        body.check()
         route = self.registry.resolve(body.model)
+        request = body.to_request(route.model)
+        route.provider.check(request)
         policy = CachePolicy.parse(cache_control)
-        fallbacks = [(fb, self.registry.resolve(fb)) for fb in self._fallbacks.get(body.model, ())]
-        return Prepared(body, route, body.to_request(route.model), policy, fallbacks)
+        return Prepared(body, route, request, policy, self._fallbacks_for(body.model, request))
+
+    def _fallbacks_for(self, model: str, request: ChatRequest) -> list[tuple[str, Route]]:
+        """The model's fallbacks that can honour this request (the others are passed over)."""
+        routes = []
+        for fallback in self._fallbacks.get(model, ()):
+            route = self.registry.resolve(fallback)
+            try:
+                route.provider.check(msgspec.structs.replace(request, model=route.model))
+            except GatewayError as exc:
+                log.debug("fallback %s passed over: %s", fallback, exc.message)
+                continue
+            routes.append((fallback, route))
+        return routes
 
     async def _cached(self, prepared: Prepared, key: str) -> CachedAnswer | None:
         assert self._cache is not None
@@ -301,7 +312,7 @@ class ChatService:
         return answer
 
     async def _store(
-        self, prepared: Prepared, key: str, events: list[TextDelta | ReasoningDelta], finish: Finish
+        self, prepared: Prepared, key: str, events: list[Delta], finish: Finish
     ) -> None:
         assert self._cache is not None
         ttl = self._cache_ttl
@@ -356,7 +367,11 @@ class ChatService:
         failure: ProviderError | None = None
         for public_id, route in prepared.routes:
             primary = route is prepared.route
-            request = prepared.request if primary else prepared.body.to_request(route.model)
+            request = (
+                prepared.request
+                if primary
+                else msgspec.structs.replace(prepared.request, model=route.model)
+            )
             state.model, state.provider = public_id, route.settings.name
             for attempt in range(route.settings.retries + 1):
                 if state.draining:
@@ -396,7 +411,7 @@ class ChatService:
     ) -> None:
         """One upstream attempt: relay its events until the finish, or raise what failed."""
         loop = asyncio.get_running_loop()
-        recording: list[TextDelta | ReasoningDelta] | None = [] if key is not None else None
+        recording: list[Delta] | None = [] if key is not None else None
         watchdog: _Watchdog | None = None
         try:
             async with asyncio.timeout(None) as scope, contextlib.aclosing(events):

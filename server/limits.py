@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 import time
 
+import msgspec
+
 from server.errors import LimitExceededError, TooManySocketsError, TooManyStreamsError
 from server.protocol import ChatCompletionBody
 from server.ratelimit import RateLimiter
@@ -101,12 +103,21 @@ class Limits:
                 f"{len(body.messages)} messages is over the limit of {s.max_messages}.",
                 param="messages",
             )
-        chars = sum(len(m.text) for m in body.messages)
+        chars = sum(m.size() for m in body.messages)
         if chars > s.max_chars:
             raise LimitExceededError(
-                f"The messages hold {chars} characters, over the limit of {s.max_chars}.",
+                f"The messages hold {chars} characters (text, inline media and tool calls), "
+                f"over the limit of {s.max_chars}.",
                 param="messages",
             )
+        if body.tools:
+            tool_chars = len(msgspec.json.encode(body.tools))
+            if chars + tool_chars > s.max_chars:
+                raise LimitExceededError(
+                    f"The messages and tool definitions hold {chars + tool_chars} characters, "
+                    f"over the limit of {s.max_chars}.",
+                    param="tools",
+                )
         for name in ("max_tokens", "max_completion_tokens"):
             value = getattr(body, name)
             if value is not None and value > s.max_tokens:

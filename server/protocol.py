@@ -10,104 +10,85 @@ from typing import Annotated, Any
 
 import msgspec
 
+from providers import validation
 from providers.errors import InvalidRequestError, UnsupportedFeatureError
-from providers.types import ChatRequest, FinishReason, Message, Usage
+from providers.types import (
+    OPTION_FIELDS,
+    ChatRequest,
+    FinishReason,
+    Message,
+    Options,
+    ToolCallDelta,
+    Usage,
+)
 
 NonNegative = Annotated[float, msgspec.Meta(ge=0)]
 
 
-class StreamOptions(msgspec.Struct, frozen=True, kw_only=True):
+class StreamOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     include_usage: bool = False
+    include_obfuscation: bool | None = None  # OpenAI's padding; nothing to pad here
 
 
-class ChatCompletionBody(msgspec.Struct, frozen=True, kw_only=True):
+class ChatCompletionBody(Options, frozen=True, kw_only=True):
     """The body of `POST /api/chat/completions` (and of a WebSocket `chat.start`).
 
-    Unknown fields are tolerated as OpenAI clients send many; none of them is forwarded.
-    Features that would change the answer's shape and are not served yet are named here so
-    that they are refused with a clear error instead of being dropped.
+    Every documented Chat Completions field is typed here (most of them in `Options`, shared
+    with the provider-facing `ChatRequest`). A field the gateway does not know is refused with
+    an error naming it, as OpenAI does, so nothing a client sets is dropped on the way; the
+    few known features the gateway cannot relay are refused by `check`.
     """
 
     model: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
     messages: Annotated[list[Message], msgspec.Meta(min_length=1)]
-    stream: bool = False
+    stream: bool | None = None
     stream_options: StreamOptions | None = None
-    temperature: Annotated[float, msgspec.Meta(ge=0, le=2)] | None = None
-    top_p: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None
     max_tokens: Annotated[int, msgspec.Meta(ge=1)] | None = None
     max_completion_tokens: Annotated[int, msgspec.Meta(ge=1)] | None = None
     stop: str | Annotated[list[str], msgspec.Meta(max_length=4)] | None = None
-    seed: int | None = None
-    user: Annotated[str, msgspec.Meta(max_length=256)] | None = None
-    presence_penalty: Annotated[float, msgspec.Meta(ge=-2, le=2)] | None = None
-    frequency_penalty: Annotated[float, msgspec.Meta(ge=-2, le=2)] | None = None
-    # Refused when used (see `unsupported`).
-    n: int | None = None
-    tools: list[Any] | None = None
-    tool_choice: Any = None
+    # Known, and refused when used (see `check`).
+    n: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int, msgspec.Meta(ge=0, le=20)] | None = None
     functions: list[Any] | None = None
     function_call: Any = None
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
-    response_format: dict[str, Any] | None = None
     audio: Any = None
-    modalities: list[str] | None = None
 
-    def unsupported(self) -> UnsupportedFeatureError | None:
-        """The first feature in the body that the gateway does not serve yet, if any."""
-        checks = (
-            ("n", self.n not in (None, 1), "n > 1 (several choices) is not supported yet"),
-            ("tools", bool(self.tools), "tools (function calling) are not supported yet"),
+    def check(self) -> None:
+        """Refuse what cannot be relayed, and a conversation or tool set that cannot be valid."""
+        refused = (
+            ("n", self.n not in (None, 1), "n > 1 (several choices) is not supported"),
             (
-                "tool_choice",
-                self.tool_choice not in (None, "none"),
-                "tool_choice is not supported yet",
+                "logprobs",
+                bool(self.logprobs) or bool(self.top_logprobs),
+                "logprobs are not supported",
             ),
             (
                 "functions",
                 bool(self.functions),
-                "functions (function calling) are not supported yet",
+                "the legacy 'functions' parameter is not supported; send 'tools' instead",
             ),
             (
                 "function_call",
                 self.function_call not in (None, "none"),
-                "function_call is not supported yet",
+                "the legacy 'function_call' parameter is not supported; send 'tool_choice'",
             ),
-            (
-                "logprobs",
-                bool(self.logprobs) or bool(self.top_logprobs),
-                "logprobs are not supported yet",
-            ),
-            (
-                "response_format",
-                (self.response_format or {}).get("type", "text") != "text",
-                "response_format other than text is not supported yet",
-            ),
-            ("audio", self.audio is not None, "audio output is not supported yet"),
-            (
-                "modalities",
-                any(m != "text" for m in self.modalities or ()),
-                "only the text modality is supported",
-            ),
+            ("audio", self.audio is not None, "audio output is not supported"),
         )
-        for param, used, message in checks:
+        for param, used, message in refused:
             if used:
-                return UnsupportedFeatureError(message, param=param)
-        return None
+                raise UnsupportedFeatureError(message, param=param)
+        validation.check_tools(self.tools, self.tool_choice, self.parallel_tool_calls)
+        validation.check_messages(self.messages)
 
     def to_request(self, upstream_model: str) -> ChatRequest:
         stop = [self.stop] if isinstance(self.stop, str) else self.stop
         return ChatRequest(
             model=upstream_model,
             messages=self.messages,
-            temperature=self.temperature,
-            top_p=self.top_p,
             max_tokens=self.max_completion_tokens or self.max_tokens,
             stop=stop or None,
-            seed=self.seed,
-            user=self.user,
-            presence_penalty=self.presence_penalty,
-            frequency_penalty=self.frequency_penalty,
+            **{f: getattr(self, f) for f in OPTION_FIELDS},
         )
 
     @property
@@ -136,17 +117,45 @@ def decode_body(data: bytes) -> ChatCompletionBody:
         raise InvalidRequestError("The request body nests too deeply.") from exc
 
 
+_UNKNOWN = "Object contains unknown field `"
+
+
 def _split_location(text: str) -> tuple[str, str | None]:
-    """msgspec says "Expected `int`, got `str` - at `$.messages[0].role`"; split it."""
+    """msgspec says "Expected `int`, got `str` - at `$.messages[0].role`"; split it.
+
+    An unknown field is named in the path, so that `param` points at the field itself.
+    """
     message, sep, location = text.partition(" - at `$")
     param = location.rstrip("`").lstrip(".") if sep else None
+    if message.startswith(_UNKNOWN):
+        field = message[len(_UNKNOWN) :].rstrip("`")
+        param = f"{param}.{field}" if param else field
+        return (
+            f"unknown field '{field}'; it is refused rather than ignored, "
+            "as no part of the gateway would carry it"
+        ), param
     return message.replace("`", "'"), param or None
 
 
+class FunctionCallBody(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    arguments: str
+
+
+class ToolCallBody(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    type: str
+    function: FunctionCallBody
+
+
 class ResponseMessage(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """`content` is null (not omitted) when the answer is only tool calls, as OpenAI's is."""
+
     role: str
-    content: str
+    content: str | None
+    refusal: str | None = None
     reasoning_content: str | None = None
+    tool_calls: list[ToolCallBody] | None = None
 
 
 class Choice(msgspec.Struct, frozen=True, kw_only=True):
@@ -201,7 +210,7 @@ _encode_str = msgspec.json.Encoder().encode
 class ChunkFramer:
     """Frames one stream's `chat.completion.chunk` SSE events from templates made once."""
 
-    __slots__ = ("_head", "_first", "_delta", "_reasoning", "_tail")
+    __slots__ = ("_head", "_first", "_delta", "_reasoning", "_refusal", "_tools", "_tail")
 
     def __init__(self, *, completion_id: str, created: int, model: str) -> None:
         head = (
@@ -217,6 +226,8 @@ class ChunkFramer:
         self._first = self._head + b'[{"index":0,"delta":{"role":"assistant","content":'
         self._delta = self._head + b'[{"index":0,"delta":{"content":'
         self._reasoning = self._head + b'[{"index":0,"delta":{"reasoning_content":'
+        self._refusal = self._head + b'[{"index":0,"delta":{"refusal":'
+        self._tools = self._head + b'[{"index":0,"delta":{"tool_calls":'
         self._tail = b'},"logprobs":null,"finish_reason":null}]}\n\n'
 
     def role(self) -> bytes:
@@ -229,6 +240,12 @@ class ChunkFramer:
     def reasoning(self, text: str) -> bytes:
         return self._reasoning + _encode_str(text) + self._tail
 
+    def refusal(self, text: str) -> bytes:
+        return self._refusal + _encode_str(text) + self._tail
+
+    def tool_call(self, delta: ToolCallDelta) -> bytes:
+        return self._tools + tool_call_json(delta) + self._tail
+
     def finish(self, reason: FinishReason) -> bytes:
         return (
             self._head
@@ -239,6 +256,21 @@ class ChunkFramer:
 
     def usage(self, usage: Usage) -> bytes:
         return self._head + b'[],"usage":' + encode(UsageBody.of(usage)) + b"}\n\n"
+
+
+def tool_call_json(delta: ToolCallDelta) -> bytes:
+    """A tool-call delta in OpenAI's streamed shape: a one-element `tool_calls` list.
+
+    The first piece of a call carries its id, type and name; later ones only their index and
+    the next fragment of the arguments, as OpenAI streams them.
+    """
+    head = b'[{"index":' + str(delta.index).encode()
+    if delta.id is not None:
+        head += b',"id":' + _encode_str(delta.id) + b',"type":"function"'
+    head += b',"function":{'
+    if delta.name is not None:
+        head += b'"name":' + _encode_str(delta.name) + b","
+    return head + b'"arguments":' + _encode_str(delta.arguments) + b"}}]"
 
 
 SSE_DONE = b"data: [DONE]\n\n"
@@ -356,6 +388,14 @@ class DeltaFramer:
     def reasoning(self, seq: int, text: str) -> str:
         return (
             self._head + str(seq).encode() + b',"reasoning":' + _encode_str(text) + b"}"
+        ).decode()
+
+    def refusal(self, seq: int, text: str) -> str:
+        return (self._head + str(seq).encode() + b',"refusal":' + _encode_str(text) + b"}").decode()
+
+    def tool_call(self, seq: int, delta: ToolCallDelta) -> str:
+        return (
+            self._head + str(seq).encode() + b',"tool_calls":' + tool_call_json(delta) + b"}"
         ).decode()
 
 

@@ -9,7 +9,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from providers.errors import GatewayError
-from providers.types import FinishReason, ReasoningDelta, TextDelta, Usage
+from providers.types import Delta, FinishReason, ReasoningDelta, RefusalDelta, TextDelta, Usage
 from server import protocol
 from server.catalog import Catalog
 from server.chat import ChatService, Prepared, StreamState
@@ -115,11 +115,7 @@ class ChatCompletions:
         if collector.failure is not None:
             await send_error(send, collector.failure, state.request_id)
             return
-        message = protocol.ResponseMessage(
-            role="assistant",
-            content="".join(collector.text),
-            reasoning_content="".join(collector.reasoning) or None,
-        )
+        message = collector.message()
         completion = protocol.ChatCompletion(
             id=completion_id,
             object="chat.completion",
@@ -141,12 +137,46 @@ class Collector:
     def __init__(self) -> None:
         self.text: list[str] = []
         self.reasoning: list[str] = []
+        self.refusal: list[str] = []
+        # Tool calls by index: id, name and the fragments of the arguments.
+        self.calls: dict[int, tuple[list[str], list[str], list[str]]] = {}
         self.reason: FinishReason | None = None
         self.usage: Usage | None = None
         self.failure: GatewayError | None = None
 
-    async def delta(self, event: TextDelta | ReasoningDelta) -> None:
-        (self.text if type(event) is TextDelta else self.reasoning).append(event.text)
+    async def delta(self, event: Delta) -> None:
+        if isinstance(event, TextDelta):
+            self.text.append(event.text)
+        elif isinstance(event, ReasoningDelta):
+            self.reasoning.append(event.text)
+        elif isinstance(event, RefusalDelta):
+            self.refusal.append(event.text)
+        else:
+            ids, names, arguments = self.calls.setdefault(event.index, ([], [], []))
+            if event.id is not None:
+                ids.append(event.id)
+            if event.name is not None:
+                names.append(event.name)
+            arguments.append(event.arguments)
+
+    def message(self) -> protocol.ResponseMessage:
+        """The assistant message: content is null when the answer is only tool calls."""
+        calls = [
+            protocol.ToolCallBody(
+                id="".join(ids),
+                type="function",
+                function=protocol.FunctionCallBody(name="".join(names), arguments="".join(args)),
+            )
+            for _, (ids, names, args) in sorted(self.calls.items())
+        ]
+        text = "".join(self.text)
+        return protocol.ResponseMessage(
+            role="assistant",
+            content=text if text or not (calls or self.refusal) else None,
+            refusal="".join(self.refusal) or None,
+            reasoning_content="".join(self.reasoning) or None,
+            tool_calls=calls or None,
+        )
 
     async def finish(self, reason: FinishReason, usage: Usage) -> None:
         self.reason = reason

@@ -12,7 +12,7 @@ import asyncio
 from starlette.types import Receive, Send
 
 from providers.errors import GatewayError
-from providers.types import FinishReason, ReasoningDelta, TextDelta, Usage
+from providers.types import Delta, FinishReason, ReasoningDelta, RefusalDelta, TextDelta, Usage
 from server import protocol
 from server.chat import ChatService, Prepared, StreamState
 from server.errors import ErrorEnvelope, error_body
@@ -82,16 +82,20 @@ class SSESink:
         )
         return self._framer
 
-    async def delta(self, event: TextDelta | ReasoningDelta) -> None:
+    async def delta(self, event: Delta) -> None:
         framer = self._framer
         opening = b""
         if framer is None:
             framer = await self._open()
             opening = framer.role()
-        if type(event) is TextDelta:
+        if isinstance(event, TextDelta):
             data = framer.content(event.text)
-        else:
+        elif isinstance(event, ReasoningDelta):
             data = framer.reasoning(event.text)
+        elif isinstance(event, RefusalDelta):
+            data = framer.refusal(event.text)
+        else:
+            data = framer.tool_call(event)
         await self._body(opening + data if opening else data)
 
     async def finish(self, reason: FinishReason, usage: Usage) -> None:

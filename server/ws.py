@@ -19,7 +19,7 @@ import msgspec
 from starlette.types import Receive, Scope, Send
 
 from providers.errors import GatewayError, InvalidRequestError
-from providers.types import FinishReason, TextDelta, Usage
+from providers.types import Delta, FinishReason, ReasoningDelta, RefusalDelta, TextDelta, Usage
 from server import metrics, protocol
 from server.chat import ChatService, StreamState
 from server.errors import (
@@ -84,13 +84,19 @@ class WSSink:
         self.seq = 0
         self.ended = False
 
-    async def delta(self, event: TextDelta | Any) -> None:
+    async def delta(self, event: Delta) -> None:
         seq = self.seq
         self.seq = seq + 1
-        if type(event) is TextDelta:
-            await self._socket.text(self._framer.text(seq, event.text))
+        framer = self._framer
+        if isinstance(event, TextDelta):
+            data = framer.text(seq, event.text)
+        elif isinstance(event, ReasoningDelta):
+            data = framer.reasoning(seq, event.text)
+        elif isinstance(event, RefusalDelta):
+            data = framer.refusal(seq, event.text)
         else:
-            await self._socket.text(self._framer.reasoning(seq, event.text))
+            data = framer.tool_call(seq, event)
+        await self._socket.text(data)
 
     async def finish(self, reason: FinishReason, usage: Usage) -> None:
         ttft = self._state.ttft

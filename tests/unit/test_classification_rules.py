@@ -159,7 +159,8 @@ CASES: dict[str, tuple[str | None, list[str], str | None, int | None]] = {
     "llama-guard3:8b": ("guard", ["moderation"], "small", None),
     "openai/gpt-oss-20b": ("gpt-oss", ["chat", "reasoning"], "small", 131072),
     # The demo provider
-    "echo": ("demo", ["chat"], "small", None),
+    "echo": ("demo", ["chat", "vision"], "small", None),
+    "tools": ("demo", ["chat", "vision"], "small", None),
     "reasoner": ("demo", ["chat", "reasoning"], "small", None),
     # Nobody knows these: listed as "other", never dropped
     "my-finetune": (None, ["other"], None, None),

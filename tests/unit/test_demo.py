@@ -165,7 +165,7 @@ async def test_closing_early() -> None:
 async def test_list_models_and_aclose() -> None:
     provider = DemoProvider(name="mydemo", pace=0)
     assert provider.name == "mydemo"
-    assert await provider.list_models() == ["echo", "reasoner"]
+    assert await provider.list_models() == ["echo", "reasoner", "tools"]
     await provider.aclose()
 
 

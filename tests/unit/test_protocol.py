@@ -31,10 +31,10 @@ def test_valid_minimal_body() -> None:
     parsed = decode_body(b'{"model":"demo/echo","messages":[{"role":"user","content":"hi"}]}')
     assert parsed.model == "demo/echo"
     assert parsed.messages == [Message(role="user", content="hi")]
-    assert parsed.stream is False
+    assert not parsed.stream
     assert parsed.temperature is None
     assert parsed.include_usage is False
-    assert parsed.unsupported() is None
+    parsed.check()
 
 
 def test_list_of_parts_content() -> None:
@@ -131,14 +131,29 @@ def test_invalid_json(data: bytes) -> None:
         ({"model": 5}, "model"),
         ({"messages": []}, "messages"),
         ({"messages": "hi"}, "messages"),
-        ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
         ({"messages": [USER, {"role": "function", "content": "x"}]}, "messages[1].role"),
         ({"messages": [USER, {"role": "user", "content": 5}]}, "messages[1].content"),
-        ({"messages": [{"role": "user"}]}, "messages[0]"),
         (
             {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+            "messages[0].content[0].image_url",
+        ),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "video", "video": {}}]}]},
             "messages[0].content[0].type",
         ),
+        ({"messages": [{"role": "user", "content": "x", "colour": 1}]}, "messages[0].colour"),
+        ({"base_url": "http://127.0.0.1:1"}, "base_url"),
+        ({"tools": [{"type": "function", "function": {}}]}, "tools[0].function"),
+        ({"tools": [{"type": "function", "function": {"name": "a b"}}]}, "tools[0].function.name"),
+        ({"tools": [{"type": "custom", "custom": {"name": "x"}}]}, "tools[0].type"),
+        ({"tool_choice": "sometimes"}, "tool_choice"),
+        ({"response_format": {}}, "response_format"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {}}},
+            "response_format.json_schema",
+        ),
+        ({"reasoning_effort": "extreme"}, "reasoning_effort"),
+        ({"modalities": ["text", "audio"]}, "modalities[1]"),
     ],
 )
 def test_bad_fields_name_the_param(fields: dict[str, Any], param: str) -> None:
@@ -176,53 +191,35 @@ def test_non_object_body() -> None:
     assert info.value.param is None
 
 
-def test_unknown_fields_tolerated_and_not_forwarded() -> None:
-    parsed = decode_body(
-        body(
-            base_url="http://evil.example",
-            api_key="sk-client-supplied-key",
-            extra_headers={"x-evil": "1"},
-            metadata={"a": 1},
-            parallel_tool_calls=False,
-        )
-    )
-    assert parsed.unsupported() is None
-    request = parsed.to_request("upstream-model")
+@pytest.mark.parametrize("name", ["base_url", "api_key", "extra_headers", "extra_body", "colour"])
+def test_unknown_fields_are_refused_by_name(name: str) -> None:
+    with pytest.raises(InvalidRequestError) as info:
+        decode_body(body(**{name: "sk-client-supplied-key"}))
+    assert info.value.param == name
+    assert f"unknown field '{name}'" in info.value.message
+    assert "sk-client" not in info.value.message
     fields = {f.name for f in msgspec.structs.fields(ChatRequest)}
-    assert fields.isdisjoint({"base_url", "api_key", "extra_headers", "metadata"})
-    for name in ("base_url", "api_key", "extra_headers"):
-        assert not hasattr(request, name)
-        assert not hasattr(parsed, name)
-    encoded = msgspec.json.encode(request)
-    assert b"evil" not in encoded
-    assert b"sk-client" not in encoded
+    assert fields.isdisjoint({"base_url", "api_key", "extra_headers", "extra_body"})
 
 
 @pytest.mark.parametrize(
     ("fields", "param"),
     [
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-        ({"tool_choice": "auto"}, "tool_choice"),
-        ({"tool_choice": "required"}, "tool_choice"),
         ({"functions": [{"name": "f"}]}, "functions"),
         ({"function_call": "auto"}, "function_call"),
         ({"n": 2}, "n"),
-        ({"n": 0}, "n"),
         ({"logprobs": True}, "logprobs"),
         ({"top_logprobs": 3}, "logprobs"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
-        ({"response_format": {"type": "json_schema", "json_schema": {}}}, "response_format"),
         ({"audio": {"voice": "alloy"}}, "audio"),
-        ({"modalities": ["text", "audio"]}, "modalities"),
         # The first unsupported feature in the check order wins.
-        ({"tools": [{}], "n": 3}, "n"),
+        ({"logprobs": True, "n": 3}, "n"),
     ],
 )
 def test_unsupported_features(fields: dict[str, Any], param: str) -> None:
-    found = decode_body(body(**fields)).unsupported()
-    assert isinstance(found, UnsupportedFeatureError)
-    assert found.param == param
-    assert "not supported" in found.message or "only the text" in found.message
+    with pytest.raises(UnsupportedFeatureError) as info:
+        decode_body(body(**fields)).check()
+    assert info.value.param == param
+    assert "not supported" in info.value.message
 
 
 @pytest.mark.parametrize(
@@ -230,19 +227,19 @@ def test_unsupported_features(fields: dict[str, Any], param: str) -> None:
     [
         {"n": 1},
         {"n": None},
-        {"tool_choice": "none"},
-        {"function_call": "none"},
-        {"tools": []},
-        {"functions": []},
         {"logprobs": False},
         {"top_logprobs": 0},
         {"response_format": {"type": "text"}},
-        {"response_format": {}},
+        {"response_format": {"type": "json_object"}},
+        {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}},
         {"modalities": ["text"]},
+        {"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required"},
+        {"reasoning_effort": "low", "verbosity": "high", "service_tier": "flex", "store": True},
+        {"metadata": {"a": "1"}, "logit_bias": {"50256": -100}, "seed": 3, "top_k": 40},
     ],
 )
 def test_supported_variants(fields: dict[str, Any]) -> None:
-    assert decode_body(body(**fields)).unsupported() is None
+    decode_body(body(**fields)).check()
 
 
 @pytest.mark.parametrize(

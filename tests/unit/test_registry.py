@@ -162,7 +162,7 @@ async def test_same_name_in_models_and_aliases_of_one_provider_is_not_ambiguous(
 @pytest.mark.parametrize(
     ("settings", "allowed"),
     [
-        (ProviderSettings(name="d", kind="demo"), frozenset({"echo", "reasoner"})),
+        (ProviderSettings(name="d", kind="demo"), frozenset({"echo", "reasoner", "tools"})),
         (ProviderSettings(name="d", kind="demo", models=["echo"]), frozenset({"echo"})),
         (ProviderSettings(name="o", kind="openai"), None),
         (ProviderSettings(name="o", kind="openai", models=[]), frozenset()),

@@ -48,6 +48,9 @@ class FakeProvider:
         self.closed = 0
         self.requests: list[ChatRequest] = []
 
+    def check(self, request: ChatRequest) -> None:
+        return None
+
     async def stream(self, request: ChatRequest) -> AsyncGenerator[Event, None]:
         self.requests.append(request)
         self.started.set()
