@@ -29,7 +29,7 @@ def test_serve_with_no_configuration_answers_with_the_demo_provider(served: str)
     assert response.status_code == 200
     assert "ping from a user" in response.json()["choices"][0]["message"]["content"]
     models = httpx2.get(served + "/api/models").json()
-    assert [m["id"] for m in models["data"]] == ["demo/echo", "demo/reasoner"]
+    assert [m["id"] for m in models["data"]] == ["demo/echo", "demo/reasoner", "demo/tools"]
 
 
 def test_bad_configuration_fails_fast_with_every_problem(tmp_path: Path) -> None:

@@ -48,6 +48,11 @@ def nested(depth: int) -> object:
     return value
 
 
+def schema_format(inner: object) -> dict[str, object]:
+    """A json_schema response format: the body, it and its schema are 4 levels already."""
+    return {"type": "json_schema", "json_schema": {"name": "s", "schema": {"x": inner}}}
+
+
 OVER = [
     ({"messages": HELLO * 5}, "messages"),
     ({"messages": [{"role": "user", "content": "x" * 101}]}, "messages"),
@@ -57,8 +62,16 @@ OVER = [
     ),
     ({"max_tokens": 51}, "max_tokens"),
     ({"max_completion_tokens": 51}, "max_completion_tokens"),
-    ({"metadata": nested(9)}, None),
-    ({"tools": nested(9)}, None),
+    # A schema nested past the limit, in a response format or in a tool's parameters.
+    ({"response_format": schema_format(nested(5))}, None),
+    (
+        {
+            "tools": [
+                {"type": "function", "function": {"name": "f", "parameters": {"x": nested(4)}}}
+            ]
+        },
+        None,
+    ),
 ]
 
 
@@ -74,7 +87,12 @@ async def test_request_limits_over_rest(
 
 
 async def test_limits_are_inclusive(http: httpx2.AsyncClient) -> None:
-    body = {"model": "demo/echo", "messages": HELLO * 4, "max_tokens": 50, "x": nested(7)}
+    body = {
+        "model": "demo/echo",
+        "messages": HELLO * 4,
+        "max_tokens": 50,
+        "response_format": schema_format(nested(4)),
+    }
     assert (await http.post("/api/chat/completions", json=body)).status_code == 200
 
 
