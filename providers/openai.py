@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import AsyncGenerator, Iterable
 from typing import Any
 
@@ -71,6 +72,8 @@ class _Chunk(msgspec.Struct):
 _decode_chunk = msgspec.json.Decoder(_Chunk).decode
 _DONE = b"[DONE]"
 _to_builtins = msgspec.to_builtins
+# What the SDK's `create` takes by name; other options (e.g. `top_k`) go in its `extra_body`.
+_SDK_PARAMS = frozenset(inspect.signature(openai.resources.chat.AsyncCompletions.create).parameters)
 _FINISH: dict[str, FinishReason] = {
     "stop": "stop",
     "length": "length",
@@ -192,8 +195,11 @@ class OpenAIProvider:
             params[key] = request.max_tokens
         if request.stop is not None:
             params["stop"] = request.stop
+        extra: dict[str, Any] = {}
         for field, value in request.options().items():
-            params[field] = _to_builtins(value)
+            (params if field in _SDK_PARAMS else extra)[field] = _to_builtins(value)
+        if extra:
+            params["extra_body"] = extra  # fields compatible servers take beyond OpenAI's own
         return params
 
     def _message(self, message: Message) -> dict[str, Any]:

@@ -1,0 +1,395 @@
+"""Tool calling, structured output and images through the real `openai` SDK and a WebSocket.
+
+The demo provider answers tool requests with no key, so these run the whole path (decode,
+checks, stream service, each transport's encoding); the OpenAI-kind adapter is checked by
+what the fake upstream received.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import httpx2
+import openai
+import pydantic
+import pytest
+from websockets.asyncio.client import connect
+
+from server.settings import CacheSettings
+from tests.conftest import GatewayFactory
+from tests.fakeupstream import FakeUpstream
+from tests.integration.test_cache import comparable, sse_events, start_gateway
+from tests.support.wsclient import StreamClient
+
+Model = Callable[..., str]
+HELLO = [{"role": "user", "content": "What is the weather in Paris?"}]
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string"},
+                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+                "days": {"type": "integer", "minimum": 1},
+            },
+            "required": ["city", "unit", "days"],
+            "additionalProperties": False,
+        },
+        "strict": True,
+    },
+}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}
+# A 1x1 transparent PNG.
+PNG = base64.b64encode(
+    bytes.fromhex(
+        "89504e470d0a1a0a0000000d4948445200000001000000010806000000"
+        "1f15c4890000000d49444154789c6360000002000001e221bc330000000049454e44ae426082"
+    )
+).decode()
+IMAGE_PART = {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{PNG}"}}
+
+
+@pytest.fixture
+async def client(gateway: str) -> AsyncIterator[openai.AsyncOpenAI]:
+    async with openai.AsyncOpenAI(base_url=gateway + "/api", api_key="unused", max_retries=0) as c:
+        yield c
+
+
+def tool_turn(call_id: str = "call_1", result: str = '{"temp": 21}') -> list[dict[str, Any]]:
+    """A conversation in which the assistant called get_weather and the tool answered."""
+    call = {
+        "id": call_id,
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+    }
+    return [
+        *HELLO,
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": call_id, "content": result},
+    ]
+
+
+async def test_non_streamed_tool_call(client: openai.AsyncOpenAI) -> None:
+    completion = await client.chat.completions.create(
+        model="demo/tools",
+        messages=HELLO,  # type: ignore[arg-type]
+        tools=[WEATHER, TIME],  # type: ignore[list-item]
+    )
+    choice = completion.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content is None
+    [call] = choice.message.tool_calls or []
+    assert call.type == "function" and call.id.startswith("call_")
+    assert call.function.name == "get_weather"  # type: ignore[union-attr]
+    arguments = json.loads(call.function.arguments)  # type: ignore[union-attr]
+    assert arguments == {"city": "demo", "unit": "celsius", "days": 2}
+
+
+async def test_streamed_tool_call_arrives_in_fragments(client: openai.AsyncOpenAI) -> None:
+    stream = await client.chat.completions.create(
+        model="demo/tools",
+        messages=HELLO,  # type: ignore[arg-type]
+        tools=[TIME, WEATHER],  # type: ignore[list-item]
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        stream=True,
+    )
+    chunks = [chunk async for chunk in stream]
+    calls = [d for c in chunks if c.choices for d in c.choices[0].delta.tool_calls or ()]
+    assert len(calls) >= 3  # the head, then the arguments in several pieces
+    head, *rest = calls
+    assert (head.index, head.type, head.function.name) == (0, "function", "get_weather")  # type: ignore[union-attr]
+    assert head.id and head.function.arguments == ""  # type: ignore[union-attr]
+    assert all(d.id is None and d.function.name is None for d in rest)  # type: ignore[union-attr]
+    joined = "".join(d.function.arguments or "" for d in rest)  # type: ignore[union-attr]
+    assert json.loads(joined)["city"] == "demo"
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+async def test_stream_helper_assembles_the_call(client: openai.AsyncOpenAI) -> None:
+    async with client.chat.completions.stream(
+        model="demo/tools",
+        messages=HELLO,  # type: ignore[arg-type]
+        tools=[WEATHER],  # type: ignore[list-item]
+    ) as stream:
+        async for _ in stream:
+            pass
+        final = await stream.get_final_completion()
+    [call] = final.choices[0].message.tool_calls or []
+    assert call.function.name == "get_weather"  # type: ignore[union-attr]
+    assert json.loads(call.function.arguments)["unit"] == "celsius"  # type: ignore[union-attr]
+
+
+async def test_tool_result_continues_the_conversation(client: openai.AsyncOpenAI) -> None:
+    completion = await client.chat.completions.create(
+        model="demo/tools",
+        messages=tool_turn(result='{"temp": 21, "sky": "clear"}'),  # type: ignore[arg-type]
+        tools=[WEATHER],  # type: ignore[list-item]
+    )
+    choice = completion.choices[0]
+    assert choice.finish_reason == "stop"
+    assert choice.message.tool_calls is None
+    assert "**get_weather** answered" in (choice.message.content or "")
+    assert '{"temp": 21, "sky": "clear"}' in (choice.message.content or "")
+
+
+async def test_tool_choice_none_answers_text(client: openai.AsyncOpenAI) -> None:
+    completion = await client.chat.completions.create(
+        model="demo/tools",
+        messages=HELLO,  # type: ignore[arg-type]
+        tools=[WEATHER],  # type: ignore[list-item]
+        tool_choice="none",
+    )
+    assert completion.choices[0].finish_reason == "stop"
+    assert completion.choices[0].message.tool_calls is None
+
+
+class Forecast(pydantic.BaseModel):
+    city: str
+    days: int
+    sunny: bool
+    hours: list[float]
+
+
+async def test_parse_structured_output(client: openai.AsyncOpenAI) -> None:
+    completion = await client.chat.completions.parse(
+        model="demo/echo",
+        messages=HELLO,  # type: ignore[arg-type]
+        response_format=Forecast,
+    )
+    parsed = completion.choices[0].message.parsed
+    assert isinstance(parsed, Forecast)
+    assert parsed.days == 1 and parsed.sunny is True
+
+
+async def test_json_object_answer(client: openai.AsyncOpenAI) -> None:
+    completion = await client.chat.completions.create(
+        model="demo/echo",
+        messages=HELLO,  # type: ignore[arg-type]
+        response_format={"type": "json_object"},
+    )
+    assert json.loads(completion.choices[0].message.content or "") == {
+        "answer": "What is the weather in Paris?"
+    }
+
+
+async def test_image_message(client: openai.AsyncOpenAI) -> None:
+    content = [{"type": "text", "text": "What is in this picture?"}, IMAGE_PART]
+    completion = await client.chat.completions.create(
+        model="demo/echo",
+        messages=[{"role": "user", "content": content}],  # type: ignore[list-item]
+    )
+    assert "| images attached | 1 |" in (completion.choices[0].message.content or "")
+
+
+async def test_every_option_reaches_an_openai_kind_upstream(
+    client: openai.AsyncOpenAI, model: Model, upstream: FakeUpstream
+) -> None:
+    name = model(tokens=2)
+    options: dict[str, Any] = {
+        "tools": [WEATHER],
+        "tool_choice": "auto",
+        "parallel_tool_calls": False,
+        "response_format": {
+            "type": "json_schema",
+            "json_schema": {"name": "f", "schema": {"type": "object"}, "strict": True},
+        },
+        "reasoning_effort": "low",
+        "logit_bias": {"50256": -100},
+        "service_tier": "flex",
+        "metadata": {"team": "a"},
+        "store": True,
+        "prediction": {"type": "content", "content": "Paris"},
+        "verbosity": "low",
+        "modalities": ["text"],
+        "user": "u-1",
+        "seed": 7,
+        "safety_identifier": "s-1",
+        "prompt_cache_key": "k-1",
+        "web_search_options": {"search_context_size": "low"},
+    }
+    messages = [
+        {"role": "developer", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "Look:"}, IMAGE_PART], "name": "ada"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+            ],
+        },
+        {"role": "tool", "tool_call_id": "c1", "content": "ok"},
+    ]
+    await client.chat.completions.create(
+        model=f"oai/{name}",
+        messages=messages,  # type: ignore[arg-type]
+        max_completion_tokens=50,
+        stop=["END"],
+        extra_body={"top_k": 40},  # not in the SDK's signature; compatible servers take it
+        **options,
+    )
+    [recorded] = upstream.by_model(name)
+    sent = recorded.body
+    for field, value in options.items():
+        assert sent[field] == value, field
+    # A compatible server gets `developer` as `system`; everything else as the client sent it.
+    assert sent["messages"] == [{"role": "system", "content": "Be brief."}, *messages[1:]]
+    assert sent["max_tokens"] == 50  # a compatible server gets the older name
+    assert sent["stop"] == ["END"]
+    assert sent["top_k"] == 40
+
+
+@pytest.mark.parametrize(
+    ("messages", "extra", "param"),
+    [
+        (
+            [*HELLO, {"role": "tool", "tool_call_id": "nope", "content": "x"}],
+            {},
+            "messages[1].tool_call_id",
+        ),
+        (tool_turn()[:2] + [{"role": "tool", "content": "x"}], {}, "messages[2].tool_call_id"),
+        ([{"role": "assistant", "content": None}], {}, "messages[0].content"),
+        ([{"role": "user", "content": None}], {}, "messages[0].content"),
+        (
+            [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:x"}}]}],
+            {},
+            "messages[0].content[0].image_url.url",
+        ),
+        (
+            [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": "data:image/png;base64,@@"}}
+                    ],
+                }
+            ],
+            {},
+            "messages[0].content[0].image_url.url",
+        ),
+        (
+            [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "ftp://x"}}]}],
+            {},
+            "messages[0].content[0].image_url.url",
+        ),
+        (
+            [{"role": "system", "content": [IMAGE_PART]}],
+            {},
+            "messages[0].content[0]",
+        ),
+        (HELLO, {"tools": [{"type": "function", "function": {}}]}, "tools[0].function"),
+        (
+            HELLO,
+            {
+                "tools": [
+                    {"type": "function", "function": {"name": "f", "parameters": {"type": "array"}}}
+                ]
+            },
+            "tools[0].function.parameters",
+        ),
+        (HELLO, {"tools": [WEATHER, WEATHER]}, "tools[1].function.name"),
+        (HELLO, {"tool_choice": "auto"}, "tool_choice"),
+        (
+            HELLO,
+            {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "x"}}},
+            "tool_choice.function.name",
+        ),
+        (HELLO, {"functions": [{"name": "f"}]}, "functions"),
+        (HELLO, {"response_format": {"type": "json_schema"}}, "response_format"),
+    ],
+)
+async def test_bad_tool_and_image_input_is_a_400_naming_the_field(
+    gateway: str,
+    model: Model,
+    upstream: FakeUpstream,
+    messages: list[dict[str, Any]],
+    extra: dict[str, Any],
+    param: str,
+) -> None:
+    name = model(tokens=1)
+    body = {"model": f"oai/{name}", "messages": messages, **extra}
+    async with httpx2.AsyncClient(timeout=10) as http:
+        response = await http.post(gateway + "/api/chat/completions", json=body)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param
+    assert upstream.by_model(name) == []
+
+
+async def test_media_a_provider_does_not_take_is_refused_by_name(
+    make_gateway: GatewayFactory, model: Model, upstream: FakeUpstream
+) -> None:
+    name = model(tokens=1)
+    audio = {"type": "input_audio", "input_audio": {"data": PNG, "format": "wav"}}
+    cases = [
+        ("demo/echo", [{"type": "text", "text": "hi"}, audio], "messages[0].content[1]"),
+        (f"oai/{name}", [IMAGE_PART], "messages[0].content[0]"),  # `inputs = []` below
+    ]
+    with make_gateway(inputs=[]) as url:
+        async with httpx2.AsyncClient(timeout=10) as http:
+            for model_id, content, param in cases:
+                body = {"model": model_id, "messages": [{"role": "user", "content": content}]}
+                response = await http.post(url + "/api/chat/completions", json=body)
+                assert response.status_code == 400, response.text
+                error = response.json()["error"]
+                assert (error["code"], error["param"]) == ("unsupported", param)
+    assert upstream.by_model(name) == []
+
+
+async def test_websocket_tool_call_frames(gateway: str) -> None:
+    async with connect(
+        gateway.replace("http", "ws") + "/api/ws", subprotocols=["tokenrelay.v1"]
+    ) as ws:  # type: ignore[list-item]
+        client = StreamClient(ws)
+        sid = await client.start("demo/tools", tools=[WEATHER])
+        done = await client.until_terminal(sid)
+    deltas = [f for f in client.by_id[sid] if f["type"] == "chat.delta"]
+    assert all(set(f) == {"type", "id", "seq", "tool_calls"} for f in deltas)
+    [head] = deltas[0]["tool_calls"]
+    assert head["index"] == 0 and head["type"] == "function" and head["id"]
+    assert head["function"] == {"name": "get_weather", "arguments": ""}
+    arguments = "".join(f["tool_calls"][0]["function"]["arguments"] for f in deltas[1:])
+    assert json.loads(arguments)["days"] == 2
+    assert [f["seq"] for f in client.by_id[sid]] == list(range(len(client.by_id[sid])))
+    assert done["type"] == "chat.done" and done["finish_reason"] == "tool_calls"
+
+
+async def test_cache_replays_a_tool_call_stream_chunk_exact(upstream: FakeUpstream) -> None:
+    body = {"model": "demo/tools", "messages": HELLO, "tools": [WEATHER]}
+    with start_gateway(upstream, CacheSettings(completions=True)) as url:
+        async with httpx2.AsyncClient(timeout=10) as http:
+            live, live_headers = await sse_events(http, url, body)
+            replay, replay_headers = await sse_events(http, url, body)
+            _, other_headers = await sse_events(http, url, {**body, "tools": [TIME]})
+    assert "x-tokenrelay-cache" not in live_headers
+    assert replay_headers["x-tokenrelay-cache"] == "hit"
+    assert comparable(replay) == comparable(live)
+    assert sum("tool_calls" in e["choices"][0]["delta"] for e in live[:-1]) >= 3
+    assert "x-tokenrelay-cache" not in other_headers  # tools are part of the key
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {"tools": [WEATHER]},
+        {"tools": [WEATHER], "tool_choice": "required"},
+        {"response_format": {"type": "json_object"}},
+        {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}, IMAGE_PART]}]},
+    ],
+)
+async def test_cache_keys_on_tools_formats_and_images(
+    upstream: FakeUpstream, model: Model, variant: dict[str, Any]
+) -> None:
+    name = model(tokens=2)
+    base = {"model": f"oai/{name}", "messages": [{"role": "user", "content": "hi"}]}
+    with start_gateway(upstream, CacheSettings(completions=True)) as url:
+        async with httpx2.AsyncClient(timeout=10) as http:
+            for body in (base, {**base, **variant}, {**base, **variant}):
+                assert (
+                    await http.post(url + "/api/chat/completions", json=body)
+                ).status_code == 200
+    assert len(upstream.by_model(name)) == 2  # the variant missed once, then hit
