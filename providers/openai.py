@@ -204,6 +204,8 @@ class OpenAIProvider:
 
     def _message(self, message: Message) -> dict[str, Any]:
         out: dict[str, Any] = _to_builtins(message)
+        if message.content is None:
+            out["content"] = None  # explicit, as OpenAI writes it: some servers want the key
         if message.role == "developer" and not self._official:
             out["role"] = "system"
         if message.reasoning_content is not None and self._official:
