@@ -12,6 +12,7 @@ import re
 
 from providers.errors import InvalidRequestError
 from providers.types import (
+    PART_KINDS,
     AudioPart,
     ContentPart,
     FilePart,
@@ -77,9 +78,10 @@ def check_image_url(url: str, param: str) -> None:
 
 def _check_part(part: ContentPart, role: str, param: str) -> None:
     if not isinstance(part, _PARTS[role]):
-        kind = type(part).__name__
         raise InvalidRequestError(
-            f"A {role} message cannot hold a {kind} content part (at '{param}').", param=param
+            f"A {role} message cannot hold an '{PART_KINDS[type(part)]}' content part "
+            f"(at '{param}').",
+            param=param,
         )
     match part:
         case ImagePart():

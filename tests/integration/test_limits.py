@@ -62,6 +62,47 @@ OVER = [
     ),
     ({"max_tokens": 51}, "max_tokens"),
     ({"max_completion_tokens": 51}, "max_completion_tokens"),
+    # Inline images and tool-call arguments count as characters too.
+    (
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "see"},
+                        {
+                            "type": "image_url",
+                            "image_url": {"url": "data:image/png;base64," + "A" * 80},
+                        },
+                    ],
+                }
+            ]
+        },
+        "messages",
+    ),
+    (
+        {
+            "messages": [
+                *HELLO,
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {
+                            "id": "c",
+                            "type": "function",
+                            "function": {"name": "f", "arguments": "1" * 96},
+                        }
+                    ],
+                },
+            ]
+        },
+        "messages",
+    ),
+    (
+        {"tools": [{"type": "function", "function": {"name": "f", "description": "d" * 90}}]},
+        "tools",
+    ),
     # A schema nested past the limit, in a response format or in a tool's parameters.
     ({"response_format": schema_format(nested(5))}, None),
     (
