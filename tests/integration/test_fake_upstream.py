@@ -19,6 +19,7 @@ from anthropic.types import MessageParam
 from openai.types.chat import ChatCompletionMessageParam
 
 from tests.fakeupstream import FakeToolCall, FakeUpstream, RecordedRequest, Script
+from tests.fakeupstream.__main__ import _Control
 
 pytestmark = pytest.mark.filterwarnings("error")
 
@@ -823,3 +824,11 @@ async def test_images_are_counted_in_the_answer() -> None:
             messages=[{"role": "user", "content": [{"type": "image", "source": source}]}],
         )
         assert fixed.content[0].type == "text" and fixed.content[0].text == "fixed"
+
+
+def test_control_route_scripts_tool_calls() -> None:
+    up = FakeUpstream()
+    body = {"tool_calls": [{"name": "f", "arguments": ['{"a"', ": 1}"]}], "text": ["x"]}
+    assert _Control(up).route("PUT", "/scripts/t", json.dumps(body).encode()) == (200, b"{}")
+    assert up.scripts["t"].tool_calls == [FakeToolCall("f", ['{"a"', ": 1}"])]
+    assert up.scripts["t"].text == ["x"]
