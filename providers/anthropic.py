@@ -117,13 +117,14 @@ class AnthropicProvider:
         secret: str | None = None,
         default_max_tokens: int = 4096,
         list_timeout: float = 10.0,
+        inputs: Iterable[str] | None = None,
     ) -> None:
         self.name = name
         self._client = client
         self._secrets = (secret,) if secret else ()
         self._default_max_tokens = default_max_tokens
         self._list_timeout = list_timeout
-        self.capabilities = CAPABILITIES
+        self.capabilities = CAPABILITIES.restricted(inputs)
 
     def check(self, request: ChatRequest) -> None:
         """Refuse unsupported options, then anything the mapping itself refuses (a PDF-less
@@ -243,4 +244,5 @@ def create(settings: ProviderSettings, key: str) -> AnthropicProvider:
         client=client,
         secret=key or None,
         default_max_tokens=settings.default_max_tokens,
+        inputs=settings.inputs,
     )

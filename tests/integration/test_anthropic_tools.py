@@ -13,6 +13,7 @@ import openai
 import pydantic
 import pytest
 
+from tests.conftest import GatewayFactory
 from tests.fakeupstream import FakeToolCall, FakeUpstream
 
 Model = Callable[..., str]
@@ -439,3 +440,18 @@ async def test_stop_user_and_service_tier_are_mapped(
     assert body["stop_sequences"] == ["END"]
     assert body["metadata"] == {"user_id": "u-42"}
     assert body["service_tier"] == "standard_only"
+
+
+def test_operator_can_turn_media_off(
+    make_gateway: GatewayFactory, upstream: FakeUpstream, model: Model
+) -> None:
+    name = model()
+    image = {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{PNG}"}}
+    with (
+        make_gateway(inputs=["file"]) as url,
+        openai.OpenAI(base_url=url + "/api", api_key="unused", max_retries=0) as sync_client,
+    ):
+        with pytest.raises(openai.BadRequestError) as refused:
+            sync_client.chat.completions.create(model=f"ant/{name}", messages=_user(image))
+    assert refused.value.param == "messages[0].content[1]"
+    assert upstream.by_model(name) == []
