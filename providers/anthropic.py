@@ -1,16 +1,16 @@
-"""Adapter for Anthropic's Messages API."""
+"""Adapter for Anthropic's Messages API: the request is mapped in `anthropic_params`, the SSE
+answer is decoded here into our events (text, thinking, tool calls fragment by fragment)."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Iterable
-from typing import Any
 
 import anthropic
 import httpx2
 import msgspec
 
 from providers import errors
-from providers.capabilities import Capabilities
+from providers.anthropic_params import CAPABILITIES, params
 from providers.settings import ProviderSettings
 from providers.sse import SSEDecoder, body_chunks
 from providers.transport import http_client
@@ -19,9 +19,9 @@ from providers.types import (
     Event,
     Finish,
     FinishReason,
-    Message,
     ReasoningDelta,
     TextDelta,
+    ToolCallDelta,
     Usage,
 )
 
@@ -42,17 +42,24 @@ class _MessageStart(msgspec.Struct):
 
 
 class _Block(msgspec.Struct):
+    """A content block or a block delta: only the fields the gateway relays are decoded."""
+
     type: str = ""
     text: str | None = None
     thinking: str | None = None
+    partial_json: str | None = None  # input_json_delta
+    id: str | None = None  # tool_use
+    name: str | None = None  # tool_use
 
 
 class _BlockStart(msgspec.Struct):
     content_block: _Block
+    index: int = 0
 
 
 class _BlockDelta(msgspec.Struct):
     delta: _Block
+    index: int = 0
 
 
 class _MessageDeltaBody(msgspec.Struct):
@@ -82,7 +89,7 @@ _decode_error = msgspec.json.Decoder(_Error).decode
 _FINISH: dict[str, FinishReason] = {
     "end_turn": "stop",
     "stop_sequence": "stop",
-    "tool_use": "stop",
+    "tool_use": "tool_calls",
     "pause_turn": "stop",
     "max_tokens": "length",
     "model_context_window_exceeded": "length",
@@ -99,11 +106,6 @@ def _prompt_tokens(usage: _Usage) -> int:
     )
 
 
-_CAPABILITIES = Capabilities(
-    options=frozenset({"temperature", "top_p", "top_k", "user"}), parts=frozenset()
-)
-
-
 class AnthropicProvider:
     """Streams messages through `anthropic.AsyncAnthropic`, decoding the SSE body with msgspec."""
 
@@ -115,21 +117,25 @@ class AnthropicProvider:
         secret: str | None = None,
         default_max_tokens: int = 4096,
         list_timeout: float = 10.0,
+        inputs: Iterable[str] | None = None,
     ) -> None:
         self.name = name
         self._client = client
         self._secrets = (secret,) if secret else ()
         self._default_max_tokens = default_max_tokens
         self._list_timeout = list_timeout
-        self.capabilities = _CAPABILITIES
+        self.capabilities = CAPABILITIES.restricted(inputs)
 
     def check(self, request: ChatRequest) -> None:
+        """Refuse unsupported options, then anything the mapping itself refuses (a PDF-less
+        file part, tool-call arguments that are not JSON, too small a max_tokens, ...)."""
         self.capabilities.check(self.name, request)
+        params(request, self._default_max_tokens)
 
     async def stream(self, request: ChatRequest) -> AsyncGenerator[Event, None]:
-        params = self._params(request)
+        kwargs = params(request, self._default_max_tokens)
         try:
-            async with self._client.messages.with_streaming_response.create(**params) as response:
+            async with self._client.messages.with_streaming_response.create(**kwargs) as response:
                 async for event in self._events(response.http_response):
                     yield event
         except anthropic.APIError as exc:
@@ -142,21 +148,32 @@ class AnthropicProvider:
         prompt_tokens: int | None = None
         completion_tokens: int | None = None
         reason: FinishReason | None = None
+        # Anthropic numbers content blocks; a client numbers tool calls from 0.
+        tool_index: dict[int, int] = {}
         async for raw in body_chunks(response):
             for name, data in decoder.feed(raw):
                 try:
                     if name == b"content_block_delta":
-                        delta = _decode_block_delta(data).delta
+                        block_delta = _decode_block_delta(data)
+                        delta = block_delta.delta
                         if delta.text:
                             yield TextDelta(delta.text)
                         elif delta.thinking:
                             yield ReasoningDelta(delta.thinking)
+                        elif delta.partial_json and block_delta.index in tool_index:
+                            yield ToolCallDelta(
+                                tool_index[block_delta.index], arguments=delta.partial_json
+                            )
                     elif name == b"content_block_start":
-                        block = _decode_block_start(data).content_block
+                        start = _decode_block_start(data)
+                        block = start.content_block
                         if block.text:
                             yield TextDelta(block.text)
                         elif block.thinking:
                             yield ReasoningDelta(block.thinking)
+                        elif block.type == "tool_use":
+                            index = tool_index[start.index] = len(tool_index)
+                            yield ToolCallDelta(index, id=block.id, name=block.name)
                     elif name == b"message_start":
                         usage = _decode_start(data).message.usage
                         prompt_tokens = _prompt_tokens(usage)
@@ -191,30 +208,6 @@ class AnthropicProvider:
             f"{self.name}: upstream ended the stream without finishing the answer"
         )
 
-    def _params(self, request: ChatRequest) -> dict[str, Any]:
-        system = "\n\n".join(m.text for m in request.messages if m.role in ("system", "developer"))
-        params: dict[str, Any] = {
-            "model": request.model,
-            "messages": [
-                _message(m) for m in request.messages if m.role not in ("system", "developer")
-            ],
-            "max_tokens": request.max_tokens or self._default_max_tokens,
-            "stream": True,
-        }
-        if system:
-            params["system"] = system
-        if request.temperature is not None:
-            params["temperature"] = request.temperature
-        if request.top_p is not None:
-            params["top_p"] = request.top_p
-        if request.top_k is not None:
-            params["top_k"] = request.top_k
-        if request.stop:
-            params["stop_sequences"] = request.stop
-        if request.user is not None:
-            params["metadata"] = {"user_id": request.user}
-        return params
-
     async def list_models(self) -> list[str]:
         try:
             page = await self._client.models.list(timeout=self._list_timeout, limit=1000)
@@ -224,13 +217,6 @@ class AnthropicProvider:
 
     async def aclose(self) -> None:
         await self._client.close()
-
-
-def _message(message: Message) -> dict[str, Any]:
-    content: Any = message.content
-    if not isinstance(content, str):
-        content = [{"type": "text", "text": part.text} for part in content]
-    return {"role": message.role, "content": content}
 
 
 ANTHROPIC_URL = "https://api.anthropic.com"
@@ -258,4 +244,5 @@ def create(settings: ProviderSettings, key: str) -> AnthropicProvider:
         client=client,
         secret=key or None,
         default_max_tokens=settings.default_max_tokens,
+        inputs=settings.inputs,
     )

@@ -19,6 +19,7 @@ from typing import Any
 
 import msgspec
 
+from tests.fakeupstream.formats import FakeToolCall
 from tests.fakeupstream.server import FakeUpstream, RecordedRequest, Script, check_loopback
 
 _encode = msgspec.json.Encoder().encode
@@ -123,6 +124,8 @@ class _Control:
             return 200, b"{}"
         if path.startswith("/scripts/") and method == "PUT":
             fields = _decode(raw) if raw else {}
+            if fields.get("tool_calls") is not None:
+                fields["tool_calls"] = msgspec.convert(fields["tool_calls"], list[FakeToolCall])
             self.upstream.scripts[path[len("/scripts/") :]] = Script(**fields)
             return 200, b"{}"
         return 404, b'{"error": "unknown control route"}'

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
@@ -78,6 +78,15 @@ def _piece_json(piece: str, index: int) -> bytes:
     return _encode(piece)
 
 
+@dataclass(frozen=True, slots=True)
+class FakeToolCall:
+    """One scripted tool call; ``arguments`` is its JSON text cut into the fragments to stream."""
+
+    name: str
+    arguments: list[str]
+    id: str | None = None
+
+
 @dataclass(slots=True)
 class Plan:
     """What one response will contain, resolved from a Script and the request body."""
@@ -86,11 +95,32 @@ class Plan:
     content: list[str]
     finish_reason: str
     prompt_tokens: int
+    tools: list[FakeToolCall] = field(default_factory=list)
+    # (call, fragment) per tool slot; a call without fragments still takes one slot.
+    tool_slots: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def deltas(self) -> int:
-        """Number of streamed deltas (reasoning plus content)."""
-        return len(self.reasoning) + len(self.content)
+        """Number of streamed deltas (reasoning, content, then tool-call fragments)."""
+        return len(self.reasoning) + len(self.content) + len(self.tool_slots)
+
+
+def tool_plan(calls: list[FakeToolCall]) -> list[tuple[int, int]]:
+    """The (call, fragment) slots of some tool calls, in streaming order."""
+    return [(k, f) for k, call in enumerate(calls) for f in range(max(len(call.arguments), 1))]
+
+
+def openai_tool_id(calls: list[FakeToolCall], k: int) -> str:
+    return calls[k].id or f"call_{k}"
+
+
+def anthropic_tool_id(calls: list[FakeToolCall], k: int) -> str:
+    return calls[k].id or f"toolu_{k}"
+
+
+def _tool_input(call: FakeToolCall) -> Any:
+    text = "".join(call.arguments)
+    return msgspec.json.decode(text) if text else {}
 
 
 def anthropic_stop_reason(finish_reason: str) -> str:
@@ -106,7 +136,7 @@ def sse_chunk(payload: bytes) -> bytes:
 class OpenAIStream:
     """Builds the SSE payloads of one streamed chat completion."""
 
-    __slots__ = ("_head", "_include_usage", "_n_reasoning", "_plan", "_prefix")
+    __slots__ = ("_head", "_include_usage", "_n_reasoning", "_n_text", "_plan", "_prefix")
 
     def __init__(
         self, request_id: int, model: str, created: int, plan: Plan, include_usage: bool
@@ -116,21 +146,51 @@ class OpenAIStream:
         self._head = _OPENAI_CHUNK_HEAD % (request_id, created, _encode(model))
         self._prefix = self._head + b',"choices":[{"index":0,"delta":{'
         self._n_reasoning = len(plan.reasoning)
+        self._n_text = self._n_reasoning + len(plan.content)
 
     def opening(self) -> bytes:
         """Bytes sent right after the headers (none for OpenAI)."""
         return b""
 
     def delta(self, i: int) -> bytes:
-        """SSE payload of delta ``i`` (reasoning pieces first, then content)."""
+        """SSE payload of delta ``i`` (reasoning pieces first, then content, then tool calls)."""
         plan = self._plan
         role = b'"role":"assistant",' if i == 0 else b""
         if i < self._n_reasoning:
             field = b'"reasoning_content":' + _encode(plan.reasoning[i])
-        else:
+        elif i < self._n_text:
             j = i - self._n_reasoning
             field = b'"content":' + _piece_json(plan.content[j], j)
+        else:
+            return self._tool_delta(i - self._n_text, role)
         return self._prefix + role + field + b'},"finish_reason":null}]}\n\n'
+
+    def _tool_delta(self, slot: int, role: bytes) -> bytes:
+        """A call's first slot announces its id and name; each fragment is one more chunk."""
+        calls = self._plan.tools
+        k, f = self._plan.tool_slots[slot]
+        call = calls[k]
+        out = b""
+        if f == 0:
+            head = {
+                "index": k,
+                "id": openai_tool_id(calls, k),
+                "type": "function",
+                "function": {"name": call.name, "arguments": ""},
+            }
+            out = self._tool_chunk(role, head)
+        if f < len(call.arguments):
+            out += self._tool_chunk(b"", {"index": k, "function": {"arguments": call.arguments[f]}})
+        return out
+
+    def _tool_chunk(self, role: bytes, call: dict[str, Any]) -> bytes:
+        return (
+            self._prefix
+            + role
+            + b'"tool_calls":['
+            + _encode(call)
+            + b']},"finish_reason":null}]}\n\n'
+        )
 
     def finish(self) -> bytes:
         """SSE payloads after the last delta: finish chunk, optional usage chunk and [DONE]."""
@@ -192,6 +252,21 @@ def _delta_prefix(index: int) -> bytes:
     return _ANTHROPIC_DELTA_HEAD % index
 
 
+def _block_stop(index: int) -> bytes:
+    return _event(b"content_block_stop", {"type": "content_block_stop", "index": index})
+
+
+def _tool_start(index: int, tool_id: str, name: str) -> bytes:
+    return _event(
+        b"content_block_start",
+        {
+            "type": "content_block_start",
+            "index": index,
+            "content_block": {"type": "tool_use", "id": tool_id, "name": name, "input": {}},
+        },
+    )
+
+
 class AnthropicStream:
     """Builds the SSE payloads of one streamed Anthropic message."""
 
@@ -199,9 +274,11 @@ class AnthropicStream:
         "_message_id",
         "_model",
         "_n_reasoning",
+        "_n_text",
         "_plan",
         "_text_index",
         "_text_prefix",
+        "_tool_index",
     )
 
     def __init__(self, request_id: int, model: str, plan: Plan) -> None:
@@ -211,6 +288,9 @@ class AnthropicStream:
         self._n_reasoning = len(plan.reasoning)
         self._text_index = 1 if plan.reasoning else 0
         self._text_prefix = _delta_prefix(self._text_index) + b'"text_delta","text":'
+        self._n_text = self._n_reasoning + len(plan.content)
+        # Tool-use blocks follow the text block, which is left out when there is no text.
+        self._tool_index = self._text_index + (1 if plan.content else 0)
 
     def opening(self) -> bytes:
         """message_start and ping, sent together with the headers."""
@@ -238,6 +318,8 @@ class AnthropicStream:
                 + _encode(self._plan.reasoning[i])
                 + b"}}\n\n"
             )
+        if i >= self._n_text:
+            return self._tool_delta(i - self._n_text)
         j = i - n_reasoning
         out = b""
         if j == 0:
@@ -246,18 +328,42 @@ class AnthropicStream:
             out += _text_start(self._text_index)
         return out + self._text_prefix + _piece_json(self._plan.content[j], j) + b"}}\n\n"
 
+    def _tool_delta(self, slot: int) -> bytes:
+        """A call's first slot closes the block before it and opens its tool_use block."""
+        plan = self._plan
+        k, f = plan.tool_slots[slot]
+        call = plan.tools[k]
+        index = self._tool_index + k
+        out = b""
+        if f == 0:
+            if k:
+                out = _block_stop(index - 1)
+            elif plan.content:
+                out = _block_stop(self._text_index)
+            elif plan.reasoning:
+                out = _THINKING_END
+            out += _tool_start(index, anthropic_tool_id(plan.tools, k), call.name)
+        if f < len(call.arguments):
+            out += (
+                _delta_prefix(index)
+                + b'"input_json_delta","partial_json":'
+                + _encode(call.arguments[f])
+                + b"}}\n\n"
+            )
+        return out
+
     def finish(self) -> bytes:
         """Closes the open blocks, then message_delta and message_stop."""
         plan = self._plan
         out = b""
-        if not plan.content:
-            if plan.reasoning:
-                out = _THINKING_END
-            out += _text_start(self._text_index)
-        out += _event(
-            b"content_block_stop",
-            {"type": "content_block_stop", "index": self._text_index},
-        )
+        if plan.tools:
+            out = _block_stop(self._tool_index + len(plan.tools) - 1)
+        else:
+            if not plan.content:
+                if plan.reasoning:
+                    out = _THINKING_END
+                out += _text_start(self._text_index)
+            out += _block_stop(self._text_index)
         out += _event(
             b"message_delta",
             {
@@ -292,9 +398,20 @@ def _openai_usage(plan: Plan) -> dict[str, int]:
 
 def openai_completion(request_id: int, model: str, created: int, plan: Plan) -> bytes:
     """Non-streamed ``chat.completion`` body."""
-    message: dict[str, Any] = {"role": "assistant", "content": "".join(plan.content)}
+    text = "".join(plan.content)
+    message: dict[str, Any] = {"role": "assistant", "content": text}
     if plan.reasoning:
         message["reasoning_content"] = "".join(plan.reasoning)
+    if plan.tools:
+        message["content"] = text or None
+        message["tool_calls"] = [
+            {
+                "id": openai_tool_id(plan.tools, k),
+                "type": "function",
+                "function": {"name": call.name, "arguments": "".join(call.arguments)},
+            }
+            for k, call in enumerate(plan.tools)
+        ]
     return _encode(
         {
             "id": f"chatcmpl-fake-{request_id}",
@@ -325,7 +442,17 @@ def anthropic_message(request_id: int, model: str, plan: Plan) -> bytes:
                 "signature": FAKE_SIGNATURE,
             }
         )
-    content.append({"type": "text", "text": "".join(plan.content)})
+    if plan.content or not plan.tools:
+        content.append({"type": "text", "text": "".join(plan.content)})
+    content.extend(
+        {
+            "type": "tool_use",
+            "id": anthropic_tool_id(plan.tools, k),
+            "name": call.name,
+            "input": _tool_input(call),
+        }
+        for k, call in enumerate(plan.tools)
+    )
     return _encode(
         {
             "id": f"msg_fake_{request_id}",

@@ -19,7 +19,7 @@ from typing import Any, Self, cast
 import msgspec
 
 from tests.fakeupstream import formats
-from tests.fakeupstream.formats import AnthropicStream, OpenAIStream, Plan, sse_chunk
+from tests.fakeupstream.formats import AnthropicStream, FakeToolCall, OpenAIStream, Plan, sse_chunk
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +37,16 @@ _decode = msgspec.json.Decoder().decode
 class Script:
     """How the fake answers one model's requests (shared, read-only).
 
-    Slots 0..n-1 are the n deltas (reasoning first, then content) and slot n is the finish;
+    Slots 0..n-1 are the n deltas (reasoning first, then content, then one per tool-call argument
+    fragment, or one for a call without fragments) and slot n is the finish;
     close_after/error_after/hang_after = k act at slot k, when delta k would have been sent.
     A non-streamed request is answered when the stream would have reached its last delta or its
     interruption: close aborts without a response, error sends a 500 in the vendor's shape and
     hang never answers.
+
+    With tool_calls the answer is the scripted text (none by default), then the calls, and the
+    finish reason is "tool_calls". Without text, a request with images is answered
+    "saw N image(s) ", so a test can tell its images arrived.
     """
 
     tokens: int = 8
@@ -59,6 +64,7 @@ class Script:
     hang_after: int | None = None
     finish_reason: str = "stop"
     prompt_tokens: int = 10
+    tool_calls: list[FakeToolCall] | None = None
 
 
 @dataclass
@@ -644,10 +650,36 @@ class FakeUpstream:
 
 
 def _plan(body: dict[str, Any], script: Script) -> Plan:
-    content = script.text if script.text is not None else formats.default_pieces(script.tokens)
-    finish = script.finish_reason
+    tools = script.tool_calls or []
+    if script.text is not None:
+        content = script.text
+    elif images := _count_images(body):
+        content = [f"saw {images} image(s) "]
+    elif script.tool_calls is not None:
+        content = []
+    else:
+        content = formats.default_pieces(script.tokens)
+    finish = "tool_calls" if tools else script.finish_reason
     limit = body.get("max_completion_tokens") or body.get("max_tokens")
     if isinstance(limit, int) and not isinstance(limit, bool) and limit < len(content):
         content = content[: max(limit, 0)]
         finish = "length"
-    return Plan(script.reasoning, content, finish, script.prompt_tokens)
+        tools = []
+    return Plan(
+        script.reasoning, content, finish, script.prompt_tokens, tools, formats.tool_plan(tools)
+    )
+
+
+def _count_images(body: dict[str, Any]) -> int:
+    """Image parts in the messages: OpenAI ``image_url`` parts or Anthropic ``image`` blocks."""
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        return 0
+    count = 0
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list):
+            for part in content:
+                if isinstance(part, dict) and part.get("type") in ("image_url", "image"):
+                    count += 1
+    return count

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import anthropic
 import httpx2
@@ -16,7 +18,8 @@ import pytest
 from anthropic.types import MessageParam
 from openai.types.chat import ChatCompletionMessageParam
 
-from tests.fakeupstream import FakeUpstream, RecordedRequest, Script
+from tests.fakeupstream import FakeToolCall, FakeUpstream, RecordedRequest, Script
+from tests.fakeupstream.__main__ import _Control
 
 pytestmark = pytest.mark.filterwarnings("error")
 
@@ -561,3 +564,271 @@ async def test_command_line_process() -> None:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+# -- tool calls and images --
+
+WEATHER = [
+    FakeToolCall("get_weather", ['{"ci', 'ty": "Par', 'is"}']),
+    FakeToolCall("get_time", ['{"tz":', ' "CET"}'], id="call_custom"),
+]
+
+
+def sse_data(text: str) -> list[Any]:
+    """The JSON payloads of an OpenAI event stream, without the final [DONE]."""
+    lines = [line[6:] for line in text.split("\n") if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(line) for line in lines[:-1]]
+
+
+def sse_events(text: str) -> list[tuple[str, Any]]:
+    """(event name, JSON data) of an Anthropic event stream."""
+    events = []
+    for block in text.strip().split("\n\n"):
+        name, data = block.split("\n")
+        events.append((name.removeprefix("event: "), json.loads(data.removeprefix("data: "))))
+    return events
+
+
+@pytest.mark.asyncio
+async def test_openai_tool_calls_wire_shape() -> None:
+    async with FakeUpstream() as up, httpx2.AsyncClient(base_url=up.url) as http:
+        up.scripts["t"] = Script(text=["one "], tool_calls=WEATHER)
+        body = {"model": "t", "stream": True, "messages": OAI_MESSAGES}
+        chunks = sse_data((await http.post("/v1/chat/completions", json=body)).text)
+        deltas = [c["choices"][0]["delta"] for c in chunks]
+        assert deltas == [
+            {"role": "assistant", "content": "one "},
+            {
+                "tool_calls": [
+                    {
+                        "index": 0,
+                        "id": "call_0",
+                        "type": "function",
+                        "function": {"name": "get_weather", "arguments": ""},
+                    }
+                ]
+            },
+            {"tool_calls": [{"index": 0, "function": {"arguments": '{"ci'}}]},
+            {"tool_calls": [{"index": 0, "function": {"arguments": 'ty": "Par'}}]},
+            {"tool_calls": [{"index": 0, "function": {"arguments": 'is"}'}}]},
+            {
+                "tool_calls": [
+                    {
+                        "index": 1,
+                        "id": "call_custom",
+                        "type": "function",
+                        "function": {"name": "get_time", "arguments": ""},
+                    }
+                ]
+            },
+            {"tool_calls": [{"index": 1, "function": {"arguments": '{"tz":'}}]},
+            {"tool_calls": [{"index": 1, "function": {"arguments": ' "CET"}'}}]},
+            {},
+        ]
+        assert [c["choices"][0]["finish_reason"] for c in chunks][-2:] == [None, "tool_calls"]
+        # One slot per fragment: the text piece and five fragments.
+        assert up.requests[-1].deltas_sent == 6
+
+        plain = await http.post("/v1/chat/completions", json={**body, "stream": False})
+        (choice,) = plain.json()["choices"]
+        assert choice["finish_reason"] == "tool_calls"
+        assert choice["message"]["content"] == "one "
+        assert choice["message"]["tool_calls"] == [
+            {
+                "id": "call_0",
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+            },
+            {
+                "id": "call_custom",
+                "type": "function",
+                "function": {"name": "get_time", "arguments": '{"tz": "CET"}'},
+            },
+        ]
+
+
+@pytest.mark.asyncio
+async def test_openai_sdk_reads_tool_calls() -> None:
+    async with FakeUpstream() as up, oai(up) as client:
+        up.scripts["t"] = Script(tool_calls=WEATHER)
+        stream = await client.chat.completions.create(model="t", messages=OAI_MESSAGES, stream=True)
+        calls: dict[int, dict[str, str]] = {}
+        finish = []
+        async for chunk in stream:
+            choice = chunk.choices[0]
+            finish.append(choice.finish_reason)
+            assert choice.delta.content is None
+            for call in choice.delta.tool_calls or []:
+                seen = calls.setdefault(call.index, {"id": "", "name": "", "arguments": ""})
+                seen["id"] += call.id or ""
+                assert call.function is not None
+                seen["name"] += call.function.name or ""
+                seen["arguments"] += call.function.arguments or ""
+        assert calls == {
+            0: {"id": "call_0", "name": "get_weather", "arguments": '{"city": "Paris"}'},
+            1: {"id": "call_custom", "name": "get_time", "arguments": '{"tz": "CET"}'},
+        }
+        assert finish[-1] == "tool_calls"
+
+        done = await client.chat.completions.create(model="t", messages=OAI_MESSAGES)
+        message = done.choices[0].message
+        assert message.content is None and done.choices[0].finish_reason == "tool_calls"
+        assert message.tool_calls is not None
+        assert [(c.id, c.type) for c in message.tool_calls] == [
+            ("call_0", "function"),
+            ("call_custom", "function"),
+        ]
+
+
+@pytest.mark.asyncio
+async def test_anthropic_tool_calls_wire_shape() -> None:
+    async with FakeUpstream() as up, httpx2.AsyncClient(base_url=up.url) as http:
+        up.scripts["t"] = Script(reasoning=["hm"], text=["one "], tool_calls=WEATHER)
+        body = {"model": "t", "max_tokens": 100, "stream": True, "messages": ANT_MESSAGES}
+        events = sse_events((await http.post("/v1/messages", json=body)).text)
+        blocks = [
+            (name, data.get("index"), data.get("content_block") or data.get("delta"))
+            for name, data in events
+            if name.startswith("content_block")
+        ]
+        assert blocks[4:] == [
+            ("content_block_start", 1, {"type": "text", "text": ""}),
+            ("content_block_delta", 1, {"type": "text_delta", "text": "one "}),
+            ("content_block_stop", 1, None),
+            (
+                "content_block_start",
+                2,
+                {"type": "tool_use", "id": "toolu_0", "name": "get_weather", "input": {}},
+            ),
+            ("content_block_delta", 2, {"type": "input_json_delta", "partial_json": '{"ci'}),
+            ("content_block_delta", 2, {"type": "input_json_delta", "partial_json": 'ty": "Par'}),
+            ("content_block_delta", 2, {"type": "input_json_delta", "partial_json": 'is"}'}),
+            ("content_block_stop", 2, None),
+            (
+                "content_block_start",
+                3,
+                {"type": "tool_use", "id": "call_custom", "name": "get_time", "input": {}},
+            ),
+            ("content_block_delta", 3, {"type": "input_json_delta", "partial_json": '{"tz":'}),
+            ("content_block_delta", 3, {"type": "input_json_delta", "partial_json": ' "CET"}'}),
+            ("content_block_stop", 3, None),
+        ]
+        assert events[-2][1]["delta"]["stop_reason"] == "tool_use"
+        assert events[-2][1]["usage"] == {"output_tokens": 7}
+
+        plain = (await http.post("/v1/messages", json={**body, "stream": False})).json()
+        assert plain["stop_reason"] == "tool_use"
+        assert [b["type"] for b in plain["content"]] == ["thinking", "text", "tool_use", "tool_use"]
+        assert plain["content"][2:] == [
+            {
+                "type": "tool_use",
+                "id": "toolu_0",
+                "name": "get_weather",
+                "input": {"city": "Paris"},
+            },
+            {"type": "tool_use", "id": "call_custom", "name": "get_time", "input": {"tz": "CET"}},
+        ]
+
+
+@pytest.mark.asyncio
+async def test_anthropic_sdk_reads_tool_calls() -> None:
+    async with FakeUpstream() as up, ant(up) as client:
+        up.scripts["t"] = Script(tool_calls=WEATHER)
+        async with client.messages.stream(model="t", max_tokens=100, messages=ANT_MESSAGES) as s:
+            fragments = [
+                e.delta.partial_json
+                async for e in s
+                if e.type == "content_block_delta" and e.delta.type == "input_json_delta"
+            ]
+            message = await s.get_final_message()
+        assert fragments == ['{"ci', 'ty": "Par', 'is"}', '{"tz":', ' "CET"}']
+        assert message.stop_reason == "tool_use"
+        uses = [(b.id, b.name, b.input) for b in message.content if b.type == "tool_use"]
+        assert uses == [
+            ("toolu_0", "get_weather", {"city": "Paris"}),
+            ("call_custom", "get_time", {"tz": "CET"}),
+        ]
+        assert [b.type for b in message.content] == ["tool_use", "tool_use"]
+
+        up.scripts["r"] = Script(reasoning=["hm"], tool_calls=WEATHER[:1])
+        async with client.messages.stream(model="r", max_tokens=100, messages=ANT_MESSAGES) as s:
+            thought = await s.get_final_message()
+        assert [b.type for b in thought.content] == ["thinking", "tool_use"]
+
+        plain = await client.messages.create(model="t", max_tokens=100, messages=ANT_MESSAGES)
+        assert [(b.type, getattr(b, "input", None)) for b in plain.content] == [
+            ("tool_use", {"city": "Paris"}),
+            ("tool_use", {"tz": "CET"}),
+        ]
+
+
+@pytest.mark.asyncio
+async def test_tool_fragments_are_slots_for_interruptions() -> None:
+    async with FakeUpstream() as up, oai(up) as client, ant(up) as aclient:
+        up.scripts["cut"] = Script(tool_calls=WEATHER, close_after=2)
+        stream = await client.chat.completions.create(
+            model="cut", messages=OAI_MESSAGES, stream=True
+        )
+        arguments: list[str] = []
+        with pytest.raises(openai.APIConnectionError):
+            async for chunk in stream:
+                for call in chunk.choices[0].delta.tool_calls or []:
+                    assert call.function is not None
+                    arguments.append(call.function.arguments or "")
+        assert arguments == ["", '{"ci', 'ty": "Par']
+        assert up.requests[-1].deltas_sent == 2
+
+        up.scripts["err"] = Script(tool_calls=WEATHER, error_after=4)
+        astream = await aclient.messages.create(
+            model="err", max_tokens=100, messages=ANT_MESSAGES, stream=True
+        )
+        with pytest.raises(anthropic.APIStatusError):
+            async for _ in astream:
+                pass
+        assert up.requests[-1].deltas_sent == 4
+
+
+@pytest.mark.asyncio
+async def test_images_are_counted_in_the_answer() -> None:
+    async with FakeUpstream() as up, oai(up) as client, ant(up) as aclient:
+        url = "data:image/png;base64,iVBORw0KGgo="
+        done = await client.chat.completions.create(
+            model="v",
+            messages=[
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "what is this?"},
+                        {"type": "image_url", "image_url": {"url": url}},
+                        {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}},
+                    ],
+                }
+            ],
+        )
+        assert done.choices[0].message.content == "saw 2 image(s) "
+
+        source = {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}
+        message = await aclient.messages.create(
+            model="v",
+            max_tokens=100,
+            messages=[{"role": "user", "content": [{"type": "image", "source": source}]}],
+        )
+        assert message.content[0].type == "text"
+        assert message.content[0].text == "saw 1 image(s) "
+
+        up.scripts["said"] = Script(text=["fixed"])
+        fixed = await aclient.messages.create(
+            model="said",
+            max_tokens=100,
+            messages=[{"role": "user", "content": [{"type": "image", "source": source}]}],
+        )
+        assert fixed.content[0].type == "text" and fixed.content[0].text == "fixed"
+
+
+def test_control_route_scripts_tool_calls() -> None:
+    up = FakeUpstream()
+    body = {"tool_calls": [{"name": "f", "arguments": ['{"a"', ": 1}"]}], "text": ["x"]}
+    assert _Control(up).route("PUT", "/scripts/t", json.dumps(body).encode()) == (200, b"{}")
+    assert up.scripts["t"].tool_calls == [FakeToolCall("f", ['{"a"', ": 1}"])]
+    assert up.scripts["t"].text == ["x"]
