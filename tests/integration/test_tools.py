@@ -20,7 +20,7 @@ from websockets.asyncio.client import connect
 
 from server.settings import CacheSettings
 from tests.conftest import GatewayFactory
-from tests.fakeupstream import FakeUpstream
+from tests.fakeupstream import FakeToolCall, FakeUpstream
 from tests.integration.test_cache import comparable, sse_events, start_gateway
 from tests.support.wsclient import StreamClient
 
@@ -393,3 +393,94 @@ async def test_cache_keys_on_tools_formats_and_images(
                     await http.post(url + "/api/chat/completions", json=body)
                 ).status_code == 200
     assert len(upstream.by_model(name)) == 2  # the variant missed once, then hit
+
+
+PARALLEL = [
+    FakeToolCall(name="get_weather", arguments=['{"ci', 'ty": "Pa', 'ris"}'], id="call_a"),
+    FakeToolCall(name="get_time", arguments=['{"tz": "Europe/', 'Paris"}'], id="call_b"),
+]
+
+
+async def test_openai_kind_streamed_parallel_tool_calls_are_relayed_piece_by_piece(
+    client: openai.AsyncOpenAI, model: Model
+) -> None:
+    name = model(text=["Let me check. "], tool_calls=PARALLEL)
+    stream = await client.chat.completions.create(
+        model=f"oai/{name}",
+        messages=HELLO,  # type: ignore[arg-type]
+        tools=[WEATHER, TIME],  # type: ignore[list-item]
+        stream=True,
+    )
+    chunks = [chunk async for chunk in stream]
+    pieces = [d for c in chunks if c.choices for d in c.choices[0].delta.tool_calls or ()]
+    # One chunk per upstream piece: a head per call, then each fragment as it came.
+    assert [(d.index, d.id, d.function.arguments) for d in pieces] == [  # type: ignore[union-attr]
+        (0, "call_a", ""),
+        (0, None, '{"ci'),
+        (0, None, 'ty": "Pa'),
+        (0, None, 'ris"}'),
+        (1, "call_b", ""),
+        (1, None, '{"tz": "Europe/'),
+        (1, None, 'Paris"}'),
+    ]
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "Let me check. "
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+async def test_openai_kind_non_streamed_tool_calls(
+    client: openai.AsyncOpenAI, model: Model
+) -> None:
+    name = model(text=[], tool_calls=PARALLEL)
+    completion = await client.chat.completions.create(
+        model=f"oai/{name}",
+        messages=HELLO,  # type: ignore[arg-type]
+        tools=[WEATHER, TIME],  # type: ignore[list-item]
+    )
+    message = completion.choices[0].message
+    assert completion.choices[0].finish_reason == "tool_calls"
+    assert message.content is None
+    calls = [
+        (c.id, c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls or []
+    ]  # type: ignore[union-attr]
+    assert calls == [
+        ("call_a", "get_weather", {"city": "Paris"}),
+        ("call_b", "get_time", {"tz": "Europe/Paris"}),
+    ]
+
+
+async def test_openai_kind_parse_against_a_json_answer(
+    client: openai.AsyncOpenAI, model: Model, upstream: FakeUpstream
+) -> None:
+    name = model(text=['{"city": "Paris", ', '"days": 3, "sunny": false, ', '"hours": [1.5]}'])
+    completion = await client.chat.completions.parse(
+        model=f"oai/{name}",
+        messages=HELLO,  # type: ignore[arg-type]
+        response_format=Forecast,
+    )
+    assert completion.choices[0].message.parsed == Forecast(
+        city="Paris", days=3, sunny=False, hours=[1.5]
+    )
+    [recorded] = upstream.by_model(name)
+    sent = recorded.body["response_format"]
+    assert sent["type"] == "json_schema" and sent["json_schema"]["name"] == "Forecast"
+    assert sent["json_schema"]["strict"] is True
+    assert set(sent["json_schema"]["schema"]["properties"]) == {"city", "days", "sunny", "hours"}
+
+
+async def test_openai_kind_image_reaches_the_upstream(
+    client: openai.AsyncOpenAI, model: Model, upstream: FakeUpstream
+) -> None:
+    name = model()
+    url_part = {
+        "type": "image_url",
+        "image_url": {"url": "https://127.0.0.1/cat.png", "detail": "low"},
+    }
+    content = [{"type": "text", "text": "Compare"}, IMAGE_PART, url_part]
+    completion = await client.chat.completions.create(
+        model=f"oai/{name}",
+        messages=[{"role": "user", "content": content}],  # type: ignore[list-item]
+    )
+    assert "saw 2 image(s)" in (completion.choices[0].message.content or "")
+    [recorded] = upstream.by_model(name)
+    assert recorded.body["messages"][0]["content"] == content
