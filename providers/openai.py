@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import uuid
 from collections.abc import AsyncGenerator, Iterable
 from typing import Any
 
@@ -136,6 +137,7 @@ class OpenAIProvider:
         reason: FinishReason | None = None
         usage: Usage | None = None
         done = False
+        opened: set[int] = set()  # tool calls whose head (id and name) went out
         async for raw in body_chunks(response):
             for _, data in decoder.feed(raw):
                 if data == _DONE:
@@ -158,7 +160,7 @@ class OpenAIProvider:
                         yield ReasoningDelta(reasoning)
                     if delta.tool_calls:
                         for position, call in enumerate(delta.tool_calls):
-                            yield _tool_call(call, position)
+                            yield _tool_call(call, position, opened)
                     if delta.refusal:
                         yield RefusalDelta(delta.refusal)
                     if choice.finish_reason is not None:
@@ -225,13 +227,21 @@ class OpenAIProvider:
         await self._client.close()
 
 
-def _tool_call(call: _ToolCall, position: int) -> ToolCallDelta:
+def _tool_call(call: _ToolCall, position: int, opened: set[int]) -> ToolCallDelta:
+    """One piece of a call in OpenAI's own shape, whatever the server's habits: the id and
+    name once, on the call's first piece (some servers repeat them on every piece, which
+    clients would join into one long id; some leave the id out, which clients need)."""
     function = call.function
+    index = position if call.index is None else call.index
+    arguments = (function.arguments or "") if function is not None else ""
+    if index in opened:
+        return ToolCallDelta(index=index, arguments=arguments)
+    opened.add(index)
     return ToolCallDelta(
-        index=position if call.index is None else call.index,
-        id=call.id,
+        index=index,
+        id=call.id or f"call_{uuid.uuid4().hex[:24]}",
         name=function.name if function is not None else None,
-        arguments=(function.arguments or "") if function is not None else "",
+        arguments=arguments,
     )
 
 
