@@ -2,7 +2,9 @@
 import { Store } from "./store.js";
 import { Transport } from "./transport.js";
 import { loadCatalogue, describe } from "./models.js";
-import { messageElement, updateAssistant, streamInto } from "./messages.js";
+import { messageElement, updateAssistant, streamInto, renderToolCalls, imageList } from "./messages.js";
+import { EXAMPLE_TOOL, DEMO_TOOLS_MODEL, mergeToolCalls, callState, requestMessages } from "./tools.js";
+import { Attachments, IMAGE_TYPES } from "./attachments.js";
 
 const $ = (id) => document.getElementById(id);
 const ui = {
@@ -20,9 +22,19 @@ const ui = {
   connection: $("connection"),
   announcer: $("announcer"),
   toggle: $("toggle-sidebar"),
+  exampleTool: $("example-tool"),
+  attach: $("attach"),
+  attachInput: $("attach-input"),
+  tray: $("attachments"),
+  composerNote: $("composer-note"),
+  storageNote: $("storage-note"),
 };
 
-const store = new Store();
+const store = new Store(window.localStorage, {
+  onSaved(ok) {
+    ui.storageNote.hidden = ok;
+  },
+});
 let catalogue = { groups: [], models: new Map(), note: "" };
 let active = null; // {stream, message, article, renderer, conversation}
 
@@ -66,7 +78,7 @@ function refreshLastActions() {
   const messages = store.current.messages;
   for (const article of ui.messages.querySelectorAll("article.assistant")) {
     const i = Number(article.dataset.index);
-    updateAssistant(article, messages[i], { last: i === messages.length - 1 });
+    updateAssistant(article, messages[i], { last: i === messages.length - 1, calls: callState(messages, i) });
   }
 }
 
@@ -162,6 +174,21 @@ async function loadModels() {
   const remembered = store.model;
   if (remembered && catalogue.models.has(remembered)) ui.model.value = remembered;
   showModelInfo();
+  showAttach();
+}
+
+/** Whether the chosen model reads images (its catalogue categories include "vision"). */
+function hasVision(id = ui.model.value) {
+  return Boolean(catalogue.models.get(id)?.categories.includes("vision"));
+}
+
+function showAttach() {
+  const vision = hasVision();
+  ui.attach.hidden = !vision;
+  ui.attachInput.disabled = !vision;
+  ui.tray.classList.toggle("unreadable", !vision);
+  if (!vision && attachments.list.length) note("This model does not read images: remove them, or pick a model of the vision category.", "vision");
+  else if (vision && ui.composerNote.dataset.kind === "vision") note("");
 }
 
 function showModelInfo() {
@@ -171,21 +198,28 @@ function showModelInfo() {
 
 ui.model.addEventListener("change", () => {
   store.model = ui.model.value;
+  // The demo tools model only shows anything with a tool to call: offer the example one.
+  if (ui.model.value === DEMO_TOOLS_MODEL && !ui.exampleTool.checked) {
+    ui.exampleTool.checked = true;
+    store.exampleTool = true;
+  }
   showModelInfo();
+  showAttach();
+});
+
+ui.exampleTool.checked = store.exampleTool;
+ui.exampleTool.addEventListener("change", () => {
+  store.exampleTool = ui.exampleTool.checked;
 });
 
 // ---- sending and streaming ---------------------------------------------------------------
 
-function history(messages) {
-  return messages
-    .filter((m) => (m.role === "user" || m.role === "assistant") && m.content)
-    .map((m) => ({ role: m.role, content: m.content }));
-}
-
-function send(text) {
-  if (active || !text.trim()) return;
+function send(text, images) {
+  if (active || !(text.trim() || images.length)) return;
   const conversation = store.current;
-  conversation.messages.push({ role: "user", content: text });
+  const message = { role: "user", content: text };
+  if (images.length) message.images = images;
+  conversation.messages.push(message);
   const article = messageElement(conversation.messages.at(-1), conversation.messages.length - 1);
   ui.messages.append(article);
   answer(conversation);
@@ -194,7 +228,8 @@ function send(text) {
 /** Appends an assistant message to `conversation` and streams the answer into it. */
 async function answer(conversation) {
   const model = ui.model.value;
-  const request = { model, messages: history(conversation.messages) };
+  const request = { model, messages: requestMessages(conversation.messages, { images: hasVision(model) }) };
+  if (ui.exampleTool.checked) request.tools = [EXAMPLE_TOOL];
   const message = { role: "assistant", content: "", reasoning: "", status: "streaming", model, meta: {} };
   conversation.messages.push(message);
   store.touch(conversation);
@@ -208,10 +243,20 @@ async function answer(conversation) {
   setBusy(true);
   scrollToEnd(true);
   active.stream = await transport.start(request, {
-    onDelta({ text, reasoning }) {
+    onDelta({ text, reasoning, refusal, tool_calls: fragments }) {
       if (reasoning) {
         message.reasoning += reasoning;
         updateAssistant(article, message);
+      }
+      if (refusal) {
+        message.refusal = (message.refusal || "") + refusal;
+        updateAssistant(article, message);
+      }
+      if (Array.isArray(fragments)) {
+        const first = !message.tool_calls;
+        message.tool_calls = mergeToolCalls(message.tool_calls || [], fragments);
+        if (first) updateAssistant(article, message);
+        else renderToolCalls(article, message);
       }
       if (text) {
         const first = !message.content;
@@ -234,7 +279,8 @@ async function answer(conversation) {
         cached: frame.cached === true,
         transport: frame.transport,
       };
-      finish(message.status === "stopped" ? "Answer stopped." : "Answer complete.");
+      const calls = message.tool_calls?.length;
+      finish(message.status === "stopped" ? "Answer stopped." : calls ? "The model called a tool; its result is asked for below the call." : "Answer complete.");
     },
     onError(error) {
       message.status = "error";
@@ -305,7 +351,7 @@ ui.messages.addEventListener("click", (event) => {
 
 function startEdit(article, index) {
   const conversation = store.current;
-  const original = conversation.messages[index].content;
+  const { content: original, images } = conversation.messages[index];
   const form = document.createElement("form");
   form.className = "edit";
   const area = document.createElement("textarea");
@@ -323,9 +369,9 @@ function startEdit(article, index) {
   article.querySelector(".actions").hidden = true;
   area.focus();
   const submit = () => {
-    if (active || !area.value.trim()) return;
+    if (active || !(area.value.trim() || images?.length)) return;
     conversation.messages.splice(index);
-    conversation.messages.push({ role: "user", content: area.value });
+    conversation.messages.push(images?.length ? { role: "user", content: area.value, images } : { role: "user", content: area.value });
     renderConversation();
     answer(conversation);
   };
@@ -342,10 +388,103 @@ function startEdit(article, index) {
 ui.composer.addEventListener("submit", (event) => {
   event.preventDefault();
   const text = ui.prompt.value;
-  if (active || !text.trim()) return;
+  if (active || !(text.trim() || attachments.list.length)) return;
+  if (attachments.list.length && !hasVision()) {
+    note("This model does not read images: remove them, or pick a model of the vision category.", "vision");
+    return;
+  }
   ui.prompt.value = "";
   autosize();
-  send(text);
+  note("");
+  send(text, attachments.take());
+});
+
+// ---- tool results -------------------------------------------------------------------------
+
+/** Sends what the user typed as each pending call's result, then asks the model to go on. */
+function sendToolResults(form) {
+  if (active) return;
+  const areas = [...form.querySelectorAll("textarea")];
+  const empty = areas.find((a) => !a.value.trim());
+  if (empty) {
+    empty.focus();
+    return;
+  }
+  const conversation = store.current;
+  for (const area of areas) {
+    conversation.messages.push({ role: "tool", tool_call_id: area.dataset.callId, name: area.dataset.name, content: area.value });
+  }
+  renderConversation();
+  answer(conversation);
+}
+
+ui.messages.addEventListener("submit", (event) => {
+  const form = event.target.closest("form.tool-reply-form");
+  if (!form) return;
+  event.preventDefault();
+  sendToolResults(form);
+});
+
+ui.messages.addEventListener("keydown", (event) => {
+  const form = event.target.closest?.("form.tool-reply-form");
+  if (form && event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+    event.preventDefault();
+    sendToolResults(form);
+  }
+});
+
+// ---- attachments --------------------------------------------------------------------------
+
+function note(text, kind = "") {
+  ui.composerNote.textContent = text;
+  ui.composerNote.dataset.kind = kind;
+  ui.composerNote.hidden = !text;
+}
+
+const attachments = new Attachments({
+  onChange(list) {
+    ui.tray.replaceChildren(...(list.length ? [imageList(list.map((a) => a.url), { removable: true })] : []));
+    ui.tray.hidden = list.length === 0;
+  },
+  onNote: (text) => note(text),
+});
+
+ui.attach.addEventListener("click", () => ui.attachInput.click());
+ui.attachInput.accept = IMAGE_TYPES.join(",");
+ui.attachInput.addEventListener("change", () => {
+  const files = [...ui.attachInput.files];
+  ui.attachInput.value = "";
+  attachments.add(files);
+});
+
+ui.tray.addEventListener("click", (event) => {
+  const remove = event.target.closest("[data-action=remove-image]");
+  if (!remove) return;
+  attachments.remove(Number(remove.dataset.index));
+  ui.prompt.focus();
+});
+
+// Ctrl+V of an image, and a dropped image file, attach it when the model reads images.
+function imageFiles(transfer) {
+  return [...(transfer?.files || [])].filter((f) => f.type.startsWith("image/"));
+}
+
+ui.prompt.addEventListener("paste", (event) => {
+  const files = imageFiles(event.clipboardData);
+  if (!files.length) return;
+  event.preventDefault();
+  if (hasVision()) attachments.add(files);
+  else note("This model does not read images: pick a model of the vision category to attach one.");
+});
+
+ui.composer.addEventListener("dragover", (event) => {
+  if (hasVision() && [...(event.dataTransfer?.items || [])].some((i) => i.kind === "file")) event.preventDefault();
+});
+ui.composer.addEventListener("drop", (event) => {
+  const files = imageFiles(event.dataTransfer);
+  if (!files.length || !hasVision()) return;
+  event.preventDefault();
+  attachments.add(files);
 });
 
 ui.prompt.addEventListener("keydown", (event) => {

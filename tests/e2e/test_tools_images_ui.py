@@ -1,0 +1,251 @@
+"""Tool calls and images in the UI: calls shown and answered, images attached, kept on reload."""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from typing import Any
+
+from playwright.sync_api import WebSocket
+
+from tests.e2e.conftest import UI, UIFactory, screenshot
+
+
+def png(width: int = 8, height: int = 8, rgb: tuple[int, int, int] = (37, 99, 235)) -> bytes:
+    """A small solid-colour PNG."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    row = b"\x00" + bytes(rgb) * width
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(row * height))
+        + chunk(b"IEND", b"")
+    )
+
+
+def record_starts(ui: UI) -> list[dict[str, Any]]:
+    """Every `chat.start` request the page sends over its socket, in order."""
+    requests: list[dict[str, Any]] = []
+
+    def on_frame(payload: str | bytes) -> None:
+        frame = json.loads(payload)
+        if frame.get("type") == "chat.start":
+            requests.append(frame["request"])
+
+    def on_socket(ws: WebSocket) -> None:
+        ws.on("framesent", on_frame)
+
+    ui.page.on("websocket", on_socket)
+    return requests
+
+
+def attach(ui: UI, *files: tuple[str, str, bytes]) -> None:
+    ui.page.set_input_files(
+        "#attach-input",
+        files=[{"name": name, "mimeType": mime, "buffer": data} for name, mime, data in files],
+    )
+
+
+# Pastes one file into the message box, as Ctrl+V of a copied image does.
+PASTE = """([name, type, bytes]) => {
+  const data = new DataTransfer();
+  data.items.add(new File([new Uint8Array(bytes)], name, {type}));
+  const event = new ClipboardEvent('paste', {clipboardData: data, bubbles: true, cancelable: true});
+  document.getElementById('prompt').dispatchEvent(event);
+}"""
+
+
+def test_tool_call_is_shown_answered_and_kept_on_reload(make_ui: UIFactory) -> None:
+    with make_ui() as ui:
+        starts = record_starts(ui)
+        ui.open()
+        assert not ui.page.is_checked("#example-tool")
+        ui.page.select_option("#model", "demo/tools")
+        assert ui.page.is_checked("#example-tool")  # picking the tools model offers the tool
+        ui.send("What is the weather in Lisbon?")
+        ui.wait_state("done")
+        call = ui.answer().locator(".tool-call")
+        assert call.count() == 1
+        assert call.locator(".tool-name").inner_text() == "get_weather"
+        shown = call.locator(".tool-args").inner_text()
+        assert json.loads(shown).keys() >= {"city"}
+        assert "\n" in shown  # pretty-printed
+        assert not ui.answer().locator(".empty-answer").is_visible()
+        assert starts[0]["tools"][0]["function"]["name"] == "get_weather"
+        screenshot(ui.page, "ui-tool-call.png")
+
+        stored = ui.page.evaluate(
+            "JSON.parse(localStorage.getItem('tokenrelay.conversations.v1'))"
+            ".conversations[0].messages[1]"
+        )
+        calls = stored["tool_calls"]
+        assert [(c["type"], c["function"]["name"]) for c in calls] == [("function", "get_weather")]
+        assert json.loads(calls[0]["function"]["arguments"]) == json.loads(shown)
+
+        ui.page.reload()
+        ui.page.wait_for_selector("article.assistant .tool-call")
+        call = ui.answer().locator(".tool-call")
+        assert call.locator(".tool-name").inner_text() == "get_weather"
+        assert json.loads(call.locator(".tool-args").inner_text()) == json.loads(shown)
+
+        # The page runs no tool: the user types its result, and the model goes on from it.
+        form = ui.answer().locator("form.tool-reply-form")
+        form.locator("textarea").fill('{"temperature": 21, "sky": "clear"}')
+        form.get_by_role("button", name="Send result").click()
+        ui.page.wait_for_selector("article.assistant:last-of-type[data-state=done]")
+        ui.wait_state("done")
+        result = ui.page.locator("article.tool")
+        assert "Result of get_weather" in result.inner_text()
+        assert "The tool get_weather answered" in ui.answer().inner_text()
+        assert '"sky": "clear"' in ui.answer().locator(".content").inner_text()
+        sent = starts[-1]["messages"]
+        assert [m["role"] for m in sent] == ["user", "assistant", "tool"]
+        assert sent[1]["content"] is None
+        assert sent[1]["tool_calls"][0]["id"] == sent[2]["tool_call_id"] == calls[0]["id"]
+        screenshot(ui.page, "ui-tool-result.png")
+
+
+def test_a_call_left_unanswered_is_not_sent(make_ui: UIFactory) -> None:
+    with make_ui() as ui:
+        starts = record_starts(ui)
+        ui.open()
+        ui.page.select_option("#model", "demo/tools")
+        ui.send("Weather?")
+        ui.wait_state("done")
+        assert ui.answer().locator("form.tool-reply-form").is_visible()
+        # A new message instead of a result: the call is marked and left out of the history.
+        ui.page.uncheck("#example-tool")
+        ui.send("Never mind, just echo this")
+        ui.wait_state("done")
+        assert ui.page.locator("article.assistant").count() == 2
+        first = ui.answer(0)
+        assert first.locator("form.tool-reply-form").count() == 0
+        assert "Not answered" in first.locator(".tool-note").inner_text()
+        assert "You wrote" in ui.answer().locator(".content").inner_text()
+        sent = starts[-1]
+        assert "tools" not in sent
+        assert sent["messages"] == [
+            {"role": "user", "content": "Weather?"},
+            {"role": "user", "content": "Never mind, just echo this"},
+        ]
+
+
+def test_history_rules_for_tool_calls_and_images(make_ui: UIFactory) -> None:
+    with make_ui() as ui:
+        ui.open()
+        out = ui.page.evaluate(
+            """async () => {
+              const { requestMessages } = await import('./js/tools.js');
+              const call = (id) => ({ id, type: 'function', function: { name: 'f', arguments: '{}' } });
+              const img = 'data:image/png;base64,AAAA';
+              const messages = [
+                { role: 'user', content: 'look', images: [img] },
+                { role: 'assistant', content: 'Let me check.', status: 'done', tool_calls: [call('a'), call('b')] },
+                { role: 'tool', tool_call_id: 'a', content: '1' },
+                { role: 'tool', tool_call_id: 'b', content: '2' },
+                { role: 'assistant', content: '', refusal: 'I cannot.', status: 'done' },
+                { role: 'user', content: 'next' },
+                { role: 'assistant', content: '', status: 'stopped', tool_calls: [call('c')] },
+                { role: 'user', content: '', images: [img] },
+              ];
+              return [requestMessages(messages), requestMessages(messages, { images: false })];
+            }"""
+        )
+        vision, text_only = out
+        assert vision[0] == {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "look"},
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA", "detail": "auto"}},
+            ],
+        }
+        assert [m["role"] for m in vision] == [
+            "user", "assistant", "tool", "tool", "assistant", "user", "user",
+        ]
+        assert vision[1]["content"] == "Let me check."
+        assert [c["id"] for c in vision[1]["tool_calls"]] == ["a", "b"]
+        assert vision[4] == {"role": "assistant", "content": "I cannot."}
+        assert text_only[0] == {"role": "user", "content": "look"}
+        assert text_only[-1]["content"] == "[an image this model cannot read]"
+
+
+def test_an_attached_image_is_sent_shown_and_kept(make_ui: UIFactory) -> None:
+    with make_ui() as ui:
+        starts = record_starts(ui)
+        ui.open()
+        ui.page.select_option("#model", "demo/echo")
+        assert ui.page.is_visible("#attach")
+        attach(ui, ("blue.png", "image/png", png()), ("red.png", "image/png", png(rgb=(220, 38, 38))))
+        tray = ui.page.locator("#attachments")
+        tray.locator("img").nth(1).wait_for()
+        assert tray.locator("img").count() == 2
+        tray.get_by_role("button", name="Remove image 2").click()
+        assert tray.locator("img").count() == 1
+        # A file that is not an image of an accepted type is refused in words.
+        attach(ui, ("notes.txt", "text/plain", b"hello"))
+        assert "not a PNG, JPEG, GIF or WebP" in ui.page.inner_text("#composer-note")
+        ui.send("What is in this picture?")
+        ui.wait_state("done")
+        assert not tray.is_visible()
+        shown = ui.page.locator("article.user .images img")
+        assert shown.count() == 1
+        assert (shown.get_attribute("src") or "").startswith("data:image/png;base64,")
+        assert shown.evaluate("img => img.complete && img.naturalWidth") == 8
+        row = ui.answer().locator("tr", has_text="images attached")
+        assert row.locator("td").all_inner_texts() == ["images attached", "1"]
+        content = starts[-1]["messages"][0]["content"]
+        assert [p["type"] for p in content] == ["text", "image_url"]
+        assert content[1]["image_url"]["url"].startswith("data:image/png;base64,")
+        screenshot(ui.page, "ui-image.png")
+        ui.assert_only_local_requests()
+
+        ui.page.reload()
+        ui.page.wait_for_selector("article.user .images img")
+        assert ui.page.locator("article.user .images img").count() == 1
+
+
+def test_paste_attaches_and_large_images_are_shrunk(make_ui: UIFactory) -> None:
+    with make_ui() as ui:
+        starts = record_starts(ui)
+        ui.open()
+        ui.page.select_option("#model", "demo/echo")
+        ui.page.evaluate(PASTE, ["pasted.png", "image/png", list(png())])
+        ui.page.locator("#attachments img").wait_for()
+        # A picture with a side over 1568 px goes as a JPEG that fits.
+        attach(ui, ("wide.png", "image/png", png(width=3000, height=10)))
+        ui.page.locator("#attachments img").nth(1).wait_for()
+        ui.send("Two images")
+        ui.wait_state("done")
+        parts = starts[-1]["messages"][0]["content"]
+        urls = [p["image_url"]["url"] for p in parts if p["type"] == "image_url"]
+        assert urls[0].startswith("data:image/png;base64,")
+        assert urls[1].startswith("data:image/jpeg;base64,")
+        row = ui.answer().locator("tr", has_text="images attached")
+        assert row.locator("td").all_inner_texts() == ["images attached", "2"]
+        # A file over the size limit is refused in words.
+        big = b"\x89PNG" + bytes(11 * 1024 * 1024)
+        attach(ui, ("huge.png", "image/png", big))
+        assert "over 10 MB" in ui.page.inner_text("#composer-note")
+        assert ui.page.locator("#attachments img").count() == 0
+
+
+def test_attach_is_unavailable_for_a_model_without_vision(make_ui: UIFactory) -> None:
+    with make_ui() as ui:
+        ui.open()
+        ui.page.select_option("#model", "demo/reasoner")
+        assert not ui.page.is_visible("#attach")
+        assert ui.page.is_disabled("#attach-input")
+        ui.page.evaluate(PASTE, ["pasted.png", "image/png", list(png())])
+        assert "does not read images" in ui.page.inner_text("#composer-note")
+        assert ui.page.locator("#attachments img").count() == 0
+        # Picking a vision model makes it available; going back hides it again.
+        ui.page.select_option("#model", "demo/echo")
+        assert ui.page.is_visible("#attach")
+        ui.page.select_option("#model", "demo/reasoner")
+        assert not ui.page.is_visible("#attach")
