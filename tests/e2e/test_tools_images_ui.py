@@ -12,7 +12,7 @@ from playwright.sync_api import WebSocket
 from tests.e2e.conftest import UI, UIFactory, screenshot
 
 
-def png(width: int = 8, height: int = 8, rgb: tuple[int, int, int] = (37, 99, 235)) -> bytes:
+def png(width: int = 96, height: int = 64, rgb: tuple[int, int, int] = (234, 88, 12)) -> bytes:
     """A small solid-colour PNG."""
 
     def chunk(kind: bytes, data: bytes) -> bytes:
@@ -45,6 +45,14 @@ def record_starts(ui: UI) -> list[dict[str, Any]]:
     return requests
 
 
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
+
+
 def attach(ui: UI, *files: tuple[str, str, bytes]) -> None:
     ui.page.set_input_files(
         "#attach-input",
@@ -61,6 +69,16 @@ PASTE = """([name, type, bytes]) => {
 }"""
 
 
+# Records the tool call's shown arguments after every DOM change.
+OBSERVE_ARGS = """() => {
+  window.__args = [];
+  new MutationObserver(() => {
+    const args = document.querySelector('article.assistant:last-of-type .tool-args');
+    if (args) window.__args.push(args.textContent);
+  }).observe(document.getElementById('messages'), {subtree: true, childList: true, characterData: true});
+}"""
+
+
 def test_tool_call_is_shown_answered_and_kept_on_reload(make_ui: UIFactory) -> None:
     with make_ui() as ui:
         starts = record_starts(ui)
@@ -68,8 +86,12 @@ def test_tool_call_is_shown_answered_and_kept_on_reload(make_ui: UIFactory) -> N
         assert not ui.page.is_checked("#example-tool")
         ui.page.select_option("#model", "demo/tools")
         assert ui.page.is_checked("#example-tool")  # picking the tools model offers the tool
+        ui.page.evaluate(OBSERVE_ARGS)
         ui.send("What is the weather in Lisbon?")
         ui.wait_state("done")
+        # The arguments streamed in: some states shown were unfinished JSON, shown raw.
+        states = ui.page.evaluate("window.__args")
+        assert any(s.startswith("{") and not _is_json(s) for s in states), states
         call = ui.answer().locator(".tool-call")
         assert call.count() == 1
         assert call.locator(".tool-name").inner_text() == "get_weather"
@@ -79,6 +101,9 @@ def test_tool_call_is_shown_answered_and_kept_on_reload(make_ui: UIFactory) -> N
         assert not ui.answer().locator(".empty-answer").is_visible()
         assert starts[0]["tools"][0]["function"]["name"] == "get_weather"
         screenshot(ui.page, "ui-tool-call.png")
+        ui.page.emulate_media(color_scheme="dark")
+        screenshot(ui.page, "ui-tool-call-dark.png")
+        ui.page.emulate_media(color_scheme="light")
 
         stored = ui.page.evaluate(
             "JSON.parse(localStorage.getItem('tokenrelay.conversations.v1'))"
@@ -162,11 +187,20 @@ def test_history_rules_for_tool_calls_and_images(make_ui: UIFactory) -> None:
             "role": "user",
             "content": [
                 {"type": "text", "text": "look"},
-                {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA", "detail": "auto"}},
+                {
+                    "type": "image_url",
+                    "image_url": {"url": "data:image/png;base64,AAAA", "detail": "auto"},
+                },
             ],
         }
         assert [m["role"] for m in vision] == [
-            "user", "assistant", "tool", "tool", "assistant", "user", "user",
+            "user",
+            "assistant",
+            "tool",
+            "tool",
+            "assistant",
+            "user",
+            "user",
         ]
         assert vision[1]["content"] == "Let me check."
         assert [c["id"] for c in vision[1]["tool_calls"]] == ["a", "b"]
@@ -181,7 +215,9 @@ def test_an_attached_image_is_sent_shown_and_kept(make_ui: UIFactory) -> None:
         ui.open()
         ui.page.select_option("#model", "demo/echo")
         assert ui.page.is_visible("#attach")
-        attach(ui, ("blue.png", "image/png", png()), ("red.png", "image/png", png(rgb=(220, 38, 38))))
+        attach(
+            ui, ("blue.png", "image/png", png()), ("red.png", "image/png", png(rgb=(220, 38, 38)))
+        )
         tray = ui.page.locator("#attachments")
         tray.locator("img").nth(1).wait_for()
         assert tray.locator("img").count() == 2
@@ -190,18 +226,21 @@ def test_an_attached_image_is_sent_shown_and_kept(make_ui: UIFactory) -> None:
         # A file that is not an image of an accepted type is refused in words.
         attach(ui, ("notes.txt", "text/plain", b"hello"))
         assert "not a PNG, JPEG, GIF or WebP" in ui.page.inner_text("#composer-note")
+        ui.page.fill("#prompt", "What is in this picture?")
+        screenshot(ui.page, "ui-image-attached.png")
         ui.send("What is in this picture?")
         ui.wait_state("done")
         assert not tray.is_visible()
         shown = ui.page.locator("article.user .images img")
         assert shown.count() == 1
         assert (shown.get_attribute("src") or "").startswith("data:image/png;base64,")
-        assert shown.evaluate("img => img.complete && img.naturalWidth") == 8
+        assert shown.evaluate("img => img.complete && img.naturalWidth") == 96
         row = ui.answer().locator("tr", has_text="images attached")
         assert row.locator("td").all_inner_texts() == ["images attached", "1"]
         content = starts[-1]["messages"][0]["content"]
         assert [p["type"] for p in content] == ["text", "image_url"]
         assert content[1]["image_url"]["url"].startswith("data:image/png;base64,")
+        shown.scroll_into_view_if_needed()
         screenshot(ui.page, "ui-image.png")
         ui.assert_only_local_requests()
 
@@ -249,3 +288,57 @@ def test_attach_is_unavailable_for_a_model_without_vision(make_ui: UIFactory) ->
         assert ui.page.is_visible("#attach")
         ui.page.select_option("#model", "demo/reasoner")
         assert not ui.page.is_visible("#attach")
+
+
+def test_tool_calls_over_sse(make_ui: UIFactory) -> None:
+    with make_ui(block_websocket=True) as ui:
+        ui.open()
+        ui.page.wait_for_selector("#connection[data-mode=sse]")
+        ui.page.select_option("#model", "demo/tools")
+        ui.send("Weather over SSE?")
+        ui.wait_state("done")
+        call = ui.answer().locator(".tool-call")
+        assert call.locator(".tool-name").inner_text() == "get_weather"
+        assert "city" in json.loads(call.locator(".tool-args").inner_text())
+        assert "via SSE" in ui.answer().locator(".meta").inner_text()
+
+
+# An upstream that refuses, as OpenAI streams a refusal for a structured-output request.
+REFUSAL_SSE = (
+    "".join(
+        f"data: {json.dumps(chunk)}\n\n"
+        for chunk in [
+            {"model": "demo/echo", "choices": [{"index": 0, "delta": {"role": "assistant"}}]},
+            {"model": "demo/echo", "choices": [{"index": 0, "delta": {"refusal": "I can't "}}]},
+            {
+                "model": "demo/echo",
+                "choices": [{"index": 0, "delta": {"refusal": "help with that."}}],
+            },
+            {"model": "demo/echo", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+        ]
+    )
+    + "data: [DONE]\n\n"
+)
+
+
+def test_a_refusal_is_shown_as_such(make_ui: UIFactory) -> None:
+    with make_ui(block_websocket=True) as ui:
+        ui.page.route(
+            "**/api/chat/completions",
+            lambda route: route.fulfill(
+                status=200, content_type="text/event-stream", body=REFUSAL_SSE
+            ),
+        )
+        ui.open()
+        ui.page.wait_for_selector("#connection[data-mode=sse]")
+        ui.page.select_option("#model", "demo/echo")
+        ui.send("Something it will not do")
+        ui.wait_state("done")
+        refusal = ui.answer().locator(".refusal")
+        assert refusal.inner_text() == "The model refused: I can't help with that."
+        assert not ui.answer().locator(".empty-answer").is_visible()
+        stored = ui.page.evaluate(
+            "JSON.parse(localStorage.getItem('tokenrelay.conversations.v1'))"
+            ".conversations[0].messages[1].refusal"
+        )
+        assert stored == "I can't help with that."
