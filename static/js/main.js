@@ -477,14 +477,15 @@ ui.prompt.addEventListener("paste", (event) => {
   else note("This model does not read images: pick a model of the vision category to attach one.");
 });
 
+// A file dropped anywhere else would make the browser open it in place of the page.
 ui.composer.addEventListener("dragover", (event) => {
-  if (hasVision() && [...(event.dataTransfer?.items || [])].some((i) => i.kind === "file")) event.preventDefault();
+  if ([...(event.dataTransfer?.items || [])].some((i) => i.kind === "file")) event.preventDefault();
 });
 ui.composer.addEventListener("drop", (event) => {
-  const files = imageFiles(event.dataTransfer);
-  if (!files.length || !hasVision()) return;
+  if (!event.dataTransfer?.files.length) return;
   event.preventDefault();
-  attachments.add(files);
+  if (hasVision()) attachments.add([...event.dataTransfer.files]);
+  else note("This model does not read images: pick a model of the vision category to attach one.");
 });
 
 ui.prompt.addEventListener("keydown", (event) => {

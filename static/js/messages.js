@@ -104,8 +104,8 @@ export function updateAssistant(article, message, { full = false, last = false, 
   renderRefusal(article.querySelector(".refusal"), message);
   renderToolCalls(article, message);
   renderToolReply(article.querySelector(".tool-reply"), message, calls);
-  article.querySelector(".empty-answer").hidden = message.status === "streaming" || Boolean(
-    message.content || message.refusal || message.tool_calls?.length || message.error,
+  article.querySelector(".empty-answer").hidden = message.status !== "done" || Boolean(
+    message.content || message.refusal || message.tool_calls?.length,
   );
   renderMeta(article.querySelector(".meta"), message);
   renderError(article.querySelector(".error"), message);
@@ -153,6 +153,8 @@ function renderToolReply(node, message, state) {
   node.replaceChildren();
   if (state === "skipped") {
     node.append(el("p", "tool-note", "Not answered: this call is left out of what is sent to the model."));
+  } else if (state === "incomplete") {
+    node.append(el("p", "tool-note", "The call did not finish: it is left out of what is sent to the model."));
   } else if (state === "pending") {
     node.append(toolReplyForm(message.tool_calls));
   }

@@ -62,16 +62,17 @@ export function completeCalls(message) {
 }
 
 /**
- * The state of the calls in `messages[index]`: "none" (no calls), "streaming", "pending" (last
- * message, waiting for the user's results), "answered" (every call has a result right after
- * it), or "skipped" (stopped mid-call, or the conversation went on without results).
+ * The state of the calls in `messages[index]`: "none" (no calls), "streaming", "incomplete"
+ * (stopped or cut off mid-call), "pending" (last message, waiting for the user's results),
+ * "answered" (every call has a result right after it), or "skipped" (the conversation went on
+ * without results).
  */
 export function callState(messages, index) {
   const message = messages[index];
   if (!message?.tool_calls?.length) return "none";
   if (message.status === "streaming") return "streaming";
   const calls = completeCalls(message);
-  if (!calls) return "skipped";
+  if (!calls) return "incomplete";
   if (index === messages.length - 1) return "pending";
   return answeredBy(messages, index, calls) ? "answered" : "skipped";
 }
