@@ -5,10 +5,13 @@ export const IMAGE_TYPES = ["image/png", "image/jpeg", "image/gif", "image/webp"
 const MAX_FILE_BYTES = 10 * 1024 * 1024; // larger files are refused outright
 const MAX_IMAGES = 4; // per message
 // An image whose data URL is longer, or whose longer side is over MAX_EDGE pixels, is redrawn as
-// a JPEG that fits. It keeps requests under the WebSocket frame and request body limits, and the
-// conversation within the browser's storage; providers downscale larger images anyway.
-const MAX_URL_CHARS = 450 * 1024;
+// a JPEG that fits: the gateway counts inline images against its request size limit
+// (`[limits] max_chars`, 1 000 000 characters by default), and the conversation must fit in the
+// browser's storage. Providers downscale larger images anyway.
+const MAX_URL_CHARS = 250_000;
 const MAX_EDGE = 1568;
+/** The characters of data URLs one request carries at most (see tools.js `requestMessages`). */
+export const IMAGE_BUDGET = 900_000;
 const DATA_URL = /^data:image\/(png|jpeg|gif|webp);base64,[A-Za-z0-9+/]+=*$/;
 
 /** Whether `url` is an image data URL this page shows (anything else is never put in an img). */
@@ -83,8 +86,9 @@ export class Attachments {
       } else {
         try {
           const url = await toDataUrl(file);
-          if (isImageDataUrl(url)) this.list.push({ url, name: file.name || "pasted image" });
-          else problems.push(`${file.name || "The pasted image"} could not be read.`);
+          if (!isImageDataUrl(url)) problems.push(`${file.name || "The pasted image"} could not be read.`);
+          else if (this.size() + url.length > IMAGE_BUDGET) problems.push(`${file.name || "The pasted image"} would make this message too large; send it with the next one.`);
+          else this.list.push({ url, name: file.name || "pasted image" });
         } catch {
           problems.push(`${file.name || "The pasted image"} could not be read as an image.`);
         }
@@ -92,6 +96,11 @@ export class Attachments {
     }
     this.onNote(problems.join(" "));
     this.onChange(this.list);
+  }
+
+  /** Characters of the pending data URLs. */
+  size() {
+    return this.list.reduce((total, a) => total + a.url.length, 0);
   }
 
   remove(index) {

@@ -6,6 +6,8 @@
 // was stopped mid-call) is left out of the history sent with later requests, so every request
 // stays valid: an assistant turn with `tool_calls` is always followed by a result for each call.
 
+import { IMAGE_BUDGET } from "./attachments.js";
+
 /** The built-in example tool, offered when the toolbar's "Example tool" box is checked. */
 export const EXAMPLE_TOOL = {
   type: "function",
@@ -86,28 +88,51 @@ function answeredBy(messages, index, calls) {
   return calls.every((c) => answered.has(c.id));
 }
 
-function imagePart(url) {
-  return { type: "image_url", image_url: { url, detail: "auto" } };
+const NOT_READ = "[an image this model cannot read]";
+const LEFT_OUT = "[an earlier image, left out to keep the request small]";
+
+function userContent(message, images, keep) {
+  const urls = images ? message.images || [] : [];
+  if (!urls.length) return message.content || (message.images?.length ? NOT_READ : "");
+  const parts = message.content ? [{ type: "text", text: message.content }] : [];
+  for (const [i, url] of urls.entries()) {
+    if (keep?.has(i)) parts.push({ type: "image_url", image_url: { url, detail: "auto" } });
+    else parts.push({ type: "text", text: LEFT_OUT });
+  }
+  return parts;
 }
 
-function userContent(message, images) {
-  const urls = images ? message.images || [] : [];
-  if (!urls.length) return message.content || (message.images?.length ? "[an image this model cannot read]" : "");
-  const parts = message.content ? [{ type: "text", text: message.content }] : [];
-  return [...parts, ...urls.map(imagePart)];
+/** Which images (message -> set of indexes) fit in IMAGE_BUDGET characters, newest first. */
+function imagesToSend(messages) {
+  let left = IMAGE_BUDGET;
+  const keep = new Map();
+  for (const m of [...messages].reverse()) {
+    if (m.role !== "user" || !m.images?.length) continue;
+    const indexes = new Set();
+    for (const [i, url] of m.images.entries()) {
+      if (url.length <= left) {
+        left -= url.length;
+        indexes.add(i);
+      }
+    }
+    keep.set(m, indexes);
+  }
+  return keep;
 }
 
 /**
  * The conversation as Chat Completions messages. Answered tool calls go with their results;
  * unanswered ones, and results of calls that are left out, are not sent. A refusal is sent
- * as the assistant's text. `images: false` (a model without vision) leaves images out.
+ * as the assistant's text. `images: false` (a model without vision) leaves images out; so does
+ * an image that would take the request's images over IMAGE_BUDGET characters, oldest first.
  */
 export function requestMessages(messages, { images = true } = {}) {
   const out = [];
   const kept = new Set();
+  const keep = imagesToSend(messages);
   for (const [i, m] of messages.entries()) {
     if (m.role === "user") {
-      out.push({ role: "user", content: userContent(m, images) });
+      out.push({ role: "user", content: userContent(m, images, keep.get(m)) });
     } else if (m.role === "assistant") {
       const text = m.content || m.refusal || "";
       if (callState(messages, i) === "answered") {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
 import zlib
 from typing import Any
@@ -25,6 +26,23 @@ def png(width: int = 96, height: int = 64, rgb: tuple[int, int, int] = (234, 88,
         b"\x89PNG\r\n\x1a\n"
         + chunk(b"IHDR", header)
         + chunk(b"IDAT", zlib.compress(row * height))
+        + chunk(b"IEND", b"")
+    )
+
+
+def noise_png(width: int, height: int) -> bytes:
+    """A PNG of random pixels stored uncompressed: about width * height * 3 bytes."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    rows = b"".join(b"\x00" + os.urandom(width * 3) for _ in range(height))
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(rows, 0))
         + chunk(b"IEND", b"")
     )
 
@@ -179,10 +197,18 @@ def test_history_rules_for_tool_calls_and_images(make_ui: UIFactory) -> None:
                 { role: 'assistant', content: '', status: 'stopped', tool_calls: [call('c')] },
                 { role: 'user', content: '', images: [img] },
               ];
-              return [requestMessages(messages), requestMessages(messages, { images: false })];
+              // Images past the budget are left out, oldest first.
+              const big = 'data:image/png;base64,' + 'A'.repeat(400000);
+              const many = [1, 2, 3].map((n) => ({ role: 'user', content: `p${n}`, images: [big] }));
+              return [
+                requestMessages(messages),
+                requestMessages(messages, { images: false }),
+                requestMessages(many).map((m) => m.content.map((p) => p.type)),
+              ];
             }"""
         )
-        vision, text_only = out
+        vision, text_only, budgeted = out
+        assert budgeted == [["text", "text"], ["text", "image_url"], ["text", "image_url"]]
         assert vision[0] == {
             "role": "user",
             "content": [
@@ -342,3 +368,51 @@ def test_a_refusal_is_shown_as_such(make_ui: UIFactory) -> None:
             ".conversations[0].messages[1].refusal"
         )
         assert stored == "I can't help with that."
+
+
+def test_a_request_too_big_for_a_socket_frame_goes_over_sse(make_ui: UIFactory) -> None:
+    with make_ui() as ui:
+        starts = record_starts(ui)
+        ui.open()
+        ui.page.wait_for_selector("#connection[data-mode=websocket]")
+        ui.page.select_option("#model", "demo/echo")
+        # Over the socket's 1 MiB frame limit, which would close the socket: it goes over SSE,
+        # where the gateway answers with its own size limit, and the socket stays up.
+        ui.send("x" * (1024 * 1024 + 10))
+        ui.wait_state("error")
+        assert starts == []
+        assert "over the limit of 1000000" in ui.answer().locator(".error").inner_text()
+        assert ui.page.get_attribute("#connection", "data-mode") == "websocket"
+        ui.page.click("#new-chat")
+        ui.send("small again")
+        ui.wait_state("done")
+        assert len(starts) == 1
+
+
+# Fills this origin's storage to the brim; returns how many characters went in.
+FILL_STORAGE = """() => {
+  let size = 1 << 20, total = 0, i = 0;
+  while (size >= 1024) {
+    try { localStorage.setItem('filler' + i, 'x'.repeat(size)); total += size; i += 1; }
+    catch { size >>= 1; }
+  }
+  return total;
+}"""
+
+
+def test_full_storage_is_reported(make_ui: UIFactory) -> None:
+    with make_ui() as ui:
+        ui.open()
+        ui.page.select_option("#model", "demo/echo")
+        assert ui.page.evaluate(FILL_STORAGE) > 0
+        ui.send("This will not fit in storage")
+        ui.wait_state("done")
+        note = ui.page.locator("#storage-note")
+        assert note.is_visible() and "storage is full" in note.inner_text()
+        ui.page.evaluate(
+            "Object.keys(localStorage).filter(k => k.startsWith('filler'))"
+            ".forEach(k => localStorage.removeItem(k))"
+        )
+        ui.send("Now it fits")
+        ui.wait_state("done")
+        assert not note.is_visible()
