@@ -1,7 +1,10 @@
 // Images attached to the next message: read from the file picker, a paste or a drop, checked,
 // shrunk to fit the gateway's limits, and kept as data URLs (the page never loads a remote image).
+import { imageList, isImageDataUrl } from "./messages.js";
+import { IMAGE_BUDGET } from "./tools.js";
 
 export const IMAGE_TYPES = ["image/png", "image/jpeg", "image/gif", "image/webp"];
+export const NO_VISION = "This model does not read images: pick a model of the vision category to send them.";
 const MAX_FILE_BYTES = 10 * 1024 * 1024; // larger files are refused outright
 const MAX_IMAGES = 4; // per message
 // An image whose data URL is longer, or whose longer side is over MAX_EDGE pixels, is redrawn as
@@ -10,14 +13,6 @@ const MAX_IMAGES = 4; // per message
 // browser's storage. Providers downscale larger images anyway.
 const MAX_URL_CHARS = 250_000;
 const MAX_EDGE = 1568;
-/** The characters of data URLs one request carries at most (see tools.js `requestMessages`). */
-export const IMAGE_BUDGET = 900_000;
-const DATA_URL = /^data:image\/(png|jpeg|gif|webp);base64,[A-Za-z0-9+/]+=*$/;
-
-/** Whether `url` is an image data URL this page shows (anything else is never put in an img). */
-export function isImageDataUrl(url) {
-  return typeof url === "string" && DATA_URL.test(url);
-}
 
 function readAsDataUrl(file) {
   return new Promise((resolve, reject) => {
@@ -116,4 +111,53 @@ export class Attachments {
     this.onChange(this.list);
     return urls;
   }
+}
+
+/**
+ * Wires the composer's image controls: the attach `button` opens the file `input`; paste in
+ * `prompt` and drop on `dropZone` attach images; `tray` shows removable thumbnails. When
+ * `canAttach()` is false, pasted and dropped images are refused with a `note(text, kind)`.
+ * Returns the Attachments.
+ */
+export function wireAttachments({ button, input, tray, prompt, dropZone, canAttach, note }) {
+  const attachments = new Attachments({
+    onChange(list) {
+      tray.replaceChildren(...(list.length ? [imageList(list.map((a) => a.url), { removable: true })] : []));
+      tray.hidden = list.length === 0;
+    },
+    onNote: (text) => note(text),
+  });
+  const offer = (files) => {
+    if (canAttach()) attachments.add(files);
+    else note(NO_VISION, "vision");
+  };
+  button.addEventListener("click", () => input.click());
+  input.accept = IMAGE_TYPES.join(",");
+  input.addEventListener("change", () => {
+    const files = [...input.files];
+    input.value = "";
+    attachments.add(files);
+  });
+  tray.addEventListener("click", (event) => {
+    const remove = event.target.closest("[data-action=remove-image]");
+    if (!remove) return;
+    attachments.remove(Number(remove.dataset.index));
+    prompt.focus();
+  });
+  prompt.addEventListener("paste", (event) => {
+    const files = [...(event.clipboardData?.files || [])].filter((f) => f.type.startsWith("image/"));
+    if (!files.length) return; // text pastes as usual
+    event.preventDefault();
+    offer(files);
+  });
+  // Without this, the browser would open a dropped file in place of the page.
+  dropZone.addEventListener("dragover", (event) => {
+    if ([...(event.dataTransfer?.items || [])].some((i) => i.kind === "file")) event.preventDefault();
+  });
+  dropZone.addEventListener("drop", (event) => {
+    if (!event.dataTransfer?.files.length) return;
+    event.preventDefault();
+    offer([...event.dataTransfer.files]);
+  });
+  return attachments;
 }

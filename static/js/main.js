@@ -2,9 +2,9 @@
 import { Store } from "./store.js";
 import { Transport } from "./transport.js";
 import { loadCatalogue, describe } from "./models.js";
-import { messageElement, updateAssistant, streamInto, renderToolCalls, imageList } from "./messages.js";
+import { messageElement, updateAssistant, streamInto, renderToolCalls } from "./messages.js";
 import { EXAMPLE_TOOL, DEMO_TOOLS_MODEL, mergeToolCalls, callState, requestMessages } from "./tools.js";
-import { Attachments, IMAGE_TYPES } from "./attachments.js";
+import { wireAttachments, NO_VISION } from "./attachments.js";
 
 const $ = (id) => document.getElementById(id);
 const ui = {
@@ -187,7 +187,7 @@ function showAttach() {
   ui.attach.hidden = !vision;
   ui.attachInput.disabled = !vision;
   ui.tray.classList.toggle("unreadable", !vision);
-  if (!vision && attachments.list.length) note("This model does not read images: remove them, or pick a model of the vision category.", "vision");
+  if (!vision && attachments.list.length) note(NO_VISION, "vision");
   else if (vision && ui.composerNote.dataset.kind === "vision") note("");
 }
 
@@ -390,7 +390,7 @@ ui.composer.addEventListener("submit", (event) => {
   const text = ui.prompt.value;
   if (active || !(text.trim() || attachments.list.length)) return;
   if (attachments.list.length && !hasVision()) {
-    note("This model does not read images: remove them, or pick a model of the vision category.", "vision");
+    note(NO_VISION, "vision");
     return;
   }
   ui.prompt.value = "";
@@ -441,51 +441,10 @@ function note(text, kind = "") {
   ui.composerNote.hidden = !text;
 }
 
-const attachments = new Attachments({
-  onChange(list) {
-    ui.tray.replaceChildren(...(list.length ? [imageList(list.map((a) => a.url), { removable: true })] : []));
-    ui.tray.hidden = list.length === 0;
-  },
-  onNote: (text) => note(text),
-});
-
-ui.attach.addEventListener("click", () => ui.attachInput.click());
-ui.attachInput.accept = IMAGE_TYPES.join(",");
-ui.attachInput.addEventListener("change", () => {
-  const files = [...ui.attachInput.files];
-  ui.attachInput.value = "";
-  attachments.add(files);
-});
-
-ui.tray.addEventListener("click", (event) => {
-  const remove = event.target.closest("[data-action=remove-image]");
-  if (!remove) return;
-  attachments.remove(Number(remove.dataset.index));
-  ui.prompt.focus();
-});
-
-// Ctrl+V of an image, and a dropped image file, attach it when the model reads images.
-function imageFiles(transfer) {
-  return [...(transfer?.files || [])].filter((f) => f.type.startsWith("image/"));
-}
-
-ui.prompt.addEventListener("paste", (event) => {
-  const files = imageFiles(event.clipboardData);
-  if (!files.length) return;
-  event.preventDefault();
-  if (hasVision()) attachments.add(files);
-  else note("This model does not read images: pick a model of the vision category to attach one.");
-});
-
-// A file dropped anywhere else would make the browser open it in place of the page.
-ui.composer.addEventListener("dragover", (event) => {
-  if ([...(event.dataTransfer?.items || [])].some((i) => i.kind === "file")) event.preventDefault();
-});
-ui.composer.addEventListener("drop", (event) => {
-  if (!event.dataTransfer?.files.length) return;
-  event.preventDefault();
-  if (hasVision()) attachments.add([...event.dataTransfer.files]);
-  else note("This model does not read images: pick a model of the vision category to attach one.");
+const attachments = wireAttachments({
+  button: ui.attach, input: ui.attachInput, tray: ui.tray, prompt: ui.prompt, dropZone: ui.composer,
+  canAttach: () => hasVision(),
+  note,
 });
 
 ui.prompt.addEventListener("keydown", (event) => {

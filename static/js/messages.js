@@ -3,7 +3,6 @@
 import { renderFragment, textFragment, StreamRenderer } from "./markdown.js";
 import { explain } from "./errors.js";
 import { pretty } from "./tools.js";
-import { isImageDataUrl } from "./attachments.js";
 
 function el(tag, className, text) {
   const node = document.createElement(tag);
@@ -31,6 +30,13 @@ export function decorate(root) {
     pre.replaceWith(wrap);
     wrap.append(bar, pre);
   }
+}
+
+const DATA_URL = /^data:image\/(png|jpeg|gif|webp);base64,[A-Za-z0-9+/]+=*$/;
+
+/** Whether `url` is an image data URL this page shows (anything else is never put in an img). */
+export function isImageDataUrl(url) {
+  return typeof url === "string" && DATA_URL.test(url);
 }
 
 /** Thumbnails of a user message's images: data URLs only, anything else is not shown. */

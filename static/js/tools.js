@@ -6,7 +6,9 @@
 // was stopped mid-call) is left out of the history sent with later requests, so every request
 // stays valid: an assistant turn with `tool_calls` is always followed by a result for each call.
 
-import { IMAGE_BUDGET } from "./attachments.js";
+// The characters of data URLs one request carries at most: the gateway counts inline images
+// against `[limits] max_chars` (1 000 000 by default), and text needs room too.
+export const IMAGE_BUDGET = 900_000;
 
 /** The built-in example tool, offered when the toolbar's "Example tool" box is checked. */
 export const EXAMPLE_TOOL = {
