@@ -344,6 +344,9 @@ ui.messages.addEventListener("click", (event) => {
     case "edit":
       if (!active) startEdit(article, index);
       break;
+    case "zoom-image":
+      target.setAttribute("aria-pressed", String(target.getAttribute("aria-pressed") !== "true"));
+      break;
     default:
       break;
   }

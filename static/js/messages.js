@@ -49,8 +49,17 @@ export function imageList(urls, { removable = false } = {}) {
     const img = el("img");
     img.src = url;
     img.alt = `Image ${i + 1}`;
-    item.append(img);
-    if (removable) item.append(button("✕", "remove-image", { "aria-label": `Remove image ${i + 1}`, "data-index": String(i) }));
+    if (removable) {
+      item.append(img, button("✕", "remove-image", { "aria-label": `Remove image ${i + 1}`, "data-index": String(i) }));
+    } else {
+      const zoom = el("button", "zoom");
+      zoom.type = "button";
+      zoom.dataset.action = "zoom-image";
+      zoom.setAttribute("aria-pressed", "false");
+      zoom.setAttribute("aria-label", `Image ${i + 1}: show full size`);
+      zoom.append(img);
+      item.append(zoom);
+    }
     list.append(item);
   }
   return list;

@@ -1,5 +1,6 @@
-// Tool calls: the example tool the page can offer, merging streamed call fragments, and which
-// calls of a conversation have been answered.
+// Tool calls and what a request sends: the example tool the page can offer, merging streamed
+// call fragments, which calls of a conversation have been answered, and the history as
+// Chat Completions messages (with the images that fit).
 //
 // The page runs no tools. A call is answered by the user typing its result, which is sent as a
 // `tool` message; a call left unanswered (the user wrote a new message instead, or the answer

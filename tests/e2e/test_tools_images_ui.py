@@ -122,6 +122,10 @@ def test_tool_call_is_shown_answered_and_kept_on_reload(make_ui: UIFactory) -> N
         ui.page.emulate_media(color_scheme="dark")
         screenshot(ui.page, "ui-tool-call-dark.png")
         ui.page.emulate_media(color_scheme="light")
+        ui.page.set_viewport_size({"width": 390, "height": 780})
+        assert ui.page.evaluate("document.documentElement.scrollWidth") <= 390
+        screenshot(ui.page, "ui-tool-call-phone.png", settled=True)
+        ui.page.set_viewport_size({"width": 1100, "height": 760})
 
         stored = ui.page.evaluate(
             "JSON.parse(localStorage.getItem('tokenrelay.conversations.v1'))"
@@ -268,6 +272,10 @@ def test_an_attached_image_is_sent_shown_and_kept(make_ui: UIFactory) -> None:
         assert content[1]["image_url"]["url"].startswith("data:image/png;base64,")
         shown.scroll_into_view_if_needed()
         screenshot(ui.page, "ui-image.png")
+        zoom = ui.page.get_by_role("button", name="Image 1: show full size")
+        zoom.click()
+        assert zoom.get_attribute("aria-pressed") == "true"
+        assert shown.evaluate("img => getComputedStyle(img).maxHeight") == "none"
         ui.assert_only_local_requests()
 
         ui.page.reload()
