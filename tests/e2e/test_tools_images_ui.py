@@ -424,3 +424,77 @@ def test_full_storage_is_reported(make_ui: UIFactory) -> None:
         ui.send("Now it fits")
         ui.wait_state("done")
         assert not note.is_visible()
+
+
+EVIL = '<img src=x onerror="window.__pwned=1">'
+EVIL_SSE = (
+    "".join(
+        f"data: {json.dumps(chunk)}\n\n"
+        for chunk in [
+            {"choices": [{"index": 0, "delta": {"refusal": EVIL}}]},
+            {
+                "choices": [
+                    {
+                        "index": 0,
+                        "delta": {
+                            "tool_calls": [
+                                {
+                                    "index": 0,
+                                    "id": "call_1",
+                                    "type": "function",
+                                    "function": {"name": EVIL, "arguments": ""},
+                                }
+                            ]
+                        },
+                    }
+                ]
+            },
+            {
+                "choices": [
+                    {
+                        "index": 0,
+                        "delta": {"tool_calls": [{"index": 0, "function": {"arguments": EVIL}}]},
+                    }
+                ]
+            },
+            {"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]},
+        ]
+    )
+    + "data: [DONE]\n\n"
+)
+
+
+def test_tool_calls_refusals_and_stored_images_stay_inert(make_ui: UIFactory) -> None:
+    with make_ui(block_websocket=True) as ui:
+        ui.page.route(
+            "**/api/chat/completions",
+            lambda route: route.fulfill(
+                status=200, content_type="text/event-stream", body=EVIL_SSE
+            ),
+        )
+        ui.open()
+        ui.page.wait_for_selector("#connection[data-mode=sse]")
+        ui.page.select_option("#model", "demo/echo")
+        ui.send("Say something dangerous")
+        ui.wait_state("done")
+        answer = ui.answer()
+        assert EVIL in answer.locator(".refusal").inner_text()
+        assert answer.locator(".tool-name").inner_text() == EVIL
+        assert answer.locator(".tool-args").inner_text() == EVIL
+        assert ui.page.locator("#messages img").count() == 0
+        # Stored images that are not image data URLs are never put in an <img>.
+        ui.page.evaluate(
+            """() => {
+              const saved = JSON.parse(localStorage.getItem('tokenrelay.conversations.v1'));
+              saved.conversations[0].messages[0].images = [
+                'http://203.0.113.7/pixel.png', 'data:image/svg+xml;base64,PHN2Zz4=',
+                'data:image/png;base64,AAAA" onerror="window.__pwned=2',
+              ];
+              localStorage.setItem('tokenrelay.conversations.v1', JSON.stringify(saved));
+            }"""
+        )
+        ui.page.reload()
+        ui.page.wait_for_selector("article.assistant .tool-call")
+        assert ui.page.locator("#messages img").count() == 0
+        assert ui.page.evaluate("window.__pwned") is None
+        ui.assert_only_local_requests()
