@@ -298,7 +298,12 @@ function finish(announcement) {
   renderer.flush();
   active = null;
   store.touch(conversation);
-  if (conversation === store.current) refreshLastActions();
+  if (conversation === store.current) {
+    // A reader following the answer also sees what finishing adds (such as the tool result form).
+    const following = ui.messages.scrollHeight - ui.messages.scrollTop - ui.messages.clientHeight < 120;
+    refreshLastActions();
+    if (following) scrollToEnd(true);
+  }
   setBusy(false);
   ui.announcer.textContent = announcement;
 }
@@ -418,6 +423,7 @@ function sendToolResults(form) {
     conversation.messages.push({ role: "tool", tool_call_id: area.dataset.callId, name: area.dataset.name, content: area.value });
   }
   renderConversation();
+  ui.prompt.focus();
   answer(conversation);
 }
 
