@@ -30,6 +30,7 @@ from langchain_core.messages import (
 from langchain_core.tools import tool
 from langchain_openai import ChatOpenAI
 from pydantic_ai import Agent, BinaryContent, NativeOutput
+from pydantic_ai.messages import ThinkingPart
 from pydantic_ai.models.openai import OpenAIChatModel
 from pydantic_ai.providers.openai import OpenAIProvider
 
@@ -138,6 +139,21 @@ async def test_langchain_bound_tool_is_called(api: str, wire: Wire, streamed: bo
     assert "tool_choice" not in sent
 
 
+async def test_langchain_forced_strict_tool(api: str, wire: Wire) -> None:
+    llm = chat_openai(api, wire, "demo/echo").bind_tools(
+        [get_weather], tool_choice="any", strict=True
+    )
+    message = await llm.ainvoke(QUESTION)
+    assert isinstance(message, AIMessage)
+    assert [(c["name"], c["args"]) for c in message.tool_calls] == [("get_weather", WEATHER_ARGS)]
+    # "any" is LangChain's word for OpenAI's "required"; demo/echo calls only when forced.
+    [sent] = wire.bodies
+    assert sent["tool_choice"] == "required"
+    [function] = [t["function"] for t in sent["tools"]]
+    assert function["strict"] is True
+    assert function["parameters"]["additionalProperties"] is False
+
+
 async def test_langchain_tool_result_round_trip(api: str, wire: Wire) -> None:
     llm = chat_openai(api, wire, "demo/tools").bind_tools([get_weather])
     question = HumanMessage(QUESTION)
@@ -243,6 +259,20 @@ async def test_pydantic_ai_native_output(api: str, wire: Wire) -> None:
     assert "tools" not in sent
     assert sent["response_format"]["type"] == "json_schema"
     assert sent["response_format"]["json_schema"]["strict"] is True
+
+
+async def test_pydantic_ai_keeps_reasoning_across_turns(api: str, wire: Wire) -> None:
+    agent = Agent(agent_model(api, wire, "demo/reasoner"))
+    first = await agent.run(QUESTION)
+    [thinking] = [p for p in first.all_messages()[-1].parts if isinstance(p, ThinkingPart)]
+    assert thinking.content == "The user wants a demo answer; I will quote them."
+    second = await agent.run("And in Rome?", message_history=first.all_messages())
+    assert "You wrote: *And in Rome?*" in second.output
+    # pydantic-ai hands the reasoning back on the assistant turn, where the gateway takes it.
+    assistant = wire.bodies[1]["messages"][1]
+    assert assistant["role"] == "assistant"
+    assert assistant["reasoning_content"] == thinking.content
+    assert assistant["content"] == first.output
 
 
 async def test_pydantic_ai_image_input(api: str, wire: Wire) -> None:
