@@ -176,9 +176,35 @@ async def test_langchain_tool_result_round_trip(api: str, wire: Wire) -> None:
     }
 
 
-async def test_langchain_structured_output_by_json_schema(api: str, wire: Wire) -> None:
+async def test_langchain_history_in_content_blocks(api: str, wire: Wire) -> None:
+    call = {"name": "get_weather", "args": WEATHER_ARGS, "id": "call_7", "type": "tool_call"}
+    history = [
+        HumanMessage(QUESTION, name="ada"),
+        AIMessage(content=[{"type": "text", "text": "Let me look."}], tool_calls=[call]),
+        ToolMessage(content=[{"type": "text", "text": "rain"}], tool_call_id="call_7"),
+    ]
+    reply = await chat_openai(api, wire, "demo/tools").bind_tools([get_weather]).ainvoke(history)
+    assert isinstance(reply.content, str)
+    assert "The tool **get_weather** answered:\n\n```\nrain\n```" in reply.content
+    # Text parts on assistant and tool turns, as LangChain sends content blocks.
+    user, assistant, tool_turn = wire.bodies[0]["messages"]
+    assert user == {"role": "user", "content": QUESTION, "name": "ada"}
+    assert assistant["content"] == [{"type": "text", "text": "Let me look."}]
+    assert tool_turn["content"] == [{"type": "text", "text": "rain"}]
+
+
+# Streamed, LangChain dumps the SDK's stream events, whose `parsed` field is typed `None` but
+# holds the parsed model, and pydantic warns about that; the gateway's answer plays no part.
+@pytest.mark.filterwarnings("ignore:Pydantic serializer warnings:UserWarning")
+@pytest.mark.parametrize("streamed", [False, True], ids=["invoke", "astream"])
+async def test_langchain_structured_output_by_json_schema(
+    api: str, wire: Wire, streamed: bool
+) -> None:
     llm = chat_openai(api, wire, "demo/echo").with_structured_output(Forecast, method="json_schema")
-    forecast = await llm.ainvoke(QUESTION)
+    if streamed:
+        *_, forecast = [part async for part in llm.astream(QUESTION)]
+    else:
+        forecast = await llm.ainvoke(QUESTION)
     assert forecast == Forecast(city=QUESTION, unit="celsius", days=2, sunny=True, hours=[1.0])
     [sent] = wire.bodies
     spec = sent["response_format"]["json_schema"]
