@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal
 
 import httpx2
@@ -33,6 +33,10 @@ from pydantic_ai import Agent, BinaryContent, NativeOutput
 from pydantic_ai.messages import ThinkingPart
 from pydantic_ai.models.openai import OpenAIChatModel
 from pydantic_ai.providers.openai import OpenAIProvider
+
+from tests.fakeupstream import FakeUpstream
+
+Model = Callable[..., str]
 
 QUESTION = "What is the weather in Paris?"
 # A 1x1 transparent PNG.
@@ -96,6 +100,12 @@ def get_weather(city: str, unit: Literal["celsius", "fahrenheit"], days: int) ->
     return json.dumps({"city": city, "unit": unit, "days": days, "sky": "clear"})
 
 
+# Streamed structured output: LangChain dumps the SDK's stream events, whose `parsed` field is
+# typed `None` but holds the parsed model, and pydantic warns about that; the gateway's answer
+# plays no part in it.
+PARSED_STREAM_WARNING = pytest.mark.filterwarnings(
+    "ignore:Pydantic serializer warnings:UserWarning"
+)
 WEATHER_ARGS = {"city": "demo", "unit": "celsius", "days": 1}
 
 
@@ -193,9 +203,7 @@ async def test_langchain_history_in_content_blocks(api: str, wire: Wire) -> None
     assert tool_turn["content"] == [{"type": "text", "text": "rain"}]
 
 
-# Streamed, LangChain dumps the SDK's stream events, whose `parsed` field is typed `None` but
-# holds the parsed model, and pydantic warns about that; the gateway's answer plays no part.
-@pytest.mark.filterwarnings("ignore:Pydantic serializer warnings:UserWarning")
+@PARSED_STREAM_WARNING
 @pytest.mark.parametrize("streamed", [False, True], ids=["invoke", "astream"])
 async def test_langchain_structured_output_by_json_schema(
     api: str, wire: Wire, streamed: bool
@@ -387,3 +395,73 @@ async def test_instructor_partial_objects_from_a_streamed_tool_call(
     assert partials[-1].model_dump() == WEATHER_ARGS | {"days": 2, "sunny": True, "hours": [1.0]}
     [sent] = wire.bodies
     assert sent["stream"] is True
+
+
+# Through an OpenAI-kind upstream (the fake, answering a forecast as JSON text)
+
+PARIS = Forecast(city="Paris", unit="celsius", days=3, sunny=False, hours=[6.5, 7.0])
+PARIS_PIECES = [
+    '{"city": "Paris", ',
+    '"unit": "celsius", "days": 3, ',
+    '"sunny": false, "hours": [6.5, 7.0]}',
+]
+
+
+def without_stream_fields(body: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in body.items() if k not in ("model", "stream", "stream_options")}
+
+
+@PARSED_STREAM_WARNING
+@pytest.mark.parametrize("streamed", [False, True], ids=["invoke", "astream"])
+async def test_langchain_json_schema_reaches_the_upstream_as_sent(
+    api: str, wire: Wire, model: Model, upstream: FakeUpstream, streamed: bool
+) -> None:
+    name = model(text=PARIS_PIECES)
+    llm = chat_openai(api, wire, f"oai/{name}").with_structured_output(
+        Forecast, method="json_schema"
+    )
+    if streamed:
+        *_, forecast = [part async for part in llm.astream(QUESTION)]
+    else:
+        forecast = await llm.ainvoke(QUESTION)
+    assert forecast == PARIS
+    [sent] = wire.bodies
+    [received] = upstream.by_model(name)
+    assert received.stream is True  # the gateway always streams from its upstream
+    assert without_stream_fields(received.body) == without_stream_fields(sent)
+
+
+async def test_pydantic_ai_native_output_reaches_the_upstream_as_sent(
+    api: str, wire: Wire, model: Model, upstream: FakeUpstream
+) -> None:
+    name = model(text=PARIS_PIECES)
+    agent = Agent(agent_model(api, wire, f"oai/{name}"), output_type=NativeOutput(Forecast))
+
+    @agent.tool_plain
+    def city_weather(city: str) -> str:
+        """The weather in a city."""
+        raise AssertionError("the upstream answered without calling a tool")
+
+    result = await agent.run(QUESTION)
+    assert result.output == PARIS
+    [sent] = wire.bodies
+    [received] = upstream.by_model(name)
+    assert without_stream_fields(received.body) == without_stream_fields(sent)
+    assert received.body["tools"][0]["function"]["name"] == "city_weather"
+
+
+async def test_instructor_json_schema_reaches_the_upstream_as_sent(
+    sdk: openai.AsyncOpenAI, wire: Wire, model: Model, upstream: FakeUpstream
+) -> None:
+    name = model(text=PARIS_PIECES)
+    client = instructor.from_openai(sdk, mode=instructor.Mode.JSON_SCHEMA)
+    forecast = await client.chat.completions.create(
+        model=f"oai/{name}",
+        response_model=Forecast,
+        messages=[{"role": "user", "content": QUESTION}],
+        max_retries=0,
+    )
+    assert isinstance(forecast, Forecast) and forecast.model_dump() == PARIS.model_dump()
+    [sent] = wire.bodies
+    [received] = upstream.by_model(name)
+    assert without_stream_fields(received.body) == without_stream_fields(sent)
