@@ -285,6 +285,31 @@ async def test_pydantic_ai_tool_output(api: str, wire: Wire) -> None:
     assert sent["tool_choice"] == "required"
 
 
+async def test_pydantic_ai_tool_then_tool_output(api: str, wire: Wire) -> None:
+    agent = Agent(agent_model(api, wire, "demo/tools"), output_type=Forecast)
+    calls: list[str] = []
+
+    @agent.tool_plain
+    def city_weather(city: str) -> str:
+        """The weather in a city."""
+        calls.append(city)
+        return "clear"
+
+    result = await agent.run(QUESTION)
+    assert calls == ["demo"]
+    assert result.output == Forecast(city="demo", unit="celsius", days=2, sunny=True, hours=[1.0])
+    # The agent's own tools come first, then `final_result`, and a call is required every turn:
+    # after its tool's result the demo model calls the tool not called yet.
+    first, second = wire.bodies
+    assert [t["function"]["name"] for t in first["tools"]] == ["city_weather", "final_result"]
+    assert first["tool_choice"] == second["tool_choice"] == "required"
+    assert second["messages"][-1] == {
+        "role": "tool",
+        "tool_call_id": second["messages"][-2]["tool_calls"][0]["id"],
+        "content": "clear",
+    }
+
+
 async def test_pydantic_ai_native_output(api: str, wire: Wire) -> None:
     agent = Agent(agent_model(api, wire, "demo/echo"), output_type=NativeOutput(Forecast))
     result = await agent.run(QUESTION)
