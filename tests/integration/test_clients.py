@@ -4,8 +4,9 @@ Each library builds its own Chat Completions requests (tools, forced tool choice
 schemas, streamed tool calls) and parses the answers with its own code, so these tests show
 that what mainstream clients send is accepted and what the gateway answers is understood.
 Every request body is recorded on the way out, so the tests also pin what each library sent.
-The demo provider answers: `demo/tools` calls the first tool, `demo/echo` answers text or
-JSON that fits a schema, and calls a tool when one is forced.
+The demo provider answers most of them: `demo/tools` calls the first tool, `demo/echo` answers
+text or JSON that fits a schema, and calls a tool when one is forced. The last few go to an
+OpenAI-kind upstream (the fake) and check that it received what the library sent.
 """
 
 from __future__ import annotations
