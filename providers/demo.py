@@ -3,7 +3,8 @@
 `echo` quotes the last user message (and counts attached images), `reasoner` thinks first,
 and `tools` calls the first tool it is given with arguments built from the tool's schema,
 then answers from the tool's result. Every model honours `tool_choice` (`required` or a named
-function makes it call) and `response_format` (it answers JSON that fits the schema).
+function makes it call; after a tool result `required` calls a tool not called yet) and
+`response_format` (it answers JSON that fits the schema).
 """
 
 from __future__ import annotations
@@ -80,10 +81,20 @@ def _before_stop(text: str, stops: list[str] | None) -> str:
 
 
 def _tool_to_call(request: ChatRequest) -> Tool | None:
-    """The tool this turn calls, if any: never after a tool result, nor with `none`."""
+    """The tool this turn calls, if any: never with `none`, after a tool result only if required.
+
+    `required` promises a call on every turn. After a tool result it calls the first tool not
+    called yet (else the last), so a client that lists its own tools before a final-answer tool
+    (pydantic-ai's `final_result`) gets that answer next.
+    """
     tools, choice = request.tools, request.tool_choice
-    if not tools or choice == "none" or request.messages[-1].role == "tool":
+    if not tools or choice == "none":
         return None
+    if request.messages[-1].role == "tool":
+        if choice != "required":
+            return None
+        called = {c.function.name for m in request.messages for c in m.tool_calls or ()}
+        return next((t for t in tools if t.function.name not in called), tools[-1])
     if isinstance(choice, NamedToolChoice):
         return next(t for t in tools if t.function.name == choice.function.name)
     if choice == "required" or request.model == "tools":

@@ -10,9 +10,15 @@ from providers.types import (
     ChatRequest,
     Event,
     Finish,
+    FunctionCall,
+    FunctionDef,
     Message,
     ReasoningDelta,
     TextDelta,
+    Tool,
+    ToolCall,
+    ToolCallDelta,
+    ToolChoice,
     Usage,
     estimate_tokens,
 )
@@ -174,3 +180,45 @@ async def test_list_models_and_aclose() -> None:
 )
 def test_estimate_tokens(text: str, count: int) -> None:
     assert estimate_tokens(text) == count
+
+
+def after_calls(*names: str, choice: ToolChoice | None) -> ChatRequest:
+    """A `tools` request whose assistant called `names` in turn, the last call just answered."""
+    messages = [Message(role="user", content="hi")]
+    for i, name in enumerate(names):
+        call = ToolCall(id=f"c{i}", function=FunctionCall(name=name, arguments="{}"))
+        messages.append(Message(role="assistant", tool_calls=[call]))
+        messages.append(Message(role="tool", tool_call_id=f"c{i}", content="ok"))
+    tools = [
+        Tool(type="function", function=FunctionDef(name=name))
+        for name in ("lookup", "search", "final_result")
+    ]
+    return ChatRequest(model="tools", messages=messages, tools=tools, tool_choice=choice)
+
+
+@pytest.mark.parametrize(
+    ("called", "expected"),
+    [
+        (["lookup"], "search"),
+        (["search"], "lookup"),
+        (["lookup", "search"], "final_result"),
+        (["lookup", "search", "final_result"], "final_result"),
+    ],
+)
+async def test_required_calls_a_tool_not_called_yet_after_a_result(
+    called: list[str], expected: str
+) -> None:
+    events = await collect(after_calls(*called, choice="required"))
+    head = events[0]
+    assert isinstance(head, ToolCallDelta) and head.name == expected
+    finish = events[-1]
+    assert isinstance(finish, Finish) and finish.reason == "tool_calls"
+
+
+@pytest.mark.parametrize("choice", [None, "auto"])
+async def test_a_tool_result_is_answered_in_text_unless_a_call_is_required(
+    choice: ToolChoice | None,
+) -> None:
+    events = await collect(after_calls("lookup", choice=choice))
+    assert text_of(events).startswith("The tool **lookup** answered:")
+    assert not any(isinstance(e, ToolCallDelta) for e in events)
