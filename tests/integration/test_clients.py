@@ -35,7 +35,7 @@ from pydantic_ai.messages import ThinkingPart
 from pydantic_ai.models.openai import OpenAIChatModel
 from pydantic_ai.providers.openai import OpenAIProvider
 
-from tests.fakeupstream import FakeUpstream
+from tests.fakeupstream import FakeToolCall, FakeUpstream
 
 Model = Callable[..., str]
 
@@ -491,3 +491,39 @@ async def test_instructor_json_schema_reaches_the_upstream_as_sent(
     [sent] = wire.bodies
     [received] = upstream.by_model(name)
     assert without_stream_fields(received.body) == without_stream_fields(sent)
+
+
+@pytest.mark.parametrize("provider", ["oai", "ant"])
+@pytest.mark.parametrize("streamed", [False, True], ids=["invoke", "astream"])
+async def test_langchain_parallel_tool_calls_from_either_upstream_kind(
+    api: str, wire: Wire, model: Model, upstream: FakeUpstream, provider: str, streamed: bool
+) -> None:
+    calls = [
+        FakeToolCall(
+            name="get_weather",
+            arguments=['{"city": "Pa', 'ris", "unit": "cel', 'sius", "days": 2}'],
+        ),
+        FakeToolCall(
+            name="get_weather", arguments=['{"city": "Lyon", ', '"unit": "celsius", "days": 3}']
+        ),
+    ]
+    name = model(text=[], tool_calls=calls)
+    llm = chat_openai(api, wire, f"{provider}/{name}").bind_tools([get_weather])
+    if streamed:
+        chunks = [chunk async for chunk in llm.astream(QUESTION)]
+        message: BaseMessage = sum(chunks[1:], chunks[0])
+    else:
+        message = await llm.ainvoke(QUESTION)
+    assert isinstance(message, AIMessage)
+    assert [(c["name"], c["args"]) for c in message.tool_calls] == [
+        ("get_weather", {"city": "Paris", "unit": "celsius", "days": 2}),
+        ("get_weather", {"city": "Lyon", "unit": "celsius", "days": 3}),
+    ]
+    assert len({c["id"] for c in message.tool_calls}) == 2
+    [recorded] = upstream.by_model(name)
+    [sent_tool] = recorded.body["tools"]
+    if provider == "ant":  # Anthropic's shape upstream, OpenAI's at the client
+        assert sent_tool["name"] == "get_weather"
+        assert sent_tool["input_schema"]["properties"]["days"] == {"type": "integer"}
+    else:
+        assert sent_tool["function"]["name"] == "get_weather"
