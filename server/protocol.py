@@ -88,7 +88,7 @@ class ChatCompletionBody(Options, frozen=True, kw_only=True):
             messages=self.messages,
             max_tokens=self.max_completion_tokens or self.max_tokens,
             stop=stop or None,
-            **{f: getattr(self, f) for f in OPTION_FIELDS},
+            **{f: v for f in OPTION_FIELDS if (v := getattr(self, f)) is not None},
         )
 
     @property
