@@ -143,6 +143,9 @@ def _split_location(text: str) -> tuple[str, str | None]:
     return message.replace("`", "'"), param or None
 
 
+split_location = _split_location  # shared with the other dialects
+
+
 class FunctionCallBody(msgspec.Struct, frozen=True, kw_only=True):
     name: str
     arguments: str

@@ -62,6 +62,10 @@ class EventStreamSink:
             headers = [*headers, CACHE_HIT_HEADER]
         await self._send({"type": "http.response.start", "status": 200, "headers": headers})
 
+    def keepalive_event(self) -> bytes:
+        """What is sent to keep the stream alive."""
+        return self.heartbeat
+
     async def end(self) -> None:
         """Close the response body."""
         await self._send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -95,7 +99,7 @@ class EventStreamSink:
             if loop.time() - self.last_sent >= interval:
                 if not self.started:
                     await self._start()
-                await self._body(self.heartbeat)
+                await self._body(self.keepalive_event())
 
 
 class SSESink(EventStreamSink):

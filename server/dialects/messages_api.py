@@ -1,0 +1,151 @@
+"""The Anthropic Messages routes: `POST /api/v1/messages` and `.../messages/count_tokens`.
+
+Both run through the same admission as the OpenAI route (limits, routing, capability checks,
+stream slots), and a Messages stream runs in the one stream service; only the codec differs.
+`anthropic-version` and `anthropic-beta` headers are accepted and never forwarded: what the
+gateway sends upstream is decided by the typed request alone.
+"""
+
+from __future__ import annotations
+
+import msgspec
+from starlette.types import Receive, Scope, Send
+
+from providers.errors import GatewayError
+from providers.types import ChatRequest, Message, estimate_tokens
+from server.auth import normalise_path
+from server.chat import ChatService, Prepared
+from server.dialects import messages, messages_wire
+from server.errors import ClientGone
+from server.http import header_map, read_body, request_id_of, send_json
+from server.http import send_error as send_json_error
+from server.limits import Limits
+from server.rest import Collector, DialectEndpoint, collect
+from server.settings import ServerSettings
+from server.sse import CACHE_HIT_HEADER, SSE_HEADERS, stream_sse
+from server.stream_state import StreamState
+
+_PREFIXES = ("/api/v1/", "/v1/")
+
+
+def speaks_messages(path: str) -> bool:
+    """Whether errors at `path` take Anthropic's shape (the Messages API's part of the tree)."""
+    normal = normalise_path(path)
+    return normal in ("/api/v1", "/v1") or normal.startswith(_PREFIXES)
+
+
+async def send_http_error(scope: Scope, send: Send, exc: GatewayError, rid: str) -> None:
+    """An error response in the shape of the dialect the request's path belongs to."""
+    if speaks_messages(scope["path"]):
+        await messages_wire.send_error(send, exc, rid)
+    else:
+        await send_json_error(send, exc, rid)
+
+
+class Messages(DialectEndpoint[messages.MessagesBody]):
+    """`POST /api/v1/messages`: a `message` object, or its SSE events when `stream` is set."""
+
+    def decode(self, raw: bytes) -> tuple[messages.MessagesBody, ChatRequest]:
+        body = messages.decode_messages(raw)
+        request = messages.to_request(body)
+        if self._limits is not None:
+            self._limits.check_body(request)
+        return body, request
+
+    async def send_error(self, send: Send, exc: GatewayError, rid: str) -> None:
+        await messages_wire.send_error(send, exc, rid)
+
+    async def respond(
+        self,
+        body: messages.MessagesBody,
+        prepared: Prepared,
+        headers: dict[bytes, bytes],
+        rid: str,
+        started: float,
+        receive: Receive,
+        send: Send,
+    ) -> None:
+        stream = bool(body.stream)
+        state = StreamState(rid, started, "sse" if stream else "rest")
+        message_id = f"msg_{rid}"
+        extra = [(b"x-request-id", rid.encode()), (b"request-id", rid.encode())]
+        if stream:
+            sink = messages_wire.MessagesSink(send, message_id, SSE_HEADERS + extra, state)
+            heartbeat = self._settings.sse_heartbeat
+            await stream_sse(self._service, prepared, state, receive, sink, heartbeat=heartbeat)
+            return
+        collector = Collector()
+        if not await collect(self._service, prepared, state, receive, collector):
+            return
+        try:
+            if collector.failure is not None:
+                raise collector.failure
+            answer = messages_wire.message_object(collector, message_id, state.model)
+        except GatewayError as exc:
+            await messages_wire.send_error(send, exc, rid)
+            return
+        if state.cached:
+            extra.append(CACHE_HIT_HEADER)
+        await send_json(send, 200, _encode(answer), extra)
+
+
+class TokenCount(msgspec.Struct, frozen=True):
+    input_tokens: int
+
+
+_encode = msgspec.json.Encoder().encode
+
+
+class CountTokens:
+    """`POST /api/v1/messages/count_tokens`: the gateway's estimate of the prompt's tokens.
+
+    Text (the system prompt, the turns, tool results and reasoning) is counted as the gateway
+    counts it when an upstream reports no usage, one token per whitespace-separated word; JSON
+    (tool call inputs and tool definitions) as one token per four characters; images and
+    documents are not counted. The model is resolved (an unknown one is a 404) and the request
+    is checked as a Messages request is, but nothing is sent upstream.
+    """
+
+    def __init__(
+        self, service: ChatService, settings: ServerSettings, limits: Limits | None = None
+    ) -> None:
+        self._service = service
+        self._settings = settings
+        self._limits = limits
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        rid = request_id_of(scope)
+        headers = header_map(scope)
+        try:
+            raw = await read_body(
+                receive, headers, self._settings.max_body_bytes, self._settings.body_timeout
+            )
+            body = messages.decode_count(raw)
+            if self._limits is not None:
+                self._limits.check_depth(raw)
+            conversation = messages.conversation(body)
+            self._service.registry.resolve(body.model)
+        except ClientGone:
+            return
+        except GatewayError as exc:
+            await messages_wire.send_error(send, exc, rid)
+            return
+        count = count_tokens(conversation, body)
+        extra = [(b"x-request-id", rid.encode()), (b"request-id", rid.encode())]
+        await send_json(send, 200, _encode(TokenCount(count)), extra)
+
+
+def count_tokens(conversation: list[Message], body: messages.CountTokensBody) -> int:
+    """The estimate described on `CountTokens`."""
+    total = 0
+    for message in conversation:
+        total += estimate_tokens(message.text) + estimate_tokens(message.reasoning_content or "")
+        for call in message.tool_calls or ():
+            total += _json_tokens(len(call.function.name) + len(call.function.arguments))
+    if body.tools:
+        total += _json_tokens(len(_encode(body.tools)))
+    return total
+
+
+def _json_tokens(chars: int) -> int:
+    return -(-chars // 4)
