@@ -43,6 +43,8 @@ ROUTES = frozenset(
         "/api/models",
         "/api/models/categories",
         "/api/openapi.json",
+        "/api/v1/messages",
+        "/api/v1/messages/count_tokens",
         "/api/ws",
         "/healthz",
         "/readyz",

@@ -13,6 +13,8 @@ with `stop_sequence` null.
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgspec
 from starlette.types import Send
 
@@ -86,7 +88,7 @@ async def send_error(send: Send, exc: GatewayError, request_id: str) -> None:
     await send_json(send, spec_for(exc).status, error_json(exc, request_id), extra)
 
 
-class UsageBody(msgspec.Struct, frozen=True, kw_only=True):
+class MessageUsage(msgspec.Struct, frozen=True, kw_only=True):
     input_tokens: int
     output_tokens: int
 
@@ -103,7 +105,7 @@ class ThinkingContent(msgspec.Struct, frozen=True, kw_only=True, tag="thinking",
 class ToolUseContent(msgspec.Struct, frozen=True, kw_only=True, tag="tool_use", tag_field="type"):
     id: str
     name: str
-    input: dict[str, object]
+    input: dict[str, Any]
 
 
 class MessageObject(msgspec.Struct, frozen=True, kw_only=True):
@@ -113,7 +115,7 @@ class MessageObject(msgspec.Struct, frozen=True, kw_only=True):
     model: str
     content: list[TextContent | ThinkingContent | ToolUseContent]
     stop_reason: str
-    usage: UsageBody
+    usage: MessageUsage
     stop_sequence: None = None
     type: str = "message"
     role: str = "assistant"
@@ -138,15 +140,15 @@ def message_object(collector: Collector, message_id: str, model: str) -> Message
         model=model,
         content=content,
         stop_reason=STOP_REASONS[collector.reason or "stop"],
-        usage=UsageBody(input_tokens=usage.prompt_tokens, output_tokens=usage.completion_tokens),
+        usage=MessageUsage(input_tokens=usage.prompt_tokens, output_tokens=usage.completion_tokens),
     )
 
 
-def _tool_input(arguments: str) -> dict[str, object]:
+def _tool_input(arguments: str) -> dict[str, Any]:
     if not arguments:
         return {}
     try:
-        value = _decode_input(arguments)
+        value: dict[str, Any] = _decode_input(arguments)
     except msgspec.DecodeError as exc:
         raise UpstreamProtocolError(
             "The model's tool call arguments are not a JSON object; they cannot be a tool_use "
@@ -287,7 +289,7 @@ class MessagesSink(EventStreamSink):
             + _encode(STOP_REASONS[reason])
             + b',"stop_sequence":null},"usage":'
             + _encode(
-                UsageBody(input_tokens=usage.prompt_tokens, output_tokens=usage.completion_tokens)
+                MessageUsage(input_tokens=usage.prompt_tokens, output_tokens=usage.completion_tokens)
             )
             + b"}"
         )
