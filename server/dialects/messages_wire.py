@@ -289,7 +289,9 @@ class MessagesSink(EventStreamSink):
             + _encode(STOP_REASONS[reason])
             + b',"stop_sequence":null},"usage":'
             + _encode(
-                MessageUsage(input_tokens=usage.prompt_tokens, output_tokens=usage.completion_tokens)
+                MessageUsage(
+                    input_tokens=usage.prompt_tokens, output_tokens=usage.completion_tokens
+                )
             )
             + b"}"
         )
