@@ -568,3 +568,28 @@ async def test_gateway_keys_as_anthropic_clients_send_them(keyed: str) -> None:
             for _ in range(3):
                 await c.messages.create(model="demo/echo", max_tokens=8, messages=HELLO)
     assert limited.value.body["error"]["type"] == "rate_limit_error"  # type: ignore[index]
+
+
+async def test_a_fallback_gets_the_same_typed_request(
+    make_gateway: Any, model: Model, upstream: FakeUpstream
+) -> None:
+    broken = model(status=503)
+    backup = model(text=["from ", "backup"])
+    fallbacks = {f"oai/{broken}": [f"ant/{backup}"]}
+    with make_gateway(fallbacks=fallbacks, retries=0) as url:
+        async with anthropic.AsyncAnthropic(
+            base_url=url + "/api", api_key="unused", max_retries=0
+        ) as c:
+            async with c.messages.stream(
+                model=f"oai/{broken}",
+                max_tokens=64,
+                system="Be brief.",
+                messages=HELLO,
+                tools=[WEATHER],
+            ) as stream:
+                final = await stream.get_final_message()
+    assert final.model == f"ant/{backup}"
+    assert final.content[0].type == "text" and final.content[0].text == "from backup"
+    assert sent(upstream, broken)["tools"][0]["function"]["name"] == "get_weather"
+    body = sent(upstream, backup)
+    assert body["system"] == "Be brief." and body["tools"] == [WEATHER]
