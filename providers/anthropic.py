@@ -64,6 +64,7 @@ class _BlockDelta(msgspec.Struct):
 
 class _MessageDeltaBody(msgspec.Struct):
     stop_reason: str | None = None
+    stop_sequence: str | None = None
 
 
 class _MessageDelta(msgspec.Struct):
@@ -148,6 +149,7 @@ class AnthropicProvider:
         prompt_tokens: int | None = None
         completion_tokens: int | None = None
         reason: FinishReason | None = None
+        stop_sequence: str | None = None
         # Anthropic numbers content blocks; a client numbers tool calls from 0.
         tool_index: dict[int, int] = {}
         async for raw in body_chunks(response):
@@ -182,6 +184,7 @@ class AnthropicProvider:
                         message_delta = _decode_message_delta(data)
                         if message_delta.delta.stop_reason is not None:
                             reason = _FINISH.get(message_delta.delta.stop_reason, "stop")
+                            stop_sequence = message_delta.delta.stop_sequence
                         if message_delta.usage is not None:
                             if message_delta.usage.output_tokens is not None:
                                 completion_tokens = message_delta.usage.output_tokens
@@ -194,7 +197,9 @@ class AnthropicProvider:
                                 prompt_tokens=prompt_tokens or 0,
                                 completion_tokens=completion_tokens or 0,
                             )
-                        yield Finish(reason=reason or "stop", usage=usage_out)
+                        yield Finish(
+                            reason=reason or "stop", usage=usage_out, stop_sequence=stop_sequence
+                        )
                         return
                     elif name == b"error":
                         body = _decode_error(data).error

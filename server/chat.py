@@ -89,6 +89,7 @@ class CachedAnswer(msgspec.Struct, frozen=True, array_like=True):
     events: list[Delta]
     reason: FinishReason
     usage: Usage | None
+    stop_sequence: str | None = None  # last, so entries written before it still decode
 
 
 _encode_answer = msgspec.msgpack.Encoder().encode
@@ -100,7 +101,7 @@ _STORABLE: frozenset[FinishReason] = frozenset({"stop", "length", "tool_calls"})
 async def _replay(answer: CachedAnswer) -> AsyncGenerator[Event, None]:
     for event in answer.events:
         yield event
-    yield Finish(reason=answer.reason, usage=answer.usage)
+    yield Finish(reason=answer.reason, usage=answer.usage, stop_sequence=answer.stop_sequence)
 
 
 class _Watchdog:
@@ -228,7 +229,9 @@ class ChatService:
         ttl = self._cache_ttl
         if prepared.cache_policy.max_age is not None:
             ttl = min(ttl, prepared.cache_policy.max_age)
-        answer = CachedAnswer(time.time(), events, finish.reason, finish.usage)
+        answer = CachedAnswer(
+            time.time(), events, finish.reason, finish.usage, finish.stop_sequence
+        )
         await self._cache.set(key, _encode_answer(answer), ttl)
 
     async def run(self, prepared: Prepared, sink: Sink, state: StreamState) -> None:
@@ -332,6 +335,7 @@ class ChatService:
                     watchdog.since = loop.time()
                     if isinstance(event, Finish):
                         state.reason = event.reason
+                        state.stop_sequence = event.stop_sequence
                         state.usage = event.usage
                         await sink.finish(event.reason, state.usage_so_far())
                         state.outcome = "completed"

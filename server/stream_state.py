@@ -46,6 +46,7 @@ class StreamState:
         "ended_at",
         "chunks",
         "reason",
+        "stop_sequence",
         "usage",
         "error",
         "_request",
@@ -69,6 +70,7 @@ class StreamState:
         self.ended_at: float | None = None
         self.chunks = 0
         self.reason: FinishReason | None = None
+        self.stop_sequence: str | None = None  # which of the client's ended the answer, if known
         self.usage: Usage | None = None
         self.error: GatewayError | None = None
         self._request: ChatRequest | None = None

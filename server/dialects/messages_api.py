@@ -80,7 +80,9 @@ class Messages(DialectEndpoint[messages.MessagesBody]):
         try:
             if collector.failure is not None:
                 raise collector.failure
-            answer = messages_wire.message_object(collector, message_id, state.model)
+            answer = messages_wire.message_object(
+                collector, message_id, state.model, state.stop_sequence
+            )
         except GatewayError as exc:
             await messages_wire.send_error(send, exc, rid)
             return

@@ -7,8 +7,8 @@ events keep it alive while the first token is awaited. A failure after the heade
 `event: error` and no `message_stop` follows. Deltas are framed from byte templates made once
 per block, as the Chat Completions chunks are.
 
-The typed finish carries no stop sequence, so an answer a stop sequence ended says `end_turn`
-with `stop_sequence` null.
+Stop reason `stop_sequence` (with the sequence) when the upstream said which stop sequence ended
+the answer, as Anthropic's does; an OpenAI-kind upstream only says it stopped: `end_turn`.
 """
 
 from __future__ import annotations
@@ -116,12 +116,18 @@ class MessageObject(msgspec.Struct, frozen=True, kw_only=True):
     content: list[TextContent | ThinkingContent | ToolUseContent]
     stop_reason: str
     usage: MessageUsage
-    stop_sequence: None = None
+    stop_sequence: str | None = None
     type: str = "message"
     role: str = "assistant"
 
 
-def message_object(collector: Collector, message_id: str, model: str) -> MessageObject:
+def stop_reason(reason: FinishReason, stop_sequence: str | None) -> str:
+    return "stop_sequence" if stop_sequence is not None else STOP_REASONS[reason]
+
+
+def message_object(
+    collector: Collector, message_id: str, model: str, stop_sequence: str | None = None
+) -> MessageObject:
     """The collected answer as a `message`: thinking, then text, then the tool calls."""
     content: list[TextContent | ThinkingContent | ToolUseContent] = []
     if collector.reasoning:
@@ -139,7 +145,8 @@ def message_object(collector: Collector, message_id: str, model: str) -> Message
         id=message_id,
         model=model,
         content=content,
-        stop_reason=STOP_REASONS[collector.reason or "stop"],
+        stop_reason=stop_reason(collector.reason or "stop", stop_sequence),
+        stop_sequence=stop_sequence,
         usage=MessageUsage(input_tokens=usage.prompt_tokens, output_tokens=usage.completion_tokens),
     )
 
@@ -284,10 +291,13 @@ class MessagesSink(EventStreamSink):
     async def finish(self, reason: FinishReason, usage: Usage) -> None:
         data = b"" if self._opened else await self._begin()
         data += self._stop_current()
+        stop = self._state.stop_sequence
         delta = (
             b'{"type":"message_delta","delta":{"stop_reason":'
-            + _encode(STOP_REASONS[reason])
-            + b',"stop_sequence":null},"usage":'
+            + _encode(stop_reason(reason, stop))
+            + b',"stop_sequence":'
+            + _encode(stop)
+            + b'},"usage":'
             + _encode(
                 MessageUsage(
                     input_tokens=usage.prompt_tokens, output_tokens=usage.completion_tokens

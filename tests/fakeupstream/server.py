@@ -665,8 +665,16 @@ def _plan(body: dict[str, Any], script: Script) -> Plan:
         content = content[: max(limit, 0)]
         finish = "length"
         tools = []
+    # Scripted "stop_sequence": the request's first stop sequence ended the answer.
+    stops = body.get("stop_sequences") or [None]
     return Plan(
-        script.reasoning, content, finish, script.prompt_tokens, tools, formats.tool_plan(tools)
+        script.reasoning,
+        content,
+        finish,
+        script.prompt_tokens,
+        tools,
+        formats.tool_plan(tools),
+        stops[0] if finish == "stop_sequence" else None,
     )
 
 

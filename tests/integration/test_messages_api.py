@@ -593,3 +593,18 @@ async def test_a_fallback_gets_the_same_typed_request(
     assert sent(upstream, broken)["tools"][0]["function"]["name"] == "get_weather"
     body = sent(upstream, backup)
     assert body["system"] == "Be brief." and body["tools"] == [WEATHER]
+
+
+async def test_stop_sequence_when_the_upstream_names_it(
+    client: anthropic.AsyncAnthropic, model: Model
+) -> None:
+    name = model(text=["one ", "two "], finish_reason="stop_sequence")
+    message = await client.messages.create(
+        model=f"ant/{name}", max_tokens=16, messages=HELLO, stop_sequences=["END", "STOP"]
+    )
+    assert (message.stop_reason, message.stop_sequence) == ("stop_sequence", "END")
+    async with client.messages.stream(
+        model=f"ant/{name}", max_tokens=16, messages=HELLO, stop_sequences=["END"]
+    ) as stream:
+        final = await stream.get_final_message()
+    assert (final.stop_reason, final.stop_sequence) == ("stop_sequence", "END")
