@@ -213,6 +213,19 @@ class AnthropicProvider:
             f"{self.name}: upstream ended the stream without finishing the answer"
         )
 
+    async def count_tokens(self, request: ChatRequest) -> int | None:
+        """Anthropic's own count (`/v1/messages/count_tokens`) of the request's input."""
+        kwargs = {
+            k: v for k, v in params(request, self._default_max_tokens).items() if k in _COUNTED
+        }
+        try:
+            result = await self._client.messages.count_tokens(**kwargs, timeout=self._list_timeout)
+        except anthropic.APIError as exc:
+            raise translate(self.name, exc, self._secrets) from exc
+        except httpx2.TransportError as exc:
+            raise errors.from_transport(self.name, exc) from exc
+        return result.input_tokens
+
     async def list_models(self) -> list[str]:
         try:
             page = await self._client.models.list(timeout=self._list_timeout, limit=1000)
@@ -225,6 +238,10 @@ class AnthropicProvider:
 
 
 ANTHROPIC_URL = "https://api.anthropic.com"
+# The parameters of a message that `count_tokens` takes too.
+_COUNTED = frozenset(
+    {"model", "messages", "system", "tools", "tool_choice", "thinking", "output_config"}
+)
 
 
 def translate(

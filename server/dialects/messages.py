@@ -291,6 +291,21 @@ def to_request(body: MessagesBody) -> ChatRequest:
     return request
 
 
+def count_request(body: CountTokensBody) -> ChatRequest:
+    """The typed request whose input a token count measures."""
+    request = ChatRequest(
+        model=body.model,
+        messages=conversation(body),
+        tools=_tools(body),
+        tool_choice=_tool_choice(body),
+        parallel_tool_calls=_parallel(body),
+        response_format=_format(body),
+        reasoning_effort=_effort(body),
+    )
+    validation.check_tools(request.tools, request.tool_choice, request.parallel_tool_calls)
+    return request
+
+
 def conversation(body: _Conversation) -> list[Message]:
     """The system prompt and the turns as typed messages, checked as the OpenAI route checks."""
     messages: list[Message] = []

@@ -99,13 +99,14 @@ _encode = msgspec.json.Encoder().encode
 
 
 class CountTokens:
-    """`POST /api/v1/messages/count_tokens`: the gateway's estimate of the prompt's tokens.
+    """`POST /api/v1/messages/count_tokens`: the input tokens of a Messages request.
 
-    Text (the system prompt, the turns, tool results and reasoning) is counted as the gateway
-    counts it when an upstream reports no usage, one token per whitespace-separated word; JSON
-    (tool call inputs and tool definitions) as one token per four characters; images and
-    documents are not counted. The model is resolved (an unknown one is a 404) and the request
-    is checked as a Messages request is, but nothing is sent upstream.
+    The request is decoded, checked and routed as a Messages request is (an unknown model is a
+    404, a field its provider cannot honour a 400). A provider that can count (Anthropic's)
+    is asked; for the others the gateway estimates: text (the system prompt, the turns, tool
+    results and reasoning) one token per whitespace-separated word, as the gateway counts when
+    an upstream reports no usage, and JSON (tool call inputs and tool definitions) one token
+    per four characters; images and documents are not counted.
     """
 
     def __init__(
@@ -125,19 +126,25 @@ class CountTokens:
             body = messages.decode_count(raw)
             if self._limits is not None:
                 self._limits.check_depth(raw)
-            conversation = messages.conversation(body)
-            self._service.registry.resolve(body.model)
+            request = messages.count_request(body)
+            if self._limits is not None:
+                self._limits.check_body(request)
+            route = self._service.registry.resolve(body.model)
+            request = msgspec.structs.replace(request, model=route.model)
+            route.provider.check(request)
+            count = await route.provider.count_tokens(request)
         except ClientGone:
             return
         except GatewayError as exc:
             await messages_wire.send_error(send, exc, rid)
             return
-        count = count_tokens(conversation, body)
+        if count is None:
+            count = estimate(request.messages, body)
         extra = [(b"x-request-id", rid.encode()), (b"request-id", rid.encode())]
         await send_json(send, 200, _encode(TokenCount(count)), extra)
 
 
-def count_tokens(conversation: list[Message], body: messages.CountTokensBody) -> int:
+def estimate(conversation: list[Message], body: messages.CountTokensBody) -> int:
     """The estimate described on `CountTokens`."""
     total = 0
     for message in conversation:

@@ -16,6 +16,7 @@ import pytest
 
 from server.auth import digest, new_key
 from server.settings import AuthSettings, LimitSettings
+from tests.conftest import UPSTREAM_KEY
 from tests.fakeupstream import FakeToolCall, FakeUpstream
 from tests.support.gateways import gateway_with
 
@@ -375,7 +376,9 @@ async def test_thinking_maps_to_reasoning_effort(
     assert sent(upstream, name)["thinking"] == {"type": "enabled", "budget_tokens": 8192}
 
 
-async def test_count_tokens(client: anthropic.AsyncAnthropic, upstream: FakeUpstream) -> None:
+async def test_count_tokens_estimated_for_an_openai_kind_model(
+    client: anthropic.AsyncAnthropic, upstream: FakeUpstream
+) -> None:
     before = len(upstream.requests)
     count = await client.messages.count_tokens(
         model="oai/gpt-4o-mini",
@@ -386,6 +389,27 @@ async def test_count_tokens(client: anthropic.AsyncAnthropic, upstream: FakeUpst
     assert len(upstream.requests) == before  # an estimate: nothing was asked upstream
     with pytest.raises(anthropic.NotFoundError):
         await client.messages.count_tokens(model="nope/x", messages=HELLO)
+
+
+async def test_count_tokens_asks_an_anthropic_upstream(
+    client: anthropic.AsyncAnthropic, model: Model, upstream: FakeUpstream
+) -> None:
+    name = model(prompt_tokens=42)
+    count = await client.messages.count_tokens(
+        model=f"ant/{name}", system="Be brief.", messages=HELLO, tools=[WEATHER]
+    )
+    assert count.input_tokens == 42
+    (req,) = upstream.by_model(name)
+    assert req.path == "/v1/messages/count_tokens"
+    assert req.body == {
+        "model": name,
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "hello"}]}],
+        "system": "Be brief.",
+        "tools": [WEATHER],
+    }
+    failing = model(status=429)
+    with pytest.raises(anthropic.RateLimitError):
+        await client.messages.count_tokens(model=f"ant/{failing}", messages=HELLO)
 
 
 @pytest.mark.parametrize(
@@ -543,13 +567,16 @@ KEY = new_key()
 
 @pytest.fixture(scope="module")
 def keyed(upstream: FakeUpstream) -> Iterator[str]:
-    limits = LimitSettings(requests_per_minute=3)
+    limits = LimitSettings(requests_per_minute=5)
     with gateway_with(upstream, auth=AuthSettings(keys=[digest(KEY)]), limits=limits) as url:
         yield url
 
 
-async def test_gateway_keys_as_anthropic_clients_send_them(keyed: str) -> None:
+async def test_gateway_keys_as_anthropic_clients_send_them(
+    keyed: str, model: Model, upstream: FakeUpstream
+) -> None:
     base = keyed + "/api"
+    name = model(text=["ok"])
     async with anthropic.AsyncAnthropic(base_url=base, api_key=KEY, max_retries=0) as c:
         message = await c.messages.create(model="demo/echo", max_tokens=8, messages=HELLO)
         assert message.content
@@ -559,10 +586,20 @@ async def test_gateway_keys_as_anthropic_clients_send_them(keyed: str) -> None:
         with pytest.raises(anthropic.AuthenticationError) as caught:
             await c.messages.create(model="demo/echo", max_tokens=8, messages=HELLO)
     assert caught.value.body["error"]["type"] == "authentication_error"  # type: ignore[index]
-    # The same key works on the OpenAI route too: one decision for every route.
-    async with httpx2.AsyncClient() as http:
-        response = await http.get(keyed + "/api/models", headers={"x-api-key": KEY})
-    assert response.status_code == 200
+    # This SDK sends its api_key as a bearer token; other Anthropic clients send x-api-key,
+    # with version and beta headers that are taken and not forwarded.
+    headers = {"x-api-key": KEY, "anthropic-version": "2023-06-01", "anthropic-beta": "x-1"}
+    async with httpx2.AsyncClient(headers=headers) as http:
+        response = await http.post(
+            base + "/v1/messages",
+            json={"model": f"ant/{name}", "max_tokens": 8, "messages": HELLO},
+        )
+        assert response.status_code == 200 and response.json()["type"] == "message"
+        # The same key works on the OpenAI route too: one decision for every route.
+        assert (await http.get(keyed + "/api/models")).status_code == 200
+    (req,) = upstream.by_model(name)
+    assert "anthropic-beta" not in req.headers
+    assert req.headers["authorization"] == f"Bearer {UPSTREAM_KEY}"
     async with anthropic.AsyncAnthropic(base_url=base, api_key=KEY, max_retries=0) as c:
         with pytest.raises(anthropic.RateLimitError) as limited:
             for _ in range(3):

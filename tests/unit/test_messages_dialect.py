@@ -17,7 +17,7 @@ from providers.errors import (
 )
 from providers.types import ImagePart, JsonSchemaFormat, Message, NamedToolChoice, TextPart, Usage
 from server.dialects import messages, messages_wire
-from server.dialects.messages_api import count_tokens, speaks_messages
+from server.dialects.messages_api import estimate, speaks_messages
 from server.errors import AuthenticationError
 from server.rest import Collector
 
@@ -245,7 +245,7 @@ def test_count_tokens_estimate() -> None:
         )
     )
     tools = len(msgspec.json.encode(body.tools))
-    assert count_tokens(messages.conversation(body), body) == 5 + -(-tools // 4)
+    assert estimate(messages.conversation(body), body) == 5 + -(-tools // 4)
 
 
 def test_message_object_orders_blocks() -> None:
