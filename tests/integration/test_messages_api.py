@@ -15,7 +15,7 @@ import httpx2
 import pytest
 
 from server.auth import digest, new_key
-from server.settings import AuthSettings, LimitSettings
+from server.settings import AuthSettings, CacheSettings, LimitSettings
 from tests.conftest import UPSTREAM_KEY
 from tests.fakeupstream import FakeToolCall, FakeUpstream
 from tests.support.gateways import gateway_with
@@ -525,12 +525,13 @@ async def test_ping_while_the_first_token_is_awaited(make_gateway: Any, model: M
     assert names[-1] == "message_stop" and names.count("message_start") == 1
 
 
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("stream", [True, False])
 async def test_client_disconnect_closes_the_upstream(
-    gateway: str, model: Model, upstream: FakeUpstream, stream: bool
+    gateway: str, model: Model, upstream: FakeUpstream, stream: bool, kind: str
 ) -> None:
     name = model(tokens=50, pace=0.05)
-    body = {"model": f"oai/{name}", "max_tokens": 100, "messages": HELLO, "stream": stream}
+    body = {"model": f"{kind}/{name}", "max_tokens": 100, "messages": HELLO, "stream": stream}
     async with httpx2.AsyncClient() as http:
         if stream:
             async with http.stream("POST", gateway + "/api/v1/messages", json=body) as response:
@@ -645,3 +646,43 @@ async def test_stop_sequence_when_the_upstream_names_it(
     ) as stream:
         final = await stream.get_final_message()
     assert (final.stop_reason, final.stop_sequence) == ("stop_sequence", "END")
+
+
+async def test_a_cached_answer_replays_in_the_same_shape(
+    upstream: FakeUpstream, model: Model
+) -> None:
+    name = model(text=["cached ", "answer"])
+    body = {"model": f"oai/{name}", "max_tokens": 16, "messages": HELLO}
+    with gateway_with(upstream, cache=CacheSettings(completions=True)) as url:
+        async with httpx2.AsyncClient() as http:
+            first = await http.post(url + "/api/v1/messages", json=body)
+            second = await http.post(url + "/api/v1/messages", json=body)
+            streamed = await http.post(url + "/api/v1/messages", json={**body, "stream": True})
+    assert "x-tokenrelay-cache" not in first.headers
+    assert second.headers["x-tokenrelay-cache"] == "hit"
+    assert streamed.headers["x-tokenrelay-cache"] == "hit"
+    assert second.json()["content"] == first.json()["content"]
+    texts = [
+        d["delta"].get("text") for n, d in sse_events(streamed.text) if n == "content_block_delta"
+    ]
+    assert texts == ["cached ", "answer"]
+    assert len(upstream.by_model(name)) == 1
+
+
+async def test_an_image_by_url(
+    client: anthropic.AsyncAnthropic, model: Model, upstream: FakeUpstream
+) -> None:
+    name = model()
+    url = "https://example.com/cat.png"
+    await client.messages.create(
+        model=f"ant/{name}",
+        max_tokens=16,
+        messages=[
+            {
+                "role": "user",
+                "content": [{"type": "image", "source": {"type": "url", "url": url}}],
+            }
+        ],
+    )
+    block = sent(upstream, name)["messages"][0]["content"][0]
+    assert block == {"type": "image", "source": {"type": "url", "url": url}}
