@@ -491,7 +491,7 @@ class Bench:
         await self.control.script("long", tokens=2000, pace=s.pace)
         out: dict[str, Any] = {}
         for level in s.cancel_levels:
-            for target in (DIRECT, GW_SSE, GW_WS):
+            for target in (DIRECT, GW_SSE, GW_WS, GW_MSG):
                 await self.control.forget()
                 phase = await self.measure(
                     lambda t=target, n=level: self.one_shot(  # type: ignore[misc]
