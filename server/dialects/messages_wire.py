@@ -164,12 +164,13 @@ def _tool_input(arguments: str) -> dict[str, Any]:
     return value
 
 
-def event(name: bytes, data: bytes) -> bytes:
+def sse(name: bytes, data: bytes) -> bytes:
+    """One named SSE event."""
     return b"event: " + name + b"\ndata: " + data + b"\n\n"
 
 
-PING = event(b"ping", b'{"type":"ping"}')
-MESSAGE_STOP = event(b"message_stop", b'{"type":"message_stop"}')
+PING = sse(b"ping", b'{"type":"ping"}')
+MESSAGE_STOP = sse(b"message_stop", b'{"type":"message_stop"}')
 _TEXT, _THINKING, _TOOL = 1, 2, 3
 _BLOCK_DELTA = b'event: content_block_delta\ndata: {"type":"content_block_delta","index":'
 _DELTA_TYPES = {
@@ -214,7 +215,7 @@ class MessagesSink(EventStreamSink):
             + b',"content":[],"stop_reason":null,"stop_sequence":null,'
             b'"usage":{"input_tokens":0,"output_tokens":0}}}'
         )
-        return event(b"message_start", start)
+        return sse(b"message_start", start)
 
     async def _begin(self) -> bytes:
         """Headers (unless a ping sent them) and `message_start`, before the first output."""
@@ -240,7 +241,7 @@ class MessagesSink(EventStreamSink):
             + block
             + b"}"
         )
-        return out + event(b"content_block_start", start)
+        return out + sse(b"content_block_start", start)
 
     def _stop_current(self) -> bytes:
         if self._kind == 0:
@@ -305,17 +306,17 @@ class MessagesSink(EventStreamSink):
             )
             + b"}"
         )
-        await self._body(data + event(b"message_delta", delta) + MESSAGE_STOP)
+        await self._body(data + sse(b"message_delta", delta) + MESSAGE_STOP)
 
     async def error_response(self, exc: GatewayError) -> None:
         await send_error(self._send, exc, self._state.request_id)
 
     def error_event(self, exc: GatewayError) -> bytes:
-        return event(b"error", error_json(exc, self._state.request_id))
+        return sse(b"error", error_json(exc, self._state.request_id))
 
 
 def _block_stop(index: int) -> bytes:
-    return event(
+    return sse(
         b"content_block_stop",
         b'{"type":"content_block_stop","index":' + str(index).encode() + b"}",
     )
