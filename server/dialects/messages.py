@@ -432,6 +432,7 @@ def _tool_result(block: ToolResultBlock, param: str) -> Message:
 def _image(block: ImageBlock, param: str) -> ImagePart:
     source = block.source
     if isinstance(source, URLSource):
+        validation.check_image_url(source.url, f"{param}.source.url")
         return ImagePart(image_url=ImageURL(url=source.url))
     url = f"data:{source.media_type};base64,{source.data}"
     validation.check_image_url(url, f"{param}.source")

@@ -199,6 +199,10 @@ def test_mapping() -> None:
             "messages[0].content[0].source.media_type",
         ),
         ([{"type": "thinking", "thinking": "x"}], "messages[0].content[0]"),
+        (
+            [{"type": "image", "source": {"type": "url", "url": "ftp://x/y.png"}}],
+            "messages[0].content[0].source.url",
+        ),
     ],
 )
 def test_bad_user_blocks(content: list[dict[str, Any]], param: str) -> None:
