@@ -20,7 +20,7 @@ from server.auth import Gatekeeper, KeyRing
 from server.cache import Cache, MemoryCache, RedisCache
 from server.catalog import Catalog
 from server.chat import ChatService
-from server.dialects import messages_wire
+from server.dialects import messages_api, messages_wire
 from server.dialects.messages_api import CountTokens, Messages, send_http_error, speaks_messages
 from server.errors import (
     ErrorEnvelope,
@@ -159,6 +159,8 @@ def create_app(settings: Settings, environ: Mapping[str, str] | None = None) -> 
                 CountTokens(service, settings.server, limits),
                 methods=["POST"],
             ),
+            Route("/api/v1/models", messages_api.list_models, methods=["GET"]),
+            Route("/api/v1/models/{model_id:path}", messages_api.get_model, methods=["GET"]),
             Route("/api/models", list_models, methods=["GET"]),
             Route("/api/models/categories", model_categories, methods=["GET"]),
             Route("/api/openapi.json", openapi_endpoint, methods=["GET"]),

@@ -45,6 +45,7 @@ ROUTES = frozenset(
         "/api/openapi.json",
         "/api/v1/messages",
         "/api/v1/messages/count_tokens",
+        "/api/v1/models",
         "/api/ws",
         "/healthz",
         "/readyz",

@@ -10,7 +10,7 @@ from starlette.responses import Response
 
 from server import protocol
 from server.dialects import messages, messages_wire
-from server.dialects.messages_api import TokenCount
+from server.dialects.messages_api import ModelPage, TokenCount
 from server.errors import ErrorEnvelope
 
 _ERRORS = {
@@ -40,6 +40,7 @@ def document() -> dict[str, Any]:
             messages_wire.MessageObject,
             messages_wire.ErrorResponse,
             TokenCount,
+            ModelPage,
         ],
         ref_template="#/components/schemas/{name}",
     )
@@ -112,6 +113,24 @@ def document() -> dict[str, Any]:
                     "requestBody": {"required": True, "content": json_content("CountTokensBody")},
                     "responses": {
                         "200": {"description": "The count", "content": json_content("TokenCount")},
+                        **anthropic_errors,
+                    },
+                }
+            },
+            "/api/v1/models": {
+                "get": {
+                    "operationId": "listModelsAnthropic",
+                    "description": "The models in Anthropic's paged list shape.",
+                    "parameters": [
+                        {"name": name, "in": "query", "schema": schema}
+                        for name, schema in (
+                            ("limit", {"type": "integer", "minimum": 1, "maximum": 1000}),
+                            ("after_id", {"type": "string"}),
+                            ("before_id", {"type": "string"}),
+                        )
+                    ],
+                    "responses": {
+                        "200": {"description": "A page", "content": json_content("ModelPage")},
                         **anthropic_errors,
                     },
                 }

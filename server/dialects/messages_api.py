@@ -1,4 +1,5 @@
-"""The Anthropic Messages routes: `POST /api/v1/messages` and `.../messages/count_tokens`.
+"""The Anthropic Messages routes: `POST /api/v1/messages`, `.../messages/count_tokens`, and
+the model list in Anthropic's shape (`GET /api/v1/models`, `GET /api/v1/models/{model_id}`).
 
 Both run through the same admission as the OpenAI route (limits, routing, capability checks,
 stream slots), and a Messages stream runs in the one stream service; only the codec differs.
@@ -8,15 +9,21 @@ gateway sends upstream is decided by the typed request alone.
 
 from __future__ import annotations
 
+import datetime
+from collections.abc import Mapping
+
 import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from providers.errors import GatewayError
-from providers.types import ChatRequest, Message, estimate_tokens
+from providers.errors import GatewayError, InvalidRequestError, ModelNotFoundError
+from providers.types import ChatRequest, Message, ModelInfo, estimate_tokens
 from server.auth import normalise_path
+from server.catalog import Catalog
 from server.chat import ChatService, Prepared
 from server.dialects import messages, messages_wire
-from server.errors import ClientGone
+from server.errors import ClientGone, spec_for
 from server.http import header_map, read_body, request_id_of, send_json
 from server.http import send_error as send_json_error
 from server.limits import Limits
@@ -158,3 +165,92 @@ def estimate(conversation: list[Message], body: messages.CountTokensBody) -> int
 
 def _json_tokens(chars: int) -> int:
     return -(-chars // 4)
+
+
+class ModelEntry(msgspec.Struct, frozen=True, kw_only=True):
+    """A model in Anthropic's model-list shape."""
+
+    id: str
+    display_name: str
+    created_at: str
+    type: str = "model"
+
+
+class ModelPage(msgspec.Struct, frozen=True, kw_only=True):
+    data: list[ModelEntry]
+    has_more: bool
+    first_id: str | None
+    last_id: str | None
+
+
+_PAGE_PARAMS = frozenset({"limit", "after_id", "before_id"})
+
+
+def _entry(model: ModelInfo) -> ModelEntry:
+    created = datetime.datetime.fromtimestamp(model.created, datetime.UTC)
+    return ModelEntry(
+        id=model.id,
+        display_name=model.display_name or model.id,
+        created_at=created.isoformat().replace("+00:00", "Z"),
+    )
+
+
+def _page(models: list[ModelInfo], query: Mapping[str, str]) -> ModelPage:
+    """One page of the catalogue, as Anthropic pages (`limit` 1-1000, default 20)."""
+    for name in query:
+        if name not in _PAGE_PARAMS:
+            raise InvalidRequestError(f"Unknown query parameter '{name}'.", param=name)
+    raw = query.get("limit", "20")
+    if not raw.isdigit() or not 1 <= int(raw) <= 1000:
+        raise InvalidRequestError("'limit' must be a whole number from 1 to 1000.", param="limit")
+    ids = [m.id for m in models]
+    start, end = 0, len(models)
+    for name in ("after_id", "before_id"):
+        value = query.get(name)
+        if value is not None and value not in ids:
+            raise InvalidRequestError(f"'{name}' names no listed model.", param=name)
+    if "before_id" in query:
+        end = ids.index(query["before_id"])
+        start = max(end - int(raw), 0)
+    elif "after_id" in query:
+        start = ids.index(query["after_id"]) + 1
+    chosen = models[start : min(start + int(raw), end)]
+    more = start > 0 if "before_id" in query else start + len(chosen) < end
+    return ModelPage(
+        data=[_entry(m) for m in chosen],
+        has_more=more,
+        first_id=chosen[0].id if chosen else None,
+        last_id=chosen[-1].id if chosen else None,
+    )
+
+
+async def list_models(request: Request) -> Response:
+    """`GET /api/v1/models`: the catalogue in Anthropic's paged model-list shape."""
+    catalog: Catalog = request.app.state.catalog
+    snapshot = await catalog.snapshot()
+    try:
+        body = _encode(_page(snapshot.models, request.query_params))
+    except GatewayError as exc:
+        return _error(exc, request)
+    return Response(body, media_type="application/json")
+
+
+async def get_model(request: Request) -> Response:
+    """`GET /api/v1/models/{model_id}`: one model of the catalogue, or a 404."""
+    catalog: Catalog = request.app.state.catalog
+    snapshot = await catalog.snapshot()
+    wanted = request.path_params["model_id"]
+    for model in snapshot.models:
+        if model.id == wanted:
+            return Response(_encode(_entry(model)), media_type="application/json")
+    error = ModelNotFoundError(f"The model '{wanted}' is not served here.", param="model_id")
+    return _error(error, request)
+
+
+def _error(exc: GatewayError, request: Request) -> Response:
+    rid = request_id_of(request.scope)
+    return Response(
+        messages_wire.error_json(exc, rid),
+        status_code=spec_for(exc).status,
+        media_type="application/json",
+    )

@@ -686,3 +686,20 @@ async def test_an_image_by_url(
     )
     block = sent(upstream, name)["messages"][0]["content"][0]
     assert block == {"type": "image", "source": {"type": "url", "url": url}}
+
+
+async def test_models_in_anthropic_shape(client: anthropic.AsyncAnthropic, gateway: str) -> None:
+    async with httpx2.AsyncClient() as http:
+        listing = (await http.get(gateway + "/api/models")).json()
+    ids = [m["id"] for m in listing["data"]]
+    assert len(ids) > 3
+    seen = [model.id async for model in client.models.list(limit=2)]  # pages through all
+    assert seen == ids
+    page = await client.models.list(limit=2, after_id=ids[0])
+    assert [m.id for m in page.data] == ids[1:3] and page.has_more == (len(ids) > 3)
+    model = await client.models.retrieve(ids[0])
+    assert model.id == ids[0] and model.type == "model"
+    with pytest.raises(anthropic.NotFoundError):
+        await client.models.retrieve("nope/nothing")
+    with pytest.raises(anthropic.BadRequestError):
+        await client.models.list(limit=0)
