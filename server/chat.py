@@ -207,6 +207,15 @@ class ChatService:
             routes.append((fallback, route))
         return routes
 
+    async def count_tokens(self, request: ChatRequest) -> int | None:
+        """The upstream's count of a request's input tokens (`model` is the id the client
+        asked for), or None when its provider offers none; raises as `prepare` does, or a
+        `ProviderError`."""
+        route = self.registry.resolve(request.model)
+        request = msgspec.structs.replace(request, model=route.model)
+        route.provider.check(request)
+        return await route.provider.count_tokens(request)
+
     async def _cached(self, prepared: Prepared, key: str) -> CachedAnswer | None:
         assert self._cache is not None
         raw = await self._cache.get(key)

@@ -109,8 +109,8 @@ class CountTokens:
     """`POST /api/v1/messages/count_tokens`: the input tokens of a Messages request.
 
     The request is decoded, checked and routed as a Messages request is (an unknown model is a
-    404, a field its provider cannot honour a 400). A provider that can count (Anthropic's)
-    is asked; for the others the gateway estimates: text (the system prompt, the turns, tool
+    404, a field its provider cannot honour a 400), and the stream service asks a provider
+    that can count (Anthropic's); for the others the gateway estimates: text (the system prompt, the turns, tool
     results and reasoning) one token per whitespace-separated word, as the gateway counts when
     an upstream reports no usage, and JSON (tool call inputs and tool definitions) one token
     per four characters; images and documents are not counted.
@@ -136,10 +136,7 @@ class CountTokens:
             request = messages.count_request(body)
             if self._limits is not None:
                 self._limits.check_body(request)
-            route = self._service.registry.resolve(body.model)
-            request = msgspec.structs.replace(request, model=route.model)
-            route.provider.check(request)
-            count = await route.provider.count_tokens(request)
+            count = await self._service.count_tokens(request)
         except ClientGone:
             return
         except GatewayError as exc:
