@@ -110,10 +110,10 @@ class CountTokens:
 
     The request is decoded, checked and routed as a Messages request is (an unknown model is a
     404, a field its provider cannot honour a 400), and the stream service asks a provider
-    that can count (Anthropic's); for the others the gateway estimates: text (the system prompt, the turns, tool
-    results and reasoning) one token per whitespace-separated word, as the gateway counts when
-    an upstream reports no usage, and JSON (tool call inputs and tool definitions) one token
-    per four characters; images and documents are not counted.
+    that can count (Anthropic's); for the others the gateway estimates: text (the system
+    prompt, the turns, tool results and reasoning) one token per whitespace-separated word, as
+    the gateway counts when an upstream reports no usage, and JSON (tool call inputs and tool
+    definitions) one token per four characters; images and documents are not counted.
     """
 
     def __init__(
