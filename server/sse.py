@@ -40,7 +40,6 @@ class EventStreamSink:
     """
 
     __slots__ = ("_send", "_headers", "_state", "started", "complete", "last_sent")
-    heartbeat = protocol.SSE_HEARTBEAT
 
     def __init__(self, send: Send, headers: list[tuple[bytes, bytes]], state: StreamState) -> None:
         self._send = send
@@ -63,8 +62,8 @@ class EventStreamSink:
         await self._send({"type": "http.response.start", "status": 200, "headers": headers})
 
     def keepalive_event(self) -> bytes:
-        """What is sent to keep the stream alive."""
-        return self.heartbeat
+        """What is sent to keep the stream alive: a comment line, unless the dialect says."""
+        return protocol.SSE_HEARTBEAT
 
     async def end(self) -> None:
         """Close the response body."""
