@@ -29,6 +29,7 @@ from loadtests import harness
 from loadtests.clients import Result, SSEClient, WSClient, percentile
 
 DIRECT, GW_SSE, GW_WS, GW_JSON = "direct-sse", "gateway-sse", "gateway-ws", "gateway-json"
+GW_MSG = "gateway-messages"  # Anthropic's Messages API, SSE, to the same OpenAI-kind upstream
 WS_STREAMS_PER_SOCKET = 8
 
 
@@ -111,6 +112,8 @@ class Bench:
     def client(self, target: str) -> SSEClient:
         if target == DIRECT:
             return SSEClient.for_url(self.fake_url, "/v1/chat/completions")
+        if target == GW_MSG:
+            return SSEClient.for_url(self.gateway_url, "/api/v1/messages", messages=True)
         return SSEClient.for_url(self.gateway_url, "/api/chat/completions")
 
     @staticmethod
@@ -331,6 +334,42 @@ class Bench:
                     )
         self.figures["fixed_cost"] = out
 
+    async def messages(self) -> None:
+        """The Messages route next to the Chat Completions one: TTFB at c=1, then CPU per
+        relayed chunk with paced streams at fixed concurrency, the two routes alternating."""
+        s = self.sizes
+        await self.control.script("c1", tokens=8, pace=0.002)
+        targets = (DIRECT, GW_SSE, GW_MSG)
+        clients = {t: self.client(t) for t in targets}
+        samples: dict[str, list[float]] = {t: [] for t in targets}
+        try:
+            for i in range(self.sizes.c1_requests + 10):
+                for target in targets:
+                    r = await clients[target].chat(self.model(target, "c1"))
+                    if i >= 10 and r.ttft is not None and r.error is None:  # 10 warm-ups
+                        samples[target].append(r.ttft)
+        finally:
+            for client in clients.values():
+                client.close()
+        c1: dict[str, Any] = {t: summary(v) for t, v in samples.items()}
+        for t in (GW_SSE, GW_MSG):
+            c1[t]["added_p50_ms"] = _minus(c1[t]["p50_ms"], c1[DIRECT]["p50_ms"])
+            c1[t]["added_p99_ms"] = _minus(c1[t]["p99_ms"], c1[DIRECT]["p99_ms"])
+        await self.control.script("paced", tokens=s.tokens, pace=s.pace)
+        stream_time = s.tokens * s.pace
+        phases: dict[str, list[Phase]] = {GW_SSE: [], GW_MSG: []}
+        for _ in range(s.load_rounds):
+            for target in phases:
+                phase = await self.measure(
+                    lambda t=target: self.closed_loop(  # type: ignore[misc]
+                        t, "paced", s.load_concurrency, s.load_seconds, stream_time
+                    )
+                )
+                phases[target].append(phase)
+                await self.control.forget()
+        load = {t: self._load_figures(p, s.pace) for t, p in phases.items()}
+        self.figures["messages"] = {"c1": c1, "load": load, "concurrency": s.load_concurrency}
+
     async def memory(self) -> None:
         """A fresh gateway: start-up time, idle RSS, then RSS with many open slow streams."""
         s = self.sizes
@@ -452,7 +491,7 @@ class Bench:
         await self.control.script("long", tokens=2000, pace=s.pace)
         out: dict[str, Any] = {}
         for level in s.cancel_levels:
-            for target in (DIRECT, GW_SSE, GW_WS):
+            for target in (DIRECT, GW_SSE, GW_WS, GW_MSG):
                 await self.control.forget()
                 phase = await self.measure(
                     lambda t=target, n=level: self.one_shot(  # type: ignore[misc]
@@ -479,6 +518,7 @@ class Bench:
             "fixed_cost": self.fixed_cost,
             "capacity": self.capacity,
             "cancel": self.cancel,
+            "messages": self.messages,
         }
         gateway, self.gateway_url, ready = harness.start_gateway(self.fake_url)
         self.gateway = self.stack.add(gateway)
@@ -622,6 +662,20 @@ def rows(f: dict[str, Any]) -> list[tuple[str, Any, Any, Any, str]]:
         )
         left = mem["upstream_open_after_close"]
         out.append(("upstream streams still open 60 s later", "", left, "", "0"))
+    msg = f.get("messages")
+    if msg:
+        c1, load, c = msg["c1"], msg["load"], msg["concurrency"]
+        for q in ("p50", "p99"):
+            for t in (GW_SSE, GW_MSG):
+                d = c1[DIRECT][f"{q}_ms"]
+                out.append((f"TTFB {q} c=1, {t} (ms)", d, c1[t][f"{q}_ms"], _plus(c1[t], q), ""))
+        for t in (GW_SSE, GW_MSG):
+            cpu = load[t]["cpu_per_chunk_us"]
+            out.append((f"CPU per relayed chunk, all-in, c={c}, {t} (us)", "", cpu, "", ""))
+            ttft = load[t]["ttft"]["p50_ms"]
+            out.append((f"TTFB p50 c={c} paced, {t} (ms)", "", ttft, "", ""))
+        ratio = _ratio(load[GW_MSG]["cpu_per_chunk_us"], load[GW_SSE]["cpu_per_chunk_us"])
+        out.append(("CPU per chunk, messages vs chat completions", "", _x(ratio), "", "<= 1.1x"))
     cap = f.get("capacity")
     if cap:
         s = cap["sustained"]

@@ -17,6 +17,8 @@ from websockets.asyncio.client import ClientConnection, connect
 
 _CONTENT = b'"content":"'
 _EMPTY = b'"content":""'
+# Anthropic Messages events: one text delta each (an empty one never comes).
+_TEXT_DELTA = b'"text_delta"'
 _encode = msgspec.json.Encoder().encode
 SUBPROTOCOL = "tokenrelay.v1"
 
@@ -81,11 +83,25 @@ def body(model: str, tag: str, *, stream: bool = True) -> bytes:
     )
 
 
+def messages_body(model: str, tag: str, *, stream: bool = True) -> bytes:
+    """The same request in Anthropic's Messages format (the tag becomes `user` upstream)."""
+    return _encode(
+        {
+            "model": model,
+            "max_tokens": 1024,
+            "messages": [{"role": "user", "content": "benchmark"}],
+            "stream": stream,
+            "metadata": {"user_id": tag},
+        }
+    )
+
+
 class _HTTP(asyncio.Protocol):
     """One keep-alive connection; one response at a time, decoded incrementally."""
 
-    def __init__(self) -> None:
+    def __init__(self, messages: bool = False) -> None:
         self.transport: asyncio.Transport | None = None
+        self.messages = messages
         self.lost = False
         self._buf = bytearray()
         self._state = "idle"
@@ -188,7 +204,10 @@ class _HTTP(asyncio.Protocol):
     def _payload(self, data: bytes) -> None:
         result = self._result
         assert result is not None
-        count = data.count(_CONTENT) - data.count(_EMPTY)
+        if self.messages:
+            count = data.count(_TEXT_DELTA)
+        else:
+            count = data.count(_CONTENT) - data.count(_EMPTY)
         if count > 0 and result.cancelled_at is None:
             result.note(count)
             if self._cancel_after is not None and result.chunks >= self._cancel_after:
@@ -208,19 +227,22 @@ class _HTTP(asyncio.Protocol):
 class SSEClient:
     """Requests on one keep-alive connection, reconnecting when the server closed it."""
 
-    def __init__(self, host: str, port: int, path: str) -> None:
+    def __init__(self, host: str, port: int, path: str, *, messages: bool = False) -> None:
         self.host, self.port, self.path = host, port, path
+        self.messages = messages  # speaks Anthropic's Messages API rather than Chat Completions
         self._proto: _HTTP | None = None
 
     @classmethod
-    def for_url(cls, url: str, path: str) -> SSEClient:
+    def for_url(cls, url: str, path: str, *, messages: bool = False) -> SSEClient:
         host, port = url.removeprefix("http://").split(":")
-        return cls(host, int(port), path)
+        return cls(host, int(port), path, messages=messages)
 
     async def _connection(self) -> _HTTP:
         if self._proto is None or self._proto.lost or self._proto.transport is None:
             loop = asyncio.get_running_loop()
-            _, proto = await loop.create_connection(_HTTP, self.host, self.port)
+            _, proto = await loop.create_connection(
+                lambda: _HTTP(self.messages), self.host, self.port
+            )
             self._proto = proto
         return self._proto
 
@@ -229,7 +251,7 @@ class SSEClient:
     ) -> Result:
         """One chat completion; with `cancel_after`, disconnect after that many deltas."""
         result = Result(tag or uuid.uuid4().hex)
-        payload = body(model, result.tag, stream=stream)
+        payload = (messages_body if self.messages else body)(model, result.tag, stream=stream)
         request = (
             f"POST {self.path} HTTP/1.1\r\nhost: {self.host}\r\n"
             f"content-type: application/json\r\ncontent-length: {len(payload)}\r\n\r\n"

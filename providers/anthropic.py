@@ -64,6 +64,7 @@ class _BlockDelta(msgspec.Struct):
 
 class _MessageDeltaBody(msgspec.Struct):
     stop_reason: str | None = None
+    stop_sequence: str | None = None
 
 
 class _MessageDelta(msgspec.Struct):
@@ -148,6 +149,7 @@ class AnthropicProvider:
         prompt_tokens: int | None = None
         completion_tokens: int | None = None
         reason: FinishReason | None = None
+        stop_sequence: str | None = None
         # Anthropic numbers content blocks; a client numbers tool calls from 0.
         tool_index: dict[int, int] = {}
         async for raw in body_chunks(response):
@@ -182,6 +184,7 @@ class AnthropicProvider:
                         message_delta = _decode_message_delta(data)
                         if message_delta.delta.stop_reason is not None:
                             reason = _FINISH.get(message_delta.delta.stop_reason, "stop")
+                            stop_sequence = message_delta.delta.stop_sequence
                         if message_delta.usage is not None:
                             if message_delta.usage.output_tokens is not None:
                                 completion_tokens = message_delta.usage.output_tokens
@@ -194,7 +197,9 @@ class AnthropicProvider:
                                 prompt_tokens=prompt_tokens or 0,
                                 completion_tokens=completion_tokens or 0,
                             )
-                        yield Finish(reason=reason or "stop", usage=usage_out)
+                        yield Finish(
+                            reason=reason or "stop", usage=usage_out, stop_sequence=stop_sequence
+                        )
                         return
                     elif name == b"error":
                         body = _decode_error(data).error
@@ -208,6 +213,19 @@ class AnthropicProvider:
             f"{self.name}: upstream ended the stream without finishing the answer"
         )
 
+    async def count_tokens(self, request: ChatRequest) -> int | None:
+        """Anthropic's own count (`/v1/messages/count_tokens`) of the request's input."""
+        kwargs = {
+            k: v for k, v in params(request, self._default_max_tokens).items() if k in _COUNTED
+        }
+        try:
+            result = await self._client.messages.count_tokens(**kwargs, timeout=self._list_timeout)
+        except anthropic.APIError as exc:
+            raise translate(self.name, exc, self._secrets) from exc
+        except httpx2.TransportError as exc:
+            raise errors.from_transport(self.name, exc) from exc
+        return result.input_tokens
+
     async def list_models(self) -> list[str]:
         try:
             page = await self._client.models.list(timeout=self._list_timeout, limit=1000)
@@ -220,6 +238,10 @@ class AnthropicProvider:
 
 
 ANTHROPIC_URL = "https://api.anthropic.com"
+# The parameters of a message that `count_tokens` takes too.
+_COUNTED = frozenset(
+    {"model", "messages", "system", "tools", "tool_choice", "thinking", "output_config"}
+)
 
 
 def translate(

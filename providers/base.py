@@ -24,6 +24,10 @@ class Provider(Protocol):
         """Stream the answer to `request` (its `model` is the upstream model name)."""
         ...
 
+    async def count_tokens(self, request: ChatRequest) -> int | None:
+        """The upstream's count of the request's input tokens, or None when it offers none."""
+        ...
+
     async def list_models(self) -> list[str]:
         """The upstream model names this provider can serve."""
         ...

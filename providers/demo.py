@@ -176,6 +176,10 @@ class DemoProvider:
         usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=len(pieces))
         yield Finish(reason=reason, usage=usage)
 
+    async def count_tokens(self, request: ChatRequest) -> int | None:
+        """None: The demo has no count of its own."""
+        return None
+
     async def list_models(self) -> list[str]:
         return list(MODELS)
 

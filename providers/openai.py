@@ -216,6 +216,10 @@ class OpenAIProvider:
             del out["reasoning_content"]
         return out
 
+    async def count_tokens(self, request: ChatRequest) -> int | None:
+        """None: OpenAI-kind APIs have no token-count endpoint."""
+        return None
+
     async def list_models(self) -> list[str]:
         try:
             page = await self._client.models.list(timeout=self._list_timeout)

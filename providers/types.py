@@ -354,10 +354,15 @@ class ToolCallDelta(msgspec.Struct, frozen=True, tag="tool_call"):
 
 
 class Finish(msgspec.Struct, frozen=True, kw_only=True, tag="finish"):
-    """The last event of a stream that ended normally; `usage` is None if the upstream gave none."""
+    """The last event of a stream that ended normally; `usage` is None if the upstream gave none.
+
+    `stop_sequence` is the client's stop sequence that ended the answer, when the upstream says
+    which (Anthropic's does; OpenAI-kind ones only say "stop").
+    """
 
     reason: FinishReason
     usage: Usage | None = None
+    stop_sequence: str | None = None
 
 
 Delta = TextDelta | ReasoningDelta | RefusalDelta | ToolCallDelta

@@ -20,6 +20,8 @@ from server.auth import Gatekeeper, KeyRing
 from server.cache import Cache, MemoryCache, RedisCache
 from server.catalog import Catalog
 from server.chat import ChatService
+from server.dialects import messages_api, messages_wire
+from server.dialects.messages_api import CountTokens, Messages, send_http_error, speaks_messages
 from server.errors import (
     ErrorEnvelope,
     MethodNotAllowedError,
@@ -45,15 +47,26 @@ from server.ws import WebSocketEndpoint
 def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     error: GatewayError
+    path = request.url.path
     if exc.status_code == 405:
-        error = MethodNotAllowedError(f"{request.method} is not allowed on {request.url.path}.")
+        error = MethodNotAllowedError(f"{request.method} is not allowed on {path}.")
     else:
-        error = RouteNotFoundError(f"No route at {request.url.path}.")
+        error = RouteNotFoundError(f"No route at {path}.{_hint(path)}")
     rid = request_id_of(request.scope)
-    body = protocol.encode(ErrorEnvelope(error_body(error, rid)))
+    if speaks_messages(path):
+        body = messages_wire.error_json(error, rid)
+    else:
+        body = protocol.encode(ErrorEnvelope(error_body(error, rid)))
     return Response(
         body, status_code=spec_for(error).status, media_type="application/json", headers=exc.headers
     )
+
+
+def _hint(path: str) -> str:
+    """Where a client whose base URL left out `/api` should point it."""
+    if path == "/v1" or path.startswith("/v1/"):
+        return f" The API is under /api: did you mean /api{path}? Set the base URL to <host>/api."
+    return ""
 
 
 def _server_error(request: Request, exc: Exception) -> Response:
@@ -140,6 +153,14 @@ def create_app(settings: Settings, environ: Mapping[str, str] | None = None) -> 
                 ChatCompletions(service, settings.server, limits),
                 methods=["POST"],
             ),
+            Route("/api/v1/messages", Messages(service, settings.server, limits), methods=["POST"]),
+            Route(
+                "/api/v1/messages/count_tokens",
+                CountTokens(service, settings.server, limits),
+                methods=["POST"],
+            ),
+            Route("/api/v1/models", messages_api.list_models, methods=["GET"]),
+            Route("/api/v1/models/{model_id:path}", messages_api.get_model, methods=["GET"]),
             Route("/api/models", list_models, methods=["GET"]),
             Route("/api/models/categories", model_categories, methods=["GET"]),
             Route("/api/openapi.json", openapi_endpoint, methods=["GET"]),
@@ -158,6 +179,7 @@ def create_app(settings: Settings, environ: Mapping[str, str] | None = None) -> 
                 limiter=limits.limiter,
                 max_header_bytes=settings.limits.max_header_bytes,
                 sockets=limits.sockets,
+                send_http_error=send_http_error,
             ),
         ],
         exception_handlers={HTTPException: _http_error, Exception: _server_error},

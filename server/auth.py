@@ -7,10 +7,11 @@ one. `Gatekeeper` is a pure ASGI middleware that decides, before any route sees 
 - which paths are protected, on a normalised spelling of the path (case, repeated or encoded
   slashes, dot segments, trailing slash), so that no variant of a path is treated differently
   from the route it reaches: everything under `/api`, `/metrics`, and every WebSocket;
-- the key: `Authorization: Bearer <key>` for HTTP and WebSockets, or, for browsers (which cannot
-  set headers on a WebSocket), a `tokenrelay.auth.<base64url key>` entry among the offered
-  subprotocols; that entry is removed from the scope before the endpoint sees it and is never
-  echoed back. Several different credentials on one request are refused;
+- the key: `Authorization: Bearer <key>` or `x-api-key: <key>` (as Anthropic's clients send
+  it) for HTTP and WebSockets, or, for browsers (which cannot set headers on a WebSocket), a
+  `tokenrelay.auth.<base64url key>` entry among the offered subprotocols; that entry is
+  removed from the scope before the endpoint sees it and is never echoed back. Several
+  different credentials on one request are refused;
 - the `Origin` of every WebSocket handshake, and of HTTP requests when no keys are configured
   (so a page elsewhere cannot spend an open gateway's credit through a simple cross-site POST);
 - requests per minute and the tokens-per-minute balance of the key (or, without keys, of the
@@ -25,7 +26,7 @@ import hashlib
 import posixpath
 import re
 import secrets
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from urllib.parse import unquote, urlsplit
 
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -43,9 +44,13 @@ from server.errors import (
     retry_after_header,
     spec_for,
 )
-from server.http import request_id_of, send_error
+from server.http import request_id_of
+from server.http import send_error as send_json_error
 from server.limits import Slots
 from server.ratelimit import RateLimiter, current_principal
+
+# Writes an HTTP error response in the shape the request's API dialect uses.
+ErrorSender = Callable[[Scope, Send, GatewayError, str], Awaitable[None]]
 
 KEY_PREFIX = "trk-"
 AUTH_SUBPROTOCOL = "tokenrelay.auth."
@@ -97,12 +102,15 @@ def subprotocol_key(offered: Iterable[str]) -> list[str]:
 
 
 def bearer_keys(headers: list[tuple[bytes, bytes]]) -> list[str]:
-    """Every `Authorization` header's bearer key ('' for one that is not a bearer key)."""
+    """Every `Authorization` header's bearer key ('' for one that is not a bearer key), and
+    every `x-api-key` header's value (as Anthropic's clients send a key)."""
     keys = []
     for name, value in headers:
         if name == b"authorization":
             match = _BEARER.match(value.decode("latin-1"))
             keys.append(match.group(1) if match else "")
+        elif name == b"x-api-key":
+            keys.append(value.decode("latin-1").strip())
     return keys
 
 
@@ -148,8 +156,10 @@ class Gatekeeper:
         limiter: RateLimiter,
         max_header_bytes: int,
         sockets: Slots | None = None,
+        send_http_error: ErrorSender | None = None,
     ) -> None:
         self.app = app
+        self._send_http_error = send_http_error or _send_error
         self._keys = keys
         self._origins = frozenset(origins)
         self._limiter = limiter
@@ -163,7 +173,7 @@ class Gatekeeper:
         try:
             scope = await self._admit(scope)
         except GatewayError as exc:
-            await _deny(scope, receive, send, exc)
+            await self._deny(scope, receive, send, exc)
             return
         principal: str | None = scope.get("state", {}).get("principal")
         sockets = self._sockets if scope["type"] == "websocket" and principal else None
@@ -171,7 +181,7 @@ class Gatekeeper:
             error = TooManySocketsError(
                 f"This key already has {sockets.cap} WebSockets open; close one first."
             )
-            await _deny(scope, receive, send, error)
+            await self._deny(scope, receive, send, error)
             return
         token = current_principal.set(principal)
         try:
@@ -217,7 +227,8 @@ class Gatekeeper:
             return f"ip:{client[0] if client else 'unknown'}"
         if not presented:
             raise AuthenticationError(
-                "A gateway key is required: send 'Authorization: Bearer <key>'."
+                "A gateway key is required: send 'Authorization: Bearer <key>' or "
+                "'x-api-key: <key>'."
             )
         if len(set(presented)) != 1:
             raise AuthenticationError("The request carries more than one credential.")
@@ -226,12 +237,15 @@ class Gatekeeper:
             raise AuthenticationError("The gateway key is not valid.")
         return f"key:{key_id}"
 
+    async def _deny(self, scope: Scope, receive: Receive, send: Send, exc: GatewayError) -> None:
+        if scope["type"] == "http":
+            await self._send_http_error(scope, send, exc, request_id_of(scope))
+            return
+        await _deny_handshake(scope, receive, send, exc)
 
-async def _deny(scope: Scope, receive: Receive, send: Send, exc: GatewayError) -> None:
+
+async def _deny_handshake(scope: Scope, receive: Receive, send: Send, exc: GatewayError) -> None:
     rid = request_id_of(scope)
-    if scope["type"] == "http":
-        await send_error(send, exc, rid)
-        return
     # A WebSocket handshake is refused before it is accepted: with the error as an HTTP
     # response where the server supports that, else a plain 403.
     await receive()  # websocket.connect
@@ -253,3 +267,7 @@ async def _deny(scope: Scope, receive: Receive, send: Send, exc: GatewayError) -
         }
     )
     await send({"type": "websocket.http.response.body", "body": body})
+
+
+async def _send_error(scope: Scope, send: Send, exc: GatewayError, rid: str) -> None:
+    await send_json_error(send, exc, rid)

@@ -37,14 +37,12 @@ from providers.types import (
     Finish,
     FinishReason,
     Usage,
-    estimate_tokens,
 )
 from server.cache import Cache, CachePolicy, completion_key
 from server.errors import ClientGone, ServerShuttingDownError, as_gateway_error
 from server.lifecycle import Lifecycle
-from server.metrics import Outcome, Transport
 from server.observe import StreamObserver
-from server.protocol import ChatCompletionBody
+from server.stream_state import StreamState
 
 log = logging.getLogger("tokenrelay.chat")
 
@@ -59,121 +57,29 @@ class Sink(Protocol):
     async def error(self, exc: GatewayError) -> None: ...
 
 
-class StreamState:
-    """What happened in one stream so far; the transport may read it after a cancel.
+class Prepared:
+    """A validated request with its route and cache policy, ready to run.
 
-    Times are `time.monotonic()` (uvloop's loop clock moves in whole milliseconds, too coarse
-    for time to first token and cancel propagation).
+    `request` is the typed request whatever dialect it came in, its `model` already the
+    upstream's name; `model` is the id the client asked for.
     """
 
-    __slots__ = (
-        "request_id",
-        "transport",
-        "cached",
-        "watchdog",
-        "draining",
-        "_wakeup",
-        "cancel_cause",
-        "cancelled_at",
-        "outcome",
-        "model",
-        "provider",
-        "started_at",
-        "first_token_at",
-        "ended_at",
-        "chunks",
-        "reason",
-        "usage",
-        "error",
-        "_request",
-    )
-
-    def __init__(self, request_id: str, started_at: float, transport: Transport) -> None:
-        self.request_id = request_id
-        self.transport: Transport = transport
-        self.started_at = started_at
-        # Set by the transport just before it cancels the stream's task.
-        self.cancel_cause: Outcome | None = None
-        self.cancelled_at: float | None = None
-        self.outcome: Outcome = "client_disconnected"
-        self.cached = False  # served from the completion cache
-        self.watchdog: _Watchdog | None = None  # of the upstream attempt in progress
-        self.draining = False  # the server is shutting down: end now, no more retries
-        self._wakeup: asyncio.Event | None = None
-        self.model = ""
-        self.provider = ""
-        self.first_token_at: float | None = None
-        self.ended_at: float | None = None
-        self.chunks = 0
-        self.reason: FinishReason | None = None
-        self.usage: Usage | None = None
-        self.error: GatewayError | None = None
-        self._request: ChatRequest | None = None
-
-    def interrupt(self) -> None:
-        """End the stream now with a shutdown error (from the upstream wait, a write or a pause)."""
-        self.draining = True
-        if self.watchdog is not None:
-            self.watchdog.expire()
-        if self._wakeup is not None:
-            self._wakeup.set()
-
-    async def pause(self, seconds: float) -> None:
-        """Sleep before a retry, unless interrupted."""
-        self._wakeup = asyncio.Event()
-        try:
-            await asyncio.wait_for(self._wakeup.wait(), seconds)
-        except TimeoutError:
-            pass
-        finally:
-            self._wakeup = None
-
-    def cancel(self, cause: Outcome) -> None:
-        """Note why and when the transport is about to cancel this stream."""
-        if self.cancel_cause is None:
-            self.cancel_cause = cause
-            self.cancelled_at = time.monotonic()
-
-    @property
-    def ttft(self) -> float | None:
-        """Seconds from the request's arrival to the first token written to the client."""
-        return None if self.first_token_at is None else self.first_token_at - self.started_at
-
-    def messages(self) -> list[dict[str, str]]:
-        """The request's messages as role and text (only ever logged when explicitly enabled)."""
-        if self._request is None:
-            return []
-        return [{"role": m.role, "content": m.text} for m in self._request.messages]
-
-    def usage_so_far(self) -> Usage:
-        """The upstream's usage when it sent one, else a count of what was relayed."""
-        if self.usage is not None:
-            return self.usage
-        prompt = 0
-        if self._request is not None:
-            prompt = sum(estimate_tokens(m.text) for m in self._request.messages)
-        return Usage(prompt_tokens=prompt, completion_tokens=self.chunks)
-
-
-class Prepared:
-    """A validated request with its route and cache policy, ready to run."""
-
-    __slots__ = ("body", "route", "request", "cache_policy", "routes")
+    __slots__ = ("model", "route", "request", "cache_policy", "routes")
 
     def __init__(
         self,
-        body: ChatCompletionBody,
+        model: str,
         route: Route,
         request: ChatRequest,
         cache_policy: CachePolicy,
         fallbacks: list[tuple[str, Route]] | None = None,
     ) -> None:
-        self.body = body
+        self.model = model
         self.route = route
         self.request = request
         self.cache_policy = cache_policy
         # The model asked for, then its fallbacks: (the id clients use, where it goes).
-        self.routes: list[tuple[str, Route]] = [(body.model, route), *(fallbacks or ())]
+        self.routes: list[tuple[str, Route]] = [(model, route), *(fallbacks or ())]
 
 
 class CachedAnswer(msgspec.Struct, frozen=True, array_like=True):
@@ -183,6 +89,7 @@ class CachedAnswer(msgspec.Struct, frozen=True, array_like=True):
     events: list[Delta]
     reason: FinishReason
     usage: Usage | None
+    stop_sequence: str | None = None  # last, so entries written before it still decode
 
 
 _encode_answer = msgspec.msgpack.Encoder().encode
@@ -194,7 +101,7 @@ _STORABLE: frozenset[FinishReason] = frozenset({"stop", "length", "tool_calls"})
 async def _replay(answer: CachedAnswer) -> AsyncGenerator[Event, None]:
     for event in answer.events:
         yield event
-    yield Finish(reason=answer.reason, usage=answer.usage)
+    yield Finish(reason=answer.reason, usage=answer.usage, stop_sequence=answer.stop_sequence)
 
 
 class _Watchdog:
@@ -270,18 +177,22 @@ class ChatService:
         self._cache = cache  # completions are cached only when a cache is given
         self._cache_ttl = cache_ttl
 
-    def prepare(self, body: ChatCompletionBody, cache_control: str | None = None) -> Prepared:
-        """Validate the body and route it; raises a `RequestError` before any upstream call."""
+    def prepare(self, request: ChatRequest, cache_control: str | None = None) -> Prepared:
+        """Route a decoded, validated request whose `model` is the id the client asked for.
+
+        Raises a `RequestError` before any upstream call: an unknown model, or a field the
+        model's provider cannot honour.
+        """
         if self.lifecycle.draining:
             raise ServerShuttingDownError(
                 "The server is shutting down and takes no new streams; retry on another replica."
             )
-        body.check()
-        route = self.registry.resolve(body.model)
-        request = body.to_request(route.model)
+        model = request.model
+        route = self.registry.resolve(model)
+        request = msgspec.structs.replace(request, model=route.model)
         route.provider.check(request)
         policy = CachePolicy.parse(cache_control)
-        return Prepared(body, route, request, policy, self._fallbacks_for(body.model, request))
+        return Prepared(model, route, request, policy, self._fallbacks_for(model, request))
 
     def _fallbacks_for(self, model: str, request: ChatRequest) -> list[tuple[str, Route]]:
         """The model's fallbacks that can honour this request (the others are passed over)."""
@@ -295,6 +206,15 @@ class ChatService:
                 continue
             routes.append((fallback, route))
         return routes
+
+    async def count_tokens(self, request: ChatRequest) -> int | None:
+        """The upstream's count of a request's input tokens (`model` is the id the client
+        asked for), or None when its provider offers none; raises as `prepare` does, or a
+        `ProviderError`."""
+        route = self.registry.resolve(request.model)
+        request = msgspec.structs.replace(request, model=route.model)
+        route.provider.check(request)
+        return await route.provider.count_tokens(request)
 
     async def _cached(self, prepared: Prepared, key: str) -> CachedAnswer | None:
         assert self._cache is not None
@@ -318,7 +238,9 @@ class ChatService:
         ttl = self._cache_ttl
         if prepared.cache_policy.max_age is not None:
             ttl = min(ttl, prepared.cache_policy.max_age)
-        answer = CachedAnswer(time.time(), events, finish.reason, finish.usage)
+        answer = CachedAnswer(
+            time.time(), events, finish.reason, finish.usage, finish.stop_sequence
+        )
         await self._cache.set(key, _encode_answer(answer), ttl)
 
     async def run(self, prepared: Prepared, sink: Sink, state: StreamState) -> None:
@@ -329,7 +251,7 @@ class ChatService:
         model's fallbacks are tried in order, all within the retry budget. After it, a failure
         ends the stream with an error event: a half-sent answer is never restarted.
         """
-        state.model = prepared.body.model
+        state.model = prepared.model
         state.provider = prepared.route.settings.name
         state._request = prepared.request
         self._observer.started(state)
@@ -422,6 +344,7 @@ class ChatService:
                     watchdog.since = loop.time()
                     if isinstance(event, Finish):
                         state.reason = event.reason
+                        state.stop_sequence = event.stop_sequence
                         state.usage = event.usage
                         await sink.finish(event.reason, state.usage_so_far())
                         state.outcome = "completed"

@@ -15,10 +15,9 @@ import signal
 import threading
 from collections.abc import Callable
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from server.chat import StreamState
+from server.stream_state import StreamState
 
 log = logging.getLogger("tokenrelay.lifecycle")
 

@@ -12,6 +12,7 @@ import time
 
 import msgspec
 
+from providers.types import ChatRequest
 from server.errors import LimitExceededError, TooManySocketsError, TooManyStreamsError
 from server.protocol import ChatCompletionBody
 from server.ratelimit import RateLimiter
@@ -95,7 +96,7 @@ class Limits:
                 f"The JSON nests deeper than the limit of {self.settings.max_json_depth} levels."
             )
 
-    def check_body(self, body: ChatCompletionBody) -> None:
+    def check_body(self, body: ChatCompletionBody | ChatRequest) -> None:
         """A decoded request within the message, character and `max_tokens` limits."""
         s = self.settings
         if len(body.messages) > s.max_messages:
@@ -119,7 +120,7 @@ class Limits:
                     param="tools",
                 )
         for name in ("max_tokens", "max_completion_tokens"):
-            value = getattr(body, name)
+            value = getattr(body, name, None)  # only Chat Completions has the second
             if value is not None and value > s.max_tokens:
                 raise LimitExceededError(
                     f"{name} may be at most {s.max_tokens}.",

@@ -20,7 +20,7 @@ from server.webheaders import add_security_headers
 if TYPE_CHECKING:
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-    from server.chat import StreamState
+    from server.stream_state import StreamState
 
 stream_log = logging.getLogger("tokenrelay.stream")
 request_log = logging.getLogger("tokenrelay.request")

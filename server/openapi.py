@@ -9,6 +9,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from server import protocol
+from server.dialects import messages, messages_wire
+from server.dialects.messages_api import ModelPage, TokenCount
 from server.errors import ErrorEnvelope
 
 _ERRORS = {
@@ -28,7 +30,18 @@ _ERRORS = {
 def document() -> dict[str, Any]:
     """The document: paths, the bearer scheme, and every schema the API sends or accepts."""
     _, schemas = msgspec.json.schema_components(
-        [protocol.ChatCompletionBody, protocol.ChatCompletion, protocol.ModelList, ErrorEnvelope],
+        [
+            protocol.ChatCompletionBody,
+            protocol.ChatCompletion,
+            protocol.ModelList,
+            ErrorEnvelope,
+            messages.MessagesBody,
+            messages.CountTokensBody,
+            messages_wire.MessageObject,
+            messages_wire.ErrorResponse,
+            TokenCount,
+            ModelPage,
+        ],
         ref_template="#/components/schemas/{name}",
     )
 
@@ -43,11 +56,19 @@ def document() -> dict[str, Any]:
         for status, text in _ERRORS.items()
     }
     errors["default"] = {"description": "Any other error", "content": json_content("ErrorEnvelope")}
+    anthropic_errors = {
+        status: {"description": text, "content": json_content("ErrorResponse")}
+        for status, text in [*_ERRORS.items(), ("default", "Any other error")]
+    }
     return {
         "openapi": "3.1.0",
-        "info": {"title": "tokenrelay", "version": "1", "description": "OpenAI-compatible API."},
+        "info": {
+            "title": "tokenrelay",
+            "version": "1",
+            "description": "OpenAI-compatible and Anthropic Messages API.",
+        },
         "servers": [{"url": "/"}],
-        "security": [{"bearer": []}],
+        "security": [{"bearer": []}, {"apiKey": []}],
         "paths": {
             "/api/chat/completions": {
                 "post": {
@@ -68,6 +89,52 @@ def document() -> dict[str, Any]:
                     },
                 }
             },
+            "/api/v1/messages": {
+                "post": {
+                    "operationId": "createMessage",
+                    "description": "Anthropic's Messages API; errors in Anthropic's shape.",
+                    "requestBody": {"required": True, "content": json_content("MessagesBody")},
+                    "responses": {
+                        "200": {
+                            "description": "The message; Anthropic's SSE events when `stream`",
+                            "content": {
+                                **json_content("MessageObject"),
+                                "text/event-stream": {"schema": {"type": "string"}},
+                            },
+                        },
+                        **anthropic_errors,
+                    },
+                }
+            },
+            "/api/v1/messages/count_tokens": {
+                "post": {
+                    "operationId": "countMessageTokens",
+                    "description": "The gateway's estimate of a Messages request's input tokens.",
+                    "requestBody": {"required": True, "content": json_content("CountTokensBody")},
+                    "responses": {
+                        "200": {"description": "The count", "content": json_content("TokenCount")},
+                        **anthropic_errors,
+                    },
+                }
+            },
+            "/api/v1/models": {
+                "get": {
+                    "operationId": "listModelsAnthropic",
+                    "description": "The models in Anthropic's paged list shape.",
+                    "parameters": [
+                        {"name": name, "in": "query", "schema": schema}
+                        for name, schema in (
+                            ("limit", {"type": "integer", "minimum": 1, "maximum": 1000}),
+                            ("after_id", {"type": "string"}),
+                            ("before_id", {"type": "string"}),
+                        )
+                    ],
+                    "responses": {
+                        "200": {"description": "A page", "content": json_content("ModelPage")},
+                        **anthropic_errors,
+                    },
+                }
+            },
             "/api/models": {
                 "get": {
                     "operationId": "listModels",
@@ -80,7 +147,10 @@ def document() -> dict[str, Any]:
         },
         "components": {
             "schemas": schemas,
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer"},
+                "apiKey": {"type": "apiKey", "in": "header", "name": "x-api-key"},
+            },
         },
     }
 

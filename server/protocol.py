@@ -96,6 +96,12 @@ class ChatCompletionBody(Options, frozen=True, kw_only=True):
         return self.stream_options is not None and self.stream_options.include_usage
 
 
+def chat_request(body: ChatCompletionBody) -> ChatRequest:
+    """The checked body as the typed request, its `model` the id the client asked for."""
+    body.check()
+    return body.to_request(body.model)
+
+
 _decode_body = msgspec.json.Decoder(ChatCompletionBody).decode
 
 
@@ -135,6 +141,9 @@ def _split_location(text: str) -> tuple[str, str | None]:
             "as no part of the gateway would carry it"
         ), param
     return message.replace("`", "'"), param or None
+
+
+split_location = _split_location  # shared with the other dialects
 
 
 class FunctionCallBody(msgspec.Struct, frozen=True, kw_only=True):

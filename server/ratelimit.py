@@ -21,7 +21,7 @@ from cachetools import TTLCache
 from server.observe import StreamObserver
 
 if TYPE_CHECKING:
-    from server.chat import StreamState
+    from server.stream_state import StreamState
 
 log = logging.getLogger("tokenrelay.ratelimit")
 

@@ -3,27 +3,44 @@
 from __future__ import annotations
 
 import time
+from typing import Generic, TypeVar
 
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from providers.errors import GatewayError
-from providers.types import Delta, FinishReason, ReasoningDelta, RefusalDelta, TextDelta, Usage
+from providers.types import (
+    ChatRequest,
+    Delta,
+    FinishReason,
+    ReasoningDelta,
+    RefusalDelta,
+    TextDelta,
+    Usage,
+)
 from server import protocol
 from server.catalog import Catalog
-from server.chat import ChatService, Prepared, StreamState
+from server.chat import ChatService, Prepared
 from server.errors import ClientGone
 from server.http import header_map, read_body, request_id_of, send_error, send_json
 from server.limits import Limits
 from server.ratelimit import current_principal
 from server.settings import ServerSettings
-from server.sse import CACHE_HIT_HEADER, stream_sse
+from server.sse import CACHE_HIT_HEADER, SSE_HEADERS, SSESink, stream_sse
+from server.stream_state import StreamState
 from server.streaming import race, watch_disconnect
 
+BodyT = TypeVar("BodyT")
 
-class ChatCompletions:
-    """`POST /api/chat/completions` as a plain ASGI app: one code path for JSON and SSE."""
+
+class DialectEndpoint(Generic[BodyT]):
+    """One dialect's POST route as a plain ASGI app: read and decode the body into the typed
+    request, admit it (limits, route, stream slot), then answer in the dialect's shape.
+
+    A dialect subclasses it with `decode` (wire body and typed request, or a `RequestError`
+    naming the field), `respond` and, when its errors look different, `send_error`.
+    """
 
     def __init__(
         self, service: ChatService, settings: ServerSettings, limits: Limits | None = None
@@ -31,6 +48,24 @@ class ChatCompletions:
         self._service = service
         self._settings = settings
         self._limits = limits
+
+    def decode(self, raw: bytes) -> tuple[BodyT, ChatRequest]:
+        raise NotImplementedError
+
+    async def respond(
+        self,
+        body: BodyT,
+        prepared: Prepared,
+        headers: dict[bytes, bytes],
+        rid: str,
+        started: float,
+        receive: Receive,
+        send: Send,
+    ) -> None:
+        raise NotImplementedError
+
+    async def send_error(self, send: Send, exc: GatewayError, rid: str) -> None:
+        await send_error(send, exc, rid)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.monotonic()
@@ -40,33 +75,42 @@ class ChatCompletions:
             raw = await read_body(
                 receive, headers, self._settings.max_body_bytes, self._settings.body_timeout
             )
-            body = protocol.decode_body(raw)
+            body, request = self.decode(raw)
             if self._limits is not None:
                 self._limits.check_depth(raw)
-                self._limits.check_body(body)
             cache_control = headers.get(b"cache-control")
             prepared = self._service.prepare(
-                body, cache_control.decode("latin-1") if cache_control else None
+                request, cache_control.decode("latin-1") if cache_control else None
             )
         except ClientGone:
             return
         except GatewayError as exc:
-            await send_error(send, exc, rid)
+            await self.send_error(send, exc, rid)
             return
         principal = current_principal.get() if self._limits is not None else None
         try:
             if self._limits is not None:
                 self._limits.stream_slot(principal)
         except GatewayError as exc:
-            await send_error(send, exc, rid)
+            await self.send_error(send, exc, rid)
             return
         try:
-            await self._respond(body, prepared, headers, rid, started, receive, send)
+            await self.respond(body, prepared, headers, rid, started, receive, send)
         finally:
             if self._limits is not None:
                 self._limits.end_stream(principal)
 
-    async def _respond(
+
+class ChatCompletions(DialectEndpoint[protocol.ChatCompletionBody]):
+    """`POST /api/chat/completions`: one code path for JSON and SSE."""
+
+    def decode(self, raw: bytes) -> tuple[protocol.ChatCompletionBody, ChatRequest]:
+        body = protocol.decode_body(raw)
+        if self._limits is not None:
+            self._limits.check_body(body)
+        return body, protocol.chat_request(body)
+
+    async def respond(
         self,
         body: protocol.ChatCompletionBody,
         prepared: Prepared,
@@ -82,17 +126,11 @@ class ChatCompletions:
         completion_id = f"chatcmpl-{rid}"
         extra = [(b"x-request-id", rid.encode())]
         if stream:
-            await stream_sse(
-                self._service,
-                prepared,
-                state,
-                receive,
-                send,
-                completion_id=completion_id,
-                created=created,
-                heartbeat=self._settings.sse_heartbeat,
-                extra_headers=extra,
+            sink = SSESink(
+                send, (completion_id, created), SSE_HEADERS + extra, body.include_usage, state
             )
+            heartbeat = self._settings.sse_heartbeat
+            await stream_sse(self._service, prepared, state, receive, sink, heartbeat=heartbeat)
         else:
             await self._complete(prepared, state, receive, send, completion_id, created, extra)
 
@@ -108,9 +146,7 @@ class ChatCompletions:
     ) -> None:
         """Collect the same event stream into one `chat.completion`; a disconnect cancels it."""
         collector = Collector()
-        if not await race(
-            self._service.run(prepared, collector, state), watch_disconnect(receive, state)
-        ):
+        if not await collect(self._service, prepared, state, receive, collector):
             return
         if collector.failure is not None:
             await send_error(send, collector.failure, state.request_id)
@@ -129,6 +165,17 @@ class ChatCompletions:
         if state.cached:
             extra = [*extra, CACHE_HIT_HEADER]
         await send_json(send, 200, protocol.encode(completion), extra)
+
+
+async def collect(
+    service: ChatService,
+    prepared: Prepared,
+    state: StreamState,
+    receive: Receive,
+    collector: Collector,
+) -> bool:
+    """Run the stream into `collector`; False when the client went away (which cancels it)."""
+    return await race(service.run(prepared, collector, state), watch_disconnect(receive, state))
 
 
 class Collector:

@@ -1,4 +1,7 @@
-"""Server-sent events: an OpenAI-compatible `chat.completion.chunk` stream ending in `[DONE]`.
+"""Server-sent events: the framing every SSE dialect shares, and Chat Completions' chunk stream.
+
+A Chat Completions stream is `chat.completion.chunk` events ending in `[DONE]`; other dialects
+subclass `EventStreamSink` with their own events (see `server/dialects/`).
 
 Headers go out with the first token (or the first heartbeat), so a failure before that is an
 ordinary JSON error with its HTTP status; after it, a failure is an SSE event carrying the same
@@ -14,9 +17,10 @@ from starlette.types import Receive, Send
 from providers.errors import GatewayError
 from providers.types import Delta, FinishReason, ReasoningDelta, RefusalDelta, TextDelta, Usage
 from server import protocol
-from server.chat import ChatService, Prepared, StreamState
+from server.chat import ChatService, Prepared
 from server.errors import ErrorEnvelope, error_body
 from server.http import send_error
+from server.stream_state import StreamState
 from server.streaming import race, watch_disconnect
 
 CACHE_HIT_HEADER = (b"x-tokenrelay-cache", b"hit")
@@ -27,34 +31,19 @@ SSE_HEADERS = [
 ]
 
 
-class SSESink:
-    """Writes one stream as SSE; tracks whether headers went out and when anything was last sent."""
+class EventStreamSink:
+    """What every SSE dialect shares: headers with the first output (or the first keepalive),
+    keepalives while nothing else is sent, and an error as a JSON response before the headers
+    or as an event after them. A dialect's subclass frames the deltas and the finish itself
+    (its `delta` is the per-chunk hot path: one `isinstance` chain, byte templates, one send)
+    and says how its keepalive and its errors look.
+    """
 
-    __slots__ = (
-        "_send",
-        "_framer",
-        "_completion",
-        "_headers",
-        "_usage",
-        "_state",
-        "started",
-        "complete",
-        "last_sent",
-    )
+    __slots__ = ("_send", "_headers", "_state", "started", "complete", "last_sent")
 
-    def __init__(
-        self,
-        send: Send,
-        completion: tuple[str, int],
-        headers: list[tuple[bytes, bytes]],
-        include_usage: bool,
-        state: StreamState,
-    ) -> None:
+    def __init__(self, send: Send, headers: list[tuple[bytes, bytes]], state: StreamState) -> None:
         self._send = send
-        self._framer: protocol.ChunkFramer | None = None
-        self._completion = completion  # (id, created) shared by every chunk
         self._headers = headers
-        self._usage = include_usage
         self._state = state
         self.started = False
         self.complete = False
@@ -71,6 +60,64 @@ class SSESink:
         if self._state.cached:  # known before the first event, as the lookup comes first
             headers = [*headers, CACHE_HIT_HEADER]
         await self._send({"type": "http.response.start", "status": 200, "headers": headers})
+
+    def keepalive_event(self) -> bytes:
+        """What is sent to keep the stream alive: a comment line, unless the dialect says."""
+        return protocol.SSE_HEARTBEAT
+
+    async def end(self) -> None:
+        """Close the response body."""
+        await self._send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def delta(self, event: Delta) -> None:
+        raise NotImplementedError
+
+    async def finish(self, reason: FinishReason, usage: Usage) -> None:
+        raise NotImplementedError
+
+    async def error(self, exc: GatewayError) -> None:
+        if not self.started:
+            self.started = self.complete = True
+            await self.error_response(exc)
+            return
+        await self._body(self.error_event(exc))
+
+    async def error_response(self, exc: GatewayError) -> None:
+        """The whole response for a failure before the headers went out."""
+        await send_error(self._send, exc, self._state.request_id)
+
+    def error_event(self, exc: GatewayError) -> bytes:
+        """The event for a failure after the headers went out."""
+        return protocol.sse_event(ErrorEnvelope(error_body(exc, self._state.request_id)))
+
+    async def keepalive(self, interval: float) -> None:
+        """Send a heartbeat whenever nothing else was sent for `interval` seconds."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(max(self.last_sent + interval - loop.time(), 0.0))
+            if loop.time() - self.last_sent >= interval:
+                if not self.started:
+                    await self._start()
+                await self._body(self.keepalive_event())
+
+
+class SSESink(EventStreamSink):
+    """Chat Completions: `chat.completion.chunk` events ending in `[DONE]`."""
+
+    __slots__ = ("_framer", "_completion", "_usage")
+
+    def __init__(
+        self,
+        send: Send,
+        completion: tuple[str, int],
+        headers: list[tuple[bytes, bytes]],
+        include_usage: bool,
+        state: StreamState,
+    ) -> None:
+        super().__init__(send, headers, state)
+        self._framer: protocol.ChunkFramer | None = None
+        self._completion = completion  # (id, created) shared by every chunk
+        self._usage = include_usage
 
     async def _open(self) -> protocol.ChunkFramer:
         """At the first output: the framer for the model that answers (a fallback, maybe)."""
@@ -109,49 +156,21 @@ class SSESink:
             data += framer.usage(usage)
         await self._body(data + protocol.SSE_DONE)
 
-    async def error(self, exc: GatewayError) -> None:
-        if not self.started:
-            self.started = self.complete = True
-            await send_error(self._send, exc, self._state.request_id)
-            return
-        body = ErrorEnvelope(error_body(exc, self._state.request_id))
-        await self._body(protocol.sse_event(body))
-
-    async def keepalive(self, interval: float) -> None:
-        """Send a comment whenever nothing else was sent for `interval` seconds."""
-        loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(max(self.last_sent + interval - loop.time(), 0.0))
-            if loop.time() - self.last_sent >= interval:
-                if not self.started:
-                    await self._start()
-                await self._body(protocol.SSE_HEARTBEAT)
-
 
 async def stream_sse(
     service: ChatService,
     prepared: Prepared,
     state: StreamState,
     receive: Receive,
-    send: Send,
+    sink: EventStreamSink,
     *,
-    completion_id: str,
-    created: int,
     heartbeat: float,
-    extra_headers: list[tuple[bytes, bytes]],
 ) -> None:
     """Serve one SSE stream until it ends or the client disconnects (which cancels it)."""
-    sink = SSESink(
-        send,
-        (completion_id, created),
-        SSE_HEADERS + extra_headers,
-        prepared.body.include_usage,
-        state,
-    )
     finished = await race(
         service.run(prepared, sink, state),
         sink.keepalive(heartbeat),
         watch_disconnect(receive, state),
     )
     if finished and not sink.complete:
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        await sink.end()

@@ -8,7 +8,7 @@ from typing import Any
 
 from starlette.types import Receive
 
-from server.chat import StreamState
+from server.stream_state import StreamState
 
 
 async def watch_disconnect(receive: Receive, state: StreamState) -> None:

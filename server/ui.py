@@ -83,11 +83,12 @@ class SecureStatic:
 
 
 class _UIMount(Mount):
-    """A mount at `/` that leaves `/api/...` alone, so the API keeps its own 404 and 405 answers."""
+    """A mount at `/` that leaves `/api/...` (and `/v1/...`, where API clients pointed at the
+    host rather than at `/api` land) alone, so the API keeps its own 404 and 405 answers."""
 
     def matches(self, scope: Scope) -> tuple[Match, Scope]:
         path: str = scope.get("path", "")
-        if path == "/api" or path.startswith("/api/"):
+        if path in ("/api", "/v1") or path.startswith(("/api/", "/v1/")):
             return Match.NONE, {}
         return super().matches(scope)
 

@@ -21,7 +21,7 @@ from starlette.types import Receive, Scope, Send
 from providers.errors import GatewayError, InvalidRequestError
 from providers.types import Delta, FinishReason, ReasoningDelta, RefusalDelta, TextDelta, Usage
 from server import metrics, protocol
-from server.chat import ChatService, StreamState
+from server.chat import ChatService
 from server.errors import (
     ClientGone,
     DuplicateStreamError,
@@ -33,6 +33,7 @@ from server.errors import (
 from server.limits import FrameMeter, Limits
 from server.ratelimit import current_principal
 from server.settings import WebSocketSettings
+from server.stream_state import StreamState
 
 log = logging.getLogger("tokenrelay.ws")
 _FRAMES_IN = {kind: metrics.WS_FRAMES.labels("in", kind) for kind in metrics.FRAME_TYPES}
@@ -244,7 +245,9 @@ class Connection:
         try:
             if self._limits is not None:
                 self._limits.check_body(frame.request)
-            prepared = self._service.prepare(frame.request, frame.cache_control)
+            prepared = self._service.prepare(
+                protocol.chat_request(frame.request), frame.cache_control
+            )
             await self._admit()
         except GatewayError as exc:
             await self._reject(frame.id, exc)

@@ -98,6 +98,7 @@ class Plan:
     tools: list[FakeToolCall] = field(default_factory=list)
     # (call, fragment) per tool slot; a call without fragments still takes one slot.
     tool_slots: list[tuple[int, int]] = field(default_factory=list)
+    stop_sequence: str | None = None  # Anthropic's: which stop sequence ended the answer
 
     @property
     def deltas(self) -> int:
@@ -370,7 +371,7 @@ class AnthropicStream:
                 "type": "message_delta",
                 "delta": {
                     "stop_reason": anthropic_stop_reason(plan.finish_reason),
-                    "stop_sequence": None,
+                    "stop_sequence": plan.stop_sequence,
                 },
                 "usage": {"output_tokens": plan.deltas},
             },
@@ -461,7 +462,7 @@ def anthropic_message(request_id: int, model: str, plan: Plan) -> bytes:
             "model": model,
             "content": content,
             "stop_reason": anthropic_stop_reason(plan.finish_reason),
-            "stop_sequence": None,
+            "stop_sequence": plan.stop_sequence,
             "usage": {"input_tokens": plan.prompt_tokens, "output_tokens": plan.deltas},
         }
     )

@@ -25,7 +25,12 @@ log = logging.getLogger(__name__)
 
 _MAX_HEAD = 64 * 1024
 _TERMINATOR = b"0\r\n\r\n"
-_ROUTES = {("POST", "/v1/chat/completions"), ("POST", "/v1/messages"), ("GET", "/v1/models")}
+_ROUTES = {
+    ("POST", "/v1/chat/completions"),
+    ("POST", "/v1/messages"),
+    ("POST", "/v1/messages/count_tokens"),
+    ("GET", "/v1/models"),
+}
 _SSE_HEAD = (
     b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\n"
     b"cache-control: no-cache\r\ntransfer-encoding: chunked\r\n"
@@ -516,7 +521,7 @@ class FakeUpstream:
                 bad_json = True
         is_dict = isinstance(body, dict)
         model = body.get("model") if is_dict else None
-        anthropic = path == "/v1/messages" or (
+        anthropic = path.startswith("/v1/messages") or (
             path != "/v1/chat/completions" and "anthropic-version" in headers
         )
         req = RecordedRequest(
@@ -552,6 +557,10 @@ class FakeUpstream:
             script = (
                 self.scripts.get(req.model, self.default) if req.model is not None else self.default
             )
+            if path == "/v1/messages/count_tokens":  # the script's prompt_tokens is the count
+                count = msgspec.json.encode({"input_tokens": script.prompt_tokens})
+                self._send_json(conn, req, script.status, count)
+                return
             respond = functools.partial(self._respond, conn, req, self._request_ids, script)
             if script.headers_delay > 0:
                 self._later(script.headers_delay, respond)
@@ -665,8 +674,16 @@ def _plan(body: dict[str, Any], script: Script) -> Plan:
         content = content[: max(limit, 0)]
         finish = "length"
         tools = []
+    # Scripted "stop_sequence": the request's first stop sequence ended the answer.
+    stops = body.get("stop_sequences") or [None]
     return Plan(
-        script.reasoning, content, finish, script.prompt_tokens, tools, formats.tool_plan(tools)
+        script.reasoning,
+        content,
+        finish,
+        script.prompt_tokens,
+        tools,
+        formats.tool_plan(tools),
+        stops[0] if finish == "stop_sequence" else None,
     )
 
 

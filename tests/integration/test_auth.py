@@ -82,6 +82,8 @@ ROUTES = [
     ("GET", "/api/ws"),
     ("GET", "/metrics"),
     ("GET", "/api/no-such-route"),
+    ("POST", "/api/v1/messages"),
+    ("POST", "/api/v1/messages/count_tokens"),
 ]
 
 
@@ -97,7 +99,8 @@ ROUTES = [
         [("Authorization", f"Token {KEY}")],
         [("Authorization", f"Bearer {KEY} extra")],
         [("Authorization", f"Bearer {KEY}x")],
-        [("X-Api-Key", KEY)],
+        [("X-Api-Key", REVOKED)],
+        [("X-Api-Key", KEY), ("Authorization", f"Bearer {OTHER}")],
         [("Authorization", f"Bearer {KEY}"), ("Authorization", f"Bearer {REVOKED}")],
         [("Authorization", f"Bearer {KEY}"), ("Authorization", f"Bearer {OTHER}")],
         [("Authorization", f"Bearer {REVOKED}"), ("Authorization", f"Bearer {KEY}")],
@@ -110,16 +113,27 @@ async def test_every_route_and_spelling_refuses_a_bad_key(
     for target in variants(path):
         status, response = await raw(gateway, method, target, credentials, CHAT)
         assert status == 401, (target, response[:300])
-        assert b'"code":"invalid_api_key"' in response
+        # The Messages API answers in Anthropic's error shape.
+        assert (
+            b'"code":"invalid_api_key"' in response or b'"type":"authentication_error"' in response
+        )
         assert KEY.encode() not in response and REVOKED.encode() not in response
 
 
 @pytest.mark.parametrize(
     "header",
-    [f"Bearer {KEY}", f"bearer {KEY}", f"BEARER {KEY}", f"Bearer   {KEY}", f"Bearer {OTHER}"],
+    [
+        f"Bearer {KEY}",
+        f"bearer {KEY}",
+        f"BEARER {KEY}",
+        f"Bearer   {KEY}",
+        f"Bearer {OTHER}",
+        "x-api-key",  # as Anthropic's clients send it
+    ],
 )
 async def test_a_valid_key_is_let_in(gateway: str, header: str) -> None:
-    async with httpx2.AsyncClient(base_url=gateway, headers={"Authorization": header}) as http:
+    name, value = ("x-api-key", KEY) if header == "x-api-key" else ("Authorization", header)
+    async with httpx2.AsyncClient(base_url=gateway, headers={name: value}) as http:
         assert (await http.get("/api/models")).status_code == 200
         assert (await http.get("/metrics")).status_code == 200
         assert (await http.get("/api/openapi.json")).status_code == 200

@@ -30,7 +30,13 @@ def test_the_document_is_published_behind_the_key(gateway: str) -> None:
     response = httpx2.get(gateway + "/api/openapi.json", headers={"Authorization": f"Bearer {KEY}"})
     document = response.json()
     assert document["openapi"].startswith("3.1")
-    assert set(document["paths"]) == {"/api/chat/completions", "/api/models"}
+    assert set(document["paths"]) == {
+        "/api/chat/completions",
+        "/api/models",
+        "/api/v1/messages",
+        "/api/v1/messages/count_tokens",
+        "/api/v1/models",
+    }
 
 
 @pytest.mark.parametrize("operation", ["POST /api/chat/completions", "GET /api/models"])

@@ -32,7 +32,7 @@ from providers.types import (
 )
 from server.chat import ChatService, StreamState
 from server.errors import ClientGone
-from server.protocol import decode_body
+from server.protocol import chat_request, decode_body
 
 Script = Callable[["FakeProvider", ChatRequest], AsyncIterator[Event]]
 FOREVER = 3600
@@ -114,7 +114,9 @@ async def run(
     provider = FakeProvider(script)
     service = service_for(provider, **timeouts)
     prepared = service.prepare(
-        decode_body(b'{"model":"p/x","messages":[{"role":"user","content":"say hi now"}]}')
+        chat_request(
+            decode_body(b'{"model":"p/x","messages":[{"role":"user","content":"say hi now"}]}')
+        )
     )
     sink = sink or RecordingSink()
     state = StreamState("req-123", started_at=0.0, transport="rest")
@@ -294,7 +296,7 @@ async def test_client_gone_propagates_and_closes_the_upstream() -> None:
     provider = FakeProvider(script)
     service = service_for(provider)
     prepared = service.prepare(
-        decode_body(b'{"model":"p/x","messages":[{"role":"user","content":"hi"}]}')
+        chat_request(decode_body(b'{"model":"p/x","messages":[{"role":"user","content":"hi"}]}'))
     )
     sink = RecordingSink(gone=True)
     state = StreamState("r", 0.0, "rest")
@@ -368,7 +370,7 @@ async def test_cancel_propagates_and_closes_the_upstream() -> None:
     provider = FakeProvider(script)
     service = service_for(provider, first_token_timeout=FOREVER, idle_timeout=FOREVER)
     prepared = service.prepare(
-        decode_body(b'{"model":"p/x","messages":[{"role":"user","content":"hi"}]}')
+        chat_request(decode_body(b'{"model":"p/x","messages":[{"role":"user","content":"hi"}]}'))
     )
     sink = RecordingSink()
     state = StreamState("req-9", started_at=0.0, transport="rest")
@@ -393,7 +395,7 @@ async def test_cancel_before_first_token() -> None:
     provider = FakeProvider(script)
     service = service_for(provider, first_token_timeout=FOREVER, idle_timeout=FOREVER)
     prepared = service.prepare(
-        decode_body(b'{"model":"p/x","messages":[{"role":"user","content":"hi"}]}')
+        chat_request(decode_body(b'{"model":"p/x","messages":[{"role":"user","content":"hi"}]}'))
     )
     sink = RecordingSink()
     task = asyncio.create_task(service.run(prepared, sink, StreamState("r", 0.0, "rest")))
