@@ -1,4 +1,4 @@
-"""Third-party clients against the gateway: LangChain, pydantic-ai and instructor.
+"""Third-party clients against the gateway: LangChain and pydantic-ai.
 
 Each library builds its own Chat Completions requests (tools, forced tool choice, strict JSON
 schemas, streamed tool calls) and parses the answers with its own code, so these tests show
@@ -17,7 +17,6 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal
 
 import httpx2
-import instructor
 import openai
 import pydantic
 import pytest
@@ -345,84 +344,6 @@ async def test_pydantic_ai_image_input(api: str, wire: Wire) -> None:
     assert image == "data:image/png;base64," + base64.b64encode(PNG).decode()
 
 
-# instructor
-
-
-@pytest.fixture
-def sdk(api: str, wire: Wire) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=api, api_key="unused", http_client=wire.http, max_retries=0)
-
-
-async def test_instructor_tools_mode(sdk: openai.AsyncOpenAI, wire: Wire) -> None:
-    client = instructor.from_openai(sdk, mode=instructor.Mode.TOOLS)
-    forecast = await client.chat.completions.create(
-        model="demo/echo",
-        response_model=Forecast,
-        messages=[{"role": "user", "content": QUESTION}],
-        max_retries=0,
-    )
-    assert isinstance(forecast, Forecast)  # instructor's subclass, so compare the fields
-    assert forecast.model_dump() == WEATHER_ARGS | {"days": 2, "sunny": True, "hours": [1.0]}
-    [sent] = wire.bodies
-    assert sent["tool_choice"] == {"type": "function", "function": {"name": "Forecast"}}
-
-
-async def test_instructor_json_schema_mode(sdk: openai.AsyncOpenAI, wire: Wire) -> None:
-    client = instructor.from_openai(sdk, mode=instructor.Mode.JSON_SCHEMA)
-    forecast = await client.chat.completions.create(
-        model="demo/echo",
-        response_model=Forecast,
-        messages=[{"role": "user", "content": QUESTION}],
-        max_retries=0,
-    )
-    assert isinstance(forecast, Forecast)
-    assert forecast.model_dump() == {
-        **WEATHER_ARGS,
-        "city": QUESTION,
-        "days": 2,
-        "sunny": True,
-        "hours": [1.0],
-    }
-    [sent] = wire.bodies
-    assert sent["response_format"]["type"] == "json_schema"
-    assert sent["response_format"]["json_schema"]["name"] == "Forecast"
-
-
-async def test_instructor_json_mode(sdk: openai.AsyncOpenAI, wire: Wire) -> None:
-    client = instructor.from_openai(sdk, mode=instructor.Mode.JSON)
-    answer = await client.chat.completions.create(
-        model="demo/echo",
-        response_model=Answer,
-        messages=[{"role": "user", "content": QUESTION}],
-        max_retries=0,
-    )
-    assert isinstance(answer, Answer) and answer.answer == QUESTION
-    # JSON mode puts the schema in a system message and asks for any JSON object.
-    [sent] = wire.bodies
-    assert sent["response_format"] == {"type": "json_object"}
-    assert [m["role"] for m in sent["messages"]] == ["system", "user"]
-
-
-async def test_instructor_partial_objects_from_a_streamed_tool_call(
-    sdk: openai.AsyncOpenAI, wire: Wire
-) -> None:
-    client = instructor.from_openai(sdk, mode=instructor.Mode.TOOLS)
-    partials = [
-        partial
-        async for partial in client.chat.completions.create_partial(
-            model="demo/echo",
-            response_model=Forecast,
-            messages=[{"role": "user", "content": QUESTION}],
-            max_retries=0,
-        )
-    ]
-    assert len(partials) >= 3
-    assert partials[0].city is None
-    assert partials[-1].model_dump() == WEATHER_ARGS | {"days": 2, "sunny": True, "hours": [1.0]}
-    [sent] = wire.bodies
-    assert sent["stream"] is True
-
-
 # Through an OpenAI-kind upstream (the fake, answering a forecast as JSON text)
 
 PARIS = Forecast(city="Paris", unit="celsius", days=3, sunny=False, hours=[6.5, 7.0])
@@ -474,23 +395,6 @@ async def test_pydantic_ai_native_output_reaches_the_upstream_as_sent(
     [received] = upstream.by_model(name)
     assert without_stream_fields(received.body) == without_stream_fields(sent)
     assert received.body["tools"][0]["function"]["name"] == "city_weather"
-
-
-async def test_instructor_json_schema_reaches_the_upstream_as_sent(
-    sdk: openai.AsyncOpenAI, wire: Wire, model: Model, upstream: FakeUpstream
-) -> None:
-    name = model(text=PARIS_PIECES)
-    client = instructor.from_openai(sdk, mode=instructor.Mode.JSON_SCHEMA)
-    forecast = await client.chat.completions.create(
-        model=f"oai/{name}",
-        response_model=Forecast,
-        messages=[{"role": "user", "content": QUESTION}],
-        max_retries=0,
-    )
-    assert isinstance(forecast, Forecast) and forecast.model_dump() == PARIS.model_dump()
-    [sent] = wire.bodies
-    [received] = upstream.by_model(name)
-    assert without_stream_fields(received.body) == without_stream_fields(sent)
 
 
 @pytest.mark.parametrize("provider", ["oai", "ant"])
