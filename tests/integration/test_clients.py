@@ -17,7 +17,6 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal
 
 import httpx2
-import openai
 import pydantic
 import pytest
 from langchain_core.messages import (
