@@ -40,4 +40,4 @@ def test_every_problem_is_reported() -> None:
 def test_unknown_keys_are_refused() -> None:
     with pytest.raises(SettingsError) as caught:
         load(None, {"TOKENRELAY_CLASSIFIER__ADRESS": "127.0.0.1:1"})
-    assert caught.value.problems == ["classifier.adress: unknown setting"]
+    assert caught.value.problems == ["classifier.adress: unknown setting; did you mean 'address'?"]
