@@ -30,7 +30,7 @@ from prometheus_client import (
 )
 
 if os.environ.get("PROMETHEUS_DISABLE_CREATED_SERIES", "").lower() not in ("false", "0", "f"):
-    disable_created_metrics()
+    disable_created_metrics()  # type: ignore[no-untyped-call]
 
 Transport = Literal["rest", "sse", "ws"]
 Outcome = Literal["completed", "cancelled", "client_disconnected", "error", "timeout"]
