@@ -395,3 +395,18 @@ async def test_many_concurrent_streams(client: openai.AsyncOpenAI, model: Model)
 
     results = await asyncio.gather(*(one() for _ in range(50)))
     assert set(results) == {"".join(f"tok{i} " for i in range(20))}
+
+
+async def test_demo_example_names_the_address_in_use(gateway: str) -> None:
+    """The demo answer's client example points at the gateway as it was reached, not :8000."""
+    body = {"model": "demo/echo", "messages": HELLO}
+    async with httpx2.AsyncClient(timeout=30) as http:
+        answer = (await http.post(gateway + "/api/chat/completions", json=body)).json()
+        text = answer["choices"][0]["message"]["content"]
+        assert f'base_url="{gateway}/api"' in text
+        assert ":8000" not in gateway  # a free port, so the default could not pass by chance
+        named = await http.post(
+            gateway + "/api/chat/completions", json=body, headers={"host": "chat.example.com"}
+        )
+        text = named.json()["choices"][0]["message"]["content"]
+        assert 'base_url="http://chat.example.com/api"' in text
