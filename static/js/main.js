@@ -2,7 +2,9 @@
 import { Store } from "./store.js";
 import { Transport } from "./transport.js";
 import { loadCatalogue, describe } from "./models.js";
-import { messageElement, updateAssistant, streamInto } from "./messages.js";
+import { messageElement, updateAssistant, streamInto, renderToolCalls } from "./messages.js";
+import { EXAMPLE_TOOL, DEMO_TOOLS_MODEL, mergeToolCalls, callState, requestMessages } from "./tools.js";
+import { wireAttachments, NO_VISION } from "./attachments.js";
 
 const $ = (id) => document.getElementById(id);
 const ui = {
@@ -20,9 +22,19 @@ const ui = {
   connection: $("connection"),
   announcer: $("announcer"),
   toggle: $("toggle-sidebar"),
+  exampleTool: $("example-tool"),
+  attach: $("attach"),
+  attachInput: $("attach-input"),
+  tray: $("attachments"),
+  composerNote: $("composer-note"),
+  storageNote: $("storage-note"),
 };
 
-const store = new Store();
+const store = new Store(window.localStorage, {
+  onSaved(ok) {
+    ui.storageNote.hidden = ok;
+  },
+});
 let catalogue = { groups: [], models: new Map(), note: "" };
 let active = null; // {stream, message, article, renderer, conversation}
 
@@ -66,7 +78,7 @@ function refreshLastActions() {
   const messages = store.current.messages;
   for (const article of ui.messages.querySelectorAll("article.assistant")) {
     const i = Number(article.dataset.index);
-    updateAssistant(article, messages[i], { last: i === messages.length - 1 });
+    updateAssistant(article, messages[i], { last: i === messages.length - 1, calls: callState(messages, i) });
   }
 }
 
@@ -162,6 +174,21 @@ async function loadModels() {
   const remembered = store.model;
   if (remembered && catalogue.models.has(remembered)) ui.model.value = remembered;
   showModelInfo();
+  showAttach();
+}
+
+/** Whether the chosen model reads images (its catalogue categories include "vision"). */
+function hasVision(id = ui.model.value) {
+  return Boolean(catalogue.models.get(id)?.categories.includes("vision"));
+}
+
+function showAttach() {
+  const vision = hasVision();
+  ui.attach.hidden = !vision;
+  ui.attachInput.disabled = !vision;
+  ui.tray.classList.toggle("unreadable", !vision);
+  if (!vision && attachments.list.length) note(NO_VISION, "vision");
+  else if (vision && ui.composerNote.dataset.kind === "vision") note("");
 }
 
 function showModelInfo() {
@@ -171,21 +198,28 @@ function showModelInfo() {
 
 ui.model.addEventListener("change", () => {
   store.model = ui.model.value;
+  // The demo tools model only shows anything with a tool to call: offer the example one.
+  if (ui.model.value === DEMO_TOOLS_MODEL && !ui.exampleTool.checked) {
+    ui.exampleTool.checked = true;
+    store.exampleTool = true;
+  }
   showModelInfo();
+  showAttach();
+});
+
+ui.exampleTool.checked = store.exampleTool;
+ui.exampleTool.addEventListener("change", () => {
+  store.exampleTool = ui.exampleTool.checked;
 });
 
 // ---- sending and streaming ---------------------------------------------------------------
 
-function history(messages) {
-  return messages
-    .filter((m) => (m.role === "user" || m.role === "assistant") && m.content)
-    .map((m) => ({ role: m.role, content: m.content }));
-}
-
-function send(text) {
-  if (active || !text.trim()) return;
+function send(text, images) {
+  if (active || !(text.trim() || images.length)) return;
   const conversation = store.current;
-  conversation.messages.push({ role: "user", content: text });
+  const message = { role: "user", content: text };
+  if (images.length) message.images = images;
+  conversation.messages.push(message);
   const article = messageElement(conversation.messages.at(-1), conversation.messages.length - 1);
   ui.messages.append(article);
   answer(conversation);
@@ -194,7 +228,8 @@ function send(text) {
 /** Appends an assistant message to `conversation` and streams the answer into it. */
 async function answer(conversation) {
   const model = ui.model.value;
-  const request = { model, messages: history(conversation.messages) };
+  const request = { model, messages: requestMessages(conversation.messages, { images: hasVision(model) }) };
+  if (ui.exampleTool.checked) request.tools = [EXAMPLE_TOOL];
   const message = { role: "assistant", content: "", reasoning: "", status: "streaming", model, meta: {} };
   conversation.messages.push(message);
   store.touch(conversation);
@@ -208,10 +243,20 @@ async function answer(conversation) {
   setBusy(true);
   scrollToEnd(true);
   active.stream = await transport.start(request, {
-    onDelta({ text, reasoning }) {
+    onDelta({ text, reasoning, refusal, tool_calls: fragments }) {
       if (reasoning) {
         message.reasoning += reasoning;
         updateAssistant(article, message);
+      }
+      if (refusal) {
+        message.refusal = (message.refusal || "") + refusal;
+        updateAssistant(article, message);
+      }
+      if (Array.isArray(fragments)) {
+        const first = !message.tool_calls;
+        message.tool_calls = mergeToolCalls(message.tool_calls || [], fragments);
+        if (first) updateAssistant(article, message);
+        else renderToolCalls(article, message);
       }
       if (text) {
         const first = !message.content;
@@ -234,7 +279,8 @@ async function answer(conversation) {
         cached: frame.cached === true,
         transport: frame.transport,
       };
-      finish(message.status === "stopped" ? "Answer stopped." : "Answer complete.");
+      const calls = message.tool_calls?.length;
+      finish(message.status === "stopped" ? "Answer stopped." : calls ? "The model called a tool; its result is asked for below the call." : "Answer complete.");
     },
     onError(error) {
       message.status = "error";
@@ -252,7 +298,12 @@ function finish(announcement) {
   renderer.flush();
   active = null;
   store.touch(conversation);
-  if (conversation === store.current) refreshLastActions();
+  if (conversation === store.current) {
+    // A reader following the answer also sees what finishing adds (such as the tool result form).
+    const following = ui.messages.scrollHeight - ui.messages.scrollTop - ui.messages.clientHeight < 120;
+    refreshLastActions();
+    if (following) scrollToEnd(true);
+  }
   setBusy(false);
   ui.announcer.textContent = announcement;
 }
@@ -298,6 +349,9 @@ ui.messages.addEventListener("click", (event) => {
     case "edit":
       if (!active) startEdit(article, index);
       break;
+    case "zoom-image":
+      target.setAttribute("aria-pressed", String(target.getAttribute("aria-pressed") !== "true"));
+      break;
     default:
       break;
   }
@@ -305,7 +359,7 @@ ui.messages.addEventListener("click", (event) => {
 
 function startEdit(article, index) {
   const conversation = store.current;
-  const original = conversation.messages[index].content;
+  const { content: original, images } = conversation.messages[index];
   const form = document.createElement("form");
   form.className = "edit";
   const area = document.createElement("textarea");
@@ -323,9 +377,9 @@ function startEdit(article, index) {
   article.querySelector(".actions").hidden = true;
   area.focus();
   const submit = () => {
-    if (active || !area.value.trim()) return;
+    if (active || !(area.value.trim() || images?.length)) return;
     conversation.messages.splice(index);
-    conversation.messages.push({ role: "user", content: area.value });
+    conversation.messages.push(images?.length ? { role: "user", content: area.value, images } : { role: "user", content: area.value });
     renderConversation();
     answer(conversation);
   };
@@ -342,10 +396,64 @@ function startEdit(article, index) {
 ui.composer.addEventListener("submit", (event) => {
   event.preventDefault();
   const text = ui.prompt.value;
-  if (active || !text.trim()) return;
+  if (active || !(text.trim() || attachments.list.length)) return;
+  if (attachments.list.length && !hasVision()) {
+    note(NO_VISION, "vision");
+    return;
+  }
   ui.prompt.value = "";
   autosize();
-  send(text);
+  note("");
+  send(text, attachments.take());
+});
+
+// ---- tool results -------------------------------------------------------------------------
+
+/** Sends what the user typed as each pending call's result, then asks the model to go on. */
+function sendToolResults(form) {
+  if (active) return;
+  const areas = [...form.querySelectorAll("textarea")];
+  const empty = areas.find((a) => !a.value.trim());
+  if (empty) {
+    empty.focus();
+    return;
+  }
+  const conversation = store.current;
+  for (const area of areas) {
+    conversation.messages.push({ role: "tool", tool_call_id: area.dataset.callId, name: area.dataset.name, content: area.value });
+  }
+  renderConversation();
+  ui.prompt.focus();
+  answer(conversation);
+}
+
+ui.messages.addEventListener("submit", (event) => {
+  const form = event.target.closest("form.tool-reply-form");
+  if (!form) return;
+  event.preventDefault();
+  sendToolResults(form);
+});
+
+ui.messages.addEventListener("keydown", (event) => {
+  const form = event.target.closest?.("form.tool-reply-form");
+  if (form && event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+    event.preventDefault();
+    sendToolResults(form);
+  }
+});
+
+// ---- attachments --------------------------------------------------------------------------
+
+function note(text, kind = "") {
+  ui.composerNote.textContent = text;
+  ui.composerNote.dataset.kind = kind;
+  ui.composerNote.hidden = !text;
+}
+
+const attachments = wireAttachments({
+  button: ui.attach, input: ui.attachInput, tray: ui.tray, prompt: ui.prompt, dropZone: ui.composer,
+  canAttach: () => hasVision(),
+  note,
 });
 
 ui.prompt.addEventListener("keydown", (event) => {

@@ -2,14 +2,17 @@
 
 const KEY = "tokenrelay.conversations.v1";
 const MODEL_KEY = "tokenrelay.model";
+const TOOL_KEY = "tokenrelay.exampleTool";
 
 function newId() {
   return `c${Date.now().toString(36)}${Math.random().toString(36).slice(2, 8)}`;
 }
 
 export class Store {
-  constructor(storage = window.localStorage) {
+  /** `onSaved(ok)` is told after each write whether it worked (it fails when storage is full). */
+  constructor(storage = window.localStorage, { onSaved = () => {} } = {}) {
     this.storage = storage;
+    this.onSaved = onSaved;
     this.conversations = [];
     this.currentId = null;
     this.load();
@@ -31,8 +34,10 @@ export class Store {
   save() {
     try {
       this.storage.setItem(KEY, JSON.stringify({ conversations: this.conversations, currentId: this.currentId }));
+      this.onSaved(true);
     } catch {
       // Storage full or disabled: the conversation still works for this page's lifetime.
+      this.onSaved(false);
     }
   }
 
@@ -73,7 +78,7 @@ export class Store {
     conversation.updated = Date.now();
     if (!conversation.titled) {
       const first = conversation.messages.find((m) => m.role === "user");
-      if (first) conversation.title = first.content.replace(/\s+/g, " ").trim().slice(0, 60) || "New chat";
+      if (first) conversation.title = first.content.replace(/\s+/g, " ").trim().slice(0, 60) || (first.images?.length ? "Image" : "New chat");
     }
     this.save();
   }
@@ -83,8 +88,21 @@ export class Store {
   }
 
   set model(id) {
+    this.setPreference(MODEL_KEY, id);
+  }
+
+  /** Whether requests offer the example tool. */
+  get exampleTool() {
+    return this.storage.getItem(TOOL_KEY) === "on";
+  }
+
+  set exampleTool(on) {
+    this.setPreference(TOOL_KEY, on ? "on" : "off");
+  }
+
+  setPreference(key, value) {
     try {
-      this.storage.setItem(MODEL_KEY, id);
+      this.storage.setItem(key, value);
     } catch {
       // Not remembered; harmless.
     }

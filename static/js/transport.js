@@ -11,6 +11,13 @@ const BACKOFF_BASE_MS = 500;
 const BACKOFF_MAX_MS = 15000;
 const PING_EVERY_MS = 25000;
 
+// The gateway's default `websocket.max_frame_bytes` (1 MiB), with room to spare.
+const MAX_FRAME_BYTES = 1000 * 1000;
+
+function frameFits(text) {
+  return text.length * 3 <= MAX_FRAME_BYTES || new TextEncoder().encode(text).length <= MAX_FRAME_BYTES;
+}
+
 let nextId = 0;
 function streamId() {
   nextId += 1;
@@ -18,7 +25,8 @@ function streamId() {
 }
 
 /**
- * A stream's callbacks: onDelta({text, reasoning}), onDone({finish_reason, usage, ttft_ms,
+ * A stream's callbacks: onDelta({text, reasoning, refusal, tool_calls}) (tool_calls in OpenAI's
+ * streamed delta shape: fragments to merge by `index`), onDone({finish_reason, usage, ttft_ms,
  * model, cached}), onError({message, type, code, status, retry_after, request_id}). Exactly one
  * of onDone/onError is called, once.
  */
@@ -123,8 +131,12 @@ export class Transport {
   }
 
   send(frame) {
+    return this.sendText(JSON.stringify(frame));
+  }
+
+  sendText(text) {
     if (this.socket?.readyState !== WebSocket.OPEN) return false;
-    this.socket.send(JSON.stringify(frame));
+    this.socket.send(text);
     return true;
   }
 
@@ -138,7 +150,7 @@ export class Transport {
     const stream = typeof frame.id === "string" ? this.streams.get(frame.id) : undefined;
     switch (frame.type) {
       case "chat.delta":
-        stream?.delta({ text: frame.text, reasoning: frame.reasoning });
+        stream?.delta({ text: frame.text, reasoning: frame.reasoning, refusal: frame.refusal, tool_calls: frame.tool_calls });
         break;
       case "chat.done":
         this.streams.delete(frame.id);
@@ -163,7 +175,10 @@ export class Transport {
   async start(request, handlers) {
     const stream = new Stream(handlers);
     const open = this.socket && (await this.opened);
-    if (open && this.send({ type: "chat.start", id: stream.id, request })) {
+    const frame = JSON.stringify({ type: "chat.start", id: stream.id, request });
+    // A frame over the socket's size limit would close the socket (1009): large requests, such
+    // as conversations with images, go over SSE, whose body limit is larger.
+    if (open && frameFits(frame) && this.sendText(frame)) {
       stream.transport = "websocket";
       this.streams.set(stream.id, stream);
       stream.cancel = () => this.send({ type: "chat.cancel", id: stream.id });
@@ -238,6 +253,8 @@ async function streamSse(body, stream, signal) {
       const choice = chunk.choices?.[0];
       if (choice?.delta?.reasoning_content) stream.delta({ reasoning: choice.delta.reasoning_content });
       if (choice?.delta?.content) stream.delta({ text: choice.delta.content });
+      if (choice?.delta?.refusal) stream.delta({ refusal: choice.delta.refusal });
+      if (Array.isArray(choice?.delta?.tool_calls)) stream.delta({ tool_calls: choice.delta.tool_calls });
       if (choice?.finish_reason) finish = choice.finish_reason;
     }
   }

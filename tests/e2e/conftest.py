@@ -195,8 +195,9 @@ def make_ui(browser: Browser, ui_upstream: FakeUpstream) -> UIFactory:
     return start
 
 
-def screenshot(page: Page, name: str) -> Path:
+def screenshot(page: Page, name: str, *, settled: bool = False) -> Path:
+    """Write `test-artifacts/<name>`; `settled` finishes running CSS transitions first."""
     ARTIFACTS.mkdir(exist_ok=True)
     path = ARTIFACTS / name
-    page.screenshot(path=str(path))
+    page.screenshot(path=str(path), animations="disabled" if settled else "allow")
     return path
