@@ -203,6 +203,8 @@ function showAvailability(failure, readiness) {
     ? { blocking: true, title: "The model list could not be loaded, so messages cannot be sent.", reasons: [failure.message] }
     : availability(catalogue, readiness);
   ui.notice.hidden = !state;
+  ui.model.disabled = !catalogue.models.size;
+  ui.modelSearch.hidden = !catalogue.models.size;
   if (state) {
     ui.notice.classList.toggle("blocking", state.blocking);
     ui.notice.querySelector(".notice-title").textContent = state.title;
