@@ -40,7 +40,7 @@ from providers.types import (
     estimate_tokens,
 )
 from server.cache import Cache, CachePolicy, completion_key
-from server.errors import ClientGone, ServerShuttingDownError, as_gateway_error
+from server.errors import ClientGone, ServerShuttingDownError, as_gateway_error, spec_for
 from server.lifecycle import Lifecycle
 from server.metrics import Outcome, Transport
 from server.observe import StreamObserver
@@ -503,5 +503,7 @@ def _retry_fields(
         "provider": state.provider,
         "attempt": attempt + 1,
         "delay_ms": round(delay * 1000, 1),
-        "error": type(exc).__name__,
+        "error": spec_for(exc).code,
+        # Why an unreachable upstream failed, and which host:port (logs only, never clients).
+        **({"upstream": exc.upstream, "cause": exc.cause} if exc.cause is not None else {}),
     }

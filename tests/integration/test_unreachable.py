@@ -84,7 +84,7 @@ def test_unreachable_upstream_says_why(
     config = (
         'demo = false\n[server]\nlog_format = "json"\n'
         f'[[providers]]\nname = "openai"\nkind = "openai"\nbase_url = "{base_url}"\n'
-        f'retries = 0\ntransport = "{transport}"\n'
+        f'retries = 1\nretry_backoff = 0.01\ntransport = "{transport}"\n'
     )
     with serve_process(config) as process:
         for stream in (False, True):
@@ -109,6 +109,14 @@ def test_unreachable_upstream_says_why(
     assert len(streams) == 2
     for line in streams:
         assert (line["provider"], line["upstream"], line["cause"]) == ("openai", address, cause)
+    retries = [line for line in lines if line.get("message") == "retrying upstream"]
+    assert len(retries) == 2
+    for line in retries:
+        assert (line["error"], line["upstream"], line["cause"]) == (
+            "upstream_unavailable",
+            address,
+            cause,
+        )
     [listing] = [line for line in lines if line.get("message") == "could not list models"]
     assert (listing["provider"], listing["upstream"], listing["cause"]) == (
         "openai",
