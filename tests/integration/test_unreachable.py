@@ -16,12 +16,12 @@ from tests.support.process import free_port, serve_process
 HELLO = [{"role": "user", "content": "hello"}]
 
 
-def refused(plain: str) -> tuple[str, str]:
+def refused(ports: dict[str, str]) -> tuple[str, str]:
     port = free_port()  # bound once and released: nothing listens there
     return f"http://127.0.0.1:{port}/v1", f"127.0.0.1:{port}"
 
 
-def unknown_host(plain: str) -> tuple[str, str]:
+def unknown_host(ports: dict[str, str]) -> tuple[str, str]:
     # RFC 6761: names under .invalid never resolve.
     return "http://tokenrelay-upstream.invalid:8080/v1", "tokenrelay-upstream.invalid:8080"
 
@@ -61,8 +61,25 @@ def plain_port() -> Iterator[str]:
         yield address
 
 
-def tls_to_plain_port(address: str) -> tuple[str, str]:
-    return f"https://{address}/v1", address
+@pytest.fixture(scope="module")
+def full_backlog() -> Iterator[str]:
+    """A loopback port whose accept queue is full: a new connection is never answered."""
+    listener = socket.create_server(("127.0.0.1", 0), backlog=0)
+    address = f"127.0.0.1:{listener.getsockname()[1]}"
+    held = socket.create_connection(listener.getsockname())  # fills the queue; never accepted
+    try:
+        yield address
+    finally:
+        held.close()
+        listener.close()
+
+
+def tls_to_plain_port(ports: dict[str, str]) -> tuple[str, str]:
+    return f"https://{ports['plain']}/v1", ports["plain"]
+
+
+def never_accepted(ports: dict[str, str]) -> tuple[str, str]:
+    return f"http://{ports['full']}/v1", ports["full"]
 
 
 @pytest.mark.parametrize(
@@ -71,20 +88,22 @@ def tls_to_plain_port(address: str) -> tuple[str, str]:
         (refused, "connection refused"),
         (unknown_host, "DNS failure"),
         (tls_to_plain_port, "TLS failure"),
+        (never_accepted, "connect timeout"),
     ],
 )
 @pytest.mark.parametrize("transport", ["lean", "httpx"])
 def test_unreachable_upstream_says_why(
     plain_port: str,
-    where: Callable[[str], tuple[str, str]],
+    full_backlog: str,
+    where: Callable[[dict[str, str]], tuple[str, str]],
     cause: str,
     transport: str,
 ) -> None:
-    base_url, address = where(plain_port)
+    base_url, address = where({"plain": plain_port, "full": full_backlog})
     config = (
         'demo = false\n[server]\nlog_format = "json"\n'
         f'[[providers]]\nname = "openai"\nkind = "openai"\nbase_url = "{base_url}"\n'
-        f'retries = 1\nretry_backoff = 0.01\ntransport = "{transport}"\n'
+        f'retries = 1\nretry_backoff = 0.01\nconnect_timeout = 0.5\ntransport = "{transport}"\n'
     )
     with serve_process(config) as process:
         for stream in (False, True):
