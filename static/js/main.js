@@ -525,6 +525,18 @@ $("export-json").addEventListener("click", () => {
   download(store.current, "json", toJSON(store.current));
   ui.exportMenu.open = false;
 });
+// The menu closes like any menu: a click elsewhere, or Escape.
+document.addEventListener("click", (event) => {
+  if (ui.exportMenu.open && !ui.exportMenu.contains(event.target)) ui.exportMenu.open = false;
+});
+ui.exportMenu.addEventListener("keydown", (event) => {
+  if (event.key === "Escape" && ui.exportMenu.open) {
+    event.preventDefault();
+    event.stopPropagation();
+    ui.exportMenu.open = false;
+    ui.exportMenu.querySelector("summary").focus();
+  }
+});
 
 // ---- tool results -------------------------------------------------------------------------
 

@@ -135,6 +135,14 @@ def test_export_markdown_and_json(make_ui: UIFactory) -> None:
         assert [m["role"] for m in body["messages"]] == ["user", "assistant"]
         assert body["messages"][1]["model"] == "demo/echo"
         assert "You wrote" in body["messages"][1]["content"]
+        # The menu closes on a click elsewhere and on Escape.
+        ui.page.click("#export-menu summary")
+        assert ui.page.is_visible("#export-md")
+        ui.page.click("#messages")
+        assert not ui.page.is_visible("#export-md")
+        ui.page.click("#export-menu summary")
+        ui.page.keyboard.press("Escape")
+        assert not ui.page.is_visible("#export-md")
 
 
 def test_copy_a_whole_answer(make_ui: UIFactory) -> None:
