@@ -139,7 +139,7 @@ def load(path: str | Path | None, environ: Mapping[str, str]) -> Settings:
             raise SettingsError([f"{path}: cannot read ({exc.strerror})"]) from exc
         except tomllib.TOMLDecodeError as exc:
             raise SettingsError([f"{path}: not valid TOML ({exc})"]) from exc
-    _apply_environment(data, environ, problems)
+    from_environment = _apply_environment(data, environ, problems)
     if "providers" not in data:
         data["providers"] = _providers_from_keys(environ)
     if data.get("demo", True) is True and isinstance(data["providers"], list):
@@ -147,7 +147,7 @@ def load(path: str | Path | None, environ: Mapping[str, str]) -> Settings:
             data["providers"].append({"name": "demo", "kind": "demo"})
     settings = _Validator(environ, problems).convert(data, Settings, "")
     if problems or settings is _INVALID:
-        raise SettingsError(sorted(problems, key=_section))
+        raise SettingsError([_source(p, from_environment) for p in sorted(problems, key=_section)])
     assert isinstance(settings, Settings)
     return settings
 
@@ -163,7 +163,9 @@ def _providers_from_keys(environ: Mapping[str, str]) -> list[dict[str, Any]]:
 
 def _apply_environment(
     data: dict[str, Any], environ: Mapping[str, str], problems: list[str]
-) -> None:
+) -> dict[str, str]:
+    """Merge `TOKENRELAY_<TABLE>__<KEY>` variables into `data`; returns path -> variable."""
+    applied: dict[str, str] = {}
     for name, raw in sorted(environ.items()):
         if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "CONFIG":
             continue
@@ -176,6 +178,15 @@ def _apply_environment(
                 break
         else:
             target[keys[-1]] = _literal(raw)
+            applied[".".join(keys)] = name
+    return applied
+
+
+def _source(problem: str, from_environment: dict[str, str]) -> str:
+    """A problem with a value from the environment names the variable to look at."""
+    path = problem.partition(": ")[0]
+    name = from_environment.get(path)
+    return f"{problem} (from {name})" if name else problem
 
 
 def _literal(raw: str) -> Any:

@@ -353,7 +353,10 @@ kind = "bogus"
         (
             "",
             {"TOKENRELAY_SERVER": "1", "TOKENRELAY_SERVER__PORT": "2"},
-            ["TOKENRELAY_SERVER__PORT: server.port is not a table", "server: expected a table"],
+            [
+                "TOKENRELAY_SERVER__PORT: server.port is not a table",
+                "server: expected a table (from TOKENRELAY_SERVER)",
+            ],
         ),
     ],
 )
@@ -534,6 +537,16 @@ def test_one_pass_reports_types_ranges_rules_and_environment(tmp_path: Path) -> 
         "catalog.ttl: Expected float, got str",
         "providers[0].idle_timeout: Expected float, got str",
         "providers[0].api_key_env: environment variable UNSET_KEY is not set",
+    ]
+
+
+def test_problems_with_values_from_the_environment_name_the_variable() -> None:
+    with pytest.raises(SettingsError) as info:
+        load(None, {"TOKENRELAY_SERVER__PORT": "abc", "TOKENRELAY_SERVER__SSE_HEARBEAT": "5"})
+    assert info.value.problems == [
+        "server.sse_hearbeat: unknown setting; did you mean 'sse_heartbeat'? "
+        "(from TOKENRELAY_SERVER__SSE_HEARBEAT)",
+        "server.port: Expected int, got str (from TOKENRELAY_SERVER__PORT)",
     ]
 
 
