@@ -410,3 +410,22 @@ async def test_demo_example_names_the_address_in_use(gateway: str) -> None:
         )
         text = named.json()["choices"][0]["message"]["content"]
         assert 'base_url="http://chat.example.com/api"' in text
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"messages": HELLO}, "model"),
+        ({"model": "demo/echo"}, "messages"),
+        ({"model": "demo/echo", "messages": [{"content": "hi"}]}, "messages[0].role"),
+    ],
+)
+async def test_a_missing_required_field_is_named(
+    gateway: str, body: dict[str, object], param: str
+) -> None:
+    async with httpx2.AsyncClient(timeout=30) as http:
+        response = await http.post(gateway + "/api/chat/completions", json=body)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert (error["code"], error["param"]) == ("invalid_request", param)
+    assert f"'{param}'" in error["message"]
