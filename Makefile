@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install install-dev system-deps serve lint test protos bench loadtest
+.PHONY: install install-dev system-deps serve check-config version lint test protos bench loadtest
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,12 +23,18 @@ install-dev: $(VENV)/.dev
 serve: install  ## run the gateway on 127.0.0.1:8000 with the settings in the environment
 	$(BIN)/tokenrelay serve $(ARGS)
 
+check-config: install  ## validate the settings (ARGS="--config FILE") and report every problem
+	$(BIN)/tokenrelay check-config $(ARGS)
+
+version: install
+	$(BIN)/tokenrelay --version
+
 lint: install-dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-system-deps:  ## Debian's chromium for the browser tests (installed when missing; fails if unusable)
+system-deps:  ## Debian's chromium, redis-server and nginx for the tests (installed when missing; fails if unusable)
 	scripts/install-system-deps
 
 test: lint system-deps  ## install, lint, type-check and run the whole test suite

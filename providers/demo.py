@@ -10,6 +10,7 @@ function makes it call; after a tool result `required` calls a tool not called y
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import re
 from collections.abc import AsyncGenerator, Iterable
@@ -36,6 +37,9 @@ from providers.types import (
 )
 
 MODELS = ("echo", "reasoner", "tools")
+# Where the client reached the gateway, for the example in the answer; the server sets it for
+# each request (the provider layer knows no web framework).
+GATEWAY_URL = contextvars.ContextVar("gateway_url", default="http://127.0.0.1:8000")
 _PIECES = re.compile(r"\s*\S+|\s+")  # the last alternative keeps trailing space
 _REASONING = "The user wants a demo answer; I will quote them."
 # Sampling options change nothing in a deterministic answer, so every option is accepted;
@@ -61,7 +65,7 @@ def _answer(question: str, images: int = 0) -> str:
         "2. Ask a longer question and watch the pace stay steady.\n"
         "3. Configure a real provider to talk to an actual model.\n\n"
         "```python\nfrom openai import OpenAI\n\n"
-        'client = OpenAI(base_url="http://127.0.0.1:8000/api", api_key="unused")\n'
+        f'client = OpenAI(base_url="{GATEWAY_URL.get()}/api", api_key="unused")\n'
         'reply = client.chat.completions.create(model="demo/echo", messages=[...])\n```\n'
     )
 

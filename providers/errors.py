@@ -17,14 +17,19 @@
         └── UpstreamProtocolError       the upstream broke its wire format or closed a stream early
 
 How each class shows on the wire (HTTP status, error type and code) is one table in
-`server/errors.py`; these classes carry only what happened.
+`server/errors.py`; these classes carry only what happened. An upstream that cannot be reached
+says why: `cause` is one of `CAUSES` (also in the client's message), and `upstream` is the
+host:port that was tried, which goes to the logs only.
 """
 
 from __future__ import annotations
 
 import email.utils
+import errno
 import math
 import re
+import socket
+import ssl
 import time
 from collections.abc import Iterable, Mapping
 from types import ModuleType
@@ -67,7 +72,20 @@ class SlowConsumerError(RequestError):
 
 
 class ProviderError(GatewayError):
-    """The upstream failed us."""
+    """The upstream failed us; `cause` and `upstream` say why and where, when known."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        retry_after: float | None = None,
+        cause: str | None = None,
+        upstream: str | None = None,
+    ) -> None:
+        super().__init__(message, param=param, retry_after=retry_after)
+        self.cause = cause
+        self.upstream = upstream
 
 
 class UpstreamAuthError(ProviderError):
@@ -188,12 +206,10 @@ def from_sdk(
     if isinstance(exc, sdk.APIStatusError):
         detail = body_message(exc.body) or exc.message
         return from_status(provider, exc.status_code, detail, exc.response.headers, secrets)
-    if isinstance(exc, sdk.APITimeoutError):
-        # Reads have no timeout here (the stream service owns those), so this is a connect,
-        # write or pool timeout: the upstream is not reachable, not slow.
-        return UpstreamUnavailableError(f"{provider}: upstream did not answer in time")
-    if isinstance(exc, sdk.APIConnectionError):
-        return UpstreamUnavailableError(f"{provider}: upstream unreachable")
+    if isinstance(exc, sdk.APIConnectionError):  # APITimeoutError included
+        # Reads have no timeout here (the stream service owns those), so a timeout is a
+        # connect, write or pool timeout: the upstream is not reachable, not slow.
+        return unreachable(provider, exc)
     return UpstreamProtocolError(f"{provider}: {redact(str(exc), secrets)}")
 
 
@@ -201,14 +217,85 @@ def from_transport(provider: str, exc: BaseException) -> ProviderError:
     """Translate an httpx2 (both SDKs' HTTP client) failure during a request or mid-stream."""
     import httpx2
 
-    if isinstance(exc, httpx2.ConnectTimeout | httpx2.PoolTimeout):
+    if isinstance(exc, httpx2.ConnectTimeout | httpx2.PoolTimeout | httpx2.ConnectError):
         # Not the model being slow: the upstream could not be reached (or no connection was free).
-        return UpstreamUnavailableError(f"{provider}: upstream unreachable ({type(exc).__name__})")
+        return unreachable(provider, exc)
     if isinstance(exc, httpx2.TimeoutException):
         return UpstreamTimeoutError(f"{provider}: upstream timed out ({type(exc).__name__})")
     if isinstance(exc, httpx2.RemoteProtocolError):
         return UpstreamProtocolError(f"{provider}: upstream closed the stream before it finished")
-    return UpstreamUnavailableError(f"{provider}: upstream unreachable ({type(exc).__name__})")
+    return unreachable(provider, exc)
+
+
+# Why an upstream could not be reached, as operators and clients are told.
+CAUSES = (
+    "connection refused",
+    "DNS failure",
+    "TLS failure",
+    "connect timeout",
+    "no free connection",
+    "connection reset",
+    "network unreachable",
+    "connection failed",
+)
+_UNREACHABLE_ERRNOS = (errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EADDRNOTAVAIL)
+
+
+def unreachable(provider: str, exc: BaseException) -> UpstreamUnavailableError:
+    """An upstream that could not be reached, with the cause class found in `exc`'s chain."""
+    cause = cause_of(exc)
+    return UpstreamUnavailableError(
+        f"{provider}: upstream unreachable ({cause})", cause=cause, upstream=_address(exc)
+    )
+
+
+def cause_of(exc: BaseException) -> str:
+    """The cause class of a failed connection: the first telling exception in the chain."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        found = _cause_class(current)
+        if found is not None:
+            return found
+        current = current.__cause__ or current.__context__
+    return "connection failed"
+
+
+def _cause_class(exc: BaseException) -> str | None:
+    name = type(exc).__name__
+    if isinstance(exc, ssl.SSLError | ssl.CertificateError):
+        return "TLS failure"
+    if isinstance(exc, socket.gaierror):
+        return "DNS failure"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, ConnectionResetError | ConnectionAbortedError):
+        return "connection reset"
+    if isinstance(exc, OSError) and exc.errno in _UNREACHABLE_ERRNOS:
+        return "network unreachable"
+    if name == "PoolTimeout":
+        return "no free connection"
+    if name == "ConnectTimeout" or isinstance(exc, TimeoutError):
+        return "connect timeout"
+    return None
+
+
+def _address(exc: BaseException) -> str | None:
+    """The host:port the failed request was for, from the request the HTTP client attached."""
+    current: BaseException | None = exc
+    for _ in range(8):
+        if current is None:
+            break
+        try:
+            url = current.request.url  # type: ignore[attr-defined]
+        except (AttributeError, RuntimeError):  # httpx2 raises RuntimeError when none is set
+            current = current.__cause__ or current.__context__
+            continue
+        port = url.port or (443 if url.scheme == "https" else 80)
+        host = f"[{url.host}]" if ":" in url.host else url.host
+        return f"{host}:{port}"
+    return None
 
 
 # Anthropic's in-band error types, as sent in an `error` stream event.

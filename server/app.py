@@ -16,6 +16,7 @@ from starlette.routing import Route, WebSocketRoute
 from providers.errors import GatewayError
 from providers.registry import Registry
 from server import guard, protocol
+from server.address import PublicAddress
 from server.auth import Gatekeeper, KeyRing
 from server.cache import Cache, MemoryCache, RedisCache
 from server.catalog import Catalog
@@ -172,6 +173,7 @@ def create_app(settings: Settings, environ: Mapping[str, str] | None = None) -> 
         ],
         middleware=[
             Middleware(RequestObserver),
+            Middleware(PublicAddress),
             Middleware(
                 Gatekeeper,
                 keys=KeyRing(settings.auth.keys),

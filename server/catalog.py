@@ -54,6 +54,7 @@ from typing import TYPE_CHECKING, Generic, Literal, TypeVar
 
 import msgspec
 
+from providers.errors import GatewayError, ProviderError
 from providers.registry import Registry
 from providers.types import ModelInfo
 from server import metrics, protocol
@@ -199,6 +200,8 @@ class Catalog:
         self._remote_known: dict[ModelRef, Stamped[ModelClass]] = {}
         self._lists: dict[str, Stamped[list[str]]] = {}
         self._listed: set[str] = set()  # providers this process has listed itself
+        # Why each provider's latest list failed, as a client may be told (no addresses).
+        self.last_errors: dict[str, str] = {}
         self._list_names = {name: self._list_name(name) for name in registry.names}
         self._snapshot: Snapshot | None = None
         self._task: asyncio.Task[Snapshot] | None = None
@@ -325,10 +328,19 @@ class Catalog:
     async def _fetch(self, name: str) -> list[str] | None:
         provider, _ = self._registry.get(name)
         try:
-            return await provider.list_models()
+            listed = await provider.list_models()
         except Exception as exc:  # a provider that cannot be listed must not hide the others
-            log.warning("could not list the models of %s: %s", name, exc)
+            message = exc.message if isinstance(exc, GatewayError) else type(exc).__name__
+            self.last_errors[name] = message
+            fields: dict[str, str | None] = {"provider": name, "error": message}
+            if not isinstance(exc, GatewayError):
+                fields["error"] = repr(exc)  # for the operator only
+            if isinstance(exc, ProviderError) and exc.cause is not None:
+                fields.update(upstream=exc.upstream, cause=exc.cause)
+            log.warning("could not list models", extra={"fields": fields})
             return None
+        self.last_errors.pop(name, None)
+        return listed
 
     def _list_name(self, name: str) -> str:
         """Named by the provider and what decides its list: kind, upstream, which credential."""

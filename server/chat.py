@@ -39,7 +39,7 @@ from providers.types import (
     Usage,
 )
 from server.cache import Cache, CachePolicy, completion_key
-from server.errors import ClientGone, ServerShuttingDownError, as_gateway_error
+from server.errors import ClientGone, ServerShuttingDownError, as_gateway_error, spec_for
 from server.lifecycle import Lifecycle
 from server.observe import StreamObserver
 from server.stream_state import StreamState
@@ -426,5 +426,7 @@ def _retry_fields(
         "provider": state.provider,
         "attempt": attempt + 1,
         "delay_ms": round(delay * 1000, 1),
-        "error": type(exc).__name__,
+        "error": spec_for(exc).code,
+        # Why an unreachable upstream failed, and which host:port (logs only, never clients).
+        **({"upstream": exc.upstream, "cause": exc.cause} if exc.cause is not None else {}),
     }

@@ -18,7 +18,11 @@ def _load_or_report(config: str | None) -> Settings | None:
     try:
         return load(config, os.environ)
     except SettingsError as exc:
-        print(f"tokenrelay: the configuration has {len(exc.problems)} problem(s):", file=sys.stderr)
+        count = len(exc.problems)
+        print(
+            f"tokenrelay: the configuration has {count} problem{'' if count == 1 else 's'}:",
+            file=sys.stderr,
+        )
         for problem in exc.problems:
             print(f"  {problem}", file=sys.stderr)
         return None
@@ -99,8 +103,18 @@ def _create_key(args: argparse.Namespace) -> int:
     return 0
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("tokenrelay")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tokenrelay", description="A realtime LLM chat gateway.")
+    parser.add_argument("--version", action="version", version=f"tokenrelay {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the gateway")
     serve.add_argument("--host", help="address to bind (default from settings: 127.0.0.1)")

@@ -35,8 +35,15 @@ async def readyz(request: Request) -> Response:
     degraded = degraded or cache_state != "ok"
     classifier = request.app.state.catalog.classifier_status  # local | serving | degraded
     degraded = degraded or classifier == "degraded"
+    # Why each provider that is not ok failed last, as its clients are told (no addresses).
+    errors = {
+        name: message
+        for name, message in request.app.state.catalog.last_errors.items()
+        if providers.get(name, "ok") != "ok"
+    }
     checks: dict[str, Any] = {
         "providers": providers,
+        **({"provider_errors": errors} if errors else {}),
         "cache": {cache.backend: cache_state},
         "classifier": classifier,
     }

@@ -5,6 +5,10 @@ frame type, error code from the error table) or from settings (provider names). 
 is created per request, and nothing is recorded per chunk: a stream counts its chunks in a
 local variable and records everything once, when it ends.
 
+Counters and histograms export no `_created` series (one per labelled child, doubling the
+output for nothing most dashboards use) unless `PROMETHEUS_DISABLE_CREATED_SERIES=false` asks
+for them.
+
 With several workers (`tokenrelay serve --workers N`), the `serve` command points
 `PROMETHEUS_MULTIPROC_DIR` at a fresh directory and `/metrics` aggregates every worker's files.
 """
@@ -21,8 +25,12 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    disable_created_metrics,
     generate_latest,
 )
+
+if os.environ.get("PROMETHEUS_DISABLE_CREATED_SERIES", "").lower() not in ("false", "0", "f"):
+    disable_created_metrics()  # type: ignore[no-untyped-call]
 
 Transport = Literal["rest", "sse", "ws"]
 Outcome = Literal["completed", "cancelled", "client_disconnected", "error", "timeout"]

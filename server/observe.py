@@ -74,6 +74,8 @@ class StreamObserver:
             "prompt_tokens": usage.prompt_tokens,
             "completion_tokens": usage.completion_tokens,
         }
+        if isinstance(state.error, ProviderError) and state.error.cause is not None:
+            fields.update(upstream=state.error.upstream, cause=state.error.cause)
         stream_log.info("stream", extra={"fields": fields})
         if self._log_content and stream_log.isEnabledFor(logging.DEBUG):
             stream_log.debug(

@@ -6,6 +6,7 @@ once per stream, so relaying a delta costs one JSON string encode and two concat
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any
 
 import msgspec
@@ -126,6 +127,9 @@ def decode_body(data: bytes) -> ChatCompletionBody:
 _UNKNOWN = "Object contains unknown field `"
 
 
+_MISSING = re.compile(r"^Object missing required field `([^`]+)`$")
+
+
 def _split_location(text: str) -> tuple[str, str | None]:
     """msgspec says "Expected `int`, got `str` - at `$.messages[0].role`"; split it.
 
@@ -133,6 +137,11 @@ def _split_location(text: str) -> tuple[str, str | None]:
     """
     message, sep, location = text.partition(" - at `$")
     param = location.rstrip("`").lstrip(".") if sep else None
+    missing = _MISSING.match(message)
+    if missing:
+        field = missing.group(1)
+        param = f"{param}.{field}" if param else field
+        return "required field missing", param
     if message.startswith(_UNKNOWN):
         field = message[len(_UNKNOWN) :].rstrip("`")
         param = f"{param}.{field}" if param else field

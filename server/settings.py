@@ -9,6 +9,7 @@ each add a provider. API keys are only ever named here (`api_key_env`), never st
 
 from __future__ import annotations
 
+import difflib
 import re
 import tomllib
 import typing
@@ -138,16 +139,16 @@ def load(path: str | Path | None, environ: Mapping[str, str]) -> Settings:
             raise SettingsError([f"{path}: cannot read ({exc.strerror})"]) from exc
         except tomllib.TOMLDecodeError as exc:
             raise SettingsError([f"{path}: not valid TOML ({exc})"]) from exc
-    _apply_environment(data, environ, problems)
+    from_environment = _apply_environment(data, environ, problems)
     if "providers" not in data:
         data["providers"] = _providers_from_keys(environ)
     if data.get("demo", True) is True and isinstance(data["providers"], list):
         if not any(isinstance(p, dict) and p.get("name") == "demo" for p in data["providers"]):
             data["providers"].append({"name": "demo", "kind": "demo"})
-    settings: Settings | None = _convert(data, Settings, "", problems)
-    problems.extend(_check(data, environ))
-    if problems or settings is None:
-        raise SettingsError(problems)
+    settings = _Validator(environ, problems).convert(data, Settings, "")
+    if problems or settings is _INVALID:
+        raise SettingsError([_source(p, from_environment) for p in sorted(problems, key=_section)])
+    assert isinstance(settings, Settings)
     return settings
 
 
@@ -162,7 +163,9 @@ def _providers_from_keys(environ: Mapping[str, str]) -> list[dict[str, Any]]:
 
 def _apply_environment(
     data: dict[str, Any], environ: Mapping[str, str], problems: list[str]
-) -> None:
+) -> dict[str, str]:
+    """Merge `TOKENRELAY_<TABLE>__<KEY>` variables into `data`; returns path -> variable."""
+    applied: dict[str, str] = {}
     for name, raw in sorted(environ.items()):
         if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "CONFIG":
             continue
@@ -175,6 +178,15 @@ def _apply_environment(
                 break
         else:
             target[keys[-1]] = _literal(raw)
+            applied[".".join(keys)] = name
+    return applied
+
+
+def _source(problem: str, from_environment: dict[str, str]) -> str:
+    """A problem with a value from the environment names the variable to look at."""
+    path = problem.partition(": ")[0]
+    name = from_environment.get(path)
+    return f"{problem} (from {name})" if name else problem
 
 
 def _literal(raw: str) -> Any:
@@ -184,200 +196,218 @@ def _literal(raw: str) -> Any:
         return raw
 
 
-def _convert(value: Any, annotation: Any, path: str, problems: list[str]) -> Any:
-    """Convert like `msgspec.convert`, but keep going after a problem so all are reported."""
-    if isinstance(annotation, type) and issubclass(annotation, msgspec.Struct):
+_INVALID: Any = object()  # what a value with a problem converts to
+_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+_AT = re.compile(r" - at `\$(.*)`$")
+
+# Numbers must be positive, except these, where zero means none or unlimited.
+_ZERO_ALLOWED = {"pace", "retries", "requests_per_minute", "tokens_per_minute"}
+
+
+class _Validator:
+    """One pass over the raw settings: every field is converted and checked on its own.
+
+    A value with a problem never hides another: types, ranges, the rules that relate fields
+    and the environment variables the settings name are all checked in the same walk, on
+    whichever neighbours did convert.
+    """
+
+    def __init__(self, environ: Mapping[str, str], problems: list[str]) -> None:
+        self.environ = environ
+        self.problems = problems
+
+    def convert(self, value: Any, annotation: Any, path: str) -> Any:
+        if isinstance(annotation, type) and issubclass(annotation, msgspec.Struct):
+            return self._struct(value, annotation, path)
+        origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+        if origin is list and args and _is_struct(args[0]):
+            if not isinstance(value, list):
+                return self.report(path, "expected an array of tables")
+            items = [self.convert(item, args[0], f"{path}[{i}]") for i, item in enumerate(value)]
+            return _INVALID if _INVALID in items else items
+        if origin is dict and args and isinstance(value, dict):
+            pairs = {k: self.convert(v, args[1], _join(path, k)) for k, v in value.items()}
+            return _INVALID if _INVALID in pairs.values() else pairs
+        try:
+            converted = msgspec.convert(value, annotation)
+        except msgspec.ValidationError as exc:
+            return self.report(*_plain(exc, annotation, value, path))
+        problem = _range(path, converted, annotation)
+        return self.report(path, problem) if problem else converted
+
+    def _struct(self, value: Any, annotation: type[msgspec.Struct], path: str) -> Any:
         if not isinstance(value, dict):
-            problems.append(f"{path or 'config'}: expected a table")
-            return None
+            return self.report(path or "config", "expected a table")
         fields = {f.name: f for f in msgspec.structs.fields(annotation)}
-        before = len(problems)
-        converted: dict[str, Any] = {}
+        before = len(self.problems)
         for key in value:
             if key not in fields:
-                problems.append(f"{_join(path, key)}: unknown setting")
+                self.report(_join(path, key), "unknown setting" + _did_you_mean(key, fields))
+        converted: dict[str, Any] = {}
         for name, field in fields.items():
             if name in value:
-                converted[name] = _convert(value[name], field.type, _join(path, name), problems)
+                item = self.convert(value[name], field.type, _join(path, name))
+                if item is not _INVALID:
+                    converted[name] = item
             elif field.required:
-                problems.append(f"{_join(path, name)}: required")
-        if len(problems) > before:
-            return None
+                self.report(_join(path, name), "required")
+            else:
+                converted[name] = (
+                    field.default_factory() if field.default is msgspec.NODEFAULT else field.default
+                )
+        rule = _RULES.get(annotation)
+        if rule is not None:
+            rule(self, path, converted, value)
+        if len(self.problems) > before:
+            return _INVALID
         return annotation(**converted)
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if (
-        origin is list
-        and args
-        and isinstance(args[0], type)
-        and issubclass(args[0], msgspec.Struct)
-    ):
-        if not isinstance(value, list):
-            problems.append(f"{path}: expected an array of tables")
-            return None
-        items = [_convert(item, args[0], f"{path}[{i}]", problems) for i, item in enumerate(value)]
-        return items if all(item is not None for item in items) else None
-    try:
-        return msgspec.convert(value, annotation)
-    except msgspec.ValidationError as exc:
-        problems.append(f"{path}: {_plain(exc, annotation)}")
-        return None
+
+    def report(self, path: str, problem: str) -> Any:
+        self.problems.append(f"{path}: {problem}")
+        return _INVALID
 
 
-def _plain(exc: msgspec.ValidationError, annotation: Any) -> str:
+_SECTIONS = {f.name: i for i, f in enumerate(msgspec.structs.fields(Settings))}
+_HEAD = re.compile(r"^([^.\[:]*)(?:\[(\d+)\])?")
+
+
+def _section(problem: str) -> tuple[int, int]:
+    """Problems grouped by table (in the order of `Settings`) and by array item."""
+    head = _HEAD.match(problem)
+    assert head is not None
+    return _SECTIONS.get(head.group(1), -1), int(head.group(2) or -1)
+
+
+def _is_struct(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, msgspec.Struct)
+
+
+def _did_you_mean(given: str, choices: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(given, list(choices), n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def _plain(exc: msgspec.ValidationError, annotation: Any, value: Any, path: str) -> tuple[str, str]:
+    """The path and text of a msgspec problem, in the words of a settings file."""
+    text = str(exc)
+    found = _AT.search(text)
+    if found:
+        path, text = path + found.group(1), text[: found.start()]
     if typing.get_origin(annotation) is Literal:
-        return f"expected one of {', '.join(repr(a) for a in typing.get_args(annotation))}"
-    return str(exc).split(" - at ", 1)[0].replace("`", "")
+        choices = [str(a) for a in typing.get_args(annotation)]
+        text = f"expected one of {', '.join(repr(c) for c in choices)}"
+        if isinstance(value, str):
+            text += _did_you_mean(value, choices)
+    return path, text.replace("`", "")
+
+
+def _range(path: str, value: Any, annotation: Any) -> str | None:
+    """The range every number in the settings keeps to, from its name and type."""
+    if annotation not in (int, float) or isinstance(value, bool):
+        return None
+    name = path.rpartition(".")[2]
+    if name == "port":
+        return None if 0 < value < 65536 else "expected 1-65535"
+    unit = "seconds" if annotation is float else "bytes" if "bytes" in name else ""
+    if name in _ZERO_ALLOWED:
+        return None if value >= 0 else f"expected zero or more {unit}".rstrip()
+    return None if value > 0 else f"expected a positive number of {unit}".removesuffix(" of ")
 
 
 def _join(path: str, key: str) -> str:
+    key = key if _BARE_KEY.match(key) else '"' + key.replace('"', '\\"') + '"'
     return f"{path}.{key}" if path else key
 
 
-def _part(value: Any, annotation: Any) -> Any:
-    """`value` converted, or None when it has type problems (those are reported already)."""
-    try:
-        return msgspec.convert(value, annotation)
-    except msgspec.ValidationError:
-        return None
+Rule = typing.Callable[[_Validator, str, dict[str, Any], dict[str, Any]], None]
 
 
-def _check(data: dict[str, Any], environ: Mapping[str, str]) -> list[str]:
-    """Rules beyond types (names, URLs, limits, keys present), on every part that converts."""
-    problems: list[str] = []
-    server = _part(data.get("server", {}), ServerSettings)
-    if server is not None:
-        if not 0 < server.port < 65536:
-            problems.append("server.port: expected 1-65535")
-        if server.max_body_bytes <= 0:
-            problems.append("server.max_body_bytes: expected a positive number of bytes")
-        if server.max_connections <= 0:
-            problems.append("server.max_connections: expected a positive number")
-        for name in (
-            "sse_heartbeat",
-            "slow_consumer_timeout",
-            "retry_budget",
-            "shutdown_grace",
-            "header_timeout",
-            "body_timeout",
-        ):
-            if getattr(server, name) <= 0:
-                problems.append(f"server.{name}: expected a positive number of seconds")
-    ws = _part(data.get("websocket", {}), WebSocketSettings)
-    if ws is not None:
-        for name in ("max_streams", "max_frame_bytes", "ping_interval", "ping_timeout"):
-            if getattr(ws, name) <= 0:
-                problems.append(f"websocket.{name}: expected a positive number")
-    cache = _part(data.get("cache", {}), CacheSettings)
-    if cache is not None:
-        if cache.url is not None and urlsplit(cache.url).scheme not in ("redis", "rediss", "unix"):
-            problems.append("cache.url: expected a redis://, rediss:// or unix:// URL")
-        for name in ("ttl", "max_entries", "max_bytes", "timeout"):
-            if getattr(cache, name) <= 0:
-                problems.append(f"cache.{name}: expected a positive number")
-    catalog = _part(data.get("catalog", {}), CatalogSettings)
-    if catalog is not None:
-        for name in ("ttl", "retry", "keep_stale"):
-            if getattr(catalog, name) <= 0:
-                problems.append(f"catalog.{name}: expected a positive number of seconds")
-        if 0 < catalog.keep_stale < catalog.ttl:
-            problems.append("catalog.keep_stale: expected at least catalog.ttl")
-    classifier = _part(data.get("classifier", {}), ClassifierSettings)
-    if classifier is not None:
-        if classifier.deadline <= 0:
-            problems.append("classifier.deadline: expected a positive number of seconds")
-        if classifier.address is not None:
-            found = _ADDRESS.match(classifier.address)
-            if found is None or not 0 < int(found.group(1)) < 65536:
-                problems.append("classifier.address: expected host:port, e.g. 127.0.0.1:50051")
-    problems.extend(_check_auth(data.get("auth", {})))
-    limits = _part(data.get("limits", {}), LimitSettings)
-    if limits is not None:
-        for name, value in msgspec.structs.asdict(limits).items():
-            if value < 0 or (value == 0 and not name.endswith("_per_minute")):
-                problems.append(f"limits.{name}: expected a positive number")
-    providers = data.get("providers")
-    seen: set[str] = set()
-    for i, raw in enumerate(providers if isinstance(providers, list) else ()):
-        given: Any = raw.get("name") if isinstance(raw, dict) else None
-        if isinstance(given, str) and given in seen:
-            problems.append(f"providers[{i}].name: '{given}' is used by another provider")
-        elif isinstance(given, str):
-            seen.add(given)
-        provider = _part(raw, ProviderSettings)
-        if provider is not None:
-            problems.extend(_check_provider(f"providers[{i}]", provider, environ))
-    fallbacks = _part(data.get("fallbacks", {}), dict[str, list[str]])
-    if fallbacks is not None:
-        names = seen | ({"demo"} if data.get("demo", True) is True else set())
-        for model, targets in fallbacks.items():
-            for where, target in [
-                (model, model),
-                *((f"{model}[{j}]", t) for j, t in enumerate(targets)),
-            ]:
-                prefix, slash, rest = target.partition("/")
-                if not slash or not rest or prefix not in names:
-                    problems.append(
-                        f"fallbacks.{where}: expected 'provider/model' with a configured provider"
-                    )
-    return problems
+def _cache_rules(v: _Validator, path: str, fields: dict[str, Any], raw: dict[str, Any]) -> None:
+    url = fields.get("url")
+    if url is not None and urlsplit(url).scheme not in ("redis", "rediss", "unix"):
+        v.report(_join(path, "url"), "expected a redis://, rediss:// or unix:// URL")
+
+
+def _catalog_rules(v: _Validator, path: str, fields: dict[str, Any], raw: dict[str, Any]) -> None:
+    ttl, keep_stale = fields.get("ttl"), fields.get("keep_stale")
+    if ttl is not None and keep_stale is not None and 0 < keep_stale < ttl:
+        v.report(_join(path, "keep_stale"), "expected at least catalog.ttl")
+
+
+def _classifier_rules(
+    v: _Validator, path: str, fields: dict[str, Any], raw: dict[str, Any]
+) -> None:
+    address = fields.get("address")
+    if address is not None:
+        found = _ADDRESS.match(address)
+        if found is None or not 0 < int(found.group(1)) < 65536:
+            v.report(_join(path, "address"), "expected host:port, e.g. 127.0.0.1:50051")
 
 
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
 
 
-def _check_auth(raw: Any) -> list[str]:
-    auth = _part(raw, AuthSettings)
-    if auth is None:
-        return []
-    problems = [
-        f"auth.keys[{i}]: expected a SHA-256 hex digest (see `tokenrelay create-key`)"
-        for i, digest in enumerate(auth.keys)
-        if not _DIGEST.match(digest)
-    ]
-    for i, origin in enumerate(auth.origins):
+def _auth_rules(v: _Validator, path: str, fields: dict[str, Any], raw: dict[str, Any]) -> None:
+    for i, digest in enumerate(fields.get("keys", ())):
+        if not _DIGEST.match(digest):
+            v.report(
+                f"{_join(path, 'keys')}[{i}]",
+                "expected a SHA-256 hex digest (see `tokenrelay create-key`)",
+            )
+    for i, origin in enumerate(fields.get("origins", ())):
         url = urlsplit(origin)
         exact = f"{url.scheme}://{url.netloc}" == origin and not url.username
         if url.scheme not in ("http", "https") or not url.hostname or not exact:
-            problems.append(
-                f"auth.origins[{i}]: expected scheme://host[:port], e.g. https://chat.example.com"
+            v.report(
+                f"{_join(path, 'origins')}[{i}]",
+                "expected scheme://host[:port], e.g. https://chat.example.com",
             )
-    return problems
 
 
-def _check_provider(
-    where: str, provider: ProviderSettings, environ: Mapping[str, str]
-) -> list[str]:
-    problems: list[str] = []
-    if not _NAME.match(provider.name):
-        problems.append(f"{where}.name: expected letters, digits, '_', '.' or '-'")
-    if provider.base_url is not None:
-        url = urlsplit(provider.base_url)
+def _provider_rules(v: _Validator, path: str, fields: dict[str, Any], raw: dict[str, Any]) -> None:
+    name, kind = fields.get("name"), fields.get("kind")
+    if name is not None and not _NAME.match(name):
+        v.report(f"{path}.name", "expected letters, digits, '_', '.' or '-'")
+    base_url = fields.get("base_url")
+    if base_url is not None:
+        url = urlsplit(base_url)
         if url.scheme not in ("http", "https") or not url.hostname:
-            problems.append(f"{where}.base_url: expected an http(s) URL")
-        elif provider.kind == "demo":
-            problems.append(f"{where}.base_url: the demo provider has no upstream")
-    for name in ("connect_timeout", "first_token_timeout", "idle_timeout"):
-        if getattr(provider, name) <= 0:
-            problems.append(f"{where}.{name}: expected a positive number of seconds")
-    if provider.pace < 0:
-        problems.append(f"{where}.pace: expected zero or more seconds")
-    if provider.max_connections <= 0:
-        problems.append(f"{where}.max_connections: expected a positive number")
-    if provider.retries < 0:
-        problems.append(f"{where}.retries: expected zero or more")
-    for name in ("retry_backoff", "retry_max_delay"):
-        if getattr(provider, name) <= 0:
-            problems.append(f"{where}.{name}: expected a positive number of seconds")
-    if provider.api_key_env is not None and not environ.get(provider.api_key_env):
-        problems.append(
-            f"{where}.api_key_env: environment variable {provider.api_key_env} is not set"
-        )
-    elif provider.api_key_env is None and provider.kind != "demo" and provider.base_url is None:
-        problems.append(
-            f"{where}.api_key_env: required for a '{provider.kind}' provider without base_url"
-        )
-    return problems
+            v.report(f"{path}.base_url", "expected an http(s) URL")
+        elif kind == "demo":
+            v.report(f"{path}.base_url", "the demo provider has no upstream")
+    key_env = fields.get("api_key_env")
+    if key_env is not None and not v.environ.get(key_env):
+        v.report(f"{path}.api_key_env", f"environment variable {key_env} is not set")
+    elif "api_key_env" not in raw and kind not in (None, "demo") and "base_url" not in raw:
+        v.report(f"{path}.api_key_env", f"required for a '{kind}' provider without base_url")
+
+
+def _settings_rules(v: _Validator, path: str, fields: dict[str, Any], raw: dict[str, Any]) -> None:
+    providers = raw.get("providers")
+    seen: set[str] = set()
+    for i, item in enumerate(providers if isinstance(providers, list) else ()):
+        given: Any = item.get("name") if isinstance(item, dict) else None
+        if isinstance(given, str) and given in seen:
+            v.report(f"providers[{i}].name", f"'{given}' is used by another provider")
+        elif isinstance(given, str):
+            seen.add(given)
+    names = seen | ({"demo"} if raw.get("demo", True) is True else set())
+    for model, targets in fields.get("fallbacks", {}).items():
+        where = _join("fallbacks", model)
+        for at, target in [(where, model), *((f"{where}[{j}]", t) for j, t in enumerate(targets))]:
+            prefix, slash, rest = target.partition("/")
+            if not slash or not rest or prefix not in names:
+                v.report(at, "expected 'provider/model' with a configured provider")
+
+
+_RULES: dict[type[msgspec.Struct], Rule] = {
+    CacheSettings: _cache_rules,
+    CatalogSettings: _catalog_rules,
+    ClassifierSettings: _classifier_rules,
+    AuthSettings: _auth_rules,
+    ProviderSettings: _provider_rules,
+    Settings: _settings_rules,
+}
 
 
 def uvicorn_options(settings: Settings) -> dict[str, Any]:

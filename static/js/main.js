@@ -1,7 +1,8 @@
 // The chat page: wires the conversation store, the model picker and the transport to the DOM.
 import { Store } from "./store.js";
 import { Transport } from "./transport.js";
-import { loadCatalogue, describe } from "./models.js";
+import { loadCatalogue, loadReadiness, availability, filterGroups, describe } from "./models.js";
+import { toMarkdown, toJSON, download } from "./export.js";
 import { messageElement, updateAssistant, streamInto, renderToolCalls } from "./messages.js";
 import { EXAMPLE_TOOL, DEMO_TOOLS_MODEL, mergeToolCalls, callState, requestMessages } from "./tools.js";
 import { wireAttachments, NO_VISION } from "./attachments.js";
@@ -18,7 +19,14 @@ const ui = {
   send: $("send"),
   stop: $("stop"),
   model: $("model"),
+  modelSearch: $("model-search"),
   modelInfo: $("model-info"),
+  notice: $("notice"),
+  noticeRetry: $("notice-retry"),
+  system: $("system"),
+  systemPrompt: $("system-prompt"),
+  systemState: $("system-state"),
+  exportMenu: $("export-menu"),
   connection: $("connection"),
   announcer: $("announcer"),
   toggle: $("toggle-sidebar"),
@@ -35,7 +43,8 @@ const store = new Store(window.localStorage, {
     ui.storageNote.hidden = ok;
   },
 });
-let catalogue = { groups: [], models: new Map(), note: "" };
+let catalogue = { groups: [], models: new Map(), note: "", unavailable: [] };
+let loaded = false; // whether the model list has been asked for at least once
 let active = null; // {stream, message, article, renderer, conversation}
 
 const transport = new Transport({
@@ -70,6 +79,8 @@ function renderConversation() {
   const nodes = conversation.messages.map((message, i) => messageElement(message, i));
   ui.messages.replaceChildren(ui.empty, ...nodes);
   ui.empty.hidden = nodes.length > 0;
+  ui.systemPrompt.value = conversation.system || "";
+  showSystemState();
   refreshLastActions();
   scrollToEnd(true);
 }
@@ -153,14 +164,26 @@ ui.toggle.addEventListener("click", () => {
 // ---- models -------------------------------------------------------------------------------
 
 async function loadModels() {
-  try {
-    catalogue = await loadCatalogue();
-  } catch (err) {
-    ui.modelInfo.textContent = `Could not load the models: ${err.message}`;
-    return;
-  }
+  let failure = null;
+  const [listed, ready] = await Promise.all([
+    loadCatalogue().catch((err) => {
+      failure = err;
+      return { groups: [], models: new Map(), note: "", unavailable: [] };
+    }),
+    loadReadiness(),
+  ]);
+  catalogue = listed;
+  loaded = true;
+  fillPicker(store.model);
+  showAvailability(failure, ready);
+  showModelInfo();
+  showAttach();
+}
+
+/** The picker's options: each model once, only those matching the search; keeps `wanted`. */
+function fillPicker(wanted) {
   ui.model.replaceChildren();
-  for (const group of catalogue.groups) {
+  for (const group of filterGroups(catalogue.groups, ui.modelSearch.value)) {
     const optgroup = document.createElement("optgroup");
     optgroup.label = group.label;
     for (const model of group.models) {
@@ -171,11 +194,46 @@ async function loadModels() {
     }
     ui.model.append(optgroup);
   }
-  const remembered = store.model;
-  if (remembered && catalogue.models.has(remembered)) ui.model.value = remembered;
-  showModelInfo();
-  showAttach();
+  if (wanted && [...ui.model.options].some((o) => o.value === wanted)) ui.model.value = wanted;
 }
+
+/** A notice above the conversation when providers are missing; when no model is left, why. */
+function showAvailability(failure, readiness) {
+  const state = failure
+    ? { blocking: true, title: "The model list could not be loaded, so messages cannot be sent.", reasons: [failure.message] }
+    : availability(catalogue, readiness);
+  ui.notice.hidden = !state;
+  ui.model.disabled = !catalogue.models.size;
+  ui.modelSearch.hidden = !catalogue.models.size;
+  if (state) {
+    ui.notice.classList.toggle("blocking", state.blocking);
+    ui.notice.querySelector(".notice-title").textContent = state.title;
+    const list = ui.notice.querySelector(".notice-reasons");
+    list.replaceChildren(...state.reasons.map((reason) => {
+      const item = document.createElement("li");
+      item.textContent = reason;
+      return item;
+    }));
+  }
+  showSendable();
+}
+
+/** Why nothing can be sent right now, or "" when a message can be sent. */
+function cannotSend() {
+  if (!loaded) return "The model list is loading.";
+  if (!catalogue.models.size) return "No model is available (see the notice above).";
+  if (!ui.model.value) return "No model is chosen: clear the model search or pick one.";
+  return "";
+}
+
+function showSendable() {
+  const why = cannotSend();
+  ui.send.disabled = Boolean(why);
+  ui.send.title = why;
+  ui.prompt.placeholder = catalogue.models.size || !loaded ? "Message" : "No model is available";
+}
+
+ui.noticeRetry.addEventListener("click", () => loadModels());
 
 /** Whether the chosen model reads images (its catalogue categories include "vision"). */
 function hasVision(id = ui.model.value) {
@@ -192,11 +250,33 @@ function showAttach() {
 }
 
 function showModelInfo() {
-  const text = describe(catalogue.models.get(ui.model.value));
+  const query = ui.modelSearch.value.trim();
+  const text = ui.model.value ? describe(catalogue.models.get(ui.model.value)) : query && catalogue.models.size ? `No model matches “${query}”.` : "";
   ui.modelInfo.textContent = [text, catalogue.note].filter(Boolean).join(" — ");
+  showSendable();
 }
 
-ui.model.addEventListener("change", () => {
+ui.modelSearch.addEventListener("input", () => {
+  const before = ui.model.value;
+  fillPicker(before || store.model);
+  if (ui.model.value && ui.model.value !== before) modelChanged();
+  else showModelInfo();
+});
+ui.modelSearch.addEventListener("keydown", (event) => {
+  if (event.key === "Enter") {
+    event.preventDefault();
+    ui.prompt.focus();
+  } else if (event.key === "Escape" && ui.modelSearch.value) {
+    event.preventDefault();
+    event.stopPropagation();
+    ui.modelSearch.value = "";
+    ui.modelSearch.dispatchEvent(new Event("input"));
+  }
+});
+
+ui.model.addEventListener("change", modelChanged);
+
+function modelChanged() {
   store.model = ui.model.value;
   // The demo tools model only shows anything with a tool to call: offer the example one.
   if (ui.model.value === DEMO_TOOLS_MODEL && !ui.exampleTool.checked) {
@@ -205,7 +285,7 @@ ui.model.addEventListener("change", () => {
   }
   showModelInfo();
   showAttach();
-});
+}
 
 ui.exampleTool.checked = store.exampleTool;
 ui.exampleTool.addEventListener("change", () => {
@@ -228,7 +308,9 @@ function send(text, images) {
 /** Appends an assistant message to `conversation` and streams the answer into it. */
 async function answer(conversation) {
   const model = ui.model.value;
-  const request = { model, messages: requestMessages(conversation.messages, { images: hasVision(model) }) };
+  const messages = requestMessages(conversation.messages, { images: hasVision(model) });
+  if (conversation.system?.trim()) messages.unshift({ role: "system", content: conversation.system });
+  const request = { model, messages };
   if (ui.exampleTool.checked) request.tools = [EXAMPLE_TOOL];
   const message = { role: "assistant", content: "", reasoning: "", status: "streaming", model, meta: {} };
   conversation.messages.push(message);
@@ -313,6 +395,7 @@ function stopActive() {
 }
 
 function setBusy(busy) {
+  showSendable();
   ui.send.hidden = busy;
   ui.stop.hidden = !busy;
   ui.messages.setAttribute("aria-busy", String(busy));
@@ -327,12 +410,21 @@ function scrollToEnd(force = false) {
 
 // Regenerate / retry / edit / copy: one delegated handler for every message.
 ui.messages.addEventListener("click", (event) => {
+  // A reader who opens or closes the reasoning decides from then on, streaming or not.
+  const summary = event.target.closest(".reasoning > summary");
+  if (summary) summary.parentElement.dataset.touched = "yes";
   const target = event.target.closest("[data-action]");
   if (!target) return;
   const article = target.closest("article.message");
   const index = Number(article?.dataset.index);
   const conversation = store.current;
   switch (target.dataset.action) {
+    case "copy-answer": {
+      const text = conversation.messages[index]?.content ?? "";
+      navigator.clipboard?.writeText(text).then(() => { target.textContent = "Copied"; }, () => { target.textContent = "Copy failed"; });
+      setTimeout(() => { target.textContent = "Copy"; }, 1500);
+      break;
+    }
     case "copy-code": {
       const code = target.closest(".code")?.querySelector("code")?.textContent ?? "";
       navigator.clipboard?.writeText(code).then(() => { target.textContent = "Copied"; }, () => { target.textContent = "Copy failed"; });
@@ -397,6 +489,10 @@ ui.composer.addEventListener("submit", (event) => {
   event.preventDefault();
   const text = ui.prompt.value;
   if (active || !(text.trim() || attachments.list.length)) return;
+  if (cannotSend()) {
+    note(cannotSend());
+    return;
+  }
   if (attachments.list.length && !hasVision()) {
     note(NO_VISION, "vision");
     return;
@@ -405,6 +501,41 @@ ui.composer.addEventListener("submit", (event) => {
   autosize();
   note("");
   send(text, attachments.take());
+});
+
+// ---- system prompt and export ---------------------------------------------------------------
+
+function showSystemState() {
+  const text = (store.current.system || "").replace(/\s+/g, " ").trim();
+  ui.systemState.textContent = text ? `— ${text.length > 48 ? `${text.slice(0, 48)}…` : text}` : "— none";
+  ui.system.classList.toggle("set", Boolean(text));
+}
+
+ui.systemPrompt.addEventListener("input", () => {
+  store.current.system = ui.systemPrompt.value;
+  store.save();
+  showSystemState();
+});
+
+$("export-md").addEventListener("click", () => {
+  download(store.current, "md", toMarkdown(store.current));
+  ui.exportMenu.open = false;
+});
+$("export-json").addEventListener("click", () => {
+  download(store.current, "json", toJSON(store.current));
+  ui.exportMenu.open = false;
+});
+// The menu closes like any menu: a click elsewhere, or Escape.
+document.addEventListener("click", (event) => {
+  if (ui.exportMenu.open && !ui.exportMenu.contains(event.target)) ui.exportMenu.open = false;
+});
+ui.exportMenu.addEventListener("keydown", (event) => {
+  if (event.key === "Escape" && ui.exportMenu.open) {
+    event.preventDefault();
+    event.stopPropagation();
+    ui.exportMenu.open = false;
+    ui.exportMenu.querySelector("summary").focus();
+  }
 });
 
 // ---- tool results -------------------------------------------------------------------------

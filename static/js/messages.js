@@ -110,6 +110,9 @@ export function updateAssistant(article, message, { full = false, last = false, 
   if (message.reasoning) {
     if (!reasoning.firstChild) reasoning.append(el("summary", null, "Reasoning"), el("p", "plain"));
     reasoning.lastChild.textContent = message.reasoning;
+    // Open while the answer streams, so the thinking shows as it comes; folded once done,
+    // unless the reader opened or closed it themselves.
+    if (!reasoning.dataset.touched) reasoning.open = message.status === "streaming";
   }
   if (full) {
     const content = article.querySelector(".content");
@@ -126,6 +129,9 @@ export function updateAssistant(article, message, { full = false, last = false, 
   renderError(article.querySelector(".error"), message);
   const actions = article.querySelector(".actions");
   actions.replaceChildren();
+  if (message.content && message.status !== "streaming") {
+    actions.append(button("Copy", "copy-answer", { "aria-label": "Copy the whole answer (Markdown)" }));
+  }
   if (message.status === "error" || message.status === "interrupted") actions.append(button("Retry", "retry"));
   else if (last && message.status !== "streaming") actions.append(button("Regenerate", "regenerate"));
 }

@@ -78,7 +78,7 @@ def test_answer_streams_progressively_with_ttft(make_ui: UIFactory) -> None:
         assert answer.locator("table tr").count() == 3
         assert answer.locator("ol li").count() == 3
         assert answer.locator("pre code .hljs-keyword").count() >= 1  # highlighted
-        assert answer.locator("button", has_text="Copy").count() == 1
+        assert answer.locator(".code button", has_text="Copy").count() == 1  # the code block's
         meta = answer.locator(".meta").inner_text()
         assert re.search(r"TTFT \d+(\.\d+)? (ms|s)", meta), meta
         assert "tok/s" in meta and ui.models["md"] in meta
@@ -115,7 +115,7 @@ def test_stop_cancels_upstream_and_keeps_the_partial_answer(make_ui: UIFactory) 
         wait_disconnected(ui.upstream.by_model(recorded.model or "")[-1])
 
 
-def test_model_picker_groups_by_category_and_switches(make_ui: UIFactory) -> None:
+def test_model_picker_groups_by_category_each_model_once_and_switches(make_ui: UIFactory) -> None:
     with make_ui(first=Script(tokens=2), second=Script(tokens=3)) as ui:
         categories = ui.url + "/api/models/categories"
         try:
@@ -128,7 +128,17 @@ def test_model_picker_groups_by_category_and_switches(make_ui: UIFactory) -> Non
             "#model optgroup",
             "els => els.map(g => [g.label, [...g.querySelectorAll('option')].map(o => o.value)])",
         )
-        assert groups == [[c["label"], c["models"]] for c in body["categories"]]
+        # Each model once, in the first category that lists it.
+        seen: set[str] = set()
+        expected = []
+        for category in body["categories"]:
+            fresh = [m for m in category["models"] if m not in seen]
+            seen.update(fresh)
+            if fresh:
+                expected.append([category["label"], fresh])
+        assert groups == expected
+        values = ui.page.eval_on_selector_all("#model option", "els => els.map(o => o.value)")
+        assert sorted(values) == sorted(m["id"] for m in body["models"])
         ui.page.select_option("#model", ui.models["second"])
         assert ui.models["second"].split("/")[0] in ui.page.inner_text("#model-info")
         ui.send("Which model?")

@@ -235,3 +235,10 @@ def test_metrics_are_aggregated_across_workers(upstream: FakeUpstream, model: Mo
             outcome="completed",
         )
         assert total == 20
+
+
+async def test_metrics_have_no_created_series(served: Served) -> None:
+    async with httpx2.AsyncClient() as http:
+        text = (await http.get(served.url + "/metrics")).text
+    assert "tokenrelay_streams_total" in text
+    assert "_created" not in text

@@ -395,3 +395,37 @@ async def test_many_concurrent_streams(client: openai.AsyncOpenAI, model: Model)
 
     results = await asyncio.gather(*(one() for _ in range(50)))
     assert set(results) == {"".join(f"tok{i} " for i in range(20))}
+
+
+async def test_demo_example_names_the_address_in_use(gateway: str) -> None:
+    """The demo answer's client example points at the gateway as it was reached, not :8000."""
+    body = {"model": "demo/echo", "messages": HELLO}
+    async with httpx2.AsyncClient(timeout=30) as http:
+        answer = (await http.post(gateway + "/api/chat/completions", json=body)).json()
+        text = answer["choices"][0]["message"]["content"]
+        assert f'base_url="{gateway}/api"' in text
+        assert ":8000" not in gateway  # a free port, so the default could not pass by chance
+        named = await http.post(
+            gateway + "/api/chat/completions", json=body, headers={"host": "chat.example.com"}
+        )
+        text = named.json()["choices"][0]["message"]["content"]
+        assert 'base_url="http://chat.example.com/api"' in text
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"messages": HELLO}, "model"),
+        ({"model": "demo/echo"}, "messages"),
+        ({"model": "demo/echo", "messages": [{"content": "hi"}]}, "messages[0].role"),
+    ],
+)
+async def test_a_missing_required_field_is_named(
+    gateway: str, body: dict[str, object], param: str
+) -> None:
+    async with httpx2.AsyncClient(timeout=30) as http:
+        response = await http.post(gateway + "/api/chat/completions", json=body)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert (error["code"], error["param"]) == ("invalid_request", param)
+    assert f"'{param}'" in error["message"]

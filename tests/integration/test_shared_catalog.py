@@ -204,6 +204,10 @@ async def test_a_gateway_that_never_reached_its_upstream_is_not_ready(
         "status": "unavailable",
         "checks": {
             "providers": {"oai": "unreachable"},
+            # Why, as a client is told: this replica's own key is refused.
+            "provider_errors": {
+                "oai": "oai: upstream rejected the gateway's credentials (HTTP 401)"
+            },
             "cache": {"redis": "ok"},
             "classifier": "local",
         },

@@ -282,7 +282,7 @@ async def test_every_option_reaches_an_openai_kind_upstream(
             {},
             "messages[0].content[0]",
         ),
-        (HELLO, {"tools": [{"type": "function", "function": {}}]}, "tools[0].function"),
+        (HELLO, {"tools": [{"type": "function", "function": {}}]}, "tools[0].function.name"),
         (
             HELLO,
             {
@@ -300,7 +300,7 @@ async def test_every_option_reaches_an_openai_kind_upstream(
             "tool_choice.function.name",
         ),
         (HELLO, {"functions": [{"name": "f"}]}, "functions"),
-        (HELLO, {"response_format": {"type": "json_schema"}}, "response_format"),
+        (HELLO, {"response_format": {"type": "json_schema"}}, "response_format.json_schema"),
     ],
 )
 async def test_bad_tool_and_image_input_is_a_400_naming_the_field(

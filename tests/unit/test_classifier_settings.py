@@ -30,14 +30,19 @@ def test_every_problem_is_reported() -> None:
     with pytest.raises(SettingsError) as caught:
         load(None, environ)
     assert sorted(caught.value.problems) == [
-        "catalog.retry: expected a positive number of seconds",
-        "catalog.ttl: expected a positive number of seconds",
-        "classifier.address: expected host:port, e.g. 127.0.0.1:50051",
-        "classifier.deadline: expected a positive number of seconds",
+        "catalog.retry: expected a positive number of seconds (from TOKENRELAY_CATALOG__RETRY)",
+        "catalog.ttl: expected a positive number of seconds (from TOKENRELAY_CATALOG__TTL)",
+        "classifier.address: expected host:port, e.g. 127.0.0.1:50051"
+        " (from TOKENRELAY_CLASSIFIER__ADDRESS)",
+        "classifier.deadline: expected a positive number of seconds"
+        " (from TOKENRELAY_CLASSIFIER__DEADLINE)",
     ]
 
 
 def test_unknown_keys_are_refused() -> None:
     with pytest.raises(SettingsError) as caught:
         load(None, {"TOKENRELAY_CLASSIFIER__ADRESS": "127.0.0.1:1"})
-    assert caught.value.problems == ["classifier.adress: unknown setting"]
+    assert caught.value.problems == [
+        "classifier.adress: unknown setting; did you mean 'address'?"
+        " (from TOKENRELAY_CLASSIFIER__ADRESS)"
+    ]

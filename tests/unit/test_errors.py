@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import email.utils
+import errno
+import socket
+import ssl
 import time
 
 import httpx2
+import openai
 import pytest
 
 from providers import errors as e
@@ -332,3 +336,48 @@ def test_from_inband_redacts_and_defaults_message() -> None:
         exc.message == "a: upstream failed mid-stream (api_error): leaked [redacted] and [redacted]"
     )
     assert e.from_inband("a", "api_error", None).message.endswith(": no detail")
+
+
+def _chained(outer: BaseException, inner: BaseException) -> BaseException:
+    outer.__cause__ = inner
+    return outer
+
+
+@pytest.mark.parametrize(
+    ("exc", "cause"),
+    [
+        (
+            _chained(httpx2.ConnectError("x"), ConnectionRefusedError(111, "refused")),
+            "connection refused",
+        ),
+        (_chained(httpx2.ConnectError("x"), socket.gaierror(-2, "unknown")), "DNS failure"),
+        (_chained(httpx2.ConnectError("x"), ssl.SSLError(1, "wrong version")), "TLS failure"),
+        (httpx2.ConnectTimeout("slow"), "connect timeout"),
+        (_chained(httpx2.ConnectError("x"), TimeoutError()), "connect timeout"),
+        (httpx2.PoolTimeout("busy"), "no free connection"),
+        (
+            _chained(httpx2.ConnectError("x"), OSError(errno.ENETUNREACH, "no route")),
+            "network unreachable",
+        ),
+        (_chained(httpx2.ReadError("x"), ConnectionResetError(104, "reset")), "connection reset"),
+        (httpx2.ConnectError("x"), "connection failed"),
+    ],
+)
+def test_unreachable_upstreams_name_the_cause(exc: BaseException, cause: str) -> None:
+    error = e.from_transport("openai", exc)
+    assert isinstance(error, e.UpstreamUnavailableError)
+    assert error.cause == cause
+    assert error.message == f"openai: upstream unreachable ({cause})"
+    assert cause in e.CAUSES
+
+
+def test_sdk_connection_errors_keep_cause_and_address() -> None:
+    request = httpx2.Request("POST", "http://10.1.2.3:8443/v1/chat/completions")
+    inner = _chained(httpx2.ConnectError("x"), ConnectionRefusedError(111, "refused"))
+    error = e.from_sdk(
+        openai, "openai", _chained(openai.APIConnectionError(request=request), inner)
+    )
+    assert (error.cause, error.upstream) == ("connection refused", "10.1.2.3:8443")
+    assert "10.1.2.3" not in error.message
+    timeout = _chained(openai.APITimeoutError(request=request), httpx2.ConnectTimeout("slow"))
+    assert e.from_sdk(openai, "openai", timeout).cause == "connect timeout"

@@ -135,7 +135,7 @@ def test_invalid_json(data: bytes) -> None:
         ({"messages": [USER, {"role": "user", "content": 5}]}, "messages[1].content"),
         (
             {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
-            "messages[0].content[0].image_url",
+            "messages[0].content[0].image_url.url",
         ),
         (
             {"messages": [{"role": "user", "content": [{"type": "video", "video": {}}]}]},
@@ -143,14 +143,14 @@ def test_invalid_json(data: bytes) -> None:
         ),
         ({"messages": [{"role": "user", "content": "x", "colour": 1}]}, "messages[0].colour"),
         ({"base_url": "http://127.0.0.1:1"}, "base_url"),
-        ({"tools": [{"type": "function", "function": {}}]}, "tools[0].function"),
+        ({"tools": [{"type": "function", "function": {}}]}, "tools[0].function.name"),
         ({"tools": [{"type": "function", "function": {"name": "a b"}}]}, "tools[0].function.name"),
         ({"tools": [{"type": "custom", "custom": {"name": "x"}}]}, "tools[0].type"),
         ({"tool_choice": "sometimes"}, "tool_choice"),
-        ({"response_format": {}}, "response_format"),
+        ({"response_format": {}}, "response_format.type"),
         (
             {"response_format": {"type": "json_schema", "json_schema": {}}},
-            "response_format.json_schema",
+            "response_format.json_schema.name",
         ),
         ({"reasoning_effort": "extreme"}, "reasoning_effort"),
         ({"modalities": ["text", "audio"]}, "modalities[1]"),
@@ -178,10 +178,33 @@ def test_out_of_range_number_literals(field: str, literal: bytes) -> None:
     assert info.value.param == field
 
 
-def test_missing_model_is_reported() -> None:
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        (b'{"messages":[{"role":"user","content":"hi"}]}', "model"),
+        (b'{"model":"m"}', "messages"),
+        (b'{"model":"m","messages":[{"content":"hi"}]}', "messages[0].role"),
+        (
+            b'{"model":"m","messages":[{"role":"user","content":"hi"}],"tools":[{}]}',
+            "tools[0].type",
+        ),
+        (
+            b'{"model":"m","messages":[{"role":"user","content":"hi"}],'
+            b'"tools":[{"type":"function","function":{}}]}',
+            "tools[0].function.name",
+        ),
+        (
+            b'{"model":"m","messages":[{"role":"user","content":"hi"}],"stream_options":{},'
+            b'"response_format":{"type":"json_schema"}}',
+            "response_format.json_schema",
+        ),
+    ],
+)
+def test_missing_required_fields_are_named(body: bytes, param: str) -> None:
     with pytest.raises(InvalidRequestError) as info:
-        decode_body(b'{"messages":[{"role":"user","content":"hi"}]}')
-    assert "missing required field 'model'" in info.value.message
+        decode_body(body)
+    assert info.value.param == param
+    assert info.value.message == f"Invalid request body at '{param}': required field missing"
 
 
 def test_non_object_body() -> None:

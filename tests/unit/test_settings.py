@@ -305,13 +305,13 @@ pace = -0.5
         "providers[0].connect_timeout: expected a positive number of seconds",
         "providers[0].first_token_timeout: expected a positive number of seconds",
         "providers[0].api_key_env: environment variable MISSING_KEY is not set",
-        "providers[1].name: 'a' is used by another provider",
-        "providers[1].base_url: expected an http(s) URL",
         "providers[1].max_connections: expected a positive number",
+        "providers[1].base_url: expected an http(s) URL",
+        "providers[1].name: 'a' is used by another provider",
         "providers[2].name: expected letters, digits, '_', '.' or '-'",
         "providers[2].api_key_env: required for a 'anthropic' provider without base_url",
-        "providers[3].base_url: the demo provider has no upstream",
         "providers[3].pace: expected zero or more seconds",
+        "providers[3].base_url: the demo provider has no upstream",
     ]
 
 
@@ -338,6 +338,7 @@ kind = "bogus"
         "server.port": "Expected int, got str",
         "providers[0].name": "required",
         "providers[0].models": "Expected array | null, got str",
+        "providers[0].api_key_env": "required for a 'openai' provider without base_url",
         "providers[1].kind": "expected one of 'openai', 'anthropic', 'demo'",
         "demo": "Expected bool, got str",
     }
@@ -352,7 +353,10 @@ kind = "bogus"
         (
             "",
             {"TOKENRELAY_SERVER": "1", "TOKENRELAY_SERVER__PORT": "2"},
-            ["TOKENRELAY_SERVER__PORT: server.port is not a table", "server: expected a table"],
+            [
+                "TOKENRELAY_SERVER__PORT: server.port is not a table",
+                "server: expected a table (from TOKENRELAY_SERVER)",
+            ],
         ),
     ],
 )
@@ -439,7 +443,7 @@ base_url = "http://127.0.0.1:1"
     out, err = capsys.readouterr()
     assert out == ""
     assert err == (
-        "tokenrelay: the configuration has 3 problem(s):\n"
+        "tokenrelay: the configuration has 3 problems:\n"
         "  extra: unknown setting\n"
         "  providers[0].base_url: expected an http(s) URL\n"
         "  providers[1].name: 'a' is used by another provider\n"
@@ -462,7 +466,7 @@ base_url = "http://127.0.0.1:1"
     out, err = capsys.readouterr()
     assert out == ""
     assert err.splitlines() == [
-        "tokenrelay: the configuration has 2 problem(s):",
+        "tokenrelay: the configuration has 2 problems:",
         "  providers[0].base_url: expected an http(s) URL",
         "  providers[1].name: 'a' is used by another provider",
     ]
@@ -488,6 +492,76 @@ def test_cli_check_config_missing_file(tmp_path: Path, capsys: pytest.CaptureFix
     out, err = capsys.readouterr()
     assert out == ""
     assert err.splitlines() == [
-        "tokenrelay: the configuration has 1 problem(s):",
+        "tokenrelay: the configuration has 1 problem:",
         f"  {path}: cannot read (No such file or directory)",
     ]
+
+
+ONE_OF_EVERY_KIND = """
+[server]
+port = 70000
+sse_hearbeat = 5
+log_level = "debg"
+max_body_bytes = 0
+
+[websocket]
+ping_interval = -1
+
+[catalog]
+ttl = "soon"
+keep_stale = 60
+
+[fallbacks]
+"openai/gpt-4o" = ["nowhere/x", 3]
+
+[[providers]]
+name = "openai"
+kind = "openai"
+api_key_env = "UNSET_KEY"
+idle_timeout = "long"
+"""
+
+
+def test_one_pass_reports_types_ranges_rules_and_environment(tmp_path: Path) -> None:
+    """One error of every kind in one file: all of them come back in one report."""
+    with pytest.raises(SettingsError) as info:
+        load(write(tmp_path, ONE_OF_EVERY_KIND), {})
+    assert info.value.problems == [
+        "server.sse_hearbeat: unknown setting; did you mean 'sse_heartbeat'?",
+        "server.port: expected 1-65535",
+        "server.max_body_bytes: expected a positive number of bytes",
+        "server.log_level: expected one of 'debug', 'info', 'warning', 'error'; "
+        "did you mean 'debug'?",
+        "websocket.ping_interval: expected a positive number of seconds",
+        'fallbacks."openai/gpt-4o"[1]: Expected str, got int',
+        "catalog.ttl: Expected float, got str",
+        "providers[0].idle_timeout: Expected float, got str",
+        "providers[0].api_key_env: environment variable UNSET_KEY is not set",
+    ]
+
+
+def test_problems_with_values_from_the_environment_name_the_variable() -> None:
+    with pytest.raises(SettingsError) as info:
+        load(None, {"TOKENRELAY_SERVER__PORT": "abc", "TOKENRELAY_SERVER__SSE_HEARBEAT": "5"})
+    assert info.value.problems == [
+        "server.sse_hearbeat: unknown setting; did you mean 'sse_heartbeat'? "
+        "(from TOKENRELAY_SERVER__SSE_HEARBEAT)",
+        "server.port: Expected int, got str (from TOKENRELAY_SERVER__PORT)",
+    ]
+
+
+def test_fallback_paths_name_the_model(tmp_path: Path) -> None:
+    path = write(tmp_path, '[fallbacks]\n"openai/gpt-4o" = ["nowhere/x"]\n')
+    with pytest.raises(SettingsError) as info:
+        load(path, {})
+    assert info.value.problems == [
+        "fallbacks.\"openai/gpt-4o\": expected 'provider/model' with a configured provider",
+        "fallbacks.\"openai/gpt-4o\"[0]: expected 'provider/model' with a configured provider",
+    ]
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.startswith("tokenrelay 0.")
