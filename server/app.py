@@ -179,5 +179,5 @@ async def metrics_endpoint(request: Request) -> Response:
 def app_from_environment() -> Starlette:
     """The factory `tokenrelay serve` gives uvicorn; settings come from the environment."""
     settings = load(None, os.environ)
-    guard.configure(settings.server.header_timeout)
+    guard.configure(settings.server.header_timeout, settings.limits.max_header_bytes)
     return create_app(settings)
