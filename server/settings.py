@@ -50,6 +50,7 @@ class WebSocketSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
 
     max_streams: int = 8
     max_frame_bytes: int = 1024 * 1024
+    max_fragments: int = 16
     ping_interval: float = 20.0
     ping_timeout: float = 20.0
 
@@ -265,7 +266,13 @@ def _check(data: dict[str, Any], environ: Mapping[str, str]) -> list[str]:
                 problems.append(f"server.{name}: expected a positive number of seconds")
     ws = _part(data.get("websocket", {}), WebSocketSettings)
     if ws is not None:
-        for name in ("max_streams", "max_frame_bytes", "ping_interval", "ping_timeout"):
+        for name in (
+            "max_streams",
+            "max_frame_bytes",
+            "max_fragments",
+            "ping_interval",
+            "ping_timeout",
+        ):
             if getattr(ws, name) <= 0:
                 problems.append(f"websocket.{name}: expected a positive number")
     cache = _part(data.get("cache", {}), CacheSettings)
@@ -388,7 +395,7 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
         "http": "server.guard:GuardedHttpToolsProtocol",  # httptools with a header deadline
         # Past this many connections and tasks, uvicorn answers 503 at once instead of queueing.
         "limit_concurrency": settings.server.max_connections,
-        "ws": "websockets-sansio",
+        "ws": "server.wsguard:MeteredWebSocketProtocol",  # every frame metered
         # One byte over our own limit, so the app sees an oversized frame and closes with 1009
         # itself, while uvicorn still never buffers an unbounded one.
         "ws_max_size": ws.max_frame_bytes + 1,

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import os
 import socket
+import struct
+import threading
+import time
 from collections.abc import Iterator
 
+import httpx2
 import pytest
 
 from tests.support.process import Served, serve_process
@@ -129,3 +135,123 @@ def test_http_1_0_fixed_length_answers_keep_their_length(served: Served) -> None
     head, _, payload = answer.partition(b"\r\n\r\n")
     assert b"content-length: %d" % len(payload) in head.lower()
     assert b"transfer-encoding" not in head.lower()
+
+
+# WebSocket frames written by hand, so a test can send what no client library would.
+TEXT, CONT, PING = 0x1, 0x0, 0x9
+
+
+def ws_frame(opcode: int, payload: bytes, fin: bool = True) -> bytes:
+    head = bytes([(0x80 if fin else 0) | opcode])
+    size = len(payload)
+    if size < 126:
+        head += bytes([0x80 | size])
+    elif size < 65536:
+        head += bytes([0x80 | 126]) + struct.pack("!H", size)
+    else:
+        head += bytes([0x80 | 127]) + struct.pack("!Q", size)
+    return head + b"\0\0\0\0" + payload  # a zero mask leaves the payload as it is
+
+
+def ws_open(url: str) -> socket.socket:
+    sock = connect(url)
+    key = base64.b64encode(os.urandom(16))
+    sock.sendall(
+        b"GET /api/ws HTTP/1.1\r\nhost: %s\r\nupgrade: websocket\r\nconnection: Upgrade\r\n"
+        b"sec-websocket-key: %s\r\nsec-websocket-version: 13\r\n"
+        b"sec-websocket-protocol: tokenrelay.v1\r\n\r\n"
+        % (url.removeprefix("http://").encode(), key)
+    )
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = sock.recv(1)
+        assert chunk, head
+        head += chunk
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return sock
+
+
+def close_code(sock: socket.socket) -> int | None:
+    """Read frames until the server's close frame; its code (None if the socket just ended)."""
+    data = read_all(sock)
+    while len(data) >= 2:
+        opcode, size = data[0] & 0x0F, data[1] & 0x7F
+        start = 2
+        if size == 126:
+            size, start = struct.unpack("!H", data[2:4])[0], 4
+        elif size == 127:
+            size, start = struct.unpack("!Q", data[2:10])[0], 10
+        if opcode == 0x8:
+            return int(struct.unpack("!H", data[start : start + 2])[0])
+        data = data[start + size :]
+    return None
+
+
+def flood_while_measuring(served: Served, payload: bytes) -> tuple[int | None, list[float]]:
+    """Send `payload` on one socket while timing /healthz from another client."""
+    latencies: list[float] = []
+    with ws_open(served.url) as sock:
+
+        def flood() -> None:
+            try:
+                sock.sendall(payload)
+            except OSError:
+                pass  # the gateway closed the socket mid-flood, as it should
+
+        flooder = threading.Thread(target=flood, daemon=True)
+        flooder.start()
+        with httpx2.Client(timeout=30) as http:
+            for _ in range(10):
+                began = time.monotonic()
+                assert http.get(served.url + "/healthz").status_code == 200
+                latencies.append(time.monotonic() - began)
+        flooder.join(timeout=30)
+        code = close_code(sock)
+    return code, latencies
+
+
+def test_a_message_in_200000_continuation_frames_is_cut_off(served: Served) -> None:
+    payload = ws_frame(TEXT, b"{", fin=False) + ws_frame(CONT, b" ", fin=False) * 200_000
+    code, latencies = flood_while_measuring(served, payload)
+    assert code == 1008
+    # Loose: the other client was answered throughout (the unmetered gateway took seconds).
+    assert max(latencies) < 2.0, latencies
+
+
+def test_a_ping_flood_is_cut_off(served: Served) -> None:
+    code, latencies = flood_while_measuring(served, ws_frame(PING, b"p") * 200_000)
+    assert code == 1008
+    assert max(latencies) < 2.0, latencies
+
+
+def test_a_message_in_more_fragments_than_allowed_is_refused(served: Served) -> None:
+    with ws_open(served.url) as sock:
+        sock.sendall(
+            ws_frame(TEXT, b"{", fin=False)
+            + ws_frame(CONT, b" ", fin=False) * 16
+            + ws_frame(CONT, b"}")
+        )
+        assert close_code(sock) == 1008
+
+
+def test_a_message_in_a_few_fragments_is_fine(served: Served) -> None:
+    with ws_open(served.url) as sock:
+        sock.sendall(
+            ws_frame(TEXT, b'{"type"', fin=False)
+            + ws_frame(CONT, b':"pi', fin=False)
+            + ws_frame(CONT, b'ng"}')
+        )
+        answer = sock.recv(4096)
+        assert b'"pong"' in answer, answer
+
+
+def test_invalid_utf8_closes_1007_and_logs_one_line(served: Served) -> None:
+    with ws_open(served.url) as sock:
+        sock.sendall(ws_frame(TEXT, b'{"type": "\xff\xfe"}'))
+        assert close_code(sock) == 1007
+    deadline = time.monotonic() + 10
+    while "not UTF-8" not in served.log and time.monotonic() < deadline:
+        time.sleep(0.05)
+    lines = [line for line in served.log.splitlines() if "UTF-8" in line]
+    assert lines and all(" WARNING " in line for line in lines), served.log
+    assert "Traceback" not in served.log and " ERROR " not in served.log
