@@ -14,7 +14,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from typing import Protocol
 
 import msgspec
@@ -85,6 +85,7 @@ class StreamState:
         "reason",
         "usage",
         "error",
+        "abort",
         "_request",
     )
 
@@ -108,6 +109,8 @@ class StreamState:
         self.reason: FinishReason | None = None
         self.usage: Usage | None = None
         self.error: GatewayError | None = None
+        # Drops the client's connection at once (set by the transport when it can).
+        self.abort: Callable[[], None] | None = None
         self._request: ChatRequest | None = None
 
     def interrupt(self) -> None:
@@ -463,12 +466,32 @@ class ChatService:
             f"{state.provider}: no {waited} within {watchdog.upstream_limit:g} s"
         )
 
-    @staticmethod
-    async def _fail(sink: Sink, state: StreamState, exc: GatewayError) -> None:
+    async def _fail(self, sink: Sink, state: StreamState, exc: GatewayError) -> None:
         state.reason = "error"
         state.error = exc
         state.outcome = "timeout" if isinstance(exc, UpstreamTimeoutError) else "error"
-        await sink.error(exc)
+        await write_or_abort(sink.error(exc), state, self._write_timeout)
+
+
+ERROR_WRITE_TIMEOUT = 5.0
+
+
+async def write_or_abort(write: Awaitable[None], state: StreamState, write_timeout: float) -> None:
+    """Write a stream's last words within a short deadline, else drop the connection.
+
+    A client that stopped reading would otherwise hold the write, the task, the connection
+    and the key's stream slot for as long as it likes.
+    """
+    try:
+        async with asyncio.timeout(min(ERROR_WRITE_TIMEOUT, write_timeout)):
+            await write
+    except TimeoutError:
+        if state.abort is not None:
+            state.abort()
+        log.info(
+            "client dropped: it did not read the end of its stream",
+            extra={"fields": {"request_id": state.request_id}},
+        )
 
 
 def _shutting_down() -> ServerShuttingDownError:

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from collections.abc import Callable
+from typing import Any
 
 from uvicorn._types import ASGISendEvent
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
@@ -166,6 +168,12 @@ class CloseDelimitedCycle(RequestResponseCycle):
         ):
             self.expected_content_length = len(message.get("body", b""))
         await super().send(message)
+
+
+def abort_of(scope: Any) -> Callable[[], None] | None:
+    """The scope's `tokenrelay.abort` (this module's HTTP and WebSocket protocols give one)."""
+    found = scope.get("extensions", {}).get(ABORT)
+    return found if callable(found) else None
 
 
 def configure(header_timeout: float, max_header_bytes: int) -> None:

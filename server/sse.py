@@ -14,7 +14,7 @@ from starlette.types import Receive, Send
 from providers.errors import GatewayError
 from providers.types import Delta, FinishReason, ReasoningDelta, RefusalDelta, TextDelta, Usage
 from server import protocol
-from server.chat import ChatService, Prepared, StreamState
+from server.chat import ERROR_WRITE_TIMEOUT, ChatService, Prepared, StreamState, write_or_abort
 from server.errors import ErrorEnvelope, error_body
 from server.http import send_error
 from server.streaming import race, watch_disconnect
@@ -154,4 +154,5 @@ async def stream_sse(
         watch_disconnect(receive, state),
     )
     if finished and not sink.complete:
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        end = send({"type": "http.response.body", "body": b"", "more_body": False})
+        await write_or_abort(end, state, ERROR_WRITE_TIMEOUT)

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -21,7 +22,7 @@ from starlette.types import Receive, Scope, Send
 from providers.errors import GatewayError, InvalidRequestError
 from providers.types import Delta, FinishReason, ReasoningDelta, RefusalDelta, TextDelta, Usage
 from server import metrics, protocol
-from server.chat import ChatService, StreamState
+from server.chat import ERROR_WRITE_TIMEOUT, ChatService, StreamState, write_or_abort
 from server.errors import (
     ClientGone,
     DuplicateStreamError,
@@ -30,6 +31,7 @@ from server.errors import (
     TooManyStreamsError,
     error_body,
 )
+from server.guard import abort_of
 from server.limits import FrameMeter, Limits
 from server.ratelimit import current_principal
 from server.settings import WebSocketSettings
@@ -146,9 +148,11 @@ class Connection:
         socket: _Socket,
         settings: WebSocketSettings,
         limits: Limits | None = None,
+        abort: Callable[[], None] | None = None,
     ) -> None:
         self._service = service
         self._socket = socket
+        self._abort = abort  # drops the connection of a client that stopped reading
         self._settings = settings
         self._streams: dict[str, _Stream] = {}
         self._limits = limits
@@ -250,6 +254,7 @@ class Connection:
             await self._reject(frame.id, exc)
             return
         state = StreamState(uuid.uuid4().hex, received_at, "ws")
+        state.abort = self._abort
         sink = WSSink(self._socket, frame.id, state)
         task = asyncio.create_task(self._run(frame.id, prepared, sink, state))
         self._streams[frame.id] = _Stream(task, sink, state)
@@ -272,7 +277,7 @@ class Connection:
             stream = self._streams.get(stream_id)
             if stream is not None and state.cancel_cause == "cancelled" and not sink.ended:
                 try:
-                    await sink.cancelled()
+                    await write_or_abort(sink.cancelled(), state, ERROR_WRITE_TIMEOUT)
                 except ClientGone:
                     pass
             raise
@@ -335,7 +340,10 @@ class WebSocketEndpoint:
         socket = _Socket(send)
         metrics.WS_CONNECTIONS.inc()
         try:
-            await Connection(self._service, socket, self._settings, self._limits).serve(receive)
+            connection = Connection(
+                self._service, socket, self._settings, self._limits, abort_of(scope)
+            )
+            await connection.serve(receive)
             await socket.close(1000)
         finally:
             metrics.WS_CONNECTIONS.dec()

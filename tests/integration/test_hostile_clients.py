@@ -9,11 +9,14 @@ import socket
 import struct
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 
 import httpx2
 import pytest
 
+from tests.conftest import UPSTREAM_KEY
+from tests.fakeupstream import FakeUpstream, Script
 from tests.support.process import Served, serve_process
 
 HEAD_CAP = 16 * 1024  # the default [limits] max_header_bytes
@@ -255,3 +258,92 @@ def test_invalid_utf8_closes_1007_and_logs_one_line(served: Served) -> None:
     lines = [line for line in served.log.splitlines() if "UTF-8" in line]
     assert lines and all(" WARNING " in line for line in lines), served.log
     assert "Traceback" not in served.log and " ERROR " not in served.log
+
+
+# Clients that never read: their streams must end and give their key's slots back.
+BIG = {"text": ["x" * 2000] * 5000}  # 10 MB of answer, more than every socket buffer holds
+
+
+@pytest.fixture
+def stalled(upstream: FakeUpstream) -> Iterator[tuple[Served, str]]:
+    """A gateway allowing 3 streams per client, cutting off a client that reads nothing for 1 s."""
+    name = f"big-{uuid.uuid4().hex[:8]}"
+    upstream.scripts[name] = Script(**BIG)  # type: ignore[arg-type]
+    config = (
+        'demo = false\n[server]\nslow_consumer_timeout = 1.0\nlog_level = "warning"\n'
+        "[limits]\nstreams_per_key = 3\n"
+        f'[[providers]]\nname = "oai"\nkind = "openai"\nbase_url = "{upstream.url}/v1"\n'
+        'api_key_env = "UPSTREAM_KEY"\n'
+    )
+    with serve_process(config, env={"UPSTREAM_KEY": UPSTREAM_KEY}) as process:
+        yield process, f"oai/{name}"
+
+
+def never_reading(sock: socket.socket) -> socket.socket:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    return sock
+
+
+def chat_body(model: str) -> bytes:
+    return json.dumps(
+        {"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    ).encode()
+
+
+def wait_for_a_free_slot(url: str, model: str) -> float:
+    """Seconds until a new stream is admitted (fails after a generous 60 s)."""
+    began = time.monotonic()
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    with httpx2.Client(timeout=30) as http:
+        while time.monotonic() - began < 60:
+            with http.stream("POST", url + "/api/chat/completions", json=body) as response:
+                if response.status_code != 429:
+                    assert response.status_code == 200
+                    return time.monotonic() - began
+                assert b"too_many_streams" in response.read()
+            time.sleep(0.25)
+    raise AssertionError("the stalled clients' stream slots were never released")
+
+
+def test_sse_clients_that_never_read_lose_their_streams_and_slots(
+    stalled: tuple[Served, str],
+) -> None:
+    served, model = stalled
+    body = chat_body(model)
+    sockets = []
+    host, port = served.url.removeprefix("http://").rsplit(":", 1)
+    for _ in range(3):
+        sock = never_reading(socket.socket())
+        sock.connect((host, int(port)))
+        sock.sendall(
+            b"POST /api/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\n\r\n" % len(body) + body
+        )
+        sockets.append(sock)
+    try:
+        released = wait_for_a_free_slot(served.url, model)
+    finally:
+        for sock in sockets:
+            sock.close()
+    print(f"slots released after {released:.1f} s")
+    assert released < 60
+
+
+def test_websocket_clients_that_never_read_lose_their_streams_and_slots(
+    stalled: tuple[Served, str],
+) -> None:
+    served, model = stalled
+    start = {"type": "chat.start", "id": "s", "request": json.loads(chat_body(model))}
+    sockets = []
+    try:
+        for _ in range(3):
+            sock = ws_open(served.url)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.sendall(ws_frame(TEXT, json.dumps(start).encode()))
+            sockets.append(sock)
+        released = wait_for_a_free_slot(served.url, model)
+    finally:
+        for sock in sockets:
+            sock.close()
+    print(f"slots released after {released:.1f} s")
+    assert released < 60
