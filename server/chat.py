@@ -149,12 +149,19 @@ class StreamState:
         return [{"role": m.role, "content": m.text} for m in self._request.messages]
 
     def usage_so_far(self) -> Usage:
-        """The upstream's usage when it sent one, else a count of what was relayed."""
+        """The upstream's usage when it sent one, else an estimate of what was sent and relayed.
+
+        The prompt is charged at no less than one token per four characters of its messages
+        (text, inline media, tool calls), so text without spaces cannot pass for one word and
+        a client cannot dodge `tokens_per_minute` by disconnecting before the usage arrives.
+        """
         if self.usage is not None:
             return self.usage
         prompt = 0
         if self._request is not None:
-            prompt = sum(estimate_tokens(m.text) for m in self._request.messages)
+            prompt = sum(
+                max(estimate_tokens(m.text), -(-m.size() // 4)) for m in self._request.messages
+            )
         return Usage(prompt_tokens=prompt, completion_tokens=self.chunks)
 
 
