@@ -100,6 +100,7 @@ def create_app(settings: Settings, environ: Mapping[str, str] | None = None) -> 
         observer=observer,
         cache=cache if settings.cache.completions else None,
         cache_ttl=settings.cache.ttl,
+        cache_scope=settings.cache.scope,
         fallbacks=settings.fallbacks,
         retry_budget=settings.server.retry_budget,
         lifecycle=lifecycle,

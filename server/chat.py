@@ -15,7 +15,7 @@ import logging
 import random
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
-from typing import Protocol
+from typing import Literal, Protocol
 
 import msgspec
 
@@ -45,6 +45,7 @@ from server.lifecycle import Lifecycle
 from server.metrics import Outcome, Transport
 from server.observe import StreamObserver
 from server.protocol import ChatCompletionBody
+from server.ratelimit import current_principal
 
 log = logging.getLogger("tokenrelay.chat")
 
@@ -267,6 +268,7 @@ class ChatService:
         observer: StreamObserver | None = None,
         cache: Cache | None = None,
         cache_ttl: float = 3600.0,
+        cache_scope: Literal["key", "global"] = "key",
         fallbacks: Mapping[str, list[str]] | None = None,
         retry_budget: float = 30.0,
         lifecycle: Lifecycle | None = None,
@@ -279,6 +281,7 @@ class ChatService:
         self._observer = observer or StreamObserver()
         self._cache = cache  # completions are cached only when a cache is given
         self._cache_ttl = cache_ttl
+        self._cache_scope = cache_scope  # "key": answers are kept apart per gateway key
 
     def prepare(self, body: ChatCompletionBody, cache_control: str | None = None) -> Prepared:
         """Validate the body and route it; raises a `RequestError` before any upstream call."""
@@ -364,7 +367,8 @@ class ChatService:
     async def _run(self, prepared: Prepared, sink: Sink, state: StreamState) -> None:
         key: str | None = None
         if self._cache is not None:
-            key = completion_key(prepared.route.settings.name, prepared.request)
+            tenant = None if self._cache_scope == "global" else current_principal.get() or ""
+            key = completion_key(prepared.route.settings.name, prepared.request, tenant)
             if prepared.cache_policy.read:
                 answer = await self._cached(prepared, key)
                 if answer is not None:

@@ -60,6 +60,7 @@ class CacheSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
 
     url: str | None = None
     completions: bool = False
+    scope: Literal["key", "global"] = "key"  # whose cached answers a request may get
     ttl: float = 3600.0
     max_entries: int = 10_000
     max_bytes: int = 64 * 1024 * 1024
