@@ -9,6 +9,7 @@ each add a provider. API keys are only ever named here (`api_key_env`), never st
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import tomllib
 import typing
@@ -40,6 +41,9 @@ class ServerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     header_timeout: float = 10.0
     body_timeout: float = 30.0
     max_connections: int = 10_000
+    # Peers whose X-Forwarded-For / X-Forwarded-Proto are believed (addresses or networks, or
+    # "*"); by default nobody's, so the client address is always the connection's.
+    forwarded_allow_ips: list[str] = msgspec.field(default_factory=list)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
     log_content: bool = False
@@ -255,6 +259,11 @@ def _check(data: dict[str, Any], environ: Mapping[str, str]) -> list[str]:
             problems.append("server.max_body_bytes: expected a positive number of bytes")
         if server.max_connections <= 0:
             problems.append("server.max_connections: expected a positive number")
+        for i, entry in enumerate(server.forwarded_allow_ips):
+            if entry != "*" and not _is_network(entry):
+                problems.append(
+                    f"server.forwarded_allow_ips[{i}]: expected an IP address or network, or '*'"
+                )
         for name in (
             "sse_heartbeat",
             "slow_consumer_timeout",
@@ -331,6 +340,14 @@ def _check(data: dict[str, Any], environ: Mapping[str, str]) -> list[str]:
     return problems
 
 
+def _is_network(entry: str) -> bool:
+    try:
+        ipaddress.ip_network(entry, strict=False)
+    except ValueError:
+        return False
+    return True
+
+
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -396,6 +413,10 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
         "http": "server.guard:GuardedHttpToolsProtocol",  # httptools with a header deadline
         # Past this many connections and tasks, uvicorn answers 503 at once instead of queueing.
         "limit_concurrency": settings.server.max_connections,
+        # X-Forwarded-For is believed only from the listed proxies (uvicorn's own default
+        # would believe it from any loopback peer).
+        "proxy_headers": bool(settings.server.forwarded_allow_ips),
+        "forwarded_allow_ips": ",".join(settings.server.forwarded_allow_ips) or None,
         "ws": "server.wsguard:MeteredWebSocketProtocol",  # every frame metered
         # One byte over our own limit, so the app sees an oversized frame and closes with 1009
         # itself, while uvicorn still never buffers an unbounded one.

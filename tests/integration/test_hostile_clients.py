@@ -347,3 +347,20 @@ def test_websocket_clients_that_never_read_lose_their_streams_and_slots(
             sock.close()
     print(f"slots released after {released:.1f} s")
     assert released < 60
+
+
+@pytest.mark.parametrize("trusted", [False, True])
+def test_forwarded_for_is_believed_only_from_listed_proxies(trusted: bool) -> None:
+    config = "[limits]\nrequests_per_minute = 2\n"
+    if trusted:
+        config += '[server]\nforwarded_allow_ips = ["127.0.0.1"]\n'
+    with serve_process(config) as process, httpx2.Client(timeout=10) as http:
+        statuses = [
+            http.get(
+                process.url + "/api/models", headers={"x-forwarded-for": f"198.51.100.{i}"}
+            ).status_code
+            for i in range(4)
+        ]
+    # Untrusted, the header is ignored: one client, over its limit from the third request. From
+    # a listed proxy, each forwarded address has a bucket of its own.
+    assert statuses == ([200] * 4 if trusted else [200, 200, 429, 429])
