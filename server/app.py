@@ -30,6 +30,7 @@ from server.errors import (
 )
 from server.health import healthz, readyz
 from server.http import request_id_of
+from server.leases import RedisLeases
 from server.lifecycle import Lifecycle
 from server.limits import Limits
 from server.metrics import exposition
@@ -74,15 +75,23 @@ def build_cache(settings: CacheSettings, use: str = "completions") -> Cache:
 
 
 def build_limits(settings: Settings) -> Limits:
-    """Limits with rate buckets in the cache's Redis when it has one, else in memory."""
+    """Limits with rate buckets and slot leases in the cache's Redis when it has one, else in
+    memory."""
     buckets: Buckets = MemoryBuckets()
+    leases: RedisLeases | None = None
     if settings.cache.url:
         buckets = RedisBuckets(
             settings.cache.url, namespace=settings.cache.namespace, timeout=settings.cache.timeout
         )
+        leases = RedisLeases(
+            settings.cache.url,
+            namespace=settings.cache.namespace,
+            timeout=settings.cache.timeout,
+            ttl=settings.limits.lease_ttl,
+        )
     limits = settings.limits
     limiter = RateLimiter(buckets, limits.requests_per_minute, limits.tokens_per_minute)
-    return Limits(limits, limiter)
+    return Limits(limits, limiter, leases)
 
 
 def create_app(settings: Settings, environ: Mapping[str, str] | None = None) -> Starlette:
@@ -132,7 +141,7 @@ def create_app(settings: Settings, environ: Mapping[str, str] | None = None) -> 
             if catalog_cache is not None:
                 await catalog_cache.aclose()
             await observer.aclose()
-            await limits.limiter.aclose()
+            await limits.aclose()
 
     app = Starlette(
         routes=[

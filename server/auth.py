@@ -167,7 +167,7 @@ class Gatekeeper:
             return
         principal: str | None = scope.get("state", {}).get("principal")
         sockets = self._sockets if scope["type"] == "websocket" and principal else None
-        if sockets is not None and principal is not None and not sockets.acquire(principal):
+        if sockets is not None and principal is not None and not await sockets.acquire(principal):
             error = TooManySocketsError(
                 f"This key already has {sockets.cap} WebSockets open; close one first."
             )

@@ -57,7 +57,7 @@ class ChatCompletions:
         principal = current_principal.get() if self._limits is not None else None
         try:
             if self._limits is not None:
-                self._limits.stream_slot(principal)
+                await self._limits.stream_slot(principal)
         except GatewayError as exc:
             await send_error(send, exc, rid)
             return

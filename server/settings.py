@@ -105,6 +105,7 @@ class LimitSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     ws_frames_per_second: int = 50
     ws_sockets_per_key: int = 16
     streams_per_key: int = 64
+    lease_ttl: float = 30.0  # with Redis: a dead replica's stream and socket slots free after this
     requests_per_minute: int = 0
     tokens_per_minute: int = 0
 

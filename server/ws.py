@@ -268,7 +268,7 @@ class Connection:
             raise RateLimitedError(
                 "Too many requests or tokens for this key; retry later.", retry_after=wait
             )
-        self._limits.stream_slot(self._principal)
+        await self._limits.stream_slot(self._principal)
 
     async def _run(self, stream_id: str, prepared: Any, sink: WSSink, state: StreamState) -> None:
         try:
