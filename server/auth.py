@@ -50,6 +50,7 @@ from server.ratelimit import RateLimiter, current_principal
 KEY_PREFIX = "trk-"
 AUTH_SUBPROTOCOL = "tokenrelay.auth."
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
+OFFERED = "subprotocols_offered"  # in the scope's state: the handshake offered any at all
 _LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 _BEARER = re.compile(r"^[Bb][Ee][Aa][Rr][Ee][Rr] +([^\s]+) *$")
 
@@ -201,6 +202,7 @@ class Gatekeeper:
         if scope["type"] == "websocket":
             rest = [p for p in offered if not p.startswith(AUTH_SUBPROTOCOL)]
             scope = {**scope, "subprotocols": rest}
+            scope.setdefault("state", {})[OFFERED] = bool(offered)
         principal = self._principal(scope, presented)
         scope.setdefault("state", {})["principal"] = principal
         if self._limiter.enabled:
@@ -229,8 +231,10 @@ class Gatekeeper:
 
 async def _deny(scope: Scope, receive: Receive, send: Send, exc: GatewayError) -> None:
     rid = request_id_of(scope)
+    # RFC 9110: a 401 names the scheme it wants.
+    challenge = [(b"www-authenticate", b"Bearer")] if isinstance(exc, AuthenticationError) else []
     if scope["type"] == "http":
-        await send_error(send, exc, rid)
+        await send_error(send, exc, rid, challenge)
         return
     # A WebSocket handshake is refused before it is accepted: with the error as an HTTP
     # response where the server supports that, else a plain 403.
@@ -244,6 +248,7 @@ async def _deny(scope: Scope, receive: Receive, send: Send, exc: GatewayError) -
         (b"content-length", str(len(body)).encode()),
         (b"x-request-id", rid.encode()),
         *((k.encode(), v.encode()) for k, v in retry_after_header(exc).items()),
+        *challenge,
     ]
     await send(
         {

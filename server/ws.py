@@ -10,7 +10,9 @@ every task it owns. Frames of different streams interleave; each stream's frames
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import Callable
@@ -22,6 +24,7 @@ from starlette.types import Receive, Scope, Send
 from providers.errors import GatewayError, InvalidRequestError
 from providers.types import Delta, FinishReason, ReasoningDelta, RefusalDelta, TextDelta, Usage
 from server import metrics, protocol
+from server.auth import OFFERED
 from server.chat import ERROR_WRITE_TIMEOUT, ChatService, StreamState, write_or_abort
 from server.errors import (
     ClientGone,
@@ -200,7 +203,12 @@ class Connection:
             return
         except msgspec.DecodeError:
             _FRAMES_IN["invalid"].inc()
-            await self._protocol_error("bad_json", "The frame is not valid JSON.")
+            stream_id, problem = _broken_start(text)
+            if stream_id is not None:
+                # As over REST: the request is refused with `invalid_request`.
+                await self._reject(stream_id, InvalidRequestError(problem))
+            else:
+                await self._protocol_error("bad_json", "The frame is not valid JSON.")
             return
         match frame:
             case protocol.ChatStart():
@@ -217,6 +225,10 @@ class Connection:
         _FRAMES_IN["invalid"].inc()
         message, path = protocol.frame_problem(exc)
         is_object, kind, stream_id = protocol.frame_envelope(text)
+        if stream_id is None and kind in ("chat.start", None):
+            # The envelope decoder gave up (too deep, say): a start is still failed by its id.
+            stream_id, _ = _broken_start(text)
+            kind = "chat.start" if stream_id is not None else kind
         if kind == "chat.start" and stream_id is not None and (path or "").startswith("request"):
             # A bad request inside a well-formed start fails that stream, as it would over REST.
             param = path[len("request.") :] if path and path.startswith("request.") else None
@@ -291,8 +303,10 @@ class Connection:
 
     async def _cancel(self, stream_id: str) -> None:
         stream = self._streams.get(stream_id)
-        if stream is None or stream.sink.ended:
-            frame = protocol.CancelIgnored(id=stream_id, reason="unknown_or_finished")
+        if stream is None or stream.sink.ended or stream.state.cancel_cause is not None:
+            # Unknown, finished, or already being cancelled: every cancel gets an answer.
+            reason = "unknown_or_finished" if stream is None or stream.sink.ended else "cancelling"
+            frame = protocol.CancelIgnored(id=stream_id, reason=reason)
             await self._socket.frame("cancel.ignored", protocol.encode_text(frame))
             return
         stream.state.cancel("cancelled")
@@ -316,6 +330,27 @@ class Connection:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+_START = re.compile(r'^\s*\{\s*"type"\s*:\s*"chat\.start"\s*,\s*"id"\s*:\s*"([^"\\]{1,128})"')
+
+
+def _broken_start(data: str) -> tuple[str | None, str]:
+    """For a frame that is not valid JSON: the stream id when it is still recognisably a
+    `chat.start` (its request holds the fault: a NaN, a lone surrogate, nesting too deep), and
+    the problem as REST words it for the same body."""
+    try:
+        loose = json.loads(data)  # the standard library reads NaN and lone surrogates
+    except RecursionError:
+        found = _START.match(data)
+        return (found.group(1) if found else None), "The request nests too deeply."
+    except ValueError:
+        return None, ""
+    if isinstance(loose, dict) and loose.get("type") == "chat.start":
+        stream_id = loose.get("id")
+        if isinstance(stream_id, str) and 0 < len(stream_id) <= 128:
+            return stream_id, "The request is not valid JSON (NaN, Infinity or a lone surrogate)."
+    return None, ""
+
+
 class WebSocketEndpoint:
     """`GET /api/ws` as a plain ASGI app."""
 
@@ -331,7 +366,8 @@ class WebSocketEndpoint:
         if message["type"] != "websocket.connect":
             return
         offered = scope.get("subprotocols") or []
-        if offered and protocol.SUBPROTOCOL not in offered:
+        # The auth middleware removes the auth entry; what was offered before counts.
+        if (offered or scope.get("state", {}).get(OFFERED)) and protocol.SUBPROTOCOL not in offered:
             await send({"type": "websocket.close", "code": 1002})  # refused before the handshake
             return
         await send(

@@ -364,3 +364,93 @@ def test_forwarded_for_is_believed_only_from_listed_proxies(trusted: bool) -> No
     # Untrusted, the header is ignored: one client, over its limit from the third request. From
     # a listed proxy, each forwarded address has a bucket of its own.
     assert statuses == ([200] * 4 if trusted else [200, 200, 429, 429])
+
+
+# The smaller findings.
+def ws_frames(sock: socket.socket, until: bytes, limit: float = 10.0) -> bytes:
+    """Raw bytes from the socket until `until` appears in them (or the time limit)."""
+    data = b""
+    deadline = time.monotonic() + limit
+    sock.settimeout(0.5)
+    while until not in data and time.monotonic() < deadline:
+        try:
+            data += sock.recv(65536)
+        except TimeoutError:
+            pass
+    return data
+
+
+def test_a_second_cancel_while_cancelling_is_answered(served: Served) -> None:
+    start = {
+        "type": "chat.start",
+        "id": "s",
+        "request": {"model": "demo/echo", "messages": [{"role": "user", "content": "a b " * 400}]},
+    }
+    cancel = ws_frame(TEXT, b'{"type": "chat.cancel", "id": "s"}')
+    with ws_open(served.url) as sock:
+        sock.sendall(ws_frame(TEXT, json.dumps(start).encode()))
+        assert b'"chat.delta"' in ws_frames(sock, b'"chat.delta"')
+        sock.sendall(cancel + cancel)
+        data = ws_frames(sock, b'"cancel.ignored"')
+        data += ws_frames(sock, b'"finish_reason":"cancelled"')
+    assert b'"cancel.ignored"' in data and b'"finish_reason":"cancelled"' in data
+    assert data.count(b'"chat.done"') == 1
+
+
+@pytest.mark.parametrize(
+    "request_text",
+    [
+        '{"model": "demo/echo", "messages": [], "temperature": NaN}',
+        '{"model": "demo/echo", "messages": [{"role": "user", "content": "\\ud800"}]}',
+        '{"model": "demo/echo", "x": ' + "[" * 5000 + "]" * 5000 + "}",
+    ],
+)
+def test_a_broken_request_in_a_start_fails_that_stream_as_rest_would(
+    served: Served, request_text: str
+) -> None:
+    frame = '{"type": "chat.start", "id": "s1", "request": ' + request_text + "}"
+    with ws_open(served.url) as sock:
+        sock.sendall(ws_frame(TEXT, frame.encode()))
+        data = ws_frames(sock, b"}}")
+    answer = json.loads(data[data.index(b"{") :])
+    assert answer["type"] == "chat.error" and answer["id"] == "s1", answer
+    assert answer["error"]["code"] == "invalid_request"
+    # REST says the same of the same request.
+    rest = httpx2.post(
+        served.url + "/api/chat/completions",
+        content=request_text.encode(),
+        headers={"content-type": "application/json"},
+    )
+    assert rest.status_code == 400 and rest.json()["error"]["code"] == "invalid_request"
+
+
+@pytest.fixture(scope="module")
+def keyed() -> Iterator[tuple[Served, str]]:
+    from server.auth import digest, new_key
+
+    key = new_key()
+    with serve_process(f'[server]\nlog_level = "warning"\n[auth]\nkeys = ["{digest(key)}"]\n') as p:
+        yield p, key
+
+
+def test_a_401_names_the_bearer_scheme(keyed: tuple[Served, str]) -> None:
+    served, _ = keyed
+    response = httpx2.get(served.url + "/api/models")
+    assert response.status_code == 401
+    assert response.headers["www-authenticate"] == "Bearer"
+
+
+def test_a_handshake_offering_only_the_auth_subprotocol_is_refused(
+    keyed: tuple[Served, str],
+) -> None:
+    served, key = keyed
+    auth = "tokenrelay.auth." + base64.urlsafe_b64encode(key.encode()).decode().rstrip("=")
+    with connect(served.url) as sock:
+        sock.sendall(
+            b"GET /api/ws HTTP/1.1\r\nhost: x\r\nupgrade: websocket\r\nconnection: Upgrade\r\n"
+            b"sec-websocket-key: %s\r\nsec-websocket-version: 13\r\n"
+            b"sec-websocket-protocol: %s\r\n\r\n"
+            % (base64.b64encode(os.urandom(16)), auth.encode())
+        )
+        answer = sock.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 403"), answer
