@@ -219,7 +219,7 @@ class Connection:
                 await self._cancel(frame.id)
             case protocol.Ping():
                 _FRAMES_IN["ping"].inc()
-                await self._socket.frame("pong", protocol.PONG)
+                await self._reply("pong", protocol.PONG)
 
     async def _invalid_frame(self, text: str, exc: msgspec.ValidationError) -> None:
         _FRAMES_IN["invalid"].inc()
@@ -307,7 +307,7 @@ class Connection:
             # Unknown, finished, or already being cancelled: every cancel gets an answer.
             reason = "unknown_or_finished" if stream is None or stream.sink.ended else "cancelling"
             frame = protocol.CancelIgnored(id=stream_id, reason=reason)
-            await self._socket.frame("cancel.ignored", protocol.encode_text(frame))
+            await self._reply("cancel.ignored", protocol.encode_text(frame))
             return
         stream.state.cancel("cancelled")
         stream.task.cancel()
@@ -315,11 +315,22 @@ class Connection:
     async def _reject(self, stream_id: str, error: GatewayError) -> None:
         """A start that never ran: its one terminal frame is this `chat.error` (seq 0)."""
         frame = protocol.ChatErrorFrame(id=stream_id, seq=0, error=error_body(error))
-        await self._socket.frame("chat.error", protocol.encode_text(frame))
+        await self._reply("chat.error", protocol.encode_text(frame))
 
     async def _protocol_error(self, code: str, message: str, stream_id: str | None = None) -> None:
         frame = protocol.ProtocolErrorFrame(code=code, message=message, id=stream_id)
-        await self._socket.frame("error", protocol.encode_text(frame))
+        await self._reply("error", protocol.encode_text(frame))
+
+    async def _reply(self, kind: str, data: str) -> None:
+        """A frame the reading loop writes. A client that does not read it in time is dropped:
+        otherwise the loop, the socket and its slots would wait on that client for good."""
+        try:
+            async with asyncio.timeout(ERROR_WRITE_TIMEOUT):
+                await self._socket.frame(kind, data)
+        except TimeoutError:
+            if self._abort is not None:
+                self._abort()
+            raise ClientGone from None
 
     async def _cancel_all(self) -> None:
         tasks = []
