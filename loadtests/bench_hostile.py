@@ -1,11 +1,11 @@
 """Hostile clients against a gateway process: the figures behind the hardening tests.
 
-    python -m loadtests.bench_hostile [--tree DIR] [--size 32]
+    python -m loadtests.bench_hostile [--tree DIR] [--size 32] [--frames 1000000]
 
 - memory: RSS growth of the gateway while 4 connections each offer `--size` MB of header lines
   that never end, and how much of it the gateway accepted before it stopped reading;
-- flood: /healthz latency (p50 and max of 10) while one WebSocket sends a message in 1,000,000
-  one-byte continuation frames, and while one sends 1,000,000 pings, against no flood;
+- flood: /healthz latency (p50 and max of 10) while one WebSocket sends a message in `--frames`
+  one-byte continuation frames, and while one sends as many pings, against no flood;
 - stalled readers: 10 SSE streams (and then 10 WebSocket streams) whose clients never read, on a
   key allowed 10 streams: seconds until an 11th stream is admitted (gives up after 60 s).
 
@@ -129,6 +129,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m loadtests.bench_hostile")
     parser.add_argument("--tree", help="run the gateway from this checkout (default: this one)")
     parser.add_argument("--size", type=int, default=32, help="MB of headers per connection")
+    parser.add_argument("--frames", type=int, default=1_000_000, help="frames in each flood")
     args = parser.parse_args()
     if args.tree:
         os.chdir(args.tree)  # `python -m server` imports the tree it runs in
@@ -149,14 +150,11 @@ def main() -> None:
                 "healthz, no flood:",
                 json.dumps({"p50_ms": statistics.median(quiet), "max_ms": max(quiet)}),
             )
-            fragments = (
-                ws_frame(TEXT, b"{", fin=False) + ws_frame(CONT, b" ", fin=False) * 1_000_000
-            )
-            print("healthz, 1,000,000 continuation frames:", json.dumps(flood(served, fragments)))
-            print(
-                "healthz, 1,000,000 pings:",
-                json.dumps(flood(served, ws_frame(PING, b"p") * 1_000_000)),
-            )
+            frames = args.frames
+            split = ws_frame(TEXT, b"{", fin=False) + ws_frame(CONT, b" ", fin=False) * frames
+            print(f"healthz, {frames:,} continuation frames:", json.dumps(flood(served, split)))
+            pings = ws_frame(PING, b"p") * frames
+            print(f"healthz, {frames:,} pings:", json.dumps(flood(served, pings)))
             for over in ("sse", "ws"):
                 released = stalled(served, f"oai/{name}", over)
                 shown = "not within 60 s" if released is None else f"{released:.1f} s"
