@@ -77,4 +77,7 @@ def log_config(level: str, fmt: str) -> dict[str, Any]:
             "uvicorn.error": {"level": level.upper()},
             "uvicorn.access": {"handlers": [], "propagate": False},
         },
+        # Any other library's warnings and errors (asyncio, websockets, …) go through the same
+        # formatter and redaction, rather than Python's bare last-resort handler.
+        "root": {"handlers": ["default"], "level": "WARNING"},
     }

@@ -49,3 +49,24 @@ def test_tracebacks_are_redacted(formatter: logging.Formatter) -> None:
     line = formatter.format(record)
     assert "ValueError" in line and "[redacted]" in line
     assert KEY[4:] not in line and UPSTREAM[3:] not in line
+
+
+def test_other_libraries_log_through_the_same_redaction() -> None:
+    """A library logger the gateway does not name (asyncio here) is formatted and redacted."""
+    import subprocess
+
+    code = (
+        "import logging, logging.config, sys\n"
+        "from server.logs import log_config\n"
+        "logging.config.dictConfig(log_config('info', 'text'))\n"
+        "try:\n"
+        f"    raise RuntimeError('upstream refused {UPSTREAM}')\n"
+        "except RuntimeError:\n"
+        f"    logging.getLogger('asyncio').exception('task failed with {KEY}')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True
+    )
+    assert " ERROR asyncio task failed with [redacted]" in done.stderr, done.stderr
+    assert "RuntimeError" in done.stderr
+    assert KEY[4:] not in done.stderr and UPSTREAM[3:] not in done.stderr
