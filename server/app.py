@@ -15,7 +15,7 @@ from starlette.routing import Route, WebSocketRoute
 
 from providers.errors import GatewayError
 from providers.registry import Registry
-from server import guard, protocol, wsguard
+from server import guard, protocol
 from server.auth import Gatekeeper, KeyRing
 from server.cache import Cache, MemoryCache, RedisCache
 from server.catalog import Catalog
@@ -189,6 +189,5 @@ async def metrics_endpoint(request: Request) -> Response:
 def app_from_environment() -> Starlette:
     """The factory `tokenrelay serve` gives uvicorn; settings come from the environment."""
     settings = load(None, os.environ)
-    guard.configure(settings.server.header_timeout, settings.limits.max_header_bytes)
-    wsguard.configure(settings.limits.ws_frames_per_second, settings.websocket.max_fragments)
+    guard.configure(settings.server.header_timeout)
     return create_app(settings)

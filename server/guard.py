@@ -57,6 +57,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     # Set once per process from the settings (`configure`); read when a connection is made.
     header_timeout: float = 10.0
+    # The default; a connection takes the served app's `[limits] max_header_bytes`.
     max_header_bytes: int = 16 * 1024
     _header_timer: asyncio.TimerHandle | None = None
     _head_bytes = 0  # bytes of the current request head received so far
@@ -65,6 +66,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        settings = settings_of(self.app)
+        if settings is not None:
+            self.max_header_bytes = settings.limits.max_header_bytes
         self._arm()
 
     def data_received(self, data: bytes) -> None:
@@ -170,12 +174,26 @@ class CloseDelimitedCycle(RequestResponseCycle):
         await super().send(message)
 
 
+def settings_of(app: Any) -> Any:
+    """The gateway settings of the app uvicorn serves (under its middleware), or None.
+
+    Read when a connection is made, so each server in a process applies its own limits.
+    """
+    for _ in range(8):
+        found = getattr(getattr(app, "state", None), "settings", None)
+        if found is not None:
+            return found
+        app = getattr(app, "app", None)
+        if app is None:
+            return None
+    return None
+
+
 def abort_of(scope: Any) -> Callable[[], None] | None:
     """The scope's `tokenrelay.abort` (this module's HTTP and WebSocket protocols give one)."""
     found = scope.get("extensions", {}).get(ABORT)
     return found if callable(found) else None
 
 
-def configure(header_timeout: float, max_header_bytes: int) -> None:
+def configure(header_timeout: float) -> None:
     GuardedHttpToolsProtocol.header_timeout = header_timeout
-    GuardedHttpToolsProtocol.max_header_bytes = max_header_bytes

@@ -15,14 +15,16 @@ import asyncio
 import logging
 from typing import Any
 
+from uvicorn._types import ASGISendEvent
 from uvicorn.config import Config
+from uvicorn.protocols.utils import ClientDisconnected
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from uvicorn.server import ServerState
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request
 from websockets.server import ServerProtocol
 
-from server.guard import ABORT
+from server.guard import ABORT, settings_of
 from server.limits import FrameMeter
 
 log = logging.getLogger("tokenrelay.ws")
@@ -69,7 +71,8 @@ class MeteredServerProtocol(ServerProtocol):
 class MeteredWebSocketProtocol(WebSocketsSansIOProtocol):
     """uvicorn's websockets-sansio protocol with metered frames and one-line UTF-8 errors."""
 
-    # Set once per process from the settings (`configure`); read when a connection is made.
+    # Defaults; a connection takes the served app's `[limits] ws_frames_per_second` and
+    # `[websocket] max_fragments`.
     frames_per_second: int = 50
     max_fragments: int = 16
 
@@ -81,6 +84,10 @@ class MeteredWebSocketProtocol(WebSocketsSansIOProtocol):
         _loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         super().__init__(config, server_state, app_state, _loop)
+        settings = settings_of(self.app)
+        if settings is not None:
+            self.frames_per_second = settings.limits.ws_frames_per_second
+            self.max_fragments = settings.websocket.max_fragments
         self.conn = MeteredServerProtocol(
             self.frames_per_second,
             self.max_fragments,
@@ -112,10 +119,21 @@ class MeteredWebSocketProtocol(WebSocketsSansIOProtocol):
         if self.transport.can_write_eof():
             self.transport.write_eof()
         self._linger = self.loop.call_later(LINGER, self.transport.abort)
+        # uvicorn closes the transport when the app returns unless a close timer is pending;
+        # that close would come while the client is still sending, i.e. as a reset.
+        self.close_timer = self._linger
+
+    async def send(self, message: ASGISendEvent) -> None:
+        if self._linger is not None:
+            # Failed here: the app's writes go nowhere, and its own close is already done.
+            if message["type"] == "websocket.close":
+                return
+            raise ClientDisconnected()
+        await super().send(message)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._linger is not None:
-            self._linger.cancel()
+            self._linger.cancel()  # it is the close timer, too
         super().connection_lost(exc)
 
     def handle_connect(self, event: Request) -> None:
@@ -139,8 +157,3 @@ class MeteredWebSocketProtocol(WebSocketsSansIOProtocol):
                 self.handle_parser_exception()
                 return
         super().send_receive_event_to_app()
-
-
-def configure(frames_per_second: int, max_fragments: int) -> None:
-    MeteredWebSocketProtocol.frames_per_second = frames_per_second
-    MeteredWebSocketProtocol.max_fragments = max_fragments
