@@ -43,6 +43,7 @@ from server.errors import (
     retry_after_header,
     spec_for,
 )
+from server.guard import abort_of, current_abort
 from server.http import request_id_of, send_error
 from server.limits import Slots
 from server.ratelimit import RateLimiter, current_principal
@@ -175,9 +176,11 @@ class Gatekeeper:
             await _deny(scope, receive, send, error)
             return
         token = current_principal.set(principal)
+        abort = current_abort.set(abort_of(scope))
         try:
             await self.app(scope, receive, send)
         finally:
+            current_abort.reset(abort)
             current_principal.reset(token)
             if sockets is not None and principal is not None:
                 sockets.release(principal)

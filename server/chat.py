@@ -41,6 +41,7 @@ from providers.types import (
 )
 from server.cache import Cache, CachePolicy, completion_key
 from server.errors import ClientGone, ServerShuttingDownError, as_gateway_error
+from server.guard import current_abort
 from server.lifecycle import Lifecycle
 from server.metrics import Outcome, Transport
 from server.observe import StreamObserver
@@ -110,8 +111,8 @@ class StreamState:
         self.reason: FinishReason | None = None
         self.usage: Usage | None = None
         self.error: GatewayError | None = None
-        # Drops the client's connection at once (set by the transport when it can).
-        self.abort: Callable[[], None] | None = None
+        # Drops the client's connection at once (None under a server that offers no abort).
+        self.abort: Callable[[], None] | None = current_abort.get()
         self._request: ChatRequest | None = None
 
     def interrupt(self) -> None:

@@ -20,6 +20,7 @@ Request bodies have their own deadline in `server.http`.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -187,6 +188,13 @@ def settings_of(app: Any) -> Any:
         if app is None:
             return None
     return None
+
+
+# The abort of the connection being served, set by the auth middleware for each request and
+# socket; stream tasks started within inherit it.
+current_abort: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar(
+    "tokenrelay_abort", default=None
+)
 
 
 def abort_of(scope: Any) -> Callable[[], None] | None:

@@ -14,7 +14,6 @@ from server import protocol
 from server.catalog import Catalog
 from server.chat import ChatService, Prepared, StreamState
 from server.errors import ClientGone
-from server.guard import abort_of
 from server.http import header_map, read_body, request_id_of, send_error, send_json
 from server.limits import Limits
 from server.ratelimit import current_principal
@@ -62,7 +61,7 @@ class ChatCompletions:
             await send_error(send, exc, rid)
             return
         try:
-            await self._respond(body, prepared, headers, rid, started, receive, send, scope)
+            await self._respond(body, prepared, headers, rid, started, receive, send)
         finally:
             if self._limits is not None:
                 self._limits.end_stream(principal)
@@ -76,11 +75,9 @@ class ChatCompletions:
         started: float,
         receive: Receive,
         send: Send,
-        scope: Scope,
     ) -> None:
         stream = body.stream or b"text/event-stream" in headers.get(b"accept", b"")
         state = StreamState(rid, started, "sse" if stream else "rest")
-        state.abort = abort_of(scope)
         created = int(time.time())
         completion_id = f"chatcmpl-{rid}"
         extra = [(b"x-request-id", rid.encode())]

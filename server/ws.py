@@ -15,7 +15,6 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -34,7 +33,7 @@ from server.errors import (
     TooManyStreamsError,
     error_body,
 )
-from server.guard import abort_of
+from server.guard import current_abort
 from server.limits import FrameMeter, Limits
 from server.ratelimit import current_principal
 from server.settings import WebSocketSettings
@@ -151,11 +150,10 @@ class Connection:
         socket: _Socket,
         settings: WebSocketSettings,
         limits: Limits | None = None,
-        abort: Callable[[], None] | None = None,
     ) -> None:
         self._service = service
         self._socket = socket
-        self._abort = abort  # drops the connection of a client that stopped reading
+        self._abort = current_abort.get()  # drops the connection of a client that stopped reading
         self._settings = settings
         self._streams: dict[str, _Stream] = {}
         self._limits = limits
@@ -266,7 +264,6 @@ class Connection:
             await self._reject(frame.id, exc)
             return
         state = StreamState(uuid.uuid4().hex, received_at, "ws")
-        state.abort = self._abort
         sink = WSSink(self._socket, frame.id, state)
         task = asyncio.create_task(self._run(frame.id, prepared, sink, state))
         self._streams[frame.id] = _Stream(task, sink, state)
@@ -387,10 +384,7 @@ class WebSocketEndpoint:
         socket = _Socket(send)
         metrics.WS_CONNECTIONS.inc()
         try:
-            connection = Connection(
-                self._service, socket, self._settings, self._limits, abort_of(scope)
-            )
-            await connection.serve(receive)
+            await Connection(self._service, socket, self._settings, self._limits).serve(receive)
             await socket.close(1000)
         finally:
             metrics.WS_CONNECTIONS.dec()
