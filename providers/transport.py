@@ -5,7 +5,8 @@ differently. httpcore reads each chunk through several layers (anyio streams, a 
 h11 events, exception maps) and scans its whole pool whenever a request starts or ends, which
 makes it the gateway's largest cost per relayed chunk. Here a connection is an asyncio
 `Protocol` whose httptools parser hands each body chunk straight to the waiting reader, and
-idle connections wait on a plain per-origin list.
+idle connections wait on a plain per-origin list, swept by a timer: one idle for
+`idle_timeout` (30 s) is closed whether or not another request comes.
 
 Scope: HTTP/1.1 over TCP or TLS, keep-alive, no proxies and no HTTP/2 (set `transport = "httpx"`
 on a provider for those). Errors are httpx2's own exception types, so the SDKs and the
@@ -25,7 +26,7 @@ import httpx2
 
 from providers.settings import ProviderSettings
 
-_IDLE_SECONDS = 30.0  # a kept-alive connection older than this is not reused
+_IDLE_SECONDS = 30.0  # a kept-alive connection idle this long is closed
 _HIGH_WATER = 256 * 1024  # bytes buffered unread before the socket stops being read
 
 
@@ -198,8 +199,12 @@ class LeanTransport(httpx2.AsyncBaseTransport):
         max_connections: int = 1000,
         connect_timeout: float = 10.0,
         ssl_context: ssl.SSLContext | None = None,
+        idle_timeout: float = _IDLE_SECONDS,
     ) -> None:
         self._slots = asyncio.Semaphore(max_connections)
+        self._idle_timeout = idle_timeout
+        # Closes connections left idle (after a burst, say) even when no request comes.
+        self._sweeper: asyncio.TimerHandle | None = None
         self._connect_timeout = connect_timeout
         self._ssl = ssl_context
         self._idle: dict[tuple[str, str, int], list[_Connection]] = collections.defaultdict(list)
@@ -252,7 +257,7 @@ class LeanTransport(httpx2.AsyncBaseTransport):
         now = time.monotonic()
         while idle and not fresh:
             connection = idle.pop()
-            if not connection.closed and now - connection.idle_since < _IDLE_SECONDS:
+            if not connection.closed and now - connection.idle_since < self._idle_timeout:
                 connection.prepare()
                 return connection, True
             connection.abort()
@@ -287,11 +292,39 @@ class LeanTransport(httpx2.AsyncBaseTransport):
         if connection.reusable():
             connection.idle_since = time.monotonic()
             self._idle[connection.origin].append(connection)
+            if self._sweeper is None:
+                self._sweeper = asyncio.get_running_loop().call_later(
+                    self._idle_timeout / 2, self._sweep
+                )
         else:
             connection.abort()
             self._open.discard(connection)
 
+    def _sweep(self) -> None:
+        """Close every connection idle for `idle_timeout`; look again while any are left."""
+        self._sweeper = None
+        now = time.monotonic()
+        for origin, idle in list(self._idle.items()):
+            kept = []
+            for connection in idle:
+                if connection.closed or now - connection.idle_since >= self._idle_timeout:
+                    connection.abort()
+                    self._open.discard(connection)
+                else:
+                    kept.append(connection)
+            if kept:
+                self._idle[origin] = kept
+            else:
+                del self._idle[origin]
+        if self._idle:
+            self._sweeper = asyncio.get_running_loop().call_later(
+                self._idle_timeout / 2, self._sweep
+            )
+
     async def aclose(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         for connection in list(self._open):
             connection.abort()
         self._open.clear()

@@ -33,6 +33,7 @@ from server.errors import (
 )
 from server.health import healthz, readyz
 from server.http import request_id_of
+from server.leases import RedisLeases
 from server.lifecycle import Lifecycle
 from server.limits import Limits
 from server.metrics import exposition
@@ -88,15 +89,23 @@ def build_cache(settings: CacheSettings, use: str = "completions") -> Cache:
 
 
 def build_limits(settings: Settings) -> Limits:
-    """Limits with rate buckets in the cache's Redis when it has one, else in memory."""
+    """Limits with rate buckets and slot leases in the cache's Redis when it has one, else in
+    memory."""
     buckets: Buckets = MemoryBuckets()
+    leases: RedisLeases | None = None
     if settings.cache.url:
         buckets = RedisBuckets(
             settings.cache.url, namespace=settings.cache.namespace, timeout=settings.cache.timeout
         )
+        leases = RedisLeases(
+            settings.cache.url,
+            namespace=settings.cache.namespace,
+            timeout=settings.cache.timeout,
+            ttl=settings.limits.lease_ttl,
+        )
     limits = settings.limits
     limiter = RateLimiter(buckets, limits.requests_per_minute, limits.tokens_per_minute)
-    return Limits(limits, limiter)
+    return Limits(limits, limiter, leases)
 
 
 def create_app(settings: Settings, environ: Mapping[str, str] | None = None) -> Starlette:
@@ -114,6 +123,7 @@ def create_app(settings: Settings, environ: Mapping[str, str] | None = None) -> 
         observer=observer,
         cache=cache if settings.cache.completions else None,
         cache_ttl=settings.cache.ttl,
+        cache_scope=settings.cache.scope,
         fallbacks=settings.fallbacks,
         retry_budget=settings.server.retry_budget,
         lifecycle=lifecycle,
@@ -145,7 +155,7 @@ def create_app(settings: Settings, environ: Mapping[str, str] | None = None) -> 
             if catalog_cache is not None:
                 await catalog_cache.aclose()
             await observer.aclose()
-            await limits.limiter.aclose()
+            await limits.aclose()
 
     app = Starlette(
         routes=[

@@ -29,7 +29,7 @@ import secrets
 from collections.abc import Awaitable, Callable, Iterable
 from urllib.parse import unquote, urlsplit
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from providers.errors import GatewayError
 from server import protocol
@@ -44,6 +44,7 @@ from server.errors import (
     retry_after_header,
     spec_for,
 )
+from server.guard import abort_of, current_abort
 from server.http import request_id_of
 from server.http import send_error as send_json_error
 from server.limits import Slots
@@ -55,6 +56,7 @@ ErrorSender = Callable[[Scope, Send, GatewayError, str], Awaitable[None]]
 KEY_PREFIX = "trk-"
 AUTH_SUBPROTOCOL = "tokenrelay.auth."
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
+OFFERED = "subprotocols_offered"  # in the scope's state: the handshake offered any at all
 _LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 _BEARER = re.compile(r"^[Bb][Ee][Aa][Rr][Ee][Rr] +([^\s]+) *$")
 
@@ -177,16 +179,18 @@ class Gatekeeper:
             return
         principal: str | None = scope.get("state", {}).get("principal")
         sockets = self._sockets if scope["type"] == "websocket" and principal else None
-        if sockets is not None and principal is not None and not sockets.acquire(principal):
+        if sockets is not None and principal is not None and not await sockets.acquire(principal):
             error = TooManySocketsError(
                 f"This key already has {sockets.cap} WebSockets open; close one first."
             )
             await self._deny(scope, receive, send, error)
             return
         token = current_principal.set(principal)
+        abort = current_abort.set(abort_of(scope))
         try:
             await self.app(scope, receive, send)
         finally:
+            current_abort.reset(abort)
             current_principal.reset(token)
             if sockets is not None and principal is not None:
                 sockets.release(principal)
@@ -211,6 +215,7 @@ class Gatekeeper:
         if scope["type"] == "websocket":
             rest = [p for p in offered if not p.startswith(AUTH_SUBPROTOCOL)]
             scope = {**scope, "subprotocols": rest}
+            scope.setdefault("state", {})[OFFERED] = bool(offered)
         principal = self._principal(scope, presented)
         scope.setdefault("state", {})["principal"] = principal
         if self._limiter.enabled:
@@ -239,13 +244,29 @@ class Gatekeeper:
 
     async def _deny(self, scope: Scope, receive: Receive, send: Send, exc: GatewayError) -> None:
         if scope["type"] == "http":
+            if isinstance(exc, AuthenticationError):
+                send = _challenging(send)
             await self._send_http_error(scope, send, exc, request_id_of(scope))
             return
         await _deny_handshake(scope, receive, send, exc)
 
 
+def _challenging(send: Send) -> Send:
+    """RFC 9110: a 401 names the scheme it wants, whatever dialect the error body speaks."""
+
+    async def wrapped(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            headers = [*message.get("headers", ()), (b"www-authenticate", b"Bearer")]
+            message = {**message, "headers": headers}
+        await send(message)
+
+    return wrapped
+
+
 async def _deny_handshake(scope: Scope, receive: Receive, send: Send, exc: GatewayError) -> None:
     rid = request_id_of(scope)
+    # RFC 9110: a 401 names the scheme it wants.
+    challenge = [(b"www-authenticate", b"Bearer")] if isinstance(exc, AuthenticationError) else []
     # A WebSocket handshake is refused before it is accepted: with the error as an HTTP
     # response where the server supports that, else a plain 403.
     await receive()  # websocket.connect
@@ -258,6 +279,7 @@ async def _deny_handshake(scope: Scope, receive: Receive, send: Send, exc: Gatew
         (b"content-length", str(len(body)).encode()),
         (b"x-request-id", rid.encode()),
         *((k.encode(), v.encode()) for k, v in retry_after_header(exc).items()),
+        *challenge,
     ]
     await send(
         {

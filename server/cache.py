@@ -242,13 +242,14 @@ class RedisCache:
         await self._client.aclose()
 
 
-def completion_key(provider: str, request: ChatRequest) -> str:
+def completion_key(provider: str, request: ChatRequest, tenant: str | None = None) -> str:
     """SHA-256 over a canonical MessagePack encoding of everything that may change the answer.
 
     msgspec encodes the Structs in field order and leaves unset fields out, so equal requests
     give equal bytes: messages with their image and tool parts, tools, tool choice, response
     format and every sampling option. Fields that only label or bill a request (`user`,
     `metadata`, `safety_identifier`, `store`, `prompt_cache_key`) are left out.
+    `tenant` (the gateway key, with `[cache] scope = "key"`) keeps each key's answers to itself.
     """
     if (
         request.user is not None
@@ -266,6 +267,8 @@ def completion_key(provider: str, request: ChatRequest) -> str:
             prompt_cache_key=None,
         )
     material: tuple[Any, ...] = (KEY_VERSION, provider, request)
+    if tenant is not None:
+        material = (*material, tenant)
     return "chat:" + hashlib.sha256(_encode(material)).hexdigest()
 
 

@@ -14,8 +14,8 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import AsyncGenerator, Mapping
-from typing import Protocol
+from collections.abc import AsyncGenerator, Awaitable, Mapping
+from typing import Literal, Protocol
 
 import msgspec
 
@@ -42,6 +42,7 @@ from server.cache import Cache, CachePolicy, completion_key
 from server.errors import ClientGone, ServerShuttingDownError, as_gateway_error, spec_for
 from server.lifecycle import Lifecycle
 from server.observe import StreamObserver
+from server.ratelimit import current_principal
 from server.stream_state import StreamState
 
 log = logging.getLogger("tokenrelay.chat")
@@ -164,6 +165,7 @@ class ChatService:
         observer: StreamObserver | None = None,
         cache: Cache | None = None,
         cache_ttl: float = 3600.0,
+        cache_scope: Literal["key", "global"] = "key",
         fallbacks: Mapping[str, list[str]] | None = None,
         retry_budget: float = 30.0,
         lifecycle: Lifecycle | None = None,
@@ -176,6 +178,7 @@ class ChatService:
         self._observer = observer or StreamObserver()
         self._cache = cache  # completions are cached only when a cache is given
         self._cache_ttl = cache_ttl
+        self._cache_scope = cache_scope  # "key": answers are kept apart per gateway key
 
     def prepare(self, request: ChatRequest, cache_control: str | None = None) -> Prepared:
         """Route a decoded, validated request whose `model` is the id the client asked for.
@@ -276,7 +279,8 @@ class ChatService:
     async def _run(self, prepared: Prepared, sink: Sink, state: StreamState) -> None:
         key: str | None = None
         if self._cache is not None:
-            key = completion_key(prepared.route.settings.name, prepared.request)
+            tenant = None if self._cache_scope == "global" else current_principal.get() or ""
+            key = completion_key(prepared.route.settings.name, prepared.request, tenant)
             if prepared.cache_policy.read:
                 answer = await self._cached(prepared, key)
                 if answer is not None:
@@ -386,12 +390,32 @@ class ChatService:
             f"{state.provider}: no {waited} within {watchdog.upstream_limit:g} s"
         )
 
-    @staticmethod
-    async def _fail(sink: Sink, state: StreamState, exc: GatewayError) -> None:
+    async def _fail(self, sink: Sink, state: StreamState, exc: GatewayError) -> None:
         state.reason = "error"
         state.error = exc
         state.outcome = "timeout" if isinstance(exc, UpstreamTimeoutError) else "error"
-        await sink.error(exc)
+        await write_or_abort(sink.error(exc), state, self._write_timeout)
+
+
+ERROR_WRITE_TIMEOUT = 5.0
+
+
+async def write_or_abort(write: Awaitable[None], state: StreamState, write_timeout: float) -> None:
+    """Write a stream's last words within a short deadline, else drop the connection.
+
+    A client that stopped reading would otherwise hold the write, the task, the connection
+    and the key's stream slot for as long as it likes.
+    """
+    try:
+        async with asyncio.timeout(min(ERROR_WRITE_TIMEOUT, write_timeout)):
+            await write
+    except TimeoutError:
+        if state.abort is not None:
+            state.abort()
+        log.info(
+            "client dropped: it did not read the end of its stream",
+            extra={"fields": {"request_id": state.request_id}},
+        )
 
 
 def _shutting_down() -> ServerShuttingDownError:

@@ -1,50 +1,139 @@
-"""A deadline for request headers, which uvicorn itself does not have.
+"""uvicorn's httptools protocol with the guards uvicorn itself lacks.
 
-Uvicorn drops idle keep-alive connections, but a client that opens a connection and sends its
-headers slowly, or never, holds it forever (slowloris). This protocol gives every request's
-headers `header_timeout` seconds from the connection (or the request's first byte) to arrive,
-then answers 408 and closes. Request bodies have their own deadline in `server.http`.
+- A deadline for request headers. Uvicorn drops idle keep-alive connections, but a client that
+  opens a connection and sends its headers slowly, or never, holds it forever (slowloris). Every
+  request's headers get `header_timeout` seconds from the connection (or the request's first
+  byte) to arrive, then the answer is 408 and the connection is closed.
+- A byte cap on the request head (request line and header lines), counted as the bytes arrive
+  and before the parser buffers them: past `max_header_bytes`, 431 and close. Without it the
+  parser keeps every header byte until the blank line, so a client could make the process hold
+  hundreds of megabytes before the ASGI layer ever saw the headers.
+- A close-delimited body for HTTP/1.0 clients. uvicorn chunks every response without a
+  `content-length`, but HTTP/1.0 has no chunked encoding: such a client would read chunk-size
+  lines inside an event stream. The body is written as is and the connection closed at its end.
+- `tokenrelay.abort` in the scope's extensions: a callable that drops the connection at once,
+  without flushing what is buffered, for a client that has stopped reading.
+
+Request bodies have their own deadline in `server.http`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import sys
+from collections.abc import Callable
+from typing import Any
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn._types import ASGISendEvent
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
-_BODY = (
-    b'{"error":{"message":"The request headers did not arrive in time.",'
-    b'"type":"invalid_request_error","code":"request_timeout","param":null,"status":408}}'
+ABORT = "tokenrelay.abort"
+
+
+def _answer(status: bytes, code: bytes, message: bytes) -> bytes:
+    body = (
+        b'{"error":{"message":"%s","type":"invalid_request_error","code":"%s","param":null,'
+        b'"status":%s}}' % (message, code, status.split()[0])
+    )
+    return (
+        b"HTTP/1.1 %s\r\ncontent-type: application/json\r\n"
+        b"content-length: %d\r\nconnection: close\r\n\r\n" % (status, len(body)) + body
+    )
+
+
+_TIMEOUT_RESPONSE = _answer(
+    b"408 Request Timeout", b"request_timeout", b"The request headers did not arrive in time."
 )
-_TIMEOUT_RESPONSE = (
-    b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
-    b"content-length: %d\r\nconnection: close\r\n\r\n" % len(_BODY) + _BODY
-)
+
+
+def _too_large_response(limit: int) -> bytes:
+    message = b"The request headers are larger than the limit of %d bytes." % limit
+    return _answer(b"431 Request Header Fields Too Large", b"headers_too_large", message)
 
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with a header deadline."""
+    """uvicorn's httptools protocol with a header deadline, a header byte cap, close-delimited
+    HTTP/1.0 bodies and an abort extension."""
 
     # Set once per process from the settings (`configure`); read when a connection is made.
     header_timeout: float = 10.0
+    # The default; a connection takes the served app's `[limits] max_header_bytes`.
+    max_header_bytes: int = 16 * 1024
     _header_timer: asyncio.TimerHandle | None = None
+    _head_bytes = 0  # bytes of the current request head received so far
+    _in_head = True  # between requests or inside a head: bytes are counted
+    _done = False  # refused or upgraded: no more bytes go to the parser
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        settings = settings_of(self.app)
+        if settings is not None:
+            self.max_header_bytes = settings.limits.max_header_bytes
         self._arm()
+
+    def data_received(self, data: bytes) -> None:
+        if self._done:
+            return
+        if not self._in_head:
+            super().data_received(data)
+            return
+        room = self.max_header_bytes - self._head_bytes
+        if len(data) <= room:
+            self._head_bytes += len(data)
+            super().data_received(data)
+            return
+        # Feed only what fits; if the head ends within it, the rest is body (or the next
+        # request) and goes on as usual. Otherwise the head is too large.
+        self._head_bytes = self.max_header_bytes
+        super().data_received(data[:room])
+        if self._done or self.transport.is_closing():
+            return
+        if self._in_head:
+            self._refuse(_too_large_response(self.max_header_bytes))
+        else:
+            self.data_received(data[room:])
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        # The ASGI types want a dict per extension; ours is a callable, read by `abort_of`.
+        self.scope["extensions"] = {ABORT: self._abort}  # type: ignore[dict-item]
         if self._header_timer is None:
             self._arm()
 
     def on_headers_complete(self) -> None:
         self._disarm()
+        self._in_head = False
         super().on_headers_complete()
+        cycle = self.cycle
+        if cycle is not None and cycle.scope is self.scope and self.scope["http_version"] == "1.0":
+            # Only attributes are read and written later; the task has not started yet.
+            cycle.__class__ = CloseDelimitedCycle
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._in_head = True
+        self._head_bytes = 0
+
+    def handle_websocket_upgrade(self) -> None:
+        self._done = True
+        super().handle_websocket_upgrade()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        self._done = True
         super().connection_lost(exc)
+
+    def _abort(self) -> None:
+        self._done = True
+        self.transport.abort()
+
+    def _refuse(self, response: bytes) -> None:
+        self._done = True
+        self._disarm()
+        if not self.transport.is_closing():
+            self.transport.write(response)
+            self.transport.close()
 
     def _arm(self) -> None:
         self._header_timer = self.loop.call_later(self.header_timeout, self._expired)
@@ -56,9 +145,62 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def _expired(self) -> None:
         self._header_timer = None
-        if not self.transport.is_closing():
-            self.transport.write(_TIMEOUT_RESPONSE)
-            self.transport.close()
+        self._refuse(_TIMEOUT_RESPONSE)
+
+
+class CloseDelimitedCycle(RequestResponseCycle):
+    """An HTTP/1.0 exchange: a body of unknown length ends when the connection closes."""
+
+    _close_delimited = False
+
+    async def send(self, message: ASGISendEvent) -> None:
+        if message["type"] == "http.response.start" and not self.response_started:
+            names = {name.lower() for name, _ in message.get("headers", ())}
+            if (
+                b"content-length" not in names
+                and self.scope["method"] != "HEAD"
+                and message["status"] not in (204, 304)
+            ):
+                # Neither chunked nor a length: uvicorn writes the body as it comes, and the
+                # connection (never kept alive for HTTP/1.0) is closed after the last part.
+                self._close_delimited = True
+                self.chunked_encoding = False
+                self.expected_content_length = sys.maxsize
+        elif (
+            self._close_delimited
+            and message["type"] == "http.response.body"
+            and not message.get("more_body", False)
+        ):
+            self.expected_content_length = len(message.get("body", b""))
+        await super().send(message)
+
+
+def settings_of(app: Any) -> Any:
+    """The gateway settings of the app uvicorn serves (under its middleware), or None.
+
+    Read when a connection is made, so each server in a process applies its own limits.
+    """
+    for _ in range(8):
+        found = getattr(getattr(app, "state", None), "settings", None)
+        if found is not None:
+            return found
+        app = getattr(app, "app", None)
+        if app is None:
+            return None
+    return None
+
+
+# The abort of the connection being served, set by the auth middleware for each request and
+# socket; stream tasks started within inherit it.
+current_abort: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar(
+    "tokenrelay_abort", default=None
+)
+
+
+def abort_of(scope: Any) -> Callable[[], None] | None:
+    """The scope's `tokenrelay.abort` (this module's HTTP and WebSocket protocols give one)."""
+    found = scope.get("extensions", {}).get(ABORT)
+    return found if callable(found) else None
 
 
 def configure(header_timeout: float) -> None:

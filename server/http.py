@@ -69,9 +69,14 @@ async def send_json(
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
-async def send_error(send: Send, exc: GatewayError, request_id: str) -> None:
+async def send_error(
+    send: Send,
+    exc: GatewayError,
+    request_id: str,
+    headers: list[tuple[bytes, bytes]] | None = None,
+) -> None:
     """A complete OpenAI-style JSON error response with the error's status and Retry-After."""
-    extra = [(b"x-request-id", request_id.encode())]
+    extra = [(b"x-request-id", request_id.encode()), *(headers or ())]
     extra += [(k.encode(), v.encode()) for k, v in retry_after_header(exc).items()]
     body = protocol.encode(ErrorEnvelope(error_body(exc, request_id)))
     await send_json(send, spec_for(exc).status, body, extra)

@@ -2,7 +2,8 @@
 
 Every limit is answered with a structured error naming what was over it: `LimitExceededError`
 (400, `limit_exceeded`) for a request's size, `TooManyStreamsError` / `TooManySocketsError`
-(429) for what a key may hold open at once. Counts of open streams and sockets are per process.
+(429) for what a key may hold open at once. Open streams and sockets are counted per process,
+and across replicas through leases in Redis when the cache has a Redis `url`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import msgspec
 
 from providers.types import ChatRequest
 from server.errors import LimitExceededError, TooManySocketsError, TooManyStreamsError
+from server.leases import RedisLeases
 from server.protocol import ChatCompletionBody
 from server.ratelimit import RateLimiter
 from server.settings import LimitSettings
@@ -39,25 +41,57 @@ def too_deep(data: bytes, limit: int) -> bool:
     return True
 
 
+class _Slot:
+    __slots__ = ("lease",)
+
+    def __init__(self) -> None:
+        self.lease = ""  # its lease id in Redis ('' while asking, or when held only here)
+
+
 class Slots:
-    """How many of something each principal holds open, up to a cap."""
+    """How many of something each principal holds open, up to a cap: in this process, and
+    across replicas when `shared` leases are given (see `server.leases`)."""
 
-    def __init__(self, cap: int) -> None:
+    def __init__(self, cap: int, kind: str = "slots", shared: RedisLeases | None = None) -> None:
         self.cap = cap
-        self._held: dict[str, int] = {}
+        self._kind = kind
+        self._shared = shared
+        self._held: dict[str, list[_Slot]] = {}
 
-    def acquire(self, principal: str) -> bool:
-        held = self._held.get(principal, 0)
-        if held >= self.cap:
+    async def acquire(self, principal: str) -> bool:
+        held = self._held.setdefault(principal, [])
+        if len(held) >= self.cap:
             return False
-        self._held[principal] = held + 1
+        slot = _Slot()
+        held.append(slot)  # reserved here first, so concurrent acquires count it
+        if self._shared is None:
+            return True
+        try:
+            lease = await self._shared.take(self._kind, principal, self.cap)
+        except BaseException:
+            self._forget(principal, slot)
+            raise
+        if lease is None:
+            self._forget(principal, slot)
+            return False
+        slot.lease = lease
         return True
 
     def release(self, principal: str) -> None:
-        held = self._held.get(principal, 0) - 1
-        if held > 0:
-            self._held[principal] = held
-        else:
+        held = self._held.get(principal)
+        if not held:
+            return
+        slot = held.pop()
+        if not held:
+            del self._held[principal]
+        if slot.lease and self._shared is not None:
+            self._shared.give_back(slot.lease)
+
+    def _forget(self, principal: str, slot: _Slot) -> None:
+        held = self._held.get(principal, [])
+        if slot in held:
+            held.remove(slot)
+        if not held:
             self._held.pop(principal, None)
 
 
@@ -84,11 +118,19 @@ class FrameMeter:
 class Limits:
     """The limits of one gateway: request checks, per-key slots and the rate limiter."""
 
-    def __init__(self, settings: LimitSettings, limiter: RateLimiter) -> None:
+    def __init__(
+        self, settings: LimitSettings, limiter: RateLimiter, leases: RedisLeases | None = None
+    ) -> None:
         self.settings = settings
         self.limiter = limiter
-        self.streams = Slots(settings.streams_per_key)
-        self.sockets = Slots(settings.ws_sockets_per_key)
+        self.leases = leases
+        self.streams = Slots(settings.streams_per_key, "streams", leases)
+        self.sockets = Slots(settings.ws_sockets_per_key, "sockets", leases)
+
+    async def aclose(self) -> None:
+        await self.limiter.aclose()
+        if self.leases is not None:
+            await self.leases.aclose()
 
     def check_depth(self, data: bytes) -> None:
         if too_deep(data, self.settings.max_json_depth):
@@ -127,9 +169,9 @@ class Limits:
                     param=name,
                 )
 
-    def stream_slot(self, principal: str | None) -> None:
+    async def stream_slot(self, principal: str | None) -> None:
         """Take one of the principal's concurrent stream slots (release with `end_stream`)."""
-        if principal is not None and not self.streams.acquire(principal):
+        if principal is not None and not await self.streams.acquire(principal):
             raise TooManyStreamsError(
                 f"This key already runs {self.streams.cap} streams; wait for one to end."
             )
@@ -138,8 +180,8 @@ class Limits:
         if principal is not None:
             self.streams.release(principal)
 
-    def socket_slot(self, principal: str | None) -> None:
-        if principal is not None and not self.sockets.acquire(principal):
+    async def socket_slot(self, principal: str | None) -> None:
+        if principal is not None and not await self.sockets.acquire(principal):
             raise TooManySocketsError(
                 f"This key already has {self.sockets.cap} WebSockets open; close one first."
             )

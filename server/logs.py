@@ -3,7 +3,8 @@
 Lines carry their data as `fields` (passed in `extra`); the text form prints them as
 `key=value` with strings JSON-quoted (so client-chosen text cannot forge a log line), the JSON
 form as one object per line. Nothing logs API keys, `Authorization` headers or message content
-(content only with `log_content = true`, at debug level).
+(content only with `log_content = true`, at debug level); whatever a library writes, each
+formatted line, traceback included, goes through `server.redaction` last.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import json
 import logging
 import time
 from typing import Any
+
+from server.redaction import redact_credentials
 
 _encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=str).encode
 
@@ -28,7 +31,7 @@ class TextFormatter(logging.Formatter):
             line += " " + " ".join(f"{k}={_encode(v)}" for k, v in fields.items())
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
-        return line
+        return redact_credentials(line)
 
 
 class JsonFormatter(logging.Formatter):
@@ -46,7 +49,7 @@ class JsonFormatter(logging.Formatter):
             out.update(fields)
         if record.exc_info:
             out["exception"] = self.formatException(record.exc_info)
-        return _encode(out)
+        return redact_credentials(_encode(out))
 
 
 def log_config(level: str, fmt: str) -> dict[str, Any]:
@@ -74,4 +77,7 @@ def log_config(level: str, fmt: str) -> dict[str, Any]:
             "uvicorn.error": {"level": level.upper()},
             "uvicorn.access": {"handlers": [], "propagate": False},
         },
+        # Any other library's warnings and errors (asyncio, websockets, …) go through the same
+        # formatter and redaction, rather than Python's bare last-resort handler.
+        "root": {"handlers": ["default"], "level": "WARNING"},
     }

@@ -90,7 +90,7 @@ class DialectEndpoint(Generic[BodyT]):
         principal = current_principal.get() if self._limits is not None else None
         try:
             if self._limits is not None:
-                self._limits.stream_slot(principal)
+                await self._limits.stream_slot(principal)
         except GatewayError as exc:
             await self.send_error(send, exc, rid)
             return

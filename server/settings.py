@@ -10,6 +10,7 @@ each add a provider. API keys are only ever named here (`api_key_env`), never st
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import re
 import tomllib
 import typing
@@ -41,6 +42,9 @@ class ServerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     header_timeout: float = 10.0
     body_timeout: float = 30.0
     max_connections: int = 10_000
+    # Peers whose X-Forwarded-For / X-Forwarded-Proto are believed (addresses or networks, or
+    # "*"); by default nobody's, so the client address is always the connection's.
+    forwarded_allow_ips: list[str] = msgspec.field(default_factory=list)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
     log_content: bool = False
@@ -51,6 +55,7 @@ class WebSocketSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
 
     max_streams: int = 8
     max_frame_bytes: int = 1024 * 1024
+    max_fragments: int = 16
     ping_interval: float = 20.0
     ping_timeout: float = 20.0
 
@@ -60,6 +65,7 @@ class CacheSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
 
     url: str | None = None
     completions: bool = False
+    scope: Literal["key", "global"] = "key"  # whose cached answers a request may get
     ttl: float = 3600.0
     max_entries: int = 10_000
     max_bytes: int = 64 * 1024 * 1024
@@ -100,6 +106,7 @@ class LimitSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     ws_frames_per_second: int = 50
     ws_sockets_per_key: int = 16
     streams_per_key: int = 64
+    lease_ttl: float = 30.0  # with Redis: a dead replica's stream and socket slots free after this
     requests_per_minute: int = 0
     tokens_per_minute: int = 0
 
@@ -344,6 +351,23 @@ def _classifier_rules(
             v.report(_join(path, "address"), "expected host:port, e.g. 127.0.0.1:50051")
 
 
+def _server_rules(v: _Validator, path: str, fields: dict[str, Any], raw: dict[str, Any]) -> None:
+    for i, entry in enumerate(fields.get("forwarded_allow_ips", ())):
+        if entry != "*" and not _is_network(entry):
+            v.report(
+                f"{_join(path, 'forwarded_allow_ips')}[{i}]",
+                "expected an IP address or network, or '*'",
+            )
+
+
+def _is_network(entry: str) -> bool:
+    try:
+        ipaddress.ip_network(entry, strict=False)
+    except ValueError:
+        return False
+    return True
+
+
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -401,6 +425,7 @@ def _settings_rules(v: _Validator, path: str, fields: dict[str, Any], raw: dict[
 
 
 _RULES: dict[type[msgspec.Struct], Rule] = {
+    ServerSettings: _server_rules,
     CacheSettings: _cache_rules,
     CatalogSettings: _catalog_rules,
     ClassifierSettings: _classifier_rules,
@@ -418,7 +443,11 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
         "http": "server.guard:GuardedHttpToolsProtocol",  # httptools with a header deadline
         # Past this many connections and tasks, uvicorn answers 503 at once instead of queueing.
         "limit_concurrency": settings.server.max_connections,
-        "ws": "websockets-sansio",
+        # X-Forwarded-For is believed only from the listed proxies (uvicorn's own default
+        # would believe it from any loopback peer).
+        "proxy_headers": bool(settings.server.forwarded_allow_ips),
+        "forwarded_allow_ips": ",".join(settings.server.forwarded_allow_ips) or None,
+        "ws": "server.wsguard:MeteredWebSocketProtocol",  # every frame metered
         # One byte over our own limit, so the app sees an oversized frame and closes with 1009
         # itself, while uvicorn still never buffers an unbounded one.
         "ws_max_size": ws.max_frame_bytes + 1,

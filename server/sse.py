@@ -17,7 +17,7 @@ from starlette.types import Receive, Send
 from providers.errors import GatewayError
 from providers.types import Delta, FinishReason, ReasoningDelta, RefusalDelta, TextDelta, Usage
 from server import protocol
-from server.chat import ChatService, Prepared
+from server.chat import ERROR_WRITE_TIMEOUT, ChatService, Prepared, write_or_abort
 from server.errors import ErrorEnvelope, error_body
 from server.http import send_error
 from server.stream_state import StreamState
@@ -173,4 +173,4 @@ async def stream_sse(
         watch_disconnect(receive, state),
     )
     if finished and not sink.complete:
-        await sink.end()
+        await write_or_abort(sink.end(), state, ERROR_WRITE_TIMEOUT)

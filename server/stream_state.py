@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 from providers.errors import GatewayError
 from providers.types import ChatRequest, FinishReason, Usage, estimate_tokens
+from server.guard import current_abort
 from server.metrics import Outcome, Transport
 
 
@@ -49,6 +51,7 @@ class StreamState:
         "stop_sequence",
         "usage",
         "error",
+        "abort",
         "_request",
     )
 
@@ -73,6 +76,8 @@ class StreamState:
         self.stop_sequence: str | None = None  # which of the client's ended the answer, if known
         self.usage: Usage | None = None
         self.error: GatewayError | None = None
+        # Drops the client's connection at once (None under a server that offers no abort).
+        self.abort: Callable[[], None] | None = current_abort.get()
         self._request: ChatRequest | None = None
 
     def interrupt(self) -> None:
@@ -111,10 +116,17 @@ class StreamState:
         return [{"role": m.role, "content": m.text} for m in self._request.messages]
 
     def usage_so_far(self) -> Usage:
-        """The upstream's usage when it sent one, else a count of what was relayed."""
+        """The upstream's usage when it sent one, else an estimate of what was sent and relayed.
+
+        The prompt is charged at no less than one token per four characters of its messages
+        (text, inline media, tool calls), so text without spaces cannot pass for one word and
+        a client cannot dodge `tokens_per_minute` by disconnecting before the usage arrives.
+        """
         if self.usage is not None:
             return self.usage
         prompt = 0
         if self._request is not None:
-            prompt = sum(estimate_tokens(m.text) for m in self._request.messages)
+            prompt = sum(
+                max(estimate_tokens(m.text), -(-m.size() // 4)) for m in self._request.messages
+            )
         return Usage(prompt_tokens=prompt, completion_tokens=self.chunks)

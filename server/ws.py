@@ -10,7 +10,9 @@ every task it owns. Frames of different streams interleave; each stream's frames
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import re
 import time
 import uuid
 from typing import Any
@@ -21,7 +23,8 @@ from starlette.types import Receive, Scope, Send
 from providers.errors import GatewayError, InvalidRequestError
 from providers.types import Delta, FinishReason, ReasoningDelta, RefusalDelta, TextDelta, Usage
 from server import metrics, protocol
-from server.chat import ChatService
+from server.auth import OFFERED
+from server.chat import ERROR_WRITE_TIMEOUT, ChatService, write_or_abort
 from server.errors import (
     ClientGone,
     DuplicateStreamError,
@@ -30,6 +33,7 @@ from server.errors import (
     TooManyStreamsError,
     error_body,
 )
+from server.guard import current_abort
 from server.limits import FrameMeter, Limits
 from server.ratelimit import current_principal
 from server.settings import WebSocketSettings
@@ -150,6 +154,7 @@ class Connection:
     ) -> None:
         self._service = service
         self._socket = socket
+        self._abort = current_abort.get()  # drops the connection of a client that stopped reading
         self._settings = settings
         self._streams: dict[str, _Stream] = {}
         self._limits = limits
@@ -197,7 +202,12 @@ class Connection:
             return
         except msgspec.DecodeError:
             _FRAMES_IN["invalid"].inc()
-            await self._protocol_error("bad_json", "The frame is not valid JSON.")
+            stream_id, problem = _broken_start(text)
+            if stream_id is not None:
+                # As over REST: the request is refused with `invalid_request`.
+                await self._reject(stream_id, InvalidRequestError(problem))
+            else:
+                await self._protocol_error("bad_json", "The frame is not valid JSON.")
             return
         match frame:
             case protocol.ChatStart():
@@ -208,12 +218,16 @@ class Connection:
                 await self._cancel(frame.id)
             case protocol.Ping():
                 _FRAMES_IN["ping"].inc()
-                await self._socket.frame("pong", protocol.PONG)
+                await self._reply("pong", protocol.PONG)
 
     async def _invalid_frame(self, text: str, exc: msgspec.ValidationError) -> None:
         _FRAMES_IN["invalid"].inc()
         message, path = protocol.frame_problem(exc)
         is_object, kind, stream_id = protocol.frame_envelope(text)
+        if stream_id is None and kind in ("chat.start", None):
+            # The envelope decoder gave up (too deep, say): a start is still failed by its id.
+            stream_id, _ = _broken_start(text)
+            kind = "chat.start" if stream_id is not None else kind
         if kind == "chat.start" and stream_id is not None and (path or "").startswith("request"):
             # A bad request inside a well-formed start fails that stream, as it would over REST.
             param = path[len("request.") :] if path and path.startswith("request.") else None
@@ -266,7 +280,7 @@ class Connection:
             raise RateLimitedError(
                 "Too many requests or tokens for this key; retry later.", retry_after=wait
             )
-        self._limits.stream_slot(self._principal)
+        await self._limits.stream_slot(self._principal)
 
     async def _run(self, stream_id: str, prepared: Any, sink: WSSink, state: StreamState) -> None:
         try:
@@ -275,7 +289,7 @@ class Connection:
             stream = self._streams.get(stream_id)
             if stream is not None and state.cancel_cause == "cancelled" and not sink.ended:
                 try:
-                    await sink.cancelled()
+                    await write_or_abort(sink.cancelled(), state, ERROR_WRITE_TIMEOUT)
                 except ClientGone:
                     pass
             raise
@@ -289,9 +303,11 @@ class Connection:
 
     async def _cancel(self, stream_id: str) -> None:
         stream = self._streams.get(stream_id)
-        if stream is None or stream.sink.ended:
-            frame = protocol.CancelIgnored(id=stream_id, reason="unknown_or_finished")
-            await self._socket.frame("cancel.ignored", protocol.encode_text(frame))
+        if stream is None or stream.sink.ended or stream.state.cancel_cause is not None:
+            # Unknown, finished, or already being cancelled: every cancel gets an answer.
+            reason = "unknown_or_finished" if stream is None or stream.sink.ended else "cancelling"
+            frame = protocol.CancelIgnored(id=stream_id, reason=reason)
+            await self._reply("cancel.ignored", protocol.encode_text(frame))
             return
         stream.state.cancel("cancelled")
         stream.task.cancel()
@@ -299,11 +315,22 @@ class Connection:
     async def _reject(self, stream_id: str, error: GatewayError) -> None:
         """A start that never ran: its one terminal frame is this `chat.error` (seq 0)."""
         frame = protocol.ChatErrorFrame(id=stream_id, seq=0, error=error_body(error))
-        await self._socket.frame("chat.error", protocol.encode_text(frame))
+        await self._reply("chat.error", protocol.encode_text(frame))
 
     async def _protocol_error(self, code: str, message: str, stream_id: str | None = None) -> None:
         frame = protocol.ProtocolErrorFrame(code=code, message=message, id=stream_id)
-        await self._socket.frame("error", protocol.encode_text(frame))
+        await self._reply("error", protocol.encode_text(frame))
+
+    async def _reply(self, kind: str, data: str) -> None:
+        """A frame the reading loop writes. A client that does not read it in time is dropped:
+        otherwise the loop, the socket and its slots would wait on that client for good."""
+        try:
+            async with asyncio.timeout(ERROR_WRITE_TIMEOUT):
+                await self._socket.frame(kind, data)
+        except TimeoutError:
+            if self._abort is not None:
+                self._abort()
+            raise ClientGone from None
 
     async def _cancel_all(self) -> None:
         tasks = []
@@ -312,6 +339,27 @@ class Connection:
             stream.task.cancel()
             tasks.append(stream.task)
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+_START = re.compile(r'^\s*\{\s*"type"\s*:\s*"chat\.start"\s*,\s*"id"\s*:\s*"([^"\\]{1,128})"')
+
+
+def _broken_start(data: str) -> tuple[str | None, str]:
+    """For a frame that is not valid JSON: the stream id when it is still recognisably a
+    `chat.start` (its request holds the fault: a NaN, a lone surrogate, nesting too deep), and
+    the problem as REST words it for the same body."""
+    try:
+        loose = json.loads(data)  # the standard library reads NaN and lone surrogates
+    except RecursionError:
+        found = _START.match(data)
+        return (found.group(1) if found else None), "The request nests too deeply."
+    except ValueError:
+        return None, ""
+    if isinstance(loose, dict) and loose.get("type") == "chat.start":
+        stream_id = loose.get("id")
+        if isinstance(stream_id, str) and 0 < len(stream_id) <= 128:
+            return stream_id, "The request is not valid JSON (NaN, Infinity or a lone surrogate)."
+    return None, ""
 
 
 class WebSocketEndpoint:
@@ -329,7 +377,8 @@ class WebSocketEndpoint:
         if message["type"] != "websocket.connect":
             return
         offered = scope.get("subprotocols") or []
-        if offered and protocol.SUBPROTOCOL not in offered:
+        # The auth middleware removes the auth entry; what was offered before counts.
+        if (offered or scope.get("state", {}).get(OFFERED)) and protocol.SUBPROTOCOL not in offered:
             await send({"type": "websocket.close", "code": 1002})  # refused before the handshake
             return
         await send(

@@ -8,7 +8,7 @@ import logging
 import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, Literal
 
 import httpx2
 import pytest
@@ -408,3 +408,31 @@ async def test_a_failing_redis_is_logged_once_not_per_operation(
         assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
     finally:
         await cache.aclose()
+
+
+@pytest.mark.parametrize("scope", ["key", "global"])
+async def test_cached_answers_stay_with_their_key_unless_shared(
+    upstream: FakeUpstream, model: Model, scope: Literal["key", "global"]
+) -> None:
+    from server.auth import digest, new_key
+    from server.settings import AuthSettings
+    from tests.support.gateways import gateway_with
+
+    alice, bob = new_key(), new_key()
+    name = model(tokens=3)
+    body = {"model": f"oai/{name}", "messages": HELLO}
+    auth = AuthSettings(keys=[digest(alice), digest(bob)])
+    cache = CacheSettings(completions=True, scope=scope)
+    with gateway_with(upstream, auth=auth, cache=cache) as url:
+        async with httpx2.AsyncClient(base_url=url, timeout=10) as http:
+
+            async def ask(key: str) -> str | None:
+                headers = {"authorization": f"Bearer {key}"}
+                response = await http.post("/api/chat/completions", json=body, headers=headers)
+                assert response.status_code == 200
+                return response.headers.get("x-tokenrelay-cache")
+
+            assert await ask(alice) is None
+            assert await ask(alice) == "hit"
+            assert await ask(bob) == ("hit" if scope == "global" else None)
+    assert len(upstream.by_model(name)) == (1 if scope == "global" else 2)

@@ -315,3 +315,24 @@ async def test_replicas_share_rate_limits_through_redis(
             assert statuses == [200, 200, 200, 200, 429, 429]
             fresh_redis.stop()  # a dead Redis lets requests through, as a dead cache would
             assert (await http.get(one + "/api/models")).status_code == 200
+
+
+async def test_a_stream_cut_off_early_is_charged_by_its_characters(
+    upstream: FakeUpstream, model: Model
+) -> None:
+    """400,000 characters without a space: one word, but at least 100,000 tokens."""
+    slow = f"oai/{model(tokens=50, pace=0.05, prompt_tokens=1)}"
+    prompt = [{"role": "user", "content": "x" * 400_000}]
+    with gateway_with(upstream, limits=LimitSettings(tokens_per_minute=60_000)) as url:
+        async with httpx2.AsyncClient(base_url=url, timeout=10) as http:
+            body = {"model": slow, "messages": prompt, "stream": True}
+            async with http.stream("POST", "/api/chat/completions", json=body) as response:
+                assert response.status_code == 200
+                async for line in response.aiter_lines():
+                    if line.startswith("data: "):
+                        break  # the first chunk, then hang up long before the usage chunk
+            async with asyncio.timeout(10):
+                while (refused := await http.get("/api/models")).status_code != 429:
+                    await asyncio.sleep(0.01)
+            # At least 100,000 tokens owed at 1,000 per second: refused for over 40 s.
+            assert int(refused.headers["retry-after"]) >= 40

@@ -75,3 +75,10 @@ def test_cache_key_benchmark_runs() -> None:
     done = run(["loadtests.bench_cache_keys", "--repeat", "50"], timeout=60)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "json" in done.stdout.lower()
+
+
+def test_hostile_client_benchmark_runs() -> None:
+    done = run(["loadtests.bench_hostile", "--size", "1", "--frames", "2000"], timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for line in ("memory:", "continuation frames:", "pings:", "stalled sse", "stalled ws"):
+        assert line in done.stdout, done.stdout

@@ -134,8 +134,9 @@ async def test_a_scripted_session_shows_exactly_in_metrics(
     assert delta(ttft, transport="ws", provider="oai") == 2
     tokens = "tokenrelay_tokens_total"
     # Completed streams carry the upstream's usage (10 prompt tokens each); streams cut short
-    # are counted (1 prompt word, and the deltas relayed); streams that relayed nothing add 0.
-    assert delta(tokens, transport="sse", provider="oai", kind="prompt") == 2 * 10 + 1
+    # are estimated ("hello": one word but five characters, so 2 tokens at four characters
+    # each, and the deltas relayed); streams that relayed nothing add 0.
+    assert delta(tokens, transport="sse", provider="oai", kind="prompt") == 2 * 10 + 2
     assert delta(tokens, transport="sse", provider="oai", kind="completion") == 2 * 3 + 1
     assert delta(tokens, transport="ws", provider="oai", kind="completion") == 4 + 2
     cancel = "tokenrelay_cancel_propagation_seconds_count"

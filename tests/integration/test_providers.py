@@ -252,3 +252,32 @@ async def test_a_kept_alive_connection_the_server_closed_is_replaced() -> None:
         first, second = upstream.by_model("first")[0], upstream.by_model("second")[0]
     assert events[:2] == [TextDelta("tok0 "), TextDelta("tok1 ")]
     assert second.connection != first.connection
+
+
+async def test_idle_upstream_connections_expire_without_another_request(fake: FakeUpstream) -> None:
+    """After a burst, the lean transport's idle connections close on a timer."""
+    import asyncio
+    import time
+
+    import httpx2
+
+    from providers.transport import LeanTransport
+
+    transport = LeanTransport(idle_timeout=0.5)
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    headers = {"authorization": f"Bearer {UPSTREAM_KEY}"}
+    async with httpx2.AsyncClient(transport=transport, timeout=10) as client:
+
+        async def one() -> None:
+            url = fake.url + "/v1/chat/completions"
+            async with client.stream("POST", url, json=body, headers=headers) as response:
+                assert response.status_code == 200
+                async for _ in response.aiter_bytes():
+                    pass
+
+        await asyncio.gather(*(one() for _ in range(20)))
+        assert len(fake._conns) == 20  # kept alive after the burst
+        deadline = time.monotonic() + 10
+        while fake._conns and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert not fake._conns, "idle upstream connections stayed open"

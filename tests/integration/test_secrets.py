@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import time
 import uuid
 from collections.abc import Callable
 
@@ -85,3 +86,43 @@ def test_no_key_leaks_anywhere(upstream: FakeUpstream, model: Model) -> None:
     assert (
         "tokenrelay.auth.[redacted]" in process.log
     )  # uvicorn did print the handshake  # only a short key id is ever logged
+
+
+def test_keys_in_unsupported_places_are_redacted_from_the_log() -> None:
+    """Query strings at info level; odd headers, bare subprotocols and spellings at debug."""
+    gateway_key = new_key()
+    upstream_shaped = "sk-ant-api03-" + uuid.uuid4().hex + uuid.uuid4().hex
+    keys = f'[auth]\nkeys = ["{digest(gateway_key)}"]\n'
+    for level in ("info", "debug"):
+        with serve_process(f'[server]\nlog_level = "{level}"\n' + keys) as process:
+            ws = process.url.replace("http://", "ws://") + "/api/ws"
+
+            async def handshakes(url: str = ws) -> None:
+                attempts: list[tuple[str, dict[str, str], list[str]]] = [
+                    (f"?token={gateway_key}", {}, ["tokenrelay.v1"]),
+                    (f"?api_key={upstream_shaped}", {}, ["tokenrelay.v1"]),
+                    ("", {"x-auth-token": gateway_key}, ["tokenrelay.v1"]),
+                    ("", {"x-custom": upstream_shaped}, ["tokenrelay.v1"]),
+                    ("", {}, ["tokenrelay.v1", gateway_key]),
+                    ("", {"authorization": f"BEARER {gateway_key}"}, ["tokenrelay.v1"]),
+                    ("", {"authorization": f"Token {gateway_key}"}, ["tokenrelay.v1"]),
+                ]
+                for query, headers, offered in attempts:
+                    try:
+                        async with connect(
+                            url + query,
+                            additional_headers=headers,
+                            subprotocols=offered,  # type: ignore[arg-type]
+                        ):
+                            pass
+                    except InvalidStatus:
+                        pass
+
+            asyncio.run(handshakes())
+            httpx2.get(process.url + f"/api/models?key={gateway_key}")
+            deadline = time.monotonic() + 10
+            while process.log.count("WebSocket") < 7 and time.monotonic() < deadline:
+                time.sleep(0.05)
+        assert "/api/ws?token=[redacted]" in process.log  # the handshake line was written
+        for secret in (gateway_key, upstream_shaped, gateway_key[4:], upstream_shaped[7:]):
+            assert secret not in process.log, level

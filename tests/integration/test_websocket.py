@@ -86,7 +86,8 @@ async def test_cancel_closes_the_upstream_and_leaves_the_rest(
     assert done["finish_reason"] == "cancelled"
     relayed = sum(f["type"] == "chat.delta" for f in client.by_id[victim])
     assert done["usage"]["completion_tokens"] == relayed
-    assert done["usage"]["prompt_tokens"] == 3  # counted: the upstream sends usage only at the end
+    # Estimated, as the upstream sends usage only at the end: 13 characters at 4 a token.
+    assert done["usage"]["prompt_tokens"] == 4
     assert recorded.deltas_sent < 200
     other_done = await client.until_terminal(other)
     assert other_done["finish_reason"] == "stop"

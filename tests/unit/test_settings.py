@@ -565,3 +565,19 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
         main(["--version"])
     assert done.value.code == 0
     assert capsys.readouterr().out.startswith("tokenrelay 0.")
+
+
+def test_forwarded_allow_ips_are_checked_and_off_by_default(tmp_path: Path) -> None:
+    from server.settings import uvicorn_options
+
+    assert uvicorn_options(load(None, {}))["proxy_headers"] is False
+    good = write(tmp_path, '[server]\nforwarded_allow_ips = ["127.0.0.0/8", "::1", "*"]\n')
+    options = uvicorn_options(load(good, {}))
+    assert options["proxy_headers"] is True
+    assert options["forwarded_allow_ips"] == "127.0.0.0/8,::1,*"
+    bad = write(tmp_path, '[server]\nforwarded_allow_ips = ["proxy.example"]\n', "bad.toml")
+    with pytest.raises(SettingsError) as info:
+        load(bad, {})
+    assert info.value.problems == [
+        "server.forwarded_allow_ips[0]: expected an IP address or network, or '*'"
+    ]
