@@ -178,6 +178,37 @@ async def test_json_object_answer(client: openai.AsyncOpenAI) -> None:
     }
 
 
+FANNED = {"type": "object", "properties": {f"p{i}": {"$ref": "#/$defs/n"} for i in range(8)}}
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {"$ref": "#/$defs/n", "$defs": {"n": FANNED}},  # 8 ** 8 values if followed in full
+        {"allOf": [{"$ref": 5}]},
+        {"allOf": [{"$ref": "#/x"}], "x": [1]},
+    ],
+)
+async def test_demo_answers_hostile_schemas_without_failing(
+    client: openai.AsyncOpenAI, schema: dict[str, Any]
+) -> None:
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    tool["function"]["parameters"] = {"type": "object", "properties": {"x": schema}}
+    called = await client.chat.completions.create(
+        model="demo/tools",
+        messages=HELLO,  # type: ignore[arg-type]
+        tools=[tool],  # type: ignore[list-item]
+    )
+    calls = called.choices[0].message.tool_calls or []
+    assert len(calls[0].function.arguments) < 50_000  # type: ignore[union-attr]
+    answered = await client.chat.completions.create(
+        model="demo/echo",
+        messages=HELLO,  # type: ignore[arg-type]
+        response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": schema}},
+    )
+    assert len(answered.choices[0].message.content or "") < 50_000
+
+
 async def test_image_message(client: openai.AsyncOpenAI) -> None:
     content = [{"type": "text", "text": "What is in this picture?"}, IMAGE_PART]
     completion = await client.chat.completions.create(
