@@ -284,6 +284,12 @@ async def test_every_option_reaches_an_openai_kind_upstream(
             "messages[1].tool_call_id",
         ),
         (tool_turn()[:2] + [{"role": "tool", "content": "x"}], {}, "messages[2].tool_call_id"),
+        # Each call is answered right after the assistant turn that made it, and only once.
+        (tool_turn()[:2], {}, "messages[1].tool_calls[0]"),
+        (tool_turn()[:2] + HELLO, {}, "messages[1].tool_calls[0]"),
+        (tool_turn()[:2] + HELLO + tool_turn()[2:], {}, "messages[1].tool_calls[0]"),
+        (tool_turn() + tool_turn()[2:], {}, "messages[3].tool_call_id"),
+        (tool_turn() + HELLO + tool_turn()[2:], {}, "messages[4].tool_call_id"),
         ([{"role": "assistant", "content": None}], {}, "messages[0].content"),
         ([{"role": "user", "content": None}], {}, "messages[0].content"),
         (
