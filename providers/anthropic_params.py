@@ -210,6 +210,7 @@ def _turns(messages: list[Message]) -> list[dict[str, Any]]:
     """User and assistant turns; Anthropic wants them alternating, so neighbours of one role
     (tool results and the user message after them, say) are merged into one turn."""
     turns: list[dict[str, Any]] = []
+    empty = "messages"
     for i, message in enumerate(messages):
         role = message.role
         if role in ("system", "developer"):
@@ -231,8 +232,26 @@ def _turns(messages: list[Message]) -> list[dict[str, Any]]:
         if turns and turns[-1]["role"] == role:
             turns[-1]["content"].extend(blocks)
         else:
+            _check_filled(turns, empty)
+            empty = f"{at}.content"  # where the turn begins, named if it ends up empty
             turns.append({"role": role, "content": blocks})
+    if not turns:
+        raise UnsupportedFeatureError(
+            "Anthropic needs a user or assistant message besides the system ones.",
+            param="messages",
+        )
+    _check_filled(turns, empty)
     return turns
+
+
+def _check_filled(turns: list[dict[str, Any]], param: str) -> None:
+    """Anthropic refuses a turn with no content (an empty text is left out of it)."""
+    if turns and not turns[-1]["content"]:
+        raise UnsupportedFeatureError(
+            f"Anthropic takes no turn without content (at '{param}'); give the message some "
+            "text or leave it out.",
+            param=param,
+        )
 
 
 def _text(text: str) -> list[dict[str, Any]]:
