@@ -120,6 +120,26 @@ async def test_non_streamed_tool_calls(
     ]
 
 
+async def test_a_call_without_input_has_the_arguments_of_an_empty_object(
+    client: openai.AsyncOpenAI, model: Model
+) -> None:
+    name = model(tool_calls=[FakeToolCall("get_time", [], id="toolu_t"), TWO_CALLS[0]])
+    stream = await client.chat.completions.create(
+        model=f"ant/{name}", messages=HELLO, tools=[WEATHER_TOOL, CLOCK_TOOL], stream=True
+    )
+    arguments: dict[int, str] = {}
+    async for chunk in stream:
+        for call in chunk.choices[0].delta.tool_calls or []:
+            assert call.function is not None
+            arguments[call.index] = arguments.get(call.index, "") + (call.function.arguments or "")
+    assert arguments == {0: "{}", 1: '{"city": "Paris"}'}
+    completion = await client.chat.completions.create(
+        model=f"ant/{name}", messages=HELLO, tools=[WEATHER_TOOL, CLOCK_TOOL]
+    )
+    calls = completion.choices[0].message.tool_calls or []
+    assert [c.function.arguments for c in calls] == ["{}", '{"city": "Paris"}']  # type: ignore[union-attr]
+
+
 async def test_tool_result_continuation(
     client: openai.AsyncOpenAI, model: Model, upstream: FakeUpstream
 ) -> None:
