@@ -213,15 +213,15 @@ def _turns(messages: list[Message]) -> list[dict[str, Any]]:
     empty = "messages"
     for i, message in enumerate(messages):
         role = message.role
-        if role in ("system", "developer"):
-            continue
         at = f"messages[{i}]"
-        for name in ("name", "audio"):
+        for name in ("name", "audio"):  # system messages too: they are merged into `system`
             if getattr(message, name) is not None:
                 raise UnsupportedFeatureError(
                     f"Anthropic messages have no '{name}' (at '{at}.{name}'); leave it out.",
                     param=f"{at}.{name}",
                 )
+        if role in ("system", "developer"):
+            continue
         if role == "tool":
             blocks = [_tool_result(message)]
             role = "user"

@@ -411,6 +411,7 @@ BAD_MESSAGES: list[tuple[Any, str]] = [
         "messages[0].content[1].image_url.detail",
     ),
     ([{"role": "user", "content": "hi", "name": "ann"}], "messages[0].name"),
+    ([{"role": "system", "content": "Be brief.", "name": "ops"}, *HELLO], "messages[0].name"),
     # Anthropic refuses empty turns and a conversation of system messages only.
     ([{"role": "user", "content": ""}], "messages[0].content"),
     ([{"role": "user", "content": [{"type": "text", "text": ""}]}], "messages[0].content"),
