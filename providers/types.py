@@ -131,13 +131,14 @@ class Message(_In, frozen=True):
         return "".join(p.text for p in content if type(p) is TextPart)
 
     def size(self) -> int:
-        """Characters this message carries: text, inline media and tool-call arguments."""
+        """Characters this message carries: text, inline media, refusal and reasoning texts and
+        tool-call arguments."""
         content = self.content
-        total = 0
+        total = len(self.refusal or "") + len(self.reasoning_content or "")
         if isinstance(content, str):
-            total = len(content)
+            total += len(content)
         elif content is not None:
-            total = sum(_part_size(part) for part in content)
+            total += sum(_part_size(part) for part in content)
         for call in self.tool_calls or ():
             total += len(call.function.name) + len(call.function.arguments)
         return total
