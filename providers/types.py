@@ -16,6 +16,12 @@ Role = Literal["system", "developer", "user", "assistant", "tool"]
 FinishReason = Literal["stop", "length", "content_filter", "tool_calls", "cancelled", "error"]
 ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]
 ToolName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")]
+TokenId = Annotated[str, msgspec.Meta(pattern=r"^[0-9]{1,10}$")]  # a `logit_bias` key
+# OpenAI's bounds: 16 pairs, keys of up to 64 characters, values of up to 512.
+Metadata = Annotated[
+    dict[Annotated[str, msgspec.Meta(max_length=64)], Annotated[str, msgspec.Meta(max_length=512)]],
+    msgspec.Meta(max_length=16),
+]
 
 
 class _In(
@@ -274,9 +280,9 @@ class Options(_In, frozen=True):
     parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
     reasoning_effort: ReasoningEffort | None = None
-    logit_bias: dict[str, Annotated[float, msgspec.Meta(ge=-100, le=100)]] | None = None
+    logit_bias: dict[TokenId, Annotated[float, msgspec.Meta(ge=-100, le=100)]] | None = None
     service_tier: Annotated[str, msgspec.Meta(max_length=32)] | None = None
-    metadata: dict[str, Annotated[str, msgspec.Meta(max_length=512)]] | None = None
+    metadata: Metadata | None = None
     store: bool | None = None
     prediction: Prediction | None = None
     verbosity: Literal["low", "medium", "high"] | None = None

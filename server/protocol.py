@@ -78,6 +78,14 @@ class ChatCompletionBody(Options, frozen=True, kw_only=True):
         for param, used, message in refused:
             if used:
                 raise UnsupportedFeatureError(message, param=param)
+        if self.max_tokens not in (None, self.max_completion_tokens) and (
+            self.max_completion_tokens is not None
+        ):
+            raise InvalidRequestError(
+                "'max_tokens' and 'max_completion_tokens' are both set, to different values; "
+                "set one of them.",
+                param="max_tokens",
+            )
         validation.check_tools(self.tools, self.tool_choice, self.parallel_tool_calls)
         validation.check_messages(self.messages)
 
@@ -126,6 +134,9 @@ def _split_location(text: str) -> tuple[str, str | None]:
     An unknown field is named in the path, so that `param` points at the field itself.
     """
     message, sep, location = text.partition(" - at `$")
+    if not sep:  # a dict key: "... - at `key` in `$.logit_bias`" names the dict
+        message, sep, location = text.partition(" - at `key` in `$")
+        message = f"{message} (for a key)" if sep else message
     param = location.rstrip("`").lstrip(".") if sep else None
     if message.startswith(_UNKNOWN):
         field = message[len(_UNKNOWN) :].rstrip("`")

@@ -337,6 +337,11 @@ async def test_every_option_reaches_an_openai_kind_upstream(
             "tool_choice.function.name",
         ),
         (HELLO, {"functions": [{"name": "f"}]}, "functions"),
+        # OpenAI's bounds, kept before the request reaches an upstream that would refuse it.
+        (HELLO, {"logit_bias": {"hello": 5}}, "logit_bias"),
+        (HELLO, {"metadata": {f"k{i}": "v" for i in range(17)}}, "metadata"),
+        (HELLO, {"metadata": {"k" * 65: "v"}}, "metadata"),
+        (HELLO, {"max_tokens": 5, "max_completion_tokens": 9}, "max_tokens"),
         (HELLO, {"response_format": {"type": "json_schema"}}, "response_format"),
     ],
 )
