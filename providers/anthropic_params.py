@@ -296,6 +296,10 @@ def _assistant_blocks(message: Message, at: str) -> list[dict[str, Any]]:
             raise InvalidRequestError(
                 f"The arguments at '{param}' are not valid JSON.", param=param
             ) from exc
+        except RecursionError as exc:  # nesting deeper than the decoder follows
+            raise InvalidRequestError(
+                f"The arguments at '{param}' nest too deeply.", param=param
+            ) from exc
         if not isinstance(arguments, dict):
             raise InvalidRequestError(
                 f"The arguments at '{param}' must be a JSON object.", param=param

@@ -434,6 +434,24 @@ BAD_MESSAGES: list[tuple[Any, str]] = [
         ],
         "messages[1].tool_calls[0].function.arguments",
     ),
+    (
+        [
+            {"role": "user", "content": "hi"},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": "c1",
+                        "type": "function",
+                        "function": {"name": "f", "arguments": "[" * 50_000 + "]" * 50_000},
+                    }
+                ],
+            },
+            {"role": "tool", "tool_call_id": "c1", "content": "?"},
+        ],
+        "messages[1].tool_calls[0].function.arguments",
+    ),
 ]
 
 
