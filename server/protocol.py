@@ -26,7 +26,7 @@ NonNegative = Annotated[float, msgspec.Meta(ge=0)]
 
 
 class StreamOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    include_usage: bool = False
+    include_usage: bool | None = None  # null, as clients may send it, is false
     include_obfuscation: bool | None = None  # OpenAI's padding; nothing to pad here
 
 
@@ -101,7 +101,7 @@ class ChatCompletionBody(Options, frozen=True, kw_only=True):
 
     @property
     def include_usage(self) -> bool:
-        return self.stream_options is not None and self.stream_options.include_usage
+        return self.stream_options is not None and bool(self.stream_options.include_usage)
 
 
 _decode_body = msgspec.json.Decoder(ChatCompletionBody).decode

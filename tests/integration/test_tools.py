@@ -209,6 +209,35 @@ async def test_demo_answers_hostile_schemas_without_failing(
     assert len(answered.choices[0].message.content or "") < 50_000
 
 
+NULLS = {
+    field: None
+    for field in (
+        "temperature top_p n stop max_tokens max_completion_tokens presence_penalty "
+        "frequency_penalty logit_bias user tools tool_choice parallel_tool_calls seed "
+        "response_format service_tier metadata store prediction reasoning_effort verbosity "
+        "modalities web_search_options audio functions function_call logprobs top_logprobs "
+        "safety_identifier prompt_cache_key prompt_cache_retention"
+    ).split()
+}
+
+
+async def test_null_in_every_optional_field_is_as_good_as_leaving_it_out(gateway: str) -> None:
+    body = {
+        "model": "demo/echo",
+        "messages": [{"role": "user", "content": "hi", "name": None, "tool_call_id": None}],
+        "stream": True,
+        "stream_options": {"include_usage": None, "include_obfuscation": None},
+        **NULLS,
+        "logprobs": False,  # as pydantic-ai sends it
+    }
+    async with httpx2.AsyncClient(timeout=10) as http:
+        response = await http.post(gateway + "/api/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    events = [line for line in response.text.split("\n") if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]"
+    assert '"usage"' not in events[-2]  # include_usage null is false
+
+
 async def test_image_message(client: openai.AsyncOpenAI) -> None:
     content = [{"type": "text", "text": "What is in this picture?"}, IMAGE_PART]
     completion = await client.chat.completions.create(
