@@ -58,11 +58,8 @@ class ChatCompletionBody(Options, frozen=True, kw_only=True):
         """Refuse what cannot be relayed, and a conversation or tool set that cannot be valid."""
         refused = (
             ("n", self.n not in (None, 1), "n > 1 (several choices) is not supported"),
-            (
-                "logprobs",
-                bool(self.logprobs) or bool(self.top_logprobs),
-                "logprobs are not supported",
-            ),
+            ("logprobs", bool(self.logprobs), "logprobs are not supported"),
+            ("top_logprobs", bool(self.top_logprobs), "logprobs are not supported"),
             (
                 "functions",
                 bool(self.functions),

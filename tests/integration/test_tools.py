@@ -366,6 +366,7 @@ async def test_every_option_reaches_an_openai_kind_upstream(
             "tool_choice.function.name",
         ),
         (HELLO, {"functions": [{"name": "f"}]}, "functions"),
+        (HELLO, {"logprobs": False, "top_logprobs": 3}, "top_logprobs"),
         # OpenAI's bounds, kept before the request reaches an upstream that would refuse it.
         (HELLO, {"logit_bias": {"hello": 5}}, "logit_bias"),
         (HELLO, {"metadata": {f"k{i}": "v" for i in range(17)}}, "metadata"),
