@@ -63,7 +63,12 @@ _decode_json = msgspec.json.Decoder().decode
 
 def params(request: ChatRequest, default_max_tokens: int) -> dict[str, Any]:
     """Keyword arguments for `messages.create`; raises a `RequestError` naming a field."""
-    system = "\n\n".join(m.text for m in request.messages if m.role in ("system", "developer"))
+    system = "\n\n".join(
+        text
+        for m in request.messages
+        if m.role in ("system", "developer")
+        for text in _texts(m)  # each part apart, not run together
+    )
     out: dict[str, Any] = {
         "model": request.model,
         "messages": _turns(request.messages),
@@ -259,10 +264,21 @@ def _text(text: str) -> list[dict[str, Any]]:
     return [{"type": "text", "text": text}] if text else []
 
 
+def _texts(message: Message) -> list[str]:
+    """The texts of a message that holds only text: its content, or each of its parts."""
+    content = message.content
+    if isinstance(content, str):
+        return [content] if content else []
+    return [part.text for part in content or () if isinstance(part, TextPart) and part.text]
+
+
 def _tool_result(message: Message) -> dict[str, Any]:
     block: dict[str, Any] = {"type": "tool_result", "tool_use_id": message.tool_call_id}
-    if text := message.text:
-        block["content"] = text
+    texts = _texts(message)
+    if isinstance(message.content, list) and texts:
+        block["content"] = [{"type": "text", "text": text} for text in texts]  # parts kept apart
+    elif texts:
+        block["content"] = texts[0]
     return block
 
 

@@ -198,7 +198,11 @@ async def test_tool_result_continuation(
             "role": "user",
             "content": [
                 {"type": "tool_result", "tool_use_id": "toolu_a", "content": "sunny, 21 C"},
-                {"type": "tool_result", "tool_use_id": "toolu_b", "content": "14:00"},
+                {
+                    "type": "tool_result",
+                    "tool_use_id": "toolu_b",
+                    "content": [{"type": "text", "text": "14:00"}],
+                },
                 {"type": "text", "text": "Thanks!"},
             ],
         },

@@ -120,3 +120,30 @@ def test_user_and_metadata_must_agree() -> None:
     assert caught.value.param == "metadata"
     with pytest.raises(UnsupportedFeatureError):
         params(request(hello, metadata={"user_id": "u", "team": "t"}), 100)
+
+
+def test_text_parts_of_system_and_tool_messages_are_not_run_together() -> None:
+    call = {"id": "t1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    parts = [{"type": "text", "text": "Sunny."}, {"type": "text", "text": "21 C"}]
+    sent = params(
+        request(
+            [
+                {"role": "system", "content": parts},
+                {"role": "user", "content": "q"},
+                {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "t1", "content": parts},
+            ]
+        ),
+        100,
+    )
+    assert sent["system"] == "Sunny.\n\n21 C"
+    assert sent["messages"][-1]["content"] == [
+        {
+            "type": "tool_result",
+            "tool_use_id": "t1",
+            "content": [
+                {"type": "text", "text": "Sunny."},
+                {"type": "text", "text": "21 C"},
+            ],
+        }
+    ]
