@@ -120,7 +120,7 @@ class Message(_In, frozen=True):
     role: Role
     content: str | list[ContentPart] | None = None
     name: Annotated[str, msgspec.Meta(max_length=256)] | None = None
-    tool_calls: list[ToolCall] | None = None
+    tool_calls: Annotated[list[ToolCall], msgspec.Meta(min_length=1)] | None = None  # as OpenAI
     tool_call_id: str | None = None
     refusal: str | None = None
     reasoning_content: str | None = None
@@ -275,7 +275,7 @@ class Options(_In, frozen=True):
     user: Annotated[str, msgspec.Meta(max_length=256)] | None = None
     presence_penalty: Annotated[float, msgspec.Meta(ge=-2, le=2)] | None = None
     frequency_penalty: Annotated[float, msgspec.Meta(ge=-2, le=2)] | None = None
-    tools: Annotated[list[Tool], msgspec.Meta(max_length=512)] | None = None
+    tools: Annotated[list[Tool], msgspec.Meta(min_length=1, max_length=512)] | None = None
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None

@@ -367,6 +367,13 @@ async def test_every_option_reaches_an_openai_kind_upstream(
         ),
         (HELLO, {"functions": [{"name": "f"}]}, "functions"),
         (HELLO, {"logprobs": False, "top_logprobs": 3}, "top_logprobs"),
+        # Empty lists OpenAI refuses: leave the field out instead.
+        (HELLO, {"tools": []}, "tools"),
+        (
+            [*HELLO, {"role": "assistant", "content": "x", "tool_calls": []}],
+            {},
+            "messages[1].tool_calls",
+        ),
         # OpenAI's bounds, kept before the request reaches an upstream that would refuse it.
         (HELLO, {"logit_bias": {"hello": 5}}, "logit_bias"),
         (HELLO, {"metadata": {f"k{i}": "v" for i in range(17)}}, "metadata"),
