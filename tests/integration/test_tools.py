@@ -437,6 +437,27 @@ async def test_websocket_tool_call_frames(gateway: str) -> None:
     assert done["type"] == "chat.done" and done["finish_reason"] == "tool_calls"
 
 
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"logit_bias": {"hello": 5}}, "logit_bias"),
+        ({"messages": tool_turn()[:2]}, "messages[1].tool_calls[0]"),
+        ({"tools": []}, "tools"),
+    ],
+)
+async def test_websocket_start_names_the_bad_field(
+    gateway: str, extra: dict[str, Any], param: str
+) -> None:
+    async with connect(
+        gateway.replace("http", "ws") + "/api/ws", subprotocols=["tokenrelay.v1"]
+    ) as ws:  # type: ignore[list-item]
+        client = StreamClient(ws)
+        sid = await client.start("demo/tools", **extra)
+        frame = await client.until_terminal(sid)
+    assert frame["type"] == "chat.error"
+    assert (frame["error"]["status"], frame["error"]["param"]) == (400, param)
+
+
 async def test_cache_replays_a_tool_call_stream_chunk_exact(upstream: FakeUpstream) -> None:
     body = {"model": "demo/tools", "messages": HELLO, "tools": [WEATHER]}
     with start_gateway(upstream, CacheSettings(completions=True)) as url:
