@@ -319,7 +319,14 @@ class ChatService:
         if prepared.cache_policy.max_age is not None:
             ttl = min(ttl, prepared.cache_policy.max_age)
         answer = CachedAnswer(time.time(), events, finish.reason, finish.usage)
-        await self._cache.set(key, _encode_answer(answer), ttl)
+        try:
+            value = _encode_answer(answer)
+        except (OverflowError, msgspec.EncodeError) as exc:
+            # An answer MessagePack cannot hold (an upstream's token count past 64 bits) is not
+            # stored: a cache fault is a miss, never a failure of an answer already sent.
+            log.warning("answer not cached: %s", exc)
+            return
+        await self._cache.set(key, value, ttl)
 
     async def run(self, prepared: Prepared, sink: Sink, state: StreamState) -> None:
         """Relay one stream to `sink`. Failures go to `sink.error`; a cancel propagates.
