@@ -356,7 +356,8 @@ def _image(part: ImagePart, param: str) -> dict[str, Any]:
             f"'{param}.image_url.detail') or set it to 'auto'.",
             param=f"{param}.image_url.detail",
         )
-    split = split_data_url(image.url, f"{param}.image_url.url")
+    # The request passed `check_messages`, which decoded the data once already.
+    split = split_data_url(image.url, f"{param}.image_url.url", checked=True)
     if split is None:
         return {"type": "image", "source": {"type": "url", "url": image.url}}
     media_type, data = split
@@ -369,7 +370,7 @@ def _image(part: ImagePart, param: str) -> dict[str, Any]:
 def _document(part: FilePart, param: str) -> dict[str, Any]:
     file = part.file
     split = (
-        split_data_url(file.file_data, f"{param}.file.file_data")
+        split_data_url(file.file_data, f"{param}.file.file_data", checked=True)
         if file.file_data is not None
         else None
     )

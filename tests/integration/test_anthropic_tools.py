@@ -415,6 +415,14 @@ BAD_MESSAGES: list[tuple[Any, str]] = [
         "messages[0].content[1].image_url.detail",
     ),
     ([{"role": "user", "content": "hi", "name": "ann"}], "messages[0].name"),
+    (
+        _user({"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@@"}}),
+        "messages[0].content[1].image_url.url",
+    ),
+    (
+        _user({"type": "file", "file": {"file_data": "data:application/pdf;base64,@@@@"}}),
+        "messages[0].content[1].file.file_data",
+    ),
     ([{"role": "system", "content": "Be brief.", "name": "ops"}, *HELLO], "messages[0].name"),
     # Anthropic refuses empty turns and a conversation of system messages only.
     ([{"role": "user", "content": ""}], "messages[0].content"),
