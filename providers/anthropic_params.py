@@ -188,7 +188,7 @@ def _output_format(request: ChatRequest) -> dict[str, Any] | None:
                     "Anthropic needs the JSON schema itself in 'response_format.json_schema'.",
                     param="response_format.json_schema.schema",
                 )
-            return {"type": "json_schema", "schema": spec.schema}
+            return {"type": "json_schema", "schema": _described(spec.schema, spec.description)}
         case JsonObjectFormat():
             # Anthropic's JSON outputs require a schema whose objects forbid extra properties,
             # so "any JSON object" cannot be asked for.
@@ -199,6 +199,17 @@ def _output_format(request: ChatRequest) -> dict[str, Any] | None:
             )
         case _:
             return None
+
+
+def _described(schema: dict[str, Any], description: str | None) -> dict[str, Any]:
+    """The schema with the format's `description` (model-facing; Anthropic's format has no
+    field for it) as its own root description, before any the schema already has."""
+    if not description:
+        return schema
+    own = schema.get("description")
+    if isinstance(own, str) and own and own != description:
+        description = f"{description}\n\n{own}"
+    return {**schema, "description": description}
 
 
 def _service_tier(tier: str) -> str:

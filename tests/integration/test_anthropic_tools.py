@@ -278,6 +278,26 @@ async def test_parse_with_pydantic_schema(
     }
 
 
+async def test_a_format_description_reaches_anthropic_in_the_schema(
+    client: openai.AsyncOpenAI, model: Model, upstream: FakeUpstream
+) -> None:
+    name = model(text=['{"city": "Paris"}'])
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string"}},
+        "required": ["city"],
+        "additionalProperties": False,
+    }
+    spec = {"name": "place", "description": "The city the user asks about.", "schema": schema}
+    await client.chat.completions.create(
+        model=f"ant/{name}",
+        messages=HELLO,
+        response_format={"type": "json_schema", "json_schema": spec},  # type: ignore[typeddict-item]
+    )
+    sent_schema = sent(upstream, name)["output_config"]["format"]["schema"]
+    assert sent_schema == {**schema, "description": "The city the user asks about."}
+
+
 async def test_images_and_pdf_become_blocks(
     client: openai.AsyncOpenAI, model: Model, upstream: FakeUpstream
 ) -> None:

@@ -9,7 +9,7 @@ import pytest
 
 from providers.anthropic_params import params
 from providers.errors import InvalidRequestError, UnsupportedFeatureError
-from providers.types import ChatRequest, Message
+from providers.types import ChatRequest, JsonSchemaFormat, Message
 
 _decode = msgspec.json.Decoder(list[Message]).decode
 
@@ -147,3 +147,25 @@ def test_text_parts_of_system_and_tool_messages_are_not_run_together() -> None:
             ],
         }
     ]
+
+
+@pytest.mark.parametrize(
+    ("own", "expected"),
+    [
+        (None, "A city's weather."),
+        ("A city's weather.", "A city's weather."),
+        ("In Celsius.", "A city's weather.\n\nIn Celsius."),
+    ],
+)
+def test_the_format_description_becomes_the_schema_description(
+    own: str | None, expected: str
+) -> None:
+    schema: dict[str, Any] = {"type": "object", "properties": {}, "additionalProperties": False}
+    if own is not None:
+        schema["description"] = own
+    spec = {"name": "weather", "description": "A city's weather.", "schema": schema}
+    response_format = msgspec.convert(
+        {"type": "json_schema", "json_schema": spec}, JsonSchemaFormat
+    )
+    sent = params(request([{"role": "user", "content": "q"}], response_format=response_format), 100)
+    assert sent["output_config"]["format"]["schema"] == {**schema, "description": expected}
