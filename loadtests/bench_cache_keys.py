@@ -1,4 +1,4 @@
-"""Cost of building a completion cache key: msgspec MessagePack + SHA-256 against json.dumps.
+"""Cost of building a completion cache key: msgspec JSON + SHA-256 against json.dumps.
 
     .venv/bin/python loadtests/bench_cache_keys.py [--messages 50] [--words 60]
 

@@ -62,6 +62,10 @@ class _BlockDelta(msgspec.Struct):
     index: int = 0
 
 
+class _BlockStop(msgspec.Struct):
+    index: int = 0
+
+
 class _MessageDeltaBody(msgspec.Struct):
     stop_reason: str | None = None
     stop_sequence: str | None = None
@@ -84,6 +88,7 @@ class _Error(msgspec.Struct):
 _decode_start = msgspec.json.Decoder(_MessageStart).decode
 _decode_block_start = msgspec.json.Decoder(_BlockStart).decode
 _decode_block_delta = msgspec.json.Decoder(_BlockDelta).decode
+_decode_block_stop = msgspec.json.Decoder(_BlockStop).decode
 _decode_message_delta = msgspec.json.Decoder(_MessageDelta).decode
 _decode_error = msgspec.json.Decoder(_Error).decode
 
@@ -152,6 +157,9 @@ class AnthropicProvider:
         stop_sequence: str | None = None
         # Anthropic numbers content blocks; a client numbers tool calls from 0.
         tool_index: dict[int, int] = {}
+        # Tool blocks with no argument fragment yet: a call without input streams none, and
+        # its arguments must still read as the JSON object `{}`, as OpenAI's do.
+        no_input: set[int] = set()
         async for raw in body_chunks(response):
             for name, data in decoder.feed(raw):
                 try:
@@ -163,6 +171,7 @@ class AnthropicProvider:
                         elif delta.thinking:
                             yield ReasoningDelta(delta.thinking)
                         elif delta.partial_json and block_delta.index in tool_index:
+                            no_input.discard(block_delta.index)
                             yield ToolCallDelta(
                                 tool_index[block_delta.index], arguments=delta.partial_json
                             )
@@ -175,6 +184,7 @@ class AnthropicProvider:
                             yield ReasoningDelta(block.thinking)
                         elif block.type == "tool_use":
                             index = tool_index[start.index] = len(tool_index)
+                            no_input.add(start.index)
                             yield ToolCallDelta(index, id=block.id, name=block.name)
                     elif name == b"message_start":
                         usage = _decode_start(data).message.usage
@@ -190,6 +200,11 @@ class AnthropicProvider:
                                 completion_tokens = message_delta.usage.output_tokens
                             if message_delta.usage.input_tokens is not None:
                                 prompt_tokens = _prompt_tokens(message_delta.usage)
+                    elif name == b"content_block_stop" and no_input:
+                        stopped = _decode_block_stop(data).index
+                        if stopped in no_input:
+                            no_input.discard(stopped)
+                            yield ToolCallDelta(tool_index[stopped], arguments="{}")
                     elif name == b"message_stop":
                         usage_out = None
                         if prompt_tokens is not None or completion_tokens is not None:

@@ -63,7 +63,12 @@ _decode_json = msgspec.json.Decoder().decode
 
 def params(request: ChatRequest, default_max_tokens: int) -> dict[str, Any]:
     """Keyword arguments for `messages.create`; raises a `RequestError` naming a field."""
-    system = "\n\n".join(m.text for m in request.messages if m.role in ("system", "developer"))
+    system = "\n\n".join(
+        text
+        for m in request.messages
+        if m.role in ("system", "developer")
+        for text in _texts(m)  # each part apart, not run together
+    )
     out: dict[str, Any] = {
         "model": request.model,
         "messages": _turns(request.messages),
@@ -183,7 +188,7 @@ def _output_format(request: ChatRequest) -> dict[str, Any] | None:
                     "Anthropic needs the JSON schema itself in 'response_format.json_schema'.",
                     param="response_format.json_schema.schema",
                 )
-            return {"type": "json_schema", "schema": spec.schema}
+            return {"type": "json_schema", "schema": _described(spec.schema, spec.description)}
         case JsonObjectFormat():
             # Anthropic's JSON outputs require a schema whose objects forbid extra properties,
             # so "any JSON object" cannot be asked for.
@@ -194,6 +199,17 @@ def _output_format(request: ChatRequest) -> dict[str, Any] | None:
             )
         case _:
             return None
+
+
+def _described(schema: dict[str, Any], description: str | None) -> dict[str, Any]:
+    """The schema with the format's `description` (model-facing; Anthropic's format has no
+    field for it) as its own root description, before any the schema already has."""
+    if not description:
+        return schema
+    own = schema.get("description")
+    if isinstance(own, str) and own and own != description:
+        description = f"{description}\n\n{own}"
+    return {**schema, "description": description}
 
 
 def _service_tier(tier: str) -> str:
@@ -210,17 +226,18 @@ def _turns(messages: list[Message]) -> list[dict[str, Any]]:
     """User and assistant turns; Anthropic wants them alternating, so neighbours of one role
     (tool results and the user message after them, say) are merged into one turn."""
     turns: list[dict[str, Any]] = []
+    empty = "messages"
     for i, message in enumerate(messages):
         role = message.role
-        if role in ("system", "developer"):
-            continue
         at = f"messages[{i}]"
-        for name in ("name", "audio"):
+        for name in ("name", "audio"):  # system messages too: they are merged into `system`
             if getattr(message, name) is not None:
                 raise UnsupportedFeatureError(
                     f"Anthropic messages have no '{name}' (at '{at}.{name}'); leave it out.",
                     param=f"{at}.{name}",
                 )
+        if role in ("system", "developer"):
+            continue
         if role == "tool":
             blocks = [_tool_result(message)]
             role = "user"
@@ -231,8 +248,26 @@ def _turns(messages: list[Message]) -> list[dict[str, Any]]:
         if turns and turns[-1]["role"] == role:
             turns[-1]["content"].extend(blocks)
         else:
+            _check_filled(turns, empty)
+            empty = f"{at}.content"  # where the turn begins, named if it ends up empty
             turns.append({"role": role, "content": blocks})
+    if not turns:
+        raise UnsupportedFeatureError(
+            "Anthropic needs a user or assistant message besides the system ones.",
+            param="messages",
+        )
+    _check_filled(turns, empty)
     return turns
+
+
+def _check_filled(turns: list[dict[str, Any]], param: str) -> None:
+    """Anthropic refuses a turn with no content (an empty text is left out of it)."""
+    if turns and not turns[-1]["content"]:
+        raise UnsupportedFeatureError(
+            f"Anthropic takes no turn without content (at '{param}'); give the message some "
+            "text or leave it out.",
+            param=param,
+        )
 
 
 def _text(text: str) -> list[dict[str, Any]]:
@@ -240,10 +275,21 @@ def _text(text: str) -> list[dict[str, Any]]:
     return [{"type": "text", "text": text}] if text else []
 
 
+def _texts(message: Message) -> list[str]:
+    """The texts of a message that holds only text: its content, or each of its parts."""
+    content = message.content
+    if isinstance(content, str):
+        return [content] if content else []
+    return [part.text for part in content or () if isinstance(part, TextPart) and part.text]
+
+
 def _tool_result(message: Message) -> dict[str, Any]:
     block: dict[str, Any] = {"type": "tool_result", "tool_use_id": message.tool_call_id}
-    if text := message.text:
-        block["content"] = text
+    texts = _texts(message)
+    if isinstance(message.content, list) and texts:
+        block["content"] = [{"type": "text", "text": text} for text in texts]  # parts kept apart
+    elif texts:
+        block["content"] = texts[0]
     return block
 
 
@@ -276,6 +322,10 @@ def _assistant_blocks(message: Message, at: str) -> list[dict[str, Any]]:
         except msgspec.DecodeError as exc:
             raise InvalidRequestError(
                 f"The arguments at '{param}' are not valid JSON.", param=param
+            ) from exc
+        except RecursionError as exc:  # nesting deeper than the decoder follows
+            raise InvalidRequestError(
+                f"The arguments at '{param}' nest too deeply.", param=param
             ) from exc
         if not isinstance(arguments, dict):
             raise InvalidRequestError(
@@ -317,7 +367,8 @@ def _image(part: ImagePart, param: str) -> dict[str, Any]:
             f"'{param}.image_url.detail') or set it to 'auto'.",
             param=f"{param}.image_url.detail",
         )
-    split = split_data_url(image.url, f"{param}.image_url.url")
+    # The request passed `check_messages`, which decoded the data once already.
+    split = split_data_url(image.url, f"{param}.image_url.url", checked=True)
     if split is None:
         return {"type": "image", "source": {"type": "url", "url": image.url}}
     media_type, data = split
@@ -330,7 +381,7 @@ def _image(part: ImagePart, param: str) -> dict[str, Any]:
 def _document(part: FilePart, param: str) -> dict[str, Any]:
     file = part.file
     split = (
-        split_data_url(file.file_data, f"{param}.file.file_data")
+        split_data_url(file.file_data, f"{param}.file.file_data", checked=True)
         if file.file_data is not None
         else None
     )

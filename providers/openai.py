@@ -137,7 +137,7 @@ class OpenAIProvider:
         reason: FinishReason | None = None
         usage: Usage | None = None
         done = False
-        opened: set[int] = set()  # tool calls whose head (id and name) went out
+        opened: dict[int, str] = {}  # ids of the tool calls whose head (id and name) went out
         async for raw in body_chunks(response):
             for _, data in decoder.feed(raw):
                 if data == _DONE:
@@ -231,22 +231,37 @@ class OpenAIProvider:
         await self._client.close()
 
 
-def _tool_call(call: _ToolCall, position: int, opened: set[int]) -> ToolCallDelta:
+def _tool_call(call: _ToolCall, position: int, opened: dict[int, str]) -> ToolCallDelta:
     """One piece of a call in OpenAI's own shape, whatever the server's habits: the id and
     name once, on the call's first piece (some servers repeat them on every piece, which
     clients would join into one long id; some leave the id out, which clients need)."""
     function = call.function
-    index = position if call.index is None else call.index
+    name = function.name if function is not None else None
     arguments = (function.arguments or "") if function is not None else ""
+    index = call.index
+    if index is None:
+        index = _unnumbered(call.id, name, position, opened)
     if index in opened:
         return ToolCallDelta(index=index, arguments=arguments)
-    opened.add(index)
-    return ToolCallDelta(
-        index=index,
-        id=call.id or f"call_{uuid.uuid4().hex[:24]}",
-        name=function.name if function is not None else None,
-        arguments=arguments,
-    )
+    call_id = opened[index] = call.id or f"call_{uuid.uuid4().hex[:24]}"
+    return ToolCallDelta(index=index, id=call_id, name=name, arguments=arguments)
+
+
+def _unnumbered(
+    call_id: str | None, name: str | None, position: int, opened: dict[int, str]
+) -> int:
+    """The index of a piece a server sent without one: a known id's call; a piece that opens a
+    call (a new id, or a name) the next free index, so calls sent one per chunk stay apart;
+    a bare fragment the call opened last, or its place when a chunk holds several."""
+    if call_id is not None:
+        for index, known in opened.items():
+            if known == call_id:
+                return index
+    if call_id is not None or name is not None:
+        return position if position not in opened else len(opened)
+    if position == 0 and opened:
+        return next(reversed(opened))
+    return position
 
 
 OPENAI_URL = "https://api.openai.com/v1"

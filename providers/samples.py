@@ -19,6 +19,9 @@ _FORMATS = {
     "uuid": "00000000-0000-4000-8000-000000000000",
 }
 _MAX_DEPTH = 16
+# Values one sample may hold: a schema whose `$ref`s fan out (each of several properties
+# referring back to the object holding them) would otherwise ask for exponentially many.
+_MAX_VALUES = 1000
 
 
 def sample(schema: Any, text: str = "demo") -> Any:
@@ -34,17 +37,22 @@ class _Sampler:
     def __init__(self, root: dict[str, Any], text: str) -> None:
         self._root = root
         self._text = text
+        self._left = _MAX_VALUES
 
-    def _resolve(self, ref: str) -> Any:
+    def _resolve(self, ref: Any) -> dict[str, Any]:
+        """The schema a local `$ref` points at; an empty schema for anything else."""
         node: Any = self._root
+        if not isinstance(ref, str):
+            return {}
         for key in ref.removeprefix("#/").split("/"):
             node = node.get(key, {}) if isinstance(node, dict) else {}
-        return node
+        return node if isinstance(node, dict) else {}
 
     def value(self, schema: Any, depth: int) -> Any:
-        if not isinstance(schema, dict) or depth > _MAX_DEPTH:
+        self._left -= 1
+        if not isinstance(schema, dict) or depth > _MAX_DEPTH or self._left < 0:
             return None
-        if "$ref" in schema and isinstance(schema["$ref"], str):
+        if "$ref" in schema:
             return self.value(self._resolve(schema["$ref"]), depth + 1)
         for key in ("const", "default"):
             if key in schema:
@@ -78,8 +86,10 @@ class _Sampler:
                 return {name: self.value(sub, depth + 1) for name, sub in properties.items()}
             case "array":
                 count = schema.get("minItems", 1)
-                item = self.value(schema.get("items", {"type": "string"}), depth + 1)
-                return [item] * (count if isinstance(count, int) and 0 <= count <= 8 else 1)
+                items = schema.get("items", {"type": "string"})
+                count = count if isinstance(count, int) and 0 <= count <= 8 else 1
+                # Each item sampled (not one repeated), so every one counts against the limit.
+                return [self.value(items, depth + 1) for _ in range(count)]
             case "string":
                 fmt = schema.get("format")
                 if isinstance(fmt, str) and fmt in _FORMATS:

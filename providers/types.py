@@ -16,6 +16,12 @@ Role = Literal["system", "developer", "user", "assistant", "tool"]
 FinishReason = Literal["stop", "length", "content_filter", "tool_calls", "cancelled", "error"]
 ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]
 ToolName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")]
+TokenId = Annotated[str, msgspec.Meta(pattern=r"^[0-9]{1,10}$")]  # a `logit_bias` key
+# OpenAI's bounds: 16 pairs, keys of up to 64 characters, values of up to 512.
+Metadata = Annotated[
+    dict[Annotated[str, msgspec.Meta(max_length=64)], Annotated[str, msgspec.Meta(max_length=512)]],
+    msgspec.Meta(max_length=16),
+]
 
 
 class _In(
@@ -114,7 +120,7 @@ class Message(_In, frozen=True):
     role: Role
     content: str | list[ContentPart] | None = None
     name: Annotated[str, msgspec.Meta(max_length=256)] | None = None
-    tool_calls: list[ToolCall] | None = None
+    tool_calls: Annotated[list[ToolCall], msgspec.Meta(min_length=1)] | None = None  # as OpenAI
     tool_call_id: str | None = None
     refusal: str | None = None
     reasoning_content: str | None = None
@@ -131,13 +137,14 @@ class Message(_In, frozen=True):
         return "".join(p.text for p in content if type(p) is TextPart)
 
     def size(self) -> int:
-        """Characters this message carries: text, inline media and tool-call arguments."""
+        """Characters this message carries: text, inline media, refusal and reasoning texts and
+        tool-call arguments."""
         content = self.content
-        total = 0
+        total = len(self.refusal or "") + len(self.reasoning_content or "")
         if isinstance(content, str):
-            total = len(content)
+            total += len(content)
         elif content is not None:
-            total = sum(_part_size(part) for part in content)
+            total += sum(_part_size(part) for part in content)
         for call in self.tool_calls or ():
             total += len(call.function.name) + len(call.function.arguments)
         return total
@@ -264,18 +271,18 @@ class Options(_In, frozen=True):
     temperature: Annotated[float, msgspec.Meta(ge=0, le=2)] | None = None
     top_p: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None
     top_k: Annotated[int, msgspec.Meta(ge=1)] | None = None  # Anthropic, vLLM and others
-    seed: int | None = None
+    seed: Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)] | None = None
     user: Annotated[str, msgspec.Meta(max_length=256)] | None = None
     presence_penalty: Annotated[float, msgspec.Meta(ge=-2, le=2)] | None = None
     frequency_penalty: Annotated[float, msgspec.Meta(ge=-2, le=2)] | None = None
-    tools: Annotated[list[Tool], msgspec.Meta(max_length=512)] | None = None
+    tools: Annotated[list[Tool], msgspec.Meta(min_length=1, max_length=512)] | None = None
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
     reasoning_effort: ReasoningEffort | None = None
-    logit_bias: dict[str, Annotated[float, msgspec.Meta(ge=-100, le=100)]] | None = None
+    logit_bias: dict[TokenId, Annotated[float, msgspec.Meta(ge=-100, le=100)]] | None = None
     service_tier: Annotated[str, msgspec.Meta(max_length=32)] | None = None
-    metadata: dict[str, Annotated[str, msgspec.Meta(max_length=512)]] | None = None
+    metadata: Metadata | None = None
     store: bool | None = None
     prediction: Prediction | None = None
     verbosity: Literal["low", "medium", "high"] | None = None

@@ -1,8 +1,8 @@
 """Checks of a decoded request that its types alone cannot express; each error names its field.
 
 They run before any upstream call, so a conversation that cannot be valid (a tool result that
-answers no call, a malformed data URL, a tool choice naming no tool) costs no upstream request
-and is answered with a 400 that says where the problem is.
+answers no call, a call left unanswered, a malformed data URL, a tool choice naming no tool)
+costs no upstream request and is answered with a 400 that says where the problem is.
 """
 
 from __future__ import annotations
@@ -39,8 +39,12 @@ _PARTS: dict[str, tuple[type, ...]] = {
 }
 
 
-def split_data_url(url: str, param: str) -> tuple[str, str] | None:
-    """(media type, base64 data) of a `data:` URL, None for another URL; refuses a bad one."""
+def split_data_url(url: str, param: str, *, checked: bool = False) -> tuple[str, str] | None:
+    """(media type, base64 data) of a `data:` URL, None for another URL; refuses a bad one.
+
+    `checked`: the URL passed `check_messages` already, so its data (megabytes, maybe, and
+    decoded at a few milliseconds per megabyte) is not decoded again.
+    """
     if not url.startswith("data:"):
         return None
     match = _DATA_URL.match(url)
@@ -50,12 +54,13 @@ def split_data_url(url: str, param: str) -> tuple[str, str] | None:
             param=param,
         )
     data = url[match.end() :]
-    try:
-        binascii.a2b_base64(data, strict_mode=True)
-    except (binascii.Error, ValueError) as exc:
-        raise InvalidRequestError(
-            f"Malformed data URL at '{param}': the data is not valid base64.", param=param
-        ) from exc
+    if not checked:
+        try:
+            binascii.a2b_base64(data, strict_mode=True)
+        except (binascii.Error, ValueError) as exc:
+            raise InvalidRequestError(
+                f"Malformed data URL at '{param}': the data is not valid base64.", param=param
+            ) from exc
     return match.group(1).lower(), data
 
 
@@ -133,25 +138,54 @@ def _check_message(message: Message, index: int, calls: set[str]) -> None:
                 param=f"{at}.tool_calls[{j}].id",
             )
         calls.add(call.id)
-    if role == "tool":
-        if message.tool_call_id is None:
-            raise InvalidRequestError(
-                f"A tool message needs 'tool_call_id' (at '{at}.tool_call_id').",
-                param=f"{at}.tool_call_id",
-            )
-        if message.tool_call_id not in calls:
-            raise InvalidRequestError(
-                f"The tool message at '{at}' answers '{message.tool_call_id}', which no earlier "
-                "assistant message called.",
-                param=f"{at}.tool_call_id",
-            )
+    if role == "tool" and message.tool_call_id is None:
+        raise InvalidRequestError(
+            f"A tool message needs 'tool_call_id' (at '{at}.tool_call_id').",
+            param=f"{at}.tool_call_id",
+        )
+
+
+def _answer(message: Message, index: int, calls: set[str], waiting: dict[str, str]) -> None:
+    """A tool message answers a call of the assistant turn right before it, once."""
+    call_id = message.tool_call_id
+    if call_id in waiting:
+        del waiting[call_id]
+        return
+    if call_id not in calls:
+        problem = "which no earlier assistant message called"
+    else:
+        problem = "which is answered already or was not called by the assistant turn before it"
+    raise InvalidRequestError(
+        f"The tool message at 'messages[{index}]' answers '{call_id}', {problem}.",
+        param=f"messages[{index}].tool_call_id",
+    )
+
+
+def _unanswered(waiting: dict[str, str]) -> InvalidRequestError:
+    call_id, param = next(iter(waiting.items()))
+    return InvalidRequestError(
+        f"Tool call '{call_id}' (at '{param}') has no answer: an assistant message with "
+        "'tool_calls' must be followed by a tool message answering each call.",
+        param=param,
+    )
 
 
 def check_messages(messages: list[Message]) -> None:
-    """Roles hold only what they may, every tool result answers an earlier call, URLs are sound."""
+    """Roles hold only what they may, tool calls are answered right after the assistant turn
+    that made them (each once, as OpenAI and Anthropic require), URLs are sound."""
     calls: set[str] = set()
+    waiting: dict[str, str] = {}  # calls of the last assistant turn not answered yet
     for index, message in enumerate(messages):
         _check_message(message, index, calls)
+        if message.role == "tool":
+            _answer(message, index, calls, waiting)
+            continue
+        if waiting:
+            raise _unanswered(waiting)
+        for j, call in enumerate(message.tool_calls or ()):
+            waiting[call.id] = f"messages[{index}].tool_calls[{j}]"
+    if waiting:
+        raise _unanswered(waiting)
 
 
 def check_tools(tools: list[Tool] | None, choice: ToolChoice | None, parallel: bool | None) -> None:

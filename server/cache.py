@@ -243,12 +243,13 @@ class RedisCache:
 
 
 def completion_key(provider: str, request: ChatRequest, tenant: str | None = None) -> str:
-    """SHA-256 over a canonical MessagePack encoding of everything that may change the answer.
+    """SHA-256 over a canonical JSON encoding of everything that may change the answer.
 
     msgspec encodes the Structs in field order and leaves unset fields out, so equal requests
-    give equal bytes: messages with their image and tool parts, tools, tool choice, response
-    format and every sampling option. Fields that only label or bill a request (`user`,
-    `metadata`, `safety_identifier`, `store`, `prompt_cache_key`) are left out.
+    give equal bytes (JSON rather than MessagePack, which has no integers past 64 bits and would
+    fail on one in a client's JSON schema): messages with their image and tool parts, tools,
+    tool choice, response format and every sampling option. Fields that only label or bill a
+    request (`user`, `metadata`, `safety_identifier`, `store`, `prompt_cache_key`) are left out.
     `tenant` (the gateway key, with `[cache] scope = "key"`) keeps each key's answers to itself.
     """
     if (
@@ -272,7 +273,7 @@ def completion_key(provider: str, request: ChatRequest, tenant: str | None = Non
     return "chat:" + hashlib.sha256(_encode(material)).hexdigest()
 
 
-_encode = msgspec.msgpack.Encoder().encode
+_encode = msgspec.json.Encoder().encode
 
 
 class CachePolicy(msgspec.Struct, frozen=True):

@@ -244,7 +244,14 @@ class ChatService:
         answer = CachedAnswer(
             time.time(), events, finish.reason, finish.usage, finish.stop_sequence
         )
-        await self._cache.set(key, _encode_answer(answer), ttl)
+        try:
+            value = _encode_answer(answer)
+        except (OverflowError, msgspec.EncodeError) as exc:
+            # An answer MessagePack cannot hold (an upstream's token count past 64 bits) is not
+            # stored: a cache fault is a miss, never a failure of an answer already sent.
+            log.warning("answer not cached: %s", exc)
+            return
+        await self._cache.set(key, value, ttl)
 
     async def run(self, prepared: Prepared, sink: Sink, state: StreamState) -> None:
         """Relay one stream to `sink`. Failures go to `sink.error`; a cancel propagates.

@@ -153,13 +153,16 @@ class Limits:
                 f"over the limit of {s.max_chars}.",
                 param="messages",
             )
-        if body.tools:
-            tool_chars = len(msgspec.json.encode(body.tools))
-            if chars + tool_chars > s.max_chars:
+        for name in ("tools", "response_format", "prediction"):  # all sent with the messages
+            value = getattr(body, name)
+            if value is None:
+                continue
+            chars += len(msgspec.json.encode(value))
+            if chars > s.max_chars:
                 raise LimitExceededError(
-                    f"The messages and tool definitions hold {chars + tool_chars} characters, "
-                    f"over the limit of {s.max_chars}.",
-                    param="tools",
+                    f"The messages with the tools, response format and prediction hold {chars} "
+                    f"characters or more, over the limit of {s.max_chars}.",
+                    param=name,
                 )
         for name in ("max_tokens", "max_completion_tokens"):
             value = getattr(body, name, None)  # only Chat Completions has the second

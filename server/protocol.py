@@ -27,7 +27,7 @@ NonNegative = Annotated[float, msgspec.Meta(ge=0)]
 
 
 class StreamOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    include_usage: bool = False
+    include_usage: bool | None = None  # null, as clients may send it, is false
     include_obfuscation: bool | None = None  # OpenAI's padding; nothing to pad here
 
 
@@ -59,11 +59,8 @@ class ChatCompletionBody(Options, frozen=True, kw_only=True):
         """Refuse what cannot be relayed, and a conversation or tool set that cannot be valid."""
         refused = (
             ("n", self.n not in (None, 1), "n > 1 (several choices) is not supported"),
-            (
-                "logprobs",
-                bool(self.logprobs) or bool(self.top_logprobs),
-                "logprobs are not supported",
-            ),
+            ("logprobs", bool(self.logprobs), "logprobs are not supported"),
+            ("top_logprobs", bool(self.top_logprobs), "logprobs are not supported"),
             (
                 "functions",
                 bool(self.functions),
@@ -79,6 +76,14 @@ class ChatCompletionBody(Options, frozen=True, kw_only=True):
         for param, used, message in refused:
             if used:
                 raise UnsupportedFeatureError(message, param=param)
+        if self.max_tokens not in (None, self.max_completion_tokens) and (
+            self.max_completion_tokens is not None
+        ):
+            raise InvalidRequestError(
+                "'max_tokens' and 'max_completion_tokens' are both set, to different values; "
+                "set one of them.",
+                param="max_tokens",
+            )
         validation.check_tools(self.tools, self.tool_choice, self.parallel_tool_calls)
         validation.check_messages(self.messages)
 
@@ -94,7 +99,7 @@ class ChatCompletionBody(Options, frozen=True, kw_only=True):
 
     @property
     def include_usage(self) -> bool:
-        return self.stream_options is not None and self.stream_options.include_usage
+        return self.stream_options is not None and bool(self.stream_options.include_usage)
 
 
 def chat_request(body: ChatCompletionBody) -> ChatRequest:
@@ -136,6 +141,9 @@ def _split_location(text: str) -> tuple[str, str | None]:
     An unknown field is named in the path, so that `param` points at the field itself.
     """
     message, sep, location = text.partition(" - at `$")
+    if not sep:  # a dict key: "... - at `key` in `$.logit_bias`" names the dict
+        message, sep, location = text.partition(" - at `key` in `$")
+        message = f"{message} (for a key)" if sep else message
     param = location.rstrip("`").lstrip(".") if sep else None
     missing = _MISSING.match(message)
     if missing:

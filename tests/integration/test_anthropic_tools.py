@@ -120,6 +120,26 @@ async def test_non_streamed_tool_calls(
     ]
 
 
+async def test_a_call_without_input_has_the_arguments_of_an_empty_object(
+    client: openai.AsyncOpenAI, model: Model
+) -> None:
+    name = model(tool_calls=[FakeToolCall("get_time", [], id="toolu_t"), TWO_CALLS[0]])
+    stream = await client.chat.completions.create(
+        model=f"ant/{name}", messages=HELLO, tools=[WEATHER_TOOL, CLOCK_TOOL], stream=True
+    )
+    arguments: dict[int, str] = {}
+    async for chunk in stream:
+        for call in chunk.choices[0].delta.tool_calls or []:
+            assert call.function is not None
+            arguments[call.index] = arguments.get(call.index, "") + (call.function.arguments or "")
+    assert arguments == {0: "{}", 1: '{"city": "Paris"}'}
+    completion = await client.chat.completions.create(
+        model=f"ant/{name}", messages=HELLO, tools=[WEATHER_TOOL, CLOCK_TOOL]
+    )
+    calls = completion.choices[0].message.tool_calls or []
+    assert [c.function.arguments for c in calls] == ["{}", '{"city": "Paris"}']  # type: ignore[union-attr]
+
+
 async def test_tool_result_continuation(
     client: openai.AsyncOpenAI, model: Model, upstream: FakeUpstream
 ) -> None:
@@ -178,7 +198,11 @@ async def test_tool_result_continuation(
             "role": "user",
             "content": [
                 {"type": "tool_result", "tool_use_id": "toolu_a", "content": "sunny, 21 C"},
-                {"type": "tool_result", "tool_use_id": "toolu_b", "content": "14:00"},
+                {
+                    "type": "tool_result",
+                    "tool_use_id": "toolu_b",
+                    "content": [{"type": "text", "text": "14:00"}],
+                },
                 {"type": "text", "text": "Thanks!"},
             ],
         },
@@ -252,6 +276,26 @@ async def test_parse_with_pydantic_schema(
             },
         }
     }
+
+
+async def test_a_format_description_reaches_anthropic_in_the_schema(
+    client: openai.AsyncOpenAI, model: Model, upstream: FakeUpstream
+) -> None:
+    name = model(text=['{"city": "Paris"}'])
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string"}},
+        "required": ["city"],
+        "additionalProperties": False,
+    }
+    spec = {"name": "place", "description": "The city the user asks about.", "schema": schema}
+    await client.chat.completions.create(
+        model=f"ant/{name}",
+        messages=HELLO,
+        response_format={"type": "json_schema", "json_schema": spec},  # type: ignore[typeddict-item]
+    )
+    sent_schema = sent(upstream, name)["output_config"]["format"]["schema"]
+    assert sent_schema == {**schema, "description": "The city the user asks about."}
 
 
 async def test_images_and_pdf_become_blocks(
@@ -392,6 +436,19 @@ BAD_MESSAGES: list[tuple[Any, str]] = [
     ),
     ([{"role": "user", "content": "hi", "name": "ann"}], "messages[0].name"),
     (
+        _user({"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@@"}}),
+        "messages[0].content[1].image_url.url",
+    ),
+    (
+        _user({"type": "file", "file": {"file_data": "data:application/pdf;base64,@@@@"}}),
+        "messages[0].content[1].file.file_data",
+    ),
+    ([{"role": "system", "content": "Be brief.", "name": "ops"}, *HELLO], "messages[0].name"),
+    # Anthropic refuses empty turns and a conversation of system messages only.
+    ([{"role": "user", "content": ""}], "messages[0].content"),
+    ([{"role": "user", "content": [{"type": "text", "text": ""}]}], "messages[0].content"),
+    ([{"role": "system", "content": "Be brief."}], "messages"),
+    (
         [
             {"role": "user", "content": "hi"},
             {
@@ -402,6 +459,24 @@ BAD_MESSAGES: list[tuple[Any, str]] = [
                         "id": "c1",
                         "type": "function",
                         "function": {"name": "get_weather", "arguments": '{"city": "Par'},
+                    }
+                ],
+            },
+            {"role": "tool", "tool_call_id": "c1", "content": "?"},
+        ],
+        "messages[1].tool_calls[0].function.arguments",
+    ),
+    (
+        [
+            {"role": "user", "content": "hi"},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": "c1",
+                        "type": "function",
+                        "function": {"name": "f", "arguments": "[" * 50_000 + "]" * 50_000},
                     }
                 ],
             },

@@ -291,6 +291,41 @@ async def test_cancelled_streams_are_never_stored(upstream: FakeUpstream, model:
     assert len(upstream.by_model(name)) == 2
 
 
+async def test_integers_past_64_bits_in_a_schema_are_cached_and_seeds_past_them_refused(
+    upstream: FakeUpstream, model: Model
+) -> None:
+    name = model(tokens=3)
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "maximum": 10**30}}}
+    tools = [{"type": "function", "function": {"name": "count", "parameters": schema}}]
+    body = {"model": f"oai/{name}", "messages": HELLO, "tools": tools}
+    with start_gateway(upstream, CacheSettings(completions=True)) as url:
+        async with httpx2.AsyncClient(timeout=10) as http:
+            first = await http.post(url + "/api/chat/completions", json=body)
+            second = await http.post(url + "/api/chat/completions", json=body)
+            seeded = await http.post(url + "/api/chat/completions", json={**body, "seed": 2**64})
+    assert first.status_code == second.status_code == 200
+    assert second.headers["x-tokenrelay-cache"] == "hit"
+    assert upstream.by_model(name)[0].body["tools"][0]["function"]["parameters"] == schema
+    assert len(upstream.by_model(name)) == 1
+    assert seeded.status_code == 400
+    assert seeded.json()["error"]["param"] == "seed"
+
+
+async def test_an_answer_the_cache_cannot_hold_is_still_answered(
+    upstream: FakeUpstream, model: Model
+) -> None:
+    name = model(tokens=2, prompt_tokens=2**70)  # past what MessagePack stores
+    body = {"model": f"oai/{name}", "messages": HELLO}
+    with start_gateway(upstream, CacheSettings(completions=True)) as url:
+        async with httpx2.AsyncClient(timeout=10) as http:
+            plain = await http.post(url + "/api/chat/completions", json=body)
+            events, _ = await sse_events(http, url, body)
+    assert plain.status_code == 200, plain.text
+    assert plain.json()["usage"]["prompt_tokens"] == 2**70
+    assert events[-1] == "[DONE]" and all("error" not in e for e in events[:-1])
+    assert len(upstream.by_model(name)) == 2  # nothing was stored
+
+
 async def test_two_replicas_share_one_redis(
     upstream: FakeUpstream, model: Model, redis_server: RedisServer
 ) -> None:

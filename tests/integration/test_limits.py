@@ -103,6 +103,14 @@ OVER = [
         {"tools": [{"type": "function", "function": {"name": "f", "description": "d" * 90}}]},
         "tools",
     ),
+    # So do texts an assistant turn echoes back, a response format's schema and a prediction.
+    (
+        {"messages": [*HELLO, {"role": "assistant", "content": "", "reasoning_content": "r" * 96}]},
+        "messages",
+    ),
+    ({"messages": [*HELLO, {"role": "assistant", "refusal": "r" * 96}]}, "messages"),
+    ({"response_format": schema_format("s" * 90)}, "response_format"),
+    ({"prediction": {"type": "content", "content": "p" * 90}}, "prediction"),
     # A schema nested past the limit, in a response format or in a tool's parameters.
     ({"response_format": schema_format(nested(5))}, None),
     (

@@ -178,6 +178,66 @@ async def test_json_object_answer(client: openai.AsyncOpenAI) -> None:
     }
 
 
+FANNED = {"type": "object", "properties": {f"p{i}": {"$ref": "#/$defs/n"} for i in range(8)}}
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {"$ref": "#/$defs/n", "$defs": {"n": FANNED}},  # 8 ** 8 values if followed in full
+        {"allOf": [{"$ref": 5}]},
+        {"allOf": [{"$ref": "#/x"}], "x": [1]},
+    ],
+)
+async def test_demo_answers_hostile_schemas_without_failing(
+    client: openai.AsyncOpenAI, schema: dict[str, Any]
+) -> None:
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    tool["function"]["parameters"] = {"type": "object", "properties": {"x": schema}}
+    called = await client.chat.completions.create(
+        model="demo/tools",
+        messages=HELLO,  # type: ignore[arg-type]
+        tools=[tool],  # type: ignore[list-item]
+    )
+    calls = called.choices[0].message.tool_calls or []
+    assert len(calls[0].function.arguments) < 50_000  # type: ignore[union-attr]
+    answered = await client.chat.completions.create(
+        model="demo/echo",
+        messages=HELLO,  # type: ignore[arg-type]
+        response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": schema}},
+    )
+    assert len(answered.choices[0].message.content or "") < 50_000
+
+
+NULLS = {
+    field: None
+    for field in (
+        "temperature top_p n stop max_tokens max_completion_tokens presence_penalty "
+        "frequency_penalty logit_bias user tools tool_choice parallel_tool_calls seed "
+        "response_format service_tier metadata store prediction reasoning_effort verbosity "
+        "modalities web_search_options audio functions function_call logprobs top_logprobs "
+        "safety_identifier prompt_cache_key prompt_cache_retention"
+    ).split()
+}
+
+
+async def test_null_in_every_optional_field_is_as_good_as_leaving_it_out(gateway: str) -> None:
+    body = {
+        "model": "demo/echo",
+        "messages": [{"role": "user", "content": "hi", "name": None, "tool_call_id": None}],
+        "stream": True,
+        "stream_options": {"include_usage": None, "include_obfuscation": None},
+        **NULLS,
+        "logprobs": False,  # as pydantic-ai sends it
+    }
+    async with httpx2.AsyncClient(timeout=10) as http:
+        response = await http.post(gateway + "/api/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    events = [line for line in response.text.split("\n") if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]"
+    assert '"usage"' not in events[-2]  # include_usage null is false
+
+
 async def test_image_message(client: openai.AsyncOpenAI) -> None:
     content = [{"type": "text", "text": "What is in this picture?"}, IMAGE_PART]
     completion = await client.chat.completions.create(
@@ -253,6 +313,12 @@ async def test_every_option_reaches_an_openai_kind_upstream(
             "messages[1].tool_call_id",
         ),
         (tool_turn()[:2] + [{"role": "tool", "content": "x"}], {}, "messages[2].tool_call_id"),
+        # Each call is answered right after the assistant turn that made it, and only once.
+        (tool_turn()[:2], {}, "messages[1].tool_calls[0]"),
+        (tool_turn()[:2] + HELLO, {}, "messages[1].tool_calls[0]"),
+        (tool_turn()[:2] + HELLO + tool_turn()[2:], {}, "messages[1].tool_calls[0]"),
+        (tool_turn() + tool_turn()[2:], {}, "messages[3].tool_call_id"),
+        (tool_turn() + HELLO + tool_turn()[2:], {}, "messages[4].tool_call_id"),
         ([{"role": "assistant", "content": None}], {}, "messages[0].content"),
         ([{"role": "user", "content": None}], {}, "messages[0].content"),
         (
@@ -300,6 +366,19 @@ async def test_every_option_reaches_an_openai_kind_upstream(
             "tool_choice.function.name",
         ),
         (HELLO, {"functions": [{"name": "f"}]}, "functions"),
+        (HELLO, {"logprobs": False, "top_logprobs": 3}, "top_logprobs"),
+        # Empty lists OpenAI refuses: leave the field out instead.
+        (HELLO, {"tools": []}, "tools"),
+        (
+            [*HELLO, {"role": "assistant", "content": "x", "tool_calls": []}],
+            {},
+            "messages[1].tool_calls",
+        ),
+        # OpenAI's bounds, kept before the request reaches an upstream that would refuse it.
+        (HELLO, {"logit_bias": {"hello": 5}}, "logit_bias"),
+        (HELLO, {"metadata": {f"k{i}": "v" for i in range(17)}}, "metadata"),
+        (HELLO, {"metadata": {"k" * 65: "v"}}, "metadata"),
+        (HELLO, {"max_tokens": 5, "max_completion_tokens": 9}, "max_tokens"),
         (HELLO, {"response_format": {"type": "json_schema"}}, "response_format.json_schema"),
     ],
 )
@@ -356,6 +435,27 @@ async def test_websocket_tool_call_frames(gateway: str) -> None:
     assert json.loads(arguments)["days"] == 2
     assert [f["seq"] for f in client.by_id[sid]] == list(range(len(client.by_id[sid])))
     assert done["type"] == "chat.done" and done["finish_reason"] == "tool_calls"
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"logit_bias": {"hello": 5}}, "logit_bias"),
+        ({"messages": tool_turn()[:2]}, "messages[1].tool_calls[0]"),
+        ({"tools": []}, "tools"),
+    ],
+)
+async def test_websocket_start_names_the_bad_field(
+    gateway: str, extra: dict[str, Any], param: str
+) -> None:
+    async with connect(
+        gateway.replace("http", "ws") + "/api/ws", subprotocols=["tokenrelay.v1"]
+    ) as ws:  # type: ignore[list-item]
+        client = StreamClient(ws)
+        sid = await client.start("demo/tools", **extra)
+        frame = await client.until_terminal(sid)
+    assert frame["type"] == "chat.error"
+    assert (frame["error"]["status"], frame["error"]["param"]) == (400, param)
 
 
 async def test_cache_replays_a_tool_call_stream_chunk_exact(upstream: FakeUpstream) -> None:

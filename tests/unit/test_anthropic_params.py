@@ -9,7 +9,7 @@ import pytest
 
 from providers.anthropic_params import params
 from providers.errors import InvalidRequestError, UnsupportedFeatureError
-from providers.types import ChatRequest, Message
+from providers.types import ChatRequest, JsonSchemaFormat, Message
 
 _decode = msgspec.json.Decoder(list[Message]).decode
 
@@ -120,3 +120,52 @@ def test_user_and_metadata_must_agree() -> None:
     assert caught.value.param == "metadata"
     with pytest.raises(UnsupportedFeatureError):
         params(request(hello, metadata={"user_id": "u", "team": "t"}), 100)
+
+
+def test_text_parts_of_system_and_tool_messages_are_not_run_together() -> None:
+    call = {"id": "t1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    parts = [{"type": "text", "text": "Sunny."}, {"type": "text", "text": "21 C"}]
+    sent = params(
+        request(
+            [
+                {"role": "system", "content": parts},
+                {"role": "user", "content": "q"},
+                {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "t1", "content": parts},
+            ]
+        ),
+        100,
+    )
+    assert sent["system"] == "Sunny.\n\n21 C"
+    assert sent["messages"][-1]["content"] == [
+        {
+            "type": "tool_result",
+            "tool_use_id": "t1",
+            "content": [
+                {"type": "text", "text": "Sunny."},
+                {"type": "text", "text": "21 C"},
+            ],
+        }
+    ]
+
+
+@pytest.mark.parametrize(
+    ("own", "expected"),
+    [
+        (None, "A city's weather."),
+        ("A city's weather.", "A city's weather."),
+        ("In Celsius.", "A city's weather.\n\nIn Celsius."),
+    ],
+)
+def test_the_format_description_becomes_the_schema_description(
+    own: str | None, expected: str
+) -> None:
+    schema: dict[str, Any] = {"type": "object", "properties": {}, "additionalProperties": False}
+    if own is not None:
+        schema["description"] = own
+    spec = {"name": "weather", "description": "A city's weather.", "schema": schema}
+    response_format = msgspec.convert(
+        {"type": "json_schema", "json_schema": spec}, JsonSchemaFormat
+    )
+    sent = params(request([{"role": "user", "content": "q"}], response_format=response_format), 100)
+    assert sent["output_config"]["format"]["schema"] == {**schema, "description": expected}

@@ -9,7 +9,7 @@ from providers.types import ToolCallDelta
 
 
 def pieces(*chunks: str) -> list[ToolCallDelta]:
-    opened: set[int] = set()
+    opened: dict[int, str] = {}
     out = []
     for raw in chunks:
         chunk = msgspec.json.decode(raw, type=_Chunk)
@@ -41,3 +41,20 @@ def test_missing_index_and_id_are_filled_in() -> None:
     assert [(p.index, p.name) for p in got] == [(0, "f"), (1, "g")]
     assert all(p.id and p.id.startswith("call_") for p in got)
     assert got[0].id != got[1].id
+
+
+def test_calls_without_an_index_one_per_chunk_stay_apart() -> None:
+    got = pieces(
+        '{"choices":[{"delta":{"tool_calls":[{"id":"a","function":{"name":"f","arguments":""}}]}}]}',
+        '{"choices":[{"delta":{"tool_calls":[{"function":{"arguments":"{}"}}]}}]}',
+        '{"choices":[{"delta":{"tool_calls":[{"id":"b","function":{"name":"g","arguments":"{"}}]}}]}',
+        '{"choices":[{"delta":{"tool_calls":[{"id":"b","function":{"arguments":"}"}}]}}]}',
+        '{"choices":[{"delta":{"tool_calls":[{"function":{"name":"h","arguments":"{}"}}]}}]}',
+    )
+    assert [(p.index, p.id, p.name, p.arguments) for p in got[:4]] == [
+        (0, "a", "f", ""),
+        (0, None, None, "{}"),
+        (1, "b", "g", "{"),
+        (1, None, None, "}"),
+    ]
+    assert (got[4].index, got[4].name) == (2, "h")

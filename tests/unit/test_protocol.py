@@ -232,7 +232,7 @@ def test_unknown_fields_are_refused_by_name(name: str) -> None:
         ({"function_call": "auto"}, "function_call"),
         ({"n": 2}, "n"),
         ({"logprobs": True}, "logprobs"),
-        ({"top_logprobs": 3}, "logprobs"),
+        ({"top_logprobs": 3}, "top_logprobs"),
         ({"audio": {"voice": "alloy"}}, "audio"),
         # The first unsupported feature in the check order wins.
         ({"logprobs": True, "n": 3}, "n"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import enum
+import json
 from typing import Any, Literal
 
 import pydantic
@@ -80,3 +81,26 @@ def test_recursive_refs_end() -> None:
     while isinstance(value, dict):
         value, depth = value["next"], depth + 1
     assert 0 < depth <= 16
+
+
+def test_references_that_fan_out_are_cut_off_at_a_bounded_size() -> None:
+    node = {"type": "object", "properties": {f"p{i}": {"$ref": "#/$defs/n"} for i in range(8)}}
+    fanned = {"$ref": "#/$defs/n", "$defs": {"n": node}}
+    array = {"type": "array", "minItems": 8, "items": {"$ref": "#/$defs/a"}}
+    nested = {"$ref": "#/$defs/a", "$defs": {"a": array}}
+    for schema in (fanned, nested):
+        assert len(json.dumps(sample(schema))) < 20_000
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {"allOf": [{"$ref": 5}]},
+        {"allOf": [{"$ref": "#/x"}], "x": 5},
+        {"allOf": [{"$ref": "#/x"}], "x": [1]},
+        {"$ref": "#/x/0", "x": [{"type": "string"}]},
+        {"$ref": None},
+    ],
+)
+def test_malformed_references_give_a_value_not_an_error(schema: dict[str, Any]) -> None:
+    json.dumps(sample(schema))
