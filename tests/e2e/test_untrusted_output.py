@@ -26,7 +26,7 @@ PAYLOAD = [
     "![inline](data:image/svg+xml,%3Csvg onload=window.__pwned=9%3E)\n\n",
     '<div style="background:url(http://203.0.113.7/bg)">styled</div>\n\n',
     "```html\n<script>window.__pwned=10</script>\n```\n\n",
-    "[fine](https://example.com/docs) end",
+    "[fine](https://127.0.0.1/docs) end",
 ]
 
 RECORD = """() => {
@@ -58,7 +58,7 @@ def test_xss_payloads_in_model_output_stay_inert(make_ui: UIFactory) -> None:
         )
         # Only http(s) links survive (the image became a link, never an <img>); none is followed.
         assert all(h.startswith(("http://", "https://")) for h in hrefs), hrefs
-        assert {"http://203.0.113.7/pixel.png", "https://example.com/docs"} <= set(hrefs)
+        assert {"http://203.0.113.7/pixel.png", "https://127.0.0.1/docs"} <= set(hrefs)
         assert all(
             a["rel"] == "noopener noreferrer nofollow"
             for a in content.locator("a[href]").evaluate_all("els => els.map(a => ({rel: a.rel}))")

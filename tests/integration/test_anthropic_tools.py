@@ -310,7 +310,7 @@ async def test_images_and_pdf_become_blocks(
                 {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{PNG}"}},
                 {
                     "type": "image_url",
-                    "image_url": {"url": "https://example.com/cat.jpg", "detail": "auto"},
+                    "image_url": {"url": "https://127.0.0.1/cat.jpg", "detail": "auto"},
                 },
                 {
                     "type": "file",
@@ -334,7 +334,7 @@ async def test_images_and_pdf_become_blocks(
                 "type": "image",
                 "source": {"type": "base64", "media_type": "image/png", "data": PNG},
             },
-            {"type": "image", "source": {"type": "url", "url": "https://example.com/cat.jpg"}},
+            {"type": "image", "source": {"type": "url", "url": "https://127.0.0.1/cat.jpg"}},
             {
                 "type": "document",
                 "source": {"type": "base64", "media_type": "application/pdf", "data": PDF},

@@ -801,7 +801,7 @@ async def test_images_are_counted_in_the_answer() -> None:
                     "content": [
                         {"type": "text", "text": "what is this?"},
                         {"type": "image_url", "image_url": {"url": url}},
-                        {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}},
+                        {"type": "image_url", "image_url": {"url": "https://127.0.0.1/a.png"}},
                     ],
                 }
             ],

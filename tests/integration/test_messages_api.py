@@ -673,7 +673,7 @@ async def test_an_image_by_url(
     client: anthropic.AsyncAnthropic, model: Model, upstream: FakeUpstream
 ) -> None:
     name = model()
-    url = "https://example.com/cat.png"
+    url = "https://127.0.0.1/cat.png"
     await client.messages.create(
         model=f"ant/{name}",
         max_tokens=16,

@@ -22,8 +22,9 @@ def refused(ports: dict[str, str]) -> tuple[str, str]:
 
 
 def unknown_host(ports: dict[str, str]) -> tuple[str, str]:
-    # RFC 6761: names under .invalid never resolve.
-    return "http://tokenrelay-upstream.invalid:8080/v1", "tokenrelay-upstream.invalid:8080"
+    # A name the resolver library refuses itself (a label may not start with '-'), so the
+    # lookup fails on this machine without a query going to any name server.
+    return "http://-tokenrelay-upstream-.invalid:8080/v1", "-tokenrelay-upstream-.invalid:8080"
 
 
 @contextlib.contextmanager
