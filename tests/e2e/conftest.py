@@ -25,8 +25,10 @@ from tests.fakeupstream import FakeUpstream, RecordedRequest, Script
 from tests.support.servers import serve_in_thread
 
 CHROMIUM = os.environ.get("TOKENRELAY_CHROMIUM", "/usr/bin/chromium")
-# Without the background-networking switches Chromium keeps calling Google services, which a
-# closed network answers slowly or not at all.
+# The browser talks to the gateway on loopback and to nothing else. Without these switches
+# Chromium calls Google services (autofill predictions, sign-in, updates, DNS-over-HTTPS
+# probes) even with background networking off: every name but the loopback ones resolves to
+# nothing, and whatever is left goes to a proxy port where nothing listens.
 CHROMIUM_ARGS = [
     "--headless",
     "--no-sandbox",
@@ -36,7 +38,17 @@ CHROMIUM_ARGS = [
     "--disable-background-networking",
     "--disable-component-update",
     "--disable-sync",
+    "--disable-default-apps",
+    "--disable-domain-reliability",
+    "--disable-client-side-phishing-detection",
+    "--no-pings",
+    "--disable-features=AutofillServerCommunication,DnsOverHttps,OptimizationHints,"
+    "MediaRouter,Translate,InterestFeedContentSuggestions,CertificateTransparencyComponentUpdater",
+    "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE localhost, EXCLUDE 127.0.0.1",
+    "--proxy-server=http://127.0.0.1:9",
 ]
+# What remains is Chromium's IPv6 reachability check: a UDP socket connected (not written to)
+# to learn the local route, which sends no packet.
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 
 
