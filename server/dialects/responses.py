@@ -449,14 +449,24 @@ class _Turns:
         if not (self.texts or self.calls or self.reasoning):
             return
         self.out.append(
-            Message(
-                role="assistant",
-                content=self.texts or (None if self.calls else ""),
-                tool_calls=self.calls or None,
-                reasoning_content="".join(self.reasoning) or None,
-            )
+            assistant(self.texts, self.calls, "".join(self.reasoning) or None)
         )
         self.texts, self.calls, self.reasoning = [], [], []
+
+
+def assistant(
+    content: list[ContentPart], calls: list[ToolCall], reasoning: str | None
+) -> Message:
+    """One assistant turn; text-only content as one string, as chat clients send it."""
+    text: str | list[ContentPart] | None = content
+    if content and all(type(p) is TextPart for p in content):
+        text = "".join(p.text for p in content if type(p) is TextPart)
+    return Message(
+        role="assistant",
+        content=text or (None if calls else ""),
+        tool_calls=calls or None,
+        reasoning_content=reasoning,
+    )
 
 
 def _item(raw: msgspec.Raw, at: str) -> Item:

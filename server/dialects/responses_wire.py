@@ -40,7 +40,7 @@ from providers.types import (
     ToolCallDelta,
     Usage,
 )
-from server.dialects.responses import ResponsesBody, TextConfig, TextFormatParam
+from server.dialects.responses import ResponsesBody, TextConfig, TextFormatParam, assistant
 from server.errors import spec_for
 from server.rest import Collector
 from server.sse import EventStreamSink
@@ -305,12 +305,7 @@ def assistant_message(items: list[Item]) -> Message | None:
             calls.append(ToolCall(id=item.call_id, function=call))
     if not (content or calls or reasoning):
         return None
-    return Message(
-        role="assistant",
-        content=content or (None if calls else ""),
-        tool_calls=calls or None,
-        reasoning_content="".join(reasoning) or None,
-    )
+    return assistant(content, calls, "".join(reasoning) or None)
 
 
 def collected_items(collector: Collector) -> list[Item]:
