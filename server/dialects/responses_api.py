@@ -59,6 +59,12 @@ class Responses(DialectEndpoint[Turn]):
         super().__init__(service, settings, limits)
         self._store = store
 
+    async def send_error(self, send: Send, exc: GatewayError, rid: str) -> None:
+        """The error, its `param` named as a Responses request names the field."""
+        if exc.param is not None:
+            exc.param = responses_param(exc.param)
+        await send_error(send, exc, rid)
+
     async def read(self, raw: bytes) -> tuple[Turn, ChatRequest]:
         body = responses.decode_body(raw)
         given = responses.input_messages(body)
@@ -125,6 +131,27 @@ class Responses(DialectEndpoint[Turn]):
         history = turn.conversation + ([answer] if answer is not None else [])
         record = StoredResponse(turn.owner, responses_wire.encode(final), history)
         await self._store.save(turn.response_id, record)
+
+
+# The typed request's fields that a Responses request names otherwise (for the provider checks
+# and the limits, which speak of the typed request).
+_PARAMS = {
+    "max_tokens": "max_output_tokens",
+    "reasoning_effort": "reasoning.effort",
+    "response_format": "text.format",
+    "verbosity": "text.verbosity",
+}
+
+
+def responses_param(param: str) -> str:
+    """A typed request's field as the Responses request names it (`messages[..]` is `input`)."""
+    if param == "messages" or param.startswith(("messages[", "messages.")):
+        return "input"
+    head, dot, rest = param.partition(".")
+    if head.startswith("tools[") or head == "tool_choice":  # no `function` level here
+        rest = rest.removeprefix("function.") if rest != "function" else ""
+        dot = "." if rest else ""
+    return _PARAMS.get(head, head) + dot + rest
 
 
 class Deleted(msgspec.Struct, frozen=True):

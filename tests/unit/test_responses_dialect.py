@@ -16,6 +16,7 @@ from providers.types import (
     TextPart,
 )
 from server.dialects import responses
+from server.dialects.responses_api import responses_param
 
 
 def decode(**body: Any) -> tuple[responses.ResponsesBody, list[Message]]:
@@ -110,3 +111,20 @@ def test_an_unanswered_call_is_refused_as_input() -> None:
     with pytest.raises(InvalidRequestError) as caught:
         responses.to_request(body, [], given)
     assert caught.value.param == "input"
+
+
+@pytest.mark.parametrize(
+    ("typed", "named"),
+    [
+        ("max_tokens", "max_output_tokens"),
+        ("reasoning_effort", "reasoning.effort"),
+        ("response_format", "text.format"),
+        ("messages[2].content[0]", "input"),
+        ("tools[1].function.parameters", "tools[1].parameters"),
+        ("tool_choice.function.name", "tool_choice.name"),
+        ("temperature", "temperature"),
+        ("input[0].content", "input[0].content"),
+    ],
+)
+def test_errors_name_fields_as_the_request_does(typed: str, named: str) -> None:
+    assert responses_param(typed) == named
