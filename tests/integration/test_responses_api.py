@@ -433,3 +433,22 @@ async def test_client_disconnect_closes_the_upstream(
     (recorded,) = upstream.by_model(name)
     await upstream.wait_disconnected(recorded, timeout=5)
     assert recorded.deltas_sent < 50
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"reasoning": {"effort": "high"}, "max_output_tokens": 100}, "reasoning.effort"),
+        ({"temperature": 0.5}, "temperature"),
+    ],
+)
+async def test_provider_refusals_name_the_responses_field(
+    gateway: str, model: Model, upstream: FakeUpstream, extra: dict[str, Any], param: str
+) -> None:
+    name = model()
+    body = {"model": f"ant/{name}", "input": "hi", **extra}
+    async with httpx2.AsyncClient() as http:
+        response = await http.post(gateway + "/api/responses", json=body)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param
+    assert upstream.by_model(name) == []
