@@ -10,8 +10,8 @@ from starlette.responses import Response
 
 from server import protocol
 from server.dialects import messages, messages_wire, responses, responses_wire
-from server.dialects.responses_api import Deleted
 from server.dialects.messages_api import ModelPage, TokenCount
+from server.dialects.responses_api import Deleted
 from server.errors import ErrorEnvelope
 
 _ERRORS = {
@@ -114,13 +114,21 @@ def document() -> dict[str, Any]:
             },
             "/api/responses/{response_id}": {
                 "parameters": [
-                    {"name": "response_id", "in": "path", "required": True, "schema": {"type": "string"}}
+                    {
+                        "name": "response_id",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "string"},
+                    }
                 ],
                 "get": {
                     "operationId": "getResponse",
                     "description": "A stored response of the caller's key (404 for another key's).",
                     "responses": {
-                        "200": {"description": "The response", "content": json_content("ResponseObject")},
+                        "200": {
+                            "description": "The response",
+                            "content": json_content("ResponseObject"),
+                        },
                         **errors,
                     },
                 },

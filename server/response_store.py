@@ -67,9 +67,7 @@ class ResponseStore:
                     param=param,
                 )
             what = "Previous response" if param == "previous_response_id" else "Response"
-            raise ResponseNotFoundError(
-                f"{what} with id '{response_id}' not found.", param=param
-            )
+            raise ResponseNotFoundError(f"{what} with id '{response_id}' not found.", param=param)
         return record
 
     async def delete(self, response_id: str, owner: str) -> None:

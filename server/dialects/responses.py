@@ -448,15 +448,11 @@ class _Turns:
     def _flush(self) -> None:
         if not (self.texts or self.calls or self.reasoning):
             return
-        self.out.append(
-            assistant(self.texts, self.calls, "".join(self.reasoning) or None)
-        )
+        self.out.append(assistant(self.texts, self.calls, "".join(self.reasoning) or None))
         self.texts, self.calls, self.reasoning = [], [], []
 
 
-def assistant(
-    content: list[ContentPart], calls: list[ToolCall], reasoning: str | None
-) -> Message:
+def assistant(content: list[ContentPart], calls: list[ToolCall], reasoning: str | None) -> Message:
     """One assistant turn; text-only content as one string, as chat clients send it."""
     text: str | list[ContentPart] | None = content
     if content and all(type(p) is TextPart for p in content):
@@ -488,7 +484,9 @@ def _item(raw: msgspec.Raw, at: str) -> Item:
     except msgspec.ValidationError as exc:
         message, param = split_location(str(exc))
         param = f"{at}.{param}" if param else at
-        raise InvalidRequestError(f"Invalid input item at '{param}': {message}", param=param) from exc
+        raise InvalidRequestError(
+            f"Invalid input item at '{param}': {message}", param=param
+        ) from exc
     return item
 
 

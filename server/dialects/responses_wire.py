@@ -167,7 +167,10 @@ class ResponseObject(msgspec.Struct, kw_only=True):
     prompt_cache_key: str | None = None
 
 
-_INCOMPLETE: dict[FinishReason, str] = {"length": "max_output_tokens", "content_filter": "content_filter"}
+_INCOMPLETE: dict[FinishReason, str] = {
+    "length": "max_output_tokens",
+    "content_filter": "content_filter",
+}
 
 
 def status_of(reason: FinishReason) -> Status:
@@ -219,7 +222,9 @@ def finished(
         model=model,
         output=output,
         completed_at=int(time.time()) if status == "completed" else None,
-        incomplete_details=IncompleteDetails(_INCOMPLETE[reason]) if reason in _INCOMPLETE else None,
+        incomplete_details=IncompleteDetails(_INCOMPLETE[reason])
+        if reason in _INCOMPLETE
+        else None,
         usage=UsageOut.of(usage),
     )
 
@@ -270,7 +275,9 @@ class Item:
     def out(self, status: Status = "completed") -> OutputItem:
         if self.kind == "message":
             content: list[OutputText | OutputRefusal] = [
-                OutputText(text=p.text) if p.kind == "output_text" else OutputRefusal(refusal=p.text)
+                OutputText(text=p.text)
+                if p.kind == "output_text"
+                else OutputRefusal(refusal=p.text)
                 for p in self.parts
             ]
             return MessageOut(id=self.id, status=status, content=content)
@@ -549,8 +556,6 @@ class ResponsesSink(EventStreamSink):
 
     def error_event(self, exc: GatewayError) -> bytes:
         spec = spec_for(exc)
-        error = self._emit(
-            "error", {"code": spec.code, "message": exc.message, "param": exc.param}
-        )
+        error = self._emit("error", {"code": spec.code, "message": exc.message, "param": exc.param})
         output = [item.out("incomplete") for item in self._items]
         return error + self._lifecycle("response.failed", failed(self._response, output, exc))

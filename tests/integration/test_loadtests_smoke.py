@@ -32,8 +32,16 @@ def test_bench_writes_its_table_and_figures(tmp_path: Path) -> None:
     done = run(["loadtests.bench", "--tiny", "--out", str(out)], timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
     figures = json.loads(out.read_text())
-    for scenario in ("ttft_c1", "load", "fixed_cost", "memory", "capacity", "cancel", "messages",
-                     "responses"):
+    for scenario in (
+        "ttft_c1",
+        "load",
+        "fixed_cost",
+        "memory",
+        "capacity",
+        "cancel",
+        "messages",
+        "responses",
+    ):
         assert scenario in figures, scenario
     assert figures["load"]["gateway-sse"]["chunks"] > 0
     assert figures["load"]["gateway-ws"]["chunks"] > 0

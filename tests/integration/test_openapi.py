@@ -41,7 +41,9 @@ def test_the_document_is_published_behind_the_key(gateway: str) -> None:
     }
 
 
-@pytest.mark.parametrize("operation", ["POST /api/chat/completions", "POST /api/responses", "GET /api/models"])
+@pytest.mark.parametrize(
+    "operation", ["POST /api/chat/completions", "POST /api/responses", "GET /api/models"]
+)
 def test_api_conforms_and_never_fails(gateway: str, operation: str) -> None:
     api = schemathesis.openapi.from_url(
         gateway + "/api/openapi.json", headers={"Authorization": f"Bearer {KEY}"}

@@ -38,9 +38,7 @@ KINDS = ["oai", "ant"]
 
 @pytest.fixture
 async def client(gateway: str) -> AsyncIterator[openai.AsyncOpenAI]:
-    async with openai.AsyncOpenAI(
-        base_url=gateway + "/api", api_key="unused", max_retries=0
-    ) as c:
+    async with openai.AsyncOpenAI(base_url=gateway + "/api", api_key="unused", max_retries=0) as c:
         yield c
 
 
@@ -92,7 +90,9 @@ async def test_create_and_its_upstream_request(
         assert response.metadata == {"topic": "greeting"}
     else:
         assert body["system"] == "Be brief."
-        assert body["messages"] == [{"role": "user", "content": [{"type": "text", "text": "hello"}]}]
+        assert body["messages"] == [
+            {"role": "user", "content": [{"type": "text", "text": "hello"}]}
+        ]
         assert body["max_tokens"] == 64
 
 
@@ -155,7 +155,9 @@ async def test_raw_event_sequence(gateway: str, model: Model) -> None:
 async def test_stream_helper(client: openai.AsyncOpenAI, model: Model, kind: str) -> None:
     name = model(text=["a", "b", "c"], prompt_tokens=5)
     async with client.responses.stream(model=f"{kind}/{name}", input="hello") as stream:
-        deltas = [event.delta async for event in stream if event.type == "response.output_text.delta"]
+        deltas = [
+            event.delta async for event in stream if event.type == "response.output_text.delta"
+        ]
         final = await stream.get_final_response()
     assert deltas == ["a", "b", "c"]
     assert final.output_text == "abc" and final.status == "completed"
@@ -264,7 +266,11 @@ async def test_image_input(
                 "role": "user",
                 "content": [
                     {"type": "input_text", "text": "What is this?"},
-                    {"type": "input_image", "image_url": f"data:image/png;base64,{PNG}", "detail": "auto"},
+                    {
+                        "type": "input_image",
+                        "image_url": f"data:image/png;base64,{PNG}",
+                        "detail": "auto",
+                    },
                 ],
             }
         ],
@@ -345,7 +351,9 @@ async def test_failure_after_start_is_an_error_event(gateway: str, model: Model)
     assert [d["sequence_number"] for _, d in events] == list(range(len(events)))
 
 
-async def test_failure_before_start_is_a_json_error(client: openai.AsyncOpenAI, model: Model) -> None:
+async def test_failure_before_start_is_a_json_error(
+    client: openai.AsyncOpenAI, model: Model
+) -> None:
     name = model(status=500, error_message="boom")
     with pytest.raises(openai.APIStatusError) as caught:
         await client.responses.create(model=f"oai/{name}", input="hi", stream=True)

@@ -67,9 +67,7 @@ def test_a_conversation_moves_between_replicas_and_survives_a_restart(
             with pytest.raises(openai.NotFoundError):
                 other.responses.retrieve(second.id)
             with pytest.raises(openai.NotFoundError):
-                other.responses.create(
-                    model=model, input="Me?", previous_response_id=second.id
-                )
+                other.responses.create(model=model, input="Me?", previous_response_id=second.id)
             a.responses.delete(first.id)
             with pytest.raises(openai.NotFoundError):
                 b.responses.retrieve(first.id)

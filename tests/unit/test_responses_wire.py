@@ -67,7 +67,9 @@ async def test_interleaved_parallel_calls_find_their_items() -> None:
     await sink.finish("tool_calls", Usage(prompt_tokens=3, completion_tokens=4))
     events = send.events()
     assert [e["sequence_number"] for e in events] == list(range(len(events)))
-    args = [(e["output_index"], e["delta"]) for e in events if e["type"].endswith("arguments.delta")]
+    args = [
+        (e["output_index"], e["delta"]) for e in events if e["type"].endswith("arguments.delta")
+    ]
     assert args == [(1, '{"x":'), (2, '{"y":'), (1, "1}"), (2, "2}")]
     done = [e for e in events if e["type"] == "response.output_item.done"]
     assert [e["output_index"] for e in done] == [0, 1, 2]
