@@ -16,7 +16,7 @@ import pydantic
 import pytest
 
 from server.auth import digest, new_key
-from server.settings import AuthSettings
+from server.settings import AuthSettings, ServerSettings
 from tests.fakeupstream import FakeToolCall, FakeUpstream
 from tests.support.gateways import gateway_with
 
@@ -460,3 +460,32 @@ async def test_provider_refusals_name_the_responses_field(
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == param
     assert upstream.by_model(name) == []
+
+
+async def test_keepalive_while_the_first_token_is_awaited(make_gateway: Any, model: Model) -> None:
+    name = model(text=["late"], first_token_delay=0.5)
+    with make_gateway(server=ServerSettings(sse_heartbeat=0.1)) as url:
+        body = {"model": f"oai/{name}", "input": "hi", "stream": True}
+        async with httpx2.AsyncClient() as http:
+            response = await http.post(url + "/api/responses", json=body)
+        assert response.text.startswith("event: response.created\n")
+        assert ": keepalive" in response.text  # comments after the lifecycle events
+        names = [n for n, _ in sse_events(response.text)]
+        assert names.count("response.created") == 1 and names[-1] == "response.completed"
+        async with openai.AsyncOpenAI(base_url=url + "/api", api_key="x", max_retries=0) as c:
+            async with c.responses.stream(model=f"oai/{name}", input="hi") as stream:
+                final = await stream.get_final_response()
+        assert final.output_text == "late"
+
+
+async def test_demo_tools_round_trip(client: openai.AsyncOpenAI) -> None:
+    first = await client.responses.create(model="demo/tools", input="Weather?", tools=[WEATHER])
+    (call,) = [item for item in first.output if item.type == "function_call"]
+    assert call.name == "get_weather" and json.loads(call.arguments)["city"]
+    second = await client.responses.create(
+        model="demo/tools",
+        previous_response_id=first.id,
+        input=[{"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}],
+        tools=[WEATHER],
+    )
+    assert second.status == "completed" and "sunny" in second.output_text
