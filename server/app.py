@@ -195,6 +195,11 @@ def create_app(settings: Settings, environ: Mapping[str, str] | None = None) -> 
             Route("/api/responses/{response_id}", responses_api.retrieve, methods=["GET"]),
             Route("/api/responses/{response_id}", responses_api.delete, methods=["DELETE"]),
             Route("/api/responses/{response_id}/cancel", responses_api.cancel, methods=["POST"]),
+            Route(
+                "/api/responses/{response_id}/input_items",
+                responses_api.list_input_items,
+                methods=["GET"],
+            ),
             Route("/api/v1/models", messages_api.list_models, methods=["GET"]),
             Route("/api/v1/models/{model_id:path}", messages_api.get_model, methods=["GET"]),
             Route("/api/models", list_models, methods=["GET"]),

@@ -170,7 +170,10 @@ def route_label(path: str) -> str:
     if path in ROUTES:
         return path
     if path.startswith("/api/responses/"):  # one label for every response id
-        return "/api/responses/{id}/cancel" if path.endswith("/cancel") else "/api/responses/{id}"
+        for tail in ("/cancel", "/input_items"):
+            if path.endswith(tail):
+                return "/api/responses/{id}" + tail
+        return "/api/responses/{id}"
     return "other" if path.startswith("/api/") else "static"
 
 

@@ -12,6 +12,7 @@ from server import protocol
 from server.dialects import messages, messages_wire, responses, responses_wire
 from server.dialects.messages_api import ModelPage, TokenCount
 from server.dialects.responses_api import Deleted
+from server.dialects.responses_items import ItemPage
 from server.errors import ErrorEnvelope
 
 _ERRORS = {
@@ -45,6 +46,7 @@ def document() -> dict[str, Any]:
             responses.ResponsesBody,
             responses_wire.ResponseObject,
             Deleted,
+            ItemPage,
         ],
         ref_template="#/components/schemas/{name}",
     )
@@ -139,6 +141,25 @@ def document() -> dict[str, Any]:
                         **errors,
                     },
                 },
+            },
+            "/api/responses/{response_id}/input_items": {
+                "get": {
+                    "operationId": "listResponseInputItems",
+                    "description": "The conversation that led to a stored response, as items.",
+                    "parameters": [
+                        {"name": name, "in": where, "required": where == "path", "schema": schema}
+                        for name, where, schema in (
+                            ("response_id", "path", {"type": "string"}),
+                            ("limit", "query", {"type": "integer", "minimum": 1, "maximum": 100}),
+                            ("order", "query", {"enum": ["asc", "desc"]}),
+                            ("after", "query", {"type": "string"}),
+                        )
+                    ],
+                    "responses": {
+                        "200": {"description": "A page", "content": json_content("ItemPage")},
+                        **errors,
+                    },
+                }
             },
             "/api/v1/messages": {
                 "post": {

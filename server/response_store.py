@@ -24,6 +24,7 @@ class StoredResponse(msgspec.Struct, frozen=True, array_like=True):
     owner: str  # the gateway key's principal, "" when the gateway has no keys
     response: bytes  # the response object as JSON
     history: list[Message]  # the conversation through this response's answer
+    inputs: int = 0  # how many of those messages were its input (the rest is its answer)
 
 
 _encode = msgspec.msgpack.Encoder().encode

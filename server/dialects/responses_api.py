@@ -18,7 +18,7 @@ from providers.errors import GatewayError, InvalidRequestError
 from providers.types import ChatRequest, Message, Usage
 from server import protocol
 from server.chat import ChatService, Prepared
-from server.dialects import responses, responses_wire
+from server.dialects import responses, responses_items, responses_wire
 from server.dialects.responses_wire import Item, ResponseObject
 from server.errors import ErrorEnvelope, error_body, spec_for
 from server.http import request_id_of, send_error, send_json
@@ -129,7 +129,9 @@ class Responses(DialectEndpoint[Turn]):
             return
         answer = responses_wire.assistant_message(items)
         history = turn.conversation + ([answer] if answer is not None else [])
-        record = StoredResponse(turn.owner, responses_wire.encode(final), history)
+        record = StoredResponse(
+            turn.owner, responses_wire.encode(final), history, len(turn.conversation)
+        )
         await self._store.save(turn.response_id, record)
 
 
@@ -189,6 +191,19 @@ async def delete(request: Request) -> Response:
     except GatewayError as exc:
         return _error(exc, request)
     return Response(protocol.encode(Deleted(response_id)), media_type="application/json")
+
+
+async def list_input_items(request: Request) -> Response:
+    """`GET /api/responses/{response_id}/input_items`: the conversation that led to a stored
+    response, as input items, paged as OpenAI pages them."""
+    response_id = request.path_params["response_id"]
+    try:
+        record = await _store(request).load(response_id, _owner())
+        items = responses_items.input_items(record.history[: record.inputs], response_id)
+        body = protocol.encode(responses_items.page(items, request.query_params))
+    except GatewayError as exc:
+        return _error(exc, request)
+    return Response(body, media_type="application/json")
 
 
 class _Status(msgspec.Struct):

@@ -35,6 +35,7 @@ def test_the_document_is_published_behind_the_key(gateway: str) -> None:
         "/api/models",
         "/api/responses",
         "/api/responses/{response_id}",
+        "/api/responses/{response_id}/input_items",
         "/api/v1/messages",
         "/api/v1/messages/count_tokens",
         "/api/v1/models",

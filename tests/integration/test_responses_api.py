@@ -489,3 +489,49 @@ async def test_demo_tools_round_trip(client: openai.AsyncOpenAI) -> None:
         tools=[WEATHER],
     )
     assert second.status == "completed" and "sunny" in second.output_text
+
+
+async def test_input_items_of_a_conversation(client: openai.AsyncOpenAI, model: Model) -> None:
+    call = FakeToolCall("get_weather", ['{"city": "Rome"}'], id="call_3")
+    first = await client.responses.create(
+        model=f"oai/{model(text=['Let me see. '], tool_calls=[call])}",
+        instructions="Not an item.",
+        input=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "input_text", "text": "Weather here?"},
+                    {
+                        "type": "input_image",
+                        "image_url": f"data:image/png;base64,{PNG}",
+                        "detail": "low",
+                    },
+                ],
+            }
+        ],
+        tools=[WEATHER],
+    )
+    second = await client.responses.create(
+        model=f"oai/{model(text=['Warm.'])}",
+        previous_response_id=first.id,
+        input=[{"type": "function_call_output", "call_id": "call_3", "output": "30C"}],
+        tools=[WEATHER],
+    )
+    page = await client.responses.input_items.list(second.id, order="asc")
+    kinds = [item.type for item in page.data]
+    assert kinds == ["message", "message", "function_call", "function_call_output"]
+    question, said, asked, answered = page.data
+    assert question.type == "message" and question.role == "user"
+    assert [part.type for part in question.content] == ["input_text", "input_image"]
+    assert said.type == "message" and said.role == "assistant"
+    assert said.content[0].type == "output_text" and said.content[0].text == "Let me see. "
+    assert asked.type == "function_call" and asked.call_id == "call_3"
+    assert answered.type == "function_call_output" and answered.output == "30C"
+    assert not page.has_more
+
+    newest = await client.responses.input_items.list(second.id, limit=1)
+    assert [item.id for item in newest.data] == [answered.id] and newest.has_more
+    ids = [item.id async for item in client.responses.input_items.list(second.id, limit=1)]
+    assert ids == [answered.id, asked.id, said.id, question.id]  # the SDK follows `after`
+    only_first = await client.responses.input_items.list(first.id)
+    assert [item.type for item in only_first.data] == ["message"]  # its answer is no input
