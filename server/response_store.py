@@ -53,7 +53,16 @@ class ResponseStore:
     async def load(self, response_id: str, owner: str, param: str | None = None) -> StoredResponse:
         """The owner's stored response; `ResponseNotFoundError` (404) when there is none (or it
         is another key's), `StoreUnavailableError` (503) when the store cannot be read."""
-        raw = await self.cache.get(self._key(response_id))
+        key = self._key(response_id)
+        raw = await self.cache.get(key)
+        if raw is None:  # a miss, or a backend that failed or is being skipped after a failure
+            if not await self.cache.healthy():
+                raise StoreUnavailableError(
+                    f"The response store cannot be read now, so the response '{response_id}' "
+                    "cannot be found; retry later.",
+                    param=param,
+                )
+            raw = await self.cache.get(key)
         record: StoredResponse | None = None
         if raw is not None:
             try:
@@ -61,12 +70,6 @@ class ResponseStore:
             except msgspec.DecodeError:
                 record = None  # written by an incompatible version: as good as gone
         if record is None or record.owner != owner:
-            if raw is None and not await self.cache.healthy():
-                raise StoreUnavailableError(
-                    f"The response store cannot be read now, so the response '{response_id}' "
-                    "cannot be found; retry later.",
-                    param=param,
-                )
             what = "Previous response" if param == "previous_response_id" else "Response"
             raise ResponseNotFoundError(f"{what} with id '{response_id}' not found.", param=param)
         return record
