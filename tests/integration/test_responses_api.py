@@ -16,7 +16,7 @@ import pydantic
 import pytest
 
 from server.auth import digest, new_key
-from server.settings import AuthSettings, ServerSettings
+from server.settings import AuthSettings, CacheSettings, ServerSettings
 from tests.fakeupstream import FakeToolCall, FakeUpstream
 from tests.support.gateways import gateway_with
 
@@ -535,3 +535,35 @@ async def test_input_items_of_a_conversation(client: openai.AsyncOpenAI, model: 
     assert ids == [answered.id, asked.id, said.id, question.id]  # the SDK follows `after`
     only_first = await client.responses.input_items.list(first.id)
     assert [item.type for item in only_first.data] == ["message"]  # its answer is no input
+
+
+async def test_a_cached_answer_is_a_new_response(upstream: FakeUpstream, model: Model) -> None:
+    name = model(text=["cached ", "answer"])
+    body = {"model": f"oai/{name}", "input": "hi"}
+    with gateway_with(upstream, cache=CacheSettings(completions=True)) as url:
+        async with httpx2.AsyncClient() as http:
+            first = await http.post(url + "/api/responses", json=body)
+            second = await http.post(url + "/api/responses", json=body)
+            streamed = await http.post(url + "/api/responses", json={**body, "stream": True})
+            kept = await http.get(url + "/api/responses/" + second.json()["id"])
+    assert "x-tokenrelay-cache" not in first.headers
+    assert second.headers["x-tokenrelay-cache"] == "hit"
+    assert streamed.headers["x-tokenrelay-cache"] == "hit"
+    assert second.json()["id"] != first.json()["id"]
+    assert second.json()["output"][0]["content"][0]["text"] == "cached answer"
+    deltas = [d["delta"] for n, d in sse_events(streamed.text) if n.endswith("output_text.delta")]
+    assert deltas == ["cached ", "answer"]
+    assert kept.json()["id"] == second.json()["id"]
+    assert len(upstream.by_model(name)) == 1
+
+
+async def test_a_fallback_answers_under_its_own_name(make_gateway: Any, model: Model) -> None:
+    broken, spare = model(status=500), model(text=["spare"])
+    fallbacks = {f"oai/{broken}": [f"oai/{spare}"]}
+    with make_gateway(fallbacks=fallbacks) as url:
+        async with openai.AsyncOpenAI(base_url=url + "/api", api_key="x", max_retries=0) as c:
+            response = await c.responses.create(model=f"oai/{broken}", input="hi")
+            async with c.responses.stream(model=f"oai/{broken}", input="hi") as stream:
+                final = await stream.get_final_response()
+    assert response.output_text == "spare" and response.model == f"oai/{spare}"
+    assert final.output_text == "spare" and final.model == f"oai/{spare}"
