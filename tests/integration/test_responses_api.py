@@ -101,13 +101,14 @@ async def test_demo_provider(client: openai.AsyncOpenAI) -> None:
     assert response.status == "completed" and response.output_text
 
 
-async def test_raw_event_sequence(gateway: str, model: Model) -> None:
+@pytest.mark.parametrize("kind", KINDS)
+async def test_raw_event_sequence(gateway: str, model: Model, kind: str) -> None:
     name = model(
         text=["Hi", "!"],
         reasoning=["hm"],
         tool_calls=[FakeToolCall("get_weather", ['{"ci', 'ty": "Paris"}'], id="call_1")],
     )
-    body = {"model": f"oai/{name}", "input": "hello", "tools": [WEATHER], "stream": True}
+    body = {"model": f"{kind}/{name}", "input": "hello", "tools": [WEATHER], "stream": True}
     async with httpx2.AsyncClient() as http:
         response = await http.post(gateway + "/api/responses", json=body)
     assert response.status_code == 200
