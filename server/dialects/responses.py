@@ -487,6 +487,8 @@ def _item(raw: msgspec.Raw, at: str) -> Item:
         raise InvalidRequestError(
             f"Invalid input item at '{param}': {message}", param=param
         ) from exc
+    except RecursionError as exc:
+        raise InvalidRequestError(f"The input item at '{at}' nests too deeply.", param=at) from exc
     return item
 
 
