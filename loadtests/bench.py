@@ -30,6 +30,7 @@ from loadtests.clients import Result, SSEClient, WSClient, percentile
 
 DIRECT, GW_SSE, GW_WS, GW_JSON = "direct-sse", "gateway-sse", "gateway-ws", "gateway-json"
 GW_MSG = "gateway-messages"  # Anthropic's Messages API, SSE, to the same OpenAI-kind upstream
+GW_RSP = "gateway-responses"  # OpenAI's Responses API, SSE, to the same OpenAI-kind upstream
 WS_STREAMS_PER_SOCKET = 8
 
 
@@ -113,7 +114,9 @@ class Bench:
         if target == DIRECT:
             return SSEClient.for_url(self.fake_url, "/v1/chat/completions")
         if target == GW_MSG:
-            return SSEClient.for_url(self.gateway_url, "/api/v1/messages", messages=True)
+            return SSEClient.for_url(self.gateway_url, "/api/v1/messages", dialect="messages")
+        if target == GW_RSP:
+            return SSEClient.for_url(self.gateway_url, "/api/responses", dialect="responses")
         return SSEClient.for_url(self.gateway_url, "/api/chat/completions")
 
     @staticmethod
@@ -335,11 +338,19 @@ class Bench:
         self.figures["fixed_cost"] = out
 
     async def messages(self) -> None:
-        """The Messages route next to the Chat Completions one: TTFB at c=1, then CPU per
-        relayed chunk with paced streams at fixed concurrency, the two routes alternating."""
+        """The Messages route next to the Chat Completions one (see `_beside_chat`)."""
+        await self._beside_chat("messages", GW_MSG)
+
+    async def responses(self) -> None:
+        """The Responses route next to the Chat Completions one (see `_beside_chat`)."""
+        await self._beside_chat("responses", GW_RSP)
+
+    async def _beside_chat(self, scenario: str, route: str) -> None:
+        """Another dialect's route next to the Chat Completions one: TTFB at c=1, then CPU
+        per relayed chunk with paced streams at fixed concurrency, the two routes alternating."""
         s = self.sizes
         await self.control.script("c1", tokens=8, pace=0.002)
-        targets = (DIRECT, GW_SSE, GW_MSG)
+        targets = (DIRECT, GW_SSE, route)
         clients = {t: self.client(t) for t in targets}
         samples: dict[str, list[float]] = {t: [] for t in targets}
         try:
@@ -352,12 +363,12 @@ class Bench:
             for client in clients.values():
                 client.close()
         c1: dict[str, Any] = {t: summary(v) for t, v in samples.items()}
-        for t in (GW_SSE, GW_MSG):
+        for t in (GW_SSE, route):
             c1[t]["added_p50_ms"] = _minus(c1[t]["p50_ms"], c1[DIRECT]["p50_ms"])
             c1[t]["added_p99_ms"] = _minus(c1[t]["p99_ms"], c1[DIRECT]["p99_ms"])
         await self.control.script("paced", tokens=s.tokens, pace=s.pace)
         stream_time = s.tokens * s.pace
-        phases: dict[str, list[Phase]] = {GW_SSE: [], GW_MSG: []}
+        phases: dict[str, list[Phase]] = {GW_SSE: [], route: []}
         for _ in range(s.load_rounds):
             for target in phases:
                 phase = await self.measure(
@@ -368,7 +379,7 @@ class Bench:
                 phases[target].append(phase)
                 await self.control.forget()
         load = {t: self._load_figures(p, s.pace) for t, p in phases.items()}
-        self.figures["messages"] = {"c1": c1, "load": load, "concurrency": s.load_concurrency}
+        self.figures[scenario] = {"c1": c1, "load": load, "concurrency": s.load_concurrency}
 
     async def memory(self) -> None:
         """A fresh gateway: start-up time, idle RSS, then RSS with many open slow streams."""
@@ -519,6 +530,7 @@ class Bench:
             "capacity": self.capacity,
             "cancel": self.cancel,
             "messages": self.messages,
+            "responses": self.responses,
         }
         gateway, self.gateway_url, ready = harness.start_gateway(self.fake_url)
         self.gateway = self.stack.add(gateway)
@@ -662,20 +674,8 @@ def rows(f: dict[str, Any]) -> list[tuple[str, Any, Any, Any, str]]:
         )
         left = mem["upstream_open_after_close"]
         out.append(("upstream streams still open 60 s later", "", left, "", "0"))
-    msg = f.get("messages")
-    if msg:
-        c1, load, c = msg["c1"], msg["load"], msg["concurrency"]
-        for q in ("p50", "p99"):
-            for t in (GW_SSE, GW_MSG):
-                d = c1[DIRECT][f"{q}_ms"]
-                out.append((f"TTFB {q} c=1, {t} (ms)", d, c1[t][f"{q}_ms"], _plus(c1[t], q), ""))
-        for t in (GW_SSE, GW_MSG):
-            cpu = load[t]["cpu_per_chunk_us"]
-            out.append((f"CPU per relayed chunk, all-in, c={c}, {t} (us)", "", cpu, "", ""))
-            ttft = load[t]["ttft"]["p50_ms"]
-            out.append((f"TTFB p50 c={c} paced, {t} (ms)", "", ttft, "", ""))
-        ratio = _ratio(load[GW_MSG]["cpu_per_chunk_us"], load[GW_SSE]["cpu_per_chunk_us"])
-        out.append(("CPU per chunk, messages vs chat completions", "", _x(ratio), "", "<= 1.1x"))
+    for scenario, route in (("messages", GW_MSG), ("responses", GW_RSP)):
+        out += _beside_chat_rows(f.get(scenario), scenario, route)
     cap = f.get("capacity")
     if cap:
         s = cap["sustained"]
@@ -716,6 +716,28 @@ def rows(f: dict[str, Any]) -> list[tuple[str, Any, Any, Any, str]]:
                     "0",
                 )
             )
+    return out
+
+
+def _beside_chat_rows(
+    figures: dict[str, Any] | None, scenario: str, route: str
+) -> list[tuple[str, Any, Any, Any, str]]:
+    """The rows of a dialect's route next to the Chat Completions one."""
+    out: list[tuple[str, Any, Any, Any, str]] = []
+    if not figures:
+        return out
+    c1, load, c = figures["c1"], figures["load"], figures["concurrency"]
+    for q in ("p50", "p99"):
+        for t in (GW_SSE, route):
+            d = c1[DIRECT][f"{q}_ms"]
+            out.append((f"TTFB {q} c=1, {t} (ms)", d, c1[t][f"{q}_ms"], _plus(c1[t], q), ""))
+    for t in (GW_SSE, route):
+        cpu = load[t]["cpu_per_chunk_us"]
+        out.append((f"CPU per relayed chunk, all-in, c={c}, {t} (us)", "", cpu, "", ""))
+        ttft = load[t]["ttft"]["p50_ms"]
+        out.append((f"TTFB p50 c={c} paced, {t} (ms)", "", ttft, "", ""))
+    ratio = _ratio(load[route]["cpu_per_chunk_us"], load[GW_SSE]["cpu_per_chunk_us"])
+    out.append((f"CPU per chunk, {scenario} vs chat completions", "", _x(ratio), "", "<= 1.1x"))
     return out
 
 

@@ -19,6 +19,7 @@ _CONTENT = b'"content":"'
 _EMPTY = b'"content":""'
 # Anthropic Messages events: one text delta each (an empty one never comes).
 _TEXT_DELTA = b'"text_delta"'
+_OUTPUT_DELTA = b"event: response.output_text.delta"
 _encode = msgspec.json.Encoder().encode
 SUBPROTOCOL = "tokenrelay.v1"
 
@@ -96,12 +97,21 @@ def messages_body(model: str, tag: str, *, stream: bool = True) -> bytes:
     )
 
 
+def responses_body(model: str, tag: str, *, stream: bool = True) -> bytes:
+    """The same request in OpenAI's Responses format (the tag becomes `user` upstream)."""
+    return _encode({"model": model, "input": "benchmark", "stream": stream, "user": tag})
+
+
+_BODIES = {"chat": body, "messages": messages_body, "responses": responses_body}
+_DELTAS = {"messages": _TEXT_DELTA, "responses": _OUTPUT_DELTA}
+
+
 class _HTTP(asyncio.Protocol):
     """One keep-alive connection; one response at a time, decoded incrementally."""
 
-    def __init__(self, messages: bool = False) -> None:
+    def __init__(self, dialect: str = "chat") -> None:
         self.transport: asyncio.Transport | None = None
-        self.messages = messages
+        self.dialect = dialect
         self.lost = False
         self._buf = bytearray()
         self._state = "idle"
@@ -204,8 +214,9 @@ class _HTTP(asyncio.Protocol):
     def _payload(self, data: bytes) -> None:
         result = self._result
         assert result is not None
-        if self.messages:
-            count = data.count(_TEXT_DELTA)
+        delta = _DELTAS.get(self.dialect)
+        if delta is not None:
+            count = data.count(delta)
         else:
             count = data.count(_CONTENT) - data.count(_EMPTY)
         if count > 0 and result.cancelled_at is None:
@@ -227,21 +238,21 @@ class _HTTP(asyncio.Protocol):
 class SSEClient:
     """Requests on one keep-alive connection, reconnecting when the server closed it."""
 
-    def __init__(self, host: str, port: int, path: str, *, messages: bool = False) -> None:
+    def __init__(self, host: str, port: int, path: str, *, dialect: str = "chat") -> None:
         self.host, self.port, self.path = host, port, path
-        self.messages = messages  # speaks Anthropic's Messages API rather than Chat Completions
+        self.dialect = dialect  # "chat" (Chat Completions), "messages" or "responses"
         self._proto: _HTTP | None = None
 
     @classmethod
-    def for_url(cls, url: str, path: str, *, messages: bool = False) -> SSEClient:
+    def for_url(cls, url: str, path: str, *, dialect: str = "chat") -> SSEClient:
         host, port = url.removeprefix("http://").split(":")
-        return cls(host, int(port), path, messages=messages)
+        return cls(host, int(port), path, dialect=dialect)
 
     async def _connection(self) -> _HTTP:
         if self._proto is None or self._proto.lost or self._proto.transport is None:
             loop = asyncio.get_running_loop()
             _, proto = await loop.create_connection(
-                lambda: _HTTP(self.messages), self.host, self.port
+                lambda: _HTTP(self.dialect), self.host, self.port
             )
             self._proto = proto
         return self._proto
@@ -251,7 +262,7 @@ class SSEClient:
     ) -> Result:
         """One chat completion; with `cancel_after`, disconnect after that many deltas."""
         result = Result(tag or uuid.uuid4().hex)
-        payload = (messages_body if self.messages else body)(model, result.tag, stream=stream)
+        payload = _BODIES[self.dialect](model, result.tag, stream=stream)
         request = (
             f"POST {self.path} HTTP/1.1\r\nhost: {self.host}\r\n"
             f"content-type: application/json\r\ncontent-length: {len(payload)}\r\n\r\n"

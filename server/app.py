@@ -21,7 +21,7 @@ from server.auth import Gatekeeper, KeyRing
 from server.cache import Cache, MemoryCache, RedisCache
 from server.catalog import Catalog
 from server.chat import ChatService
-from server.dialects import messages_api, messages_wire
+from server.dialects import messages_api, messages_wire, responses_api
 from server.dialects.messages_api import CountTokens, Messages, send_http_error, speaks_messages
 from server.errors import (
     ErrorEnvelope,
@@ -40,6 +40,7 @@ from server.metrics import exposition
 from server.observe import RequestObserver
 from server.openapi import openapi_endpoint
 from server.ratelimit import Buckets, ChargingObserver, MemoryBuckets, RateLimiter, RedisBuckets
+from server.response_store import ResponseStore
 from server.rest import ChatCompletions, list_models, model_categories
 from server.settings import CacheSettings, Settings, load
 from server.ui import ui_mount
@@ -88,6 +89,20 @@ def build_cache(settings: CacheSettings, use: str = "completions") -> Cache:
     return MemoryCache(max_entries=settings.max_entries, max_bytes=settings.max_bytes, use=use)
 
 
+def build_response_store(settings: Settings) -> ResponseStore:
+    """Stored Responses API answers: in the cache's Redis when it has one, else in memory."""
+    cache = (
+        build_cache(settings.cache, "responses")
+        if settings.cache.url
+        else MemoryCache(
+            max_entries=settings.responses.max_entries,
+            max_bytes=settings.responses.max_bytes,
+            use="responses",
+        )
+    )
+    return ResponseStore(cache, settings.responses.ttl)
+
+
 def build_limits(settings: Settings) -> Limits:
     """Limits with rate buckets and slot leases in the cache's Redis when it has one, else in
     memory."""
@@ -116,6 +131,7 @@ def create_app(settings: Settings, environ: Mapping[str, str] | None = None) -> 
     cache = build_cache(settings.cache)
     lifecycle = Lifecycle(grace=settings.server.shutdown_grace)
     limits = build_limits(settings)
+    store = build_response_store(settings)
     observer = ChargingObserver(limits.limiter, log_content=settings.server.log_content)
     service = ChatService(
         registry,
@@ -156,6 +172,7 @@ def create_app(settings: Settings, environ: Mapping[str, str] | None = None) -> 
                 await catalog_cache.aclose()
             await observer.aclose()
             await limits.aclose()
+            await store.aclose()
 
     app = Starlette(
         routes=[
@@ -169,6 +186,19 @@ def create_app(settings: Settings, environ: Mapping[str, str] | None = None) -> 
                 "/api/v1/messages/count_tokens",
                 CountTokens(service, settings.server, limits),
                 methods=["POST"],
+            ),
+            Route(
+                "/api/responses",
+                responses_api.Responses(service, settings.server, limits, store),
+                methods=["POST"],
+            ),
+            Route("/api/responses/{response_id}", responses_api.retrieve, methods=["GET"]),
+            Route("/api/responses/{response_id}", responses_api.delete, methods=["DELETE"]),
+            Route("/api/responses/{response_id}/cancel", responses_api.cancel, methods=["POST"]),
+            Route(
+                "/api/responses/{response_id}/input_items",
+                responses_api.list_input_items,
+                methods=["GET"],
             ),
             Route("/api/v1/models", messages_api.list_models, methods=["GET"]),
             Route("/api/v1/models/{model_id:path}", messages_api.get_model, methods=["GET"]),
@@ -201,6 +231,7 @@ def create_app(settings: Settings, environ: Mapping[str, str] | None = None) -> 
     app.state.service = service
     app.state.lifecycle = lifecycle
     app.state.cache = cache
+    app.state.responses = store
     return app
 
 

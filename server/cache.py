@@ -234,9 +234,12 @@ class RedisCache:
 
     async def healthy(self) -> bool:
         try:
-            return bool(await self._client.ping())
+            alive = bool(await self._client.ping())
         except Exception:
             return False
+        if alive:
+            self._down_until = 0.0  # it answers: no reason to keep skipping it
+        return alive
 
     async def aclose(self) -> None:
         await self._client.aclose()

@@ -69,6 +69,14 @@ class TooManySocketsError(e.RequestError):
     """The key (or client address) already has as many WebSockets open as it may."""
 
 
+class ResponseNotFoundError(e.RequestError):
+    """No stored response of that id (unknown, expired, deleted, or another key's)."""
+
+
+class StoreUnavailableError(e.GatewayError):
+    """The response store cannot be read now."""
+
+
 class Spec(NamedTuple):
     """An error class's wire identity."""
 
@@ -97,6 +105,8 @@ TABLE: dict[type[BaseException], Spec] = {
     HeadersTooLargeError: Spec(431, "invalid_request_error", "headers_too_large"),
     RateLimitedError: Spec(429, "rate_limit_error", "rate_limited"),
     TooManySocketsError: Spec(429, "rate_limit_error", "too_many_sockets"),
+    ResponseNotFoundError: Spec(404, "invalid_request_error", "not_found"),
+    StoreUnavailableError: Spec(503, "server_error", "store_unavailable"),
     e.ProviderError: Spec(502, "upstream_error", "upstream_error"),
     e.UpstreamAuthError: Spec(502, "upstream_error", "upstream_auth_failed"),
     e.UpstreamRejectedError: Spec(400, "invalid_request_error", "upstream_rejected"),

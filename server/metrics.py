@@ -51,6 +51,7 @@ ROUTES = frozenset(
         "/api/models",
         "/api/models/categories",
         "/api/openapi.json",
+        "/api/responses",
         "/api/v1/messages",
         "/api/v1/messages/count_tokens",
         "/api/v1/models",
@@ -168,6 +169,11 @@ def route_label(path: str) -> str:
     """A bounded route label for a raw path."""
     if path in ROUTES:
         return path
+    if path.startswith("/api/responses/"):  # one label for every response id
+        for tail in ("/cancel", "/input_items"):
+            if path.endswith(tail):
+                return "/api/responses/{id}" + tail
+        return "/api/responses/{id}"
     return "other" if path.startswith("/api/") else "static"
 
 

@@ -9,8 +9,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from server import protocol
-from server.dialects import messages, messages_wire
+from server.dialects import messages, messages_wire, responses, responses_wire
 from server.dialects.messages_api import ModelPage, TokenCount
+from server.dialects.responses_api import Deleted
+from server.dialects.responses_items import ItemPage
 from server.errors import ErrorEnvelope
 
 _ERRORS = {
@@ -41,6 +43,10 @@ def document() -> dict[str, Any]:
             messages_wire.ErrorResponse,
             TokenCount,
             ModelPage,
+            responses.ResponsesBody,
+            responses_wire.ResponseObject,
+            Deleted,
+            ItemPage,
         ],
         ref_template="#/components/schemas/{name}",
     )
@@ -65,7 +71,8 @@ def document() -> dict[str, Any]:
         "info": {
             "title": "tokenrelay",
             "version": "1",
-            "description": "OpenAI-compatible and Anthropic Messages API.",
+            "description": "OpenAI-compatible (Chat Completions and Responses) and Anthropic "
+            "Messages API.",
         },
         "servers": [{"url": "/"}],
         "security": [{"bearer": []}, {"apiKey": []}],
@@ -85,6 +92,71 @@ def document() -> dict[str, Any]:
                                 "text/event-stream": {"schema": {"type": "string"}},
                             },
                         },
+                        **errors,
+                    },
+                }
+            },
+            "/api/responses": {
+                "post": {
+                    "operationId": "createResponse",
+                    "description": "OpenAI's Responses API; `previous_response_id` continues a "
+                    "stored conversation.",
+                    "requestBody": {"required": True, "content": json_content("ResponsesBody")},
+                    "responses": {
+                        "200": {
+                            "description": "The response; its SSE events when `stream`",
+                            "content": {
+                                **json_content("ResponseObject"),
+                                "text/event-stream": {"schema": {"type": "string"}},
+                            },
+                        },
+                        **errors,
+                    },
+                }
+            },
+            "/api/responses/{response_id}": {
+                "parameters": [
+                    {
+                        "name": "response_id",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "string"},
+                    }
+                ],
+                "get": {
+                    "operationId": "getResponse",
+                    "description": "A stored response of the caller's key (404 for another key's).",
+                    "responses": {
+                        "200": {
+                            "description": "The response",
+                            "content": json_content("ResponseObject"),
+                        },
+                        **errors,
+                    },
+                },
+                "delete": {
+                    "operationId": "deleteResponse",
+                    "responses": {
+                        "200": {"description": "Deleted", "content": json_content("Deleted")},
+                        **errors,
+                    },
+                },
+            },
+            "/api/responses/{response_id}/input_items": {
+                "get": {
+                    "operationId": "listResponseInputItems",
+                    "description": "The conversation that led to a stored response, as items.",
+                    "parameters": [
+                        {"name": name, "in": where, "required": where == "path", "schema": schema}
+                        for name, where, schema in (
+                            ("response_id", "path", {"type": "string"}),
+                            ("limit", "query", {"type": "integer", "minimum": 1, "maximum": 100}),
+                            ("order", "query", {"enum": ["asc", "desc"]}),
+                            ("after", "query", {"type": "string"}),
+                        )
+                    ],
+                    "responses": {
+                        "200": {"description": "A page", "content": json_content("ItemPage")},
                         **errors,
                     },
                 }

@@ -39,7 +39,8 @@ class DialectEndpoint(Generic[BodyT]):
     request, admit it (limits, route, stream slot), then answer in the dialect's shape.
 
     A dialect subclasses it with `decode` (wire body and typed request, or a `RequestError`
-    naming the field), `respond` and, when its errors look different, `send_error`.
+    naming the field; or `read` when that needs a lookup), `respond` and, when its errors look
+    different, `send_error`.
     """
 
     def __init__(
@@ -51,6 +52,10 @@ class DialectEndpoint(Generic[BodyT]):
 
     def decode(self, raw: bytes) -> tuple[BodyT, ChatRequest]:
         raise NotImplementedError
+
+    async def read(self, raw: bytes) -> tuple[BodyT, ChatRequest]:
+        """Decode the body; a dialect that must look something up first overrides this."""
+        return self.decode(raw)
 
     async def respond(
         self,
@@ -75,7 +80,7 @@ class DialectEndpoint(Generic[BodyT]):
             raw = await read_body(
                 receive, headers, self._settings.max_body_bytes, self._settings.body_timeout
             )
-            body, request = self.decode(raw)
+            body, request = await self.read(raw)
             if self._limits is not None:
                 self._limits.check_depth(raw)
             cache_control = headers.get(b"cache-control")

@@ -73,6 +73,15 @@ class CacheSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     namespace: str = "tokenrelay"
 
 
+class ResponsesSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The `[responses]` table: how long stored Responses API answers are kept, and (in memory,
+    without a `[cache] url`) how many of them and how many bytes at most."""
+
+    ttl: float = 30 * 86_400.0
+    max_entries: int = 10_000
+    max_bytes: int = 256 * 1024 * 1024
+
+
 class CatalogSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """The `[catalog]` table: how long a fetched model list is served before it is refreshed."""
 
@@ -117,6 +126,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     server: ServerSettings = msgspec.field(default_factory=ServerSettings)
     websocket: WebSocketSettings = msgspec.field(default_factory=WebSocketSettings)
     cache: CacheSettings = msgspec.field(default_factory=CacheSettings)
+    responses: ResponsesSettings = msgspec.field(default_factory=ResponsesSettings)
     fallbacks: dict[str, list[str]] = msgspec.field(default_factory=dict)
     catalog: CatalogSettings = msgspec.field(default_factory=CatalogSettings)
     classifier: ClassifierSettings = msgspec.field(default_factory=ClassifierSettings)

@@ -32,12 +32,23 @@ def test_bench_writes_its_table_and_figures(tmp_path: Path) -> None:
     done = run(["loadtests.bench", "--tiny", "--out", str(out)], timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
     figures = json.loads(out.read_text())
-    for scenario in ("ttft_c1", "load", "fixed_cost", "memory", "capacity", "cancel", "messages"):
+    for scenario in (
+        "ttft_c1",
+        "load",
+        "fixed_cost",
+        "memory",
+        "capacity",
+        "cancel",
+        "messages",
+        "responses",
+    ):
         assert scenario in figures, scenario
     assert figures["load"]["gateway-sse"]["chunks"] > 0
     assert figures["load"]["gateway-ws"]["chunks"] > 0
     assert figures["messages"]["load"]["gateway-messages"]["chunks"] > 0
     assert figures["messages"]["load"]["gateway-messages"]["errors"] == 0
+    assert figures["responses"]["load"]["gateway-responses"]["chunks"] > 0
+    assert figures["responses"]["load"]["gateway-responses"]["errors"] == 0
     assert all(c["cancelled"] > 0 for c in figures["cancel"].values())
     assert "TTFB p50 c=1, gateway-sse (ms)" in done.stdout
     assert "cancel->upstream p99" in done.stdout

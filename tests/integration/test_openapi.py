@@ -33,13 +33,18 @@ def test_the_document_is_published_behind_the_key(gateway: str) -> None:
     assert set(document["paths"]) == {
         "/api/chat/completions",
         "/api/models",
+        "/api/responses",
+        "/api/responses/{response_id}",
+        "/api/responses/{response_id}/input_items",
         "/api/v1/messages",
         "/api/v1/messages/count_tokens",
         "/api/v1/models",
     }
 
 
-@pytest.mark.parametrize("operation", ["POST /api/chat/completions", "GET /api/models"])
+@pytest.mark.parametrize(
+    "operation", ["POST /api/chat/completions", "POST /api/responses", "GET /api/models"]
+)
 def test_api_conforms_and_never_fails(gateway: str, operation: str) -> None:
     api = schemathesis.openapi.from_url(
         gateway + "/api/openapi.json", headers={"Authorization": f"Bearer {KEY}"}

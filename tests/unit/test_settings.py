@@ -581,3 +581,16 @@ def test_forwarded_allow_ips_are_checked_and_off_by_default(tmp_path: Path) -> N
     assert info.value.problems == [
         "server.forwarded_allow_ips[0]: expected an IP address or network, or '*'"
     ]
+
+
+def test_responses_table(tmp_path: Path) -> None:
+    path = write(tmp_path, "[responses]\nttl = 60.0\nmax_entries = 5\n")
+    settings = load(path, {})
+    assert settings.responses.ttl == 60.0 and settings.responses.max_entries == 5
+    bad = write(tmp_path, "[responses]\nttl = 0\nmax_entires = 5\n", "bad.toml")
+    with pytest.raises(SettingsError) as caught:
+        load(bad, {})
+    assert caught.value.problems == [
+        "responses.max_entires: unknown setting; did you mean 'max_entries'?",
+        "responses.ttl: expected a positive number of seconds",
+    ]
