@@ -7,7 +7,8 @@ once per stream, so relaying a delta costs one JSON string encode and two concat
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar
 
 import msgspec
 
@@ -23,6 +24,7 @@ from providers.types import (
     Usage,
 )
 
+T = TypeVar("T")
 NonNegative = Annotated[float, msgspec.Meta(ge=0)]
 
 
@@ -113,10 +115,15 @@ _decode_body = msgspec.json.Decoder(ChatCompletionBody).decode
 
 def decode_body(data: bytes) -> ChatCompletionBody:
     """Decode and validate a request body; errors name the offending field."""
+    return decode_json(_decode_body, data)
+
+
+def decode_json(decoder: Callable[[bytes], T], data: bytes) -> T:
+    """Decode one dialect's request body; every failure is a 400 naming the field it can."""
     if not data.strip():
         raise InvalidRequestError("The request body is empty; expected a JSON object.")
     try:
-        return _decode_body(data)
+        return decoder(data)
     except msgspec.ValidationError as exc:
         message, param = _split_location(str(exc))
         where = f" at '{param}'" if param else ""

@@ -21,8 +21,7 @@ a client may not guess:
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -49,9 +48,7 @@ from providers.types import (
     ToolChoiceFunction,
     ToolName,
 )
-from server.protocol import split_location
-
-T = TypeVar("T")
+from server.protocol import decode_json
 
 
 class _In(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -224,29 +221,11 @@ _encode = msgspec.json.Encoder().encode
 
 def decode_messages(data: bytes) -> MessagesBody:
     """Decode a Messages request; errors name the offending field."""
-    return _decode(_decode_messages, data)
+    return decode_json(_decode_messages, data)
 
 
 def decode_count(data: bytes) -> CountTokensBody:
-    return _decode(_decode_count, data)
-
-
-def _decode(decoder: Callable[[bytes], T], data: bytes) -> T:
-    if not data.strip():
-        raise InvalidRequestError("The request body is empty; expected a JSON object.")
-    try:
-        body = decoder(data)
-    except msgspec.ValidationError as exc:
-        message, param = split_location(str(exc))
-        where = f" at '{param}'" if param else ""
-        raise InvalidRequestError(f"Invalid request body{where}: {message}", param=param) from exc
-    except msgspec.DecodeError as exc:
-        raise InvalidRequestError(f"The request body is not valid JSON: {exc}") from exc
-    except UnicodeDecodeError as exc:
-        raise InvalidRequestError("The request body is not valid UTF-8.") from exc
-    except RecursionError as exc:
-        raise InvalidRequestError("The request body nests too deeply.") from exc
-    return body
+    return decode_json(_decode_count, data)
 
 
 # The least budget for each effort: the inverse of the Anthropic adapter's budgets.

@@ -56,8 +56,7 @@ from providers.types import (
     ToolChoiceFunction,
     ToolName,
 )
-from server.dialects.messages import _decode
-from server.protocol import split_location
+from server.protocol import decode_json, split_location
 
 ItemStatus = Literal["in_progress", "completed", "incomplete"]
 
@@ -255,7 +254,7 @@ _item_decoders = {name: msgspec.json.Decoder(kind).decode for name, kind in _ITE
 
 def decode_body(data: bytes) -> ResponsesBody:
     """Decode a Responses request; errors name the offending field."""
-    body = _decode(_decode_body, data)
+    body = decode_json(_decode_body, data)
     _refuse(body)
     return body
 
