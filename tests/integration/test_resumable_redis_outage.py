@@ -1,0 +1,110 @@
+"""Redis dies mid-stream and comes back (issue 17): the journal fails open, a resume elsewhere
+says clearly that it cannot be served, and journalling recovers by itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx2
+
+from tests.fakeupstream import FakeUpstream
+from tests.support.process import Served
+from tests.support.redis import RedisServer
+from tests.support.resumable import (
+    TIMEOUT,
+    Answer,
+    Resumed,
+    assert_ends_done,
+    chat_body,
+    config,
+    deltas,
+    open_stream,
+    replicas,
+    report,
+    resume,
+    scripted,
+)
+
+K = 5
+
+
+async def readiness(served: Served) -> str:
+    async with httpx2.AsyncClient(timeout=TIMEOUT) as http:
+        status: str = (await http.get(served.url + "/readyz")).json()["status"]
+        return status
+
+
+def unavailable(resumed: Resumed) -> None:
+    assert resumed.status == 503, (resumed.status, resumed.events[:3])
+    error = resumed.error
+    assert error is not None and error.get("code") == "journal_unavailable", error
+    assert "resum" in error["message"].lower(), error  # says that resuming is not possible
+
+
+async def full_stream(served: Served, answer: Answer) -> str:
+    """Read a resumable stream to its end; check it is whole; return its id."""
+    async with open_stream(served.url, chat_body(answer)) as reader:
+        assert reader.response.status_code == 200
+        await reader.read_to_end()
+    assert deltas(reader.events) == answer.records()
+    assert_ends_done(reader.events, answer.terminal)
+    return reader.stream_id
+
+
+async def test_redis_killed_mid_stream_then_back(
+    upstream: FakeUpstream, fresh_redis: RedisServer
+) -> None:
+    with replicas(config(upstream, fresh_redis)) as (one, two):
+        answer = scripted(upstream, 60, pace=0.03)
+        async with open_stream(one.url, chat_body(answer)) as first:
+            await first.read_deltas(K)
+            fresh_redis.stop()
+            killed = time.monotonic()
+            await asyncio.wait_for(first.read_to_end(), 30)
+        report(f"stream outlived Redis: finished {time.monotonic() - killed:.2f} s after the kill")
+        # The client that stayed got everything, as if nothing had happened.
+        assert deltas(first.events) == answer.records()
+        assert_ends_done(first.events, answer.terminal)
+
+        unavailable(await resume(two.url, first.stream_id, K - 1))
+        own = await resume(one.url, first.stream_id, K - 1)
+        report(f"while Redis is down, a resume on the first replica answers {own.status}")
+        assert await readiness(one) == "degraded"
+        # New resumable streams are still served while the journal cannot be written.
+        await full_stream(one, scripted(upstream, 8, pace=0.005))
+
+        fresh_redis.start()
+        restarted = time.monotonic()
+        deadline = restarted + 30
+        attempts = 0
+        while True:
+            attempts += 1
+            answer = scripted(upstream, 8, pace=0.005)
+            stream_id = await full_stream(one, answer)
+            resumed = await resume(two.url, stream_id)
+            if resumed.status == 200:
+                break
+            unavailable(resumed)
+            assert time.monotonic() < deadline, "journalling never recovered after Redis came back"
+            await asyncio.sleep(0.25)
+        report(
+            f"Redis back: streams journal again {time.monotonic() - restarted:.2f} s after the "
+            f"restart ({attempts} attempt(s))"
+        )
+        assert deltas(resumed.events) == answer.records()
+        assert_ends_done(resumed.events, answer.terminal)
+
+        # And a live stream dropped on one replica resumes on the other again.
+        answer = scripted(upstream, 40, pace=0.03)
+        async with open_stream(one.url, chat_body(answer)) as again:
+            await again.read_deltas(K)
+        resumed = await resume(two.url, again.stream_id, again.last_id)
+        assert resumed.status == 200, resumed.error
+        assert deltas(again.events) + deltas(resumed.events) == answer.records()
+        assert_ends_done(resumed.events, answer.terminal)
+        deadline = time.monotonic() + 30
+        while (status := await readiness(one)) != "ready":
+            assert time.monotonic() < deadline, f"readiness stayed {status}"
+            await asyncio.sleep(0.25)
