@@ -20,6 +20,7 @@ from tests.support.resumable import (
     chat_body,
     config,
     deltas,
+    metric,
     open_stream,
     replicas,
     report,
@@ -68,6 +69,9 @@ async def test_redis_killed_mid_stream_then_back(
         assert deltas(first.events) == answer.records()
         assert_ends_done(first.events, answer.terminal)
 
+        failures = await metric(one, "tokenrelay_journal_write_failures_total")
+        report(f"journal write failures counted on the first replica: {failures:.0f}")
+        assert failures > 0
         unavailable(await resume(two.url, first.stream_id, K - 1))
         own = await resume(one.url, first.stream_id, K - 1)
         report(f"while Redis is down, a resume on the first replica answers {own.status}")
@@ -108,3 +112,37 @@ async def test_redis_killed_mid_stream_then_back(
         while (status := await readiness(one)) != "ready":
             assert time.monotonic() < deadline, f"readiness stayed {status}"
             await asyncio.sleep(0.25)
+
+
+async def test_a_frozen_redis_never_leaves_a_silent_gap(
+    upstream: FakeUpstream, fresh_redis: RedisServer
+) -> None:
+    with replicas(config(upstream, fresh_redis)) as (one, two):
+        answer = scripted(upstream, 80, pace=0.03)
+        async with open_stream(one.url, chat_body(answer)) as first:
+            await first.read_deltas(K)
+            fresh_redis.pause()  # accepts connections, answers nothing: writes time out
+            frozen = time.monotonic()
+            reading = asyncio.create_task(first.read_to_end())
+            try:
+                await asyncio.sleep(2.0)
+            finally:
+                fresh_redis.resume()
+            thawed = time.monotonic()
+            await asyncio.wait_for(reading, 30)
+        during = [t for t in first.times if frozen <= t <= thawed]
+        gaps = [b - a for a, b in zip(during, during[1:], strict=False)]
+        report(
+            f"Redis frozen 2 s: the client read {len(during)} events meanwhile, the longest pause "
+            f"between two of them {1000 * max(gaps, default=0):.1f} ms (upstream pace 30 ms)"
+        )
+        assert deltas(first.events) == answer.records()
+        assert_ends_done(first.events, answer.terminal)
+        # The journal may have lost writes: then it says so; it never serves an answer with a hole.
+        resumed = await resume(two.url, first.stream_id, K - 1)
+        report(f"resume elsewhere after a 2 s Redis freeze mid-stream: {resumed.status}")
+        if resumed.status == 200:
+            assert deltas(resumed.events) == answer.records(K)
+            assert_ends_done(resumed.events, answer.terminal)
+        else:
+            unavailable(resumed)

@@ -26,6 +26,7 @@ from tests.support.resumable import (
     config,
     deltas,
     error_events,
+    metric,
     open_stream,
     replicas,
     report,
@@ -38,6 +39,7 @@ from tests.support.resumable import (
 )
 
 K = 5  # deltas read before the client drops
+RESUMES = "tokenrelay_stream_resumes_total"
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +72,7 @@ async def test_sse_dropped_on_one_replica_resumes_on_the_other(
     assert first.last_id == K - 1
     assert {e.json()["id"] for e in first.events if e.data.startswith("{")} == {stream_id}
 
+    resumes = await metric(two, RESUMES, transport="sse", replica="other")
     started = time.monotonic()
     resumed = await resume(two.url, stream_id, first.last_id)
     report(f"sse resume on the other replica: attached {started - dropped:.3f} s after the drop")
@@ -81,6 +84,7 @@ async def test_sse_dropped_on_one_replica_resumes_on_the_other(
     assert {e.json()["id"] for e in resumed.events if e.data.startswith("{")} == {stream_id}
     # One upstream request served both readers, and it ran to its end.
     assert answer.upstream_request(upstream).completed
+    assert await metric(two, RESUMES, transport="sse", replica="other") == resumes + 1
 
 
 async def test_ws_dropped_on_one_replica_resumes_on_the_other(
@@ -95,6 +99,7 @@ async def test_ws_dropped_on_one_replica_resumes_on_the_other(
         await a.until_deltas("a1", K)
     seen = ws_records(a.by_id["a1"])
     assert seen == answer.records(0, K), seen
+    resumes = await metric(two, RESUMES, transport="ws", replica="other")
     async with ws_client(two) as b:
         await send(
             b.ws, {"type": "chat.resume", "id": "b1", "stream_id": stream_id, "after": K - 1}
@@ -108,6 +113,7 @@ async def test_ws_dropped_on_one_replica_resumes_on_the_other(
     assert (done["finish_reason"], done["seq"]) == ("stop", answer.terminal), done
     assert done["usage"]["completion_tokens"] == len(answer.pieces), done
     assert answer.upstream_request(upstream).completed
+    assert await metric(two, RESUMES, transport="ws", replica="other") == resumes + 1
 
 
 async def test_resume_after_the_stream_ended(
@@ -144,6 +150,10 @@ async def test_several_readers_follow_one_stream(
     async with open_stream(one.url, chat_body(answer)) as first:
         await first.read_deltas(K)
     after = first.last_id
+    counts = [
+        await metric(one, RESUMES, replica="same"),
+        await metric(two, RESUMES, replica="other"),
+    ]
     readers = await asyncio.gather(
         resume(two.url, first.stream_id, after),
         resume(two.url, first.stream_id, after),
@@ -158,6 +168,8 @@ async def test_several_readers_follow_one_stream(
         assert deltas(first.events) + deltas(resumed.events) == answer.records()
         assert_ends_done(resumed.events, answer.terminal)
     assert readers[0].events == readers[1].events == readers[2].events
+    assert await metric(one, RESUMES, replica="same") == counts[0] + 1
+    assert await metric(two, RESUMES, replica="other") == counts[1] + 2
 
 
 async def test_a_resumed_stream_ends_with_the_originals_error(

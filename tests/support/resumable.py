@@ -172,6 +172,7 @@ class Reader:
     http: httpx2.AsyncClient
     response: httpx2.Response
     events: list[Event] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)  # when each event was read
     ended: bool = False
     dropped_at: float | None = None
 
@@ -194,6 +195,7 @@ class Reader:
             self.ended = True
             return None
         self.events.append(event)
+        self.times.append(time.monotonic())
         return event
 
     async def read_deltas(self, count: int) -> None:
@@ -345,14 +347,16 @@ def ws_records(frames: list[Frame]) -> list[tuple[int, str]]:
     return [(f["seq"], f["text"]) for f in frames if f["type"] == "chat.delta"]
 
 
-async def metric(served: Served, name: str) -> float:
-    """The sum of a metric's samples on one replica (0 when it has none yet)."""
+async def metric(served: Served, name: str, **labels: str) -> float:
+    """The sum of a metric's samples on one replica with these labels (0 when it has none)."""
     async with httpx2.AsyncClient(timeout=TIMEOUT) as http:
         text = (await http.get(served.url + "/metrics")).text
+    wanted = [f'{key}="{value}"' for key, value in labels.items()]
     total = 0.0
     for line in text.splitlines():
         if line.startswith(name) and line[len(name)] in " {":
-            total += float(line.rsplit(" ", 1)[1])
+            if all(label in line for label in wanted):
+                total += float(line.rsplit(" ", 1)[1])
     return total
 
 
