@@ -178,7 +178,9 @@ class RedisJournal:
                     )
                     pipe.pexpire(head_key, live_px)
                 elif op == "trim":
-                    pipe.xtrim(events_key, minid=f"0-{seq + 1}")
+                    # Exact: redis-py trims approximately by default, which keeps whole
+                    # 100-entry nodes, so a replica would serve what the bounds dropped.
+                    pipe.xtrim(events_key, minid=f"0-{seq + 1}", approximate=False)
                 else:  # end
                     pipe.hset(head_key, "status", "ended")
                     pipe.pexpire(head_key, ended_px)

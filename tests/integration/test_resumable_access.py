@@ -135,10 +135,10 @@ async def test_unknown_ids_are_404(pair: tuple[Served, Served], upstream: FakeUp
     assert error["error"]["code"] == "stream_not_found", error
 
 
-def bad_after(resumed: Resumed) -> None:
+def bad_after(resumed: Resumed, param: str = "after") -> None:
     assert resumed.status == 400, (resumed.status, resumed.events[:3])
     error = resumed.error
-    assert error is not None and error.get("param") == "after", error
+    assert error is not None and error.get("param") == param, error
     assert error.get("code") == "invalid_request", error
 
 
@@ -154,9 +154,15 @@ async def test_a_resume_after_the_end_or_not_a_number_is_400(
     bad_after(await resume(two.url, first.stream_id, answer.terminal + 50, query=True))
     async with httpx2.AsyncClient(timeout=TIMEOUT) as http:
         target = f"{two.url}/api/chat/completions/{first.stream_id}/stream"
-        for headers in ({"last-event-id": "seven"}, {"last-event-id": "1.5"}):
-            response = await http.get(target, headers=headers)
-            bad_after(Resumed(response.status_code, response.headers, [], error_of(response)))
+        # A malformed value is refused naming where it came from: the header, or `after`.
+        for params, headers, param in (
+            ({}, {"last-event-id": "seven"}, "Last-Event-ID"),
+            ({}, {"last-event-id": "1.5"}, "Last-Event-ID"),
+            ({"after": "seven"}, {}, "after"),
+        ):
+            response = await http.get(target, params=params, headers=headers)
+            found = Resumed(response.status_code, response.headers, [], error_of(response))
+            bad_after(found, param)
     async with ws_client(two) as b:
         frame = {"type": "chat.resume", "id": "b1", "stream_id": first.stream_id, "after": 99}
         await send(b.ws, frame)

@@ -11,6 +11,7 @@ import asyncio
 import time
 from collections.abc import Iterator
 
+import httpx2
 import openai
 import pytest
 
@@ -18,6 +19,7 @@ from tests.fakeupstream import FakeUpstream
 from tests.support.process import Served
 from tests.support.redis import RedisServer
 from tests.support.resumable import (
+    TIMEOUT,
     assert_ends_done,
     cancel,
     chat_body,
@@ -61,10 +63,13 @@ async def test_a_cancel_on_the_other_replica_stops_the_upstream_at_once(
 ) -> None:
     one, two = pair
     answer = scripted(upstream, LONG, pace=0.02)
-    async with open_stream(one.url, chat_body(answer)) as first:
+    async with (
+        httpx2.AsyncClient(timeout=TIMEOUT) as http,
+        open_stream(one.url, chat_body(answer)) as first,
+    ):
         await first.read_deltas(K)
         called = time.monotonic()
-        response = await cancel(two.url, first.stream_id)
+        response = await cancel(two.url, first.stream_id, http=http)
         answered = time.monotonic()
         recorded = answer.upstream_request(upstream)
         gone = await upstream.wait_disconnected(recorded, timeout=10)
@@ -87,10 +92,11 @@ async def test_a_dropped_stream_cancelled_elsewhere_ends_cancelled_for_a_resume(
 ) -> None:
     one, two = pair
     answer = scripted(upstream, LONG, pace=0.02)
-    async with open_stream(one.url, chat_body(answer)) as first:
-        await first.read_deltas(K)
-    called = time.monotonic()
-    response = await cancel(two.url, first.stream_id)
+    async with httpx2.AsyncClient(timeout=TIMEOUT) as http:
+        async with open_stream(one.url, chat_body(answer)) as first:
+            await first.read_deltas(K)
+        called = time.monotonic()
+        response = await cancel(two.url, first.stream_id, http=http)
     recorded = answer.upstream_request(upstream)
     gone = await upstream.wait_disconnected(recorded, timeout=10)
     report(
