@@ -34,6 +34,7 @@ from tests.support.resumable import (
     replicas,
     report,
     resume,
+    resume_status,
     scripted,
     send,
     ws_client,
@@ -169,6 +170,29 @@ async def test_a_resume_after_the_end_or_not_a_number_is_400(
         error = await b.until_terminal("b1")
     assert (error["type"], error["error"]["code"]) == ("chat.error", "invalid_request"), error
     assert error["error"]["param"] == "after", error
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: only the replica running a live stream checks `after`; another replica answers "
+    "200 and waits for that event, then serves from it",
+)
+async def test_a_resume_after_the_live_end_is_400_on_every_replica(
+    pair: tuple[Served, Served], upstream: FakeUpstream
+) -> None:
+    one, two = pair
+    answer = scripted(upstream, 400, pace=0.02)
+    async with open_stream(one.url, chat_body(answer)) as first:
+        await first.read_deltas(K)
+    # Seconds ahead of the live stream: no client can have seen that event.
+    ahead = K + 100
+    assert answer.upstream_request(upstream).deltas_sent < ahead
+    found = {"own": await resume_status(one.url, first.stream_id, ahead)}
+    found["other"] = await resume_status(two.url, first.stream_id, ahead)
+    await cancel(one.url, first.stream_id)
+    for where, (status, error) in found.items():
+        assert status == 400, (where, found)
+        assert error is not None and error["param"] == "after", (where, error)
 
 
 @pytest.mark.parametrize(

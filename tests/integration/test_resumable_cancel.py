@@ -192,6 +192,37 @@ async def test_a_dropped_stream_nobody_resumes_is_abandoned_after_the_grace(
         assert after == before + 1, (before, after)
 
 
+async def test_a_reader_on_the_other_replica_holds_the_stream_past_the_grace(
+    upstream: FakeUpstream, fresh_redis: RedisServer
+) -> None:
+    grace = {"TOKENRELAY_STREAMS__RESUME_GRACE": "1"}
+    with replicas(config(upstream, fresh_redis), env=grace) as (one, two):
+        # Read on the other replica for ~3 s, three times the grace: the stream must go on.
+        answer = scripted(upstream, 100, pace=0.03)
+        async with open_stream(one.url, chat_body(answer)) as first:
+            await first.read_deltas(K)
+        resumed = await resume(two.url, first.stream_id, first.last_id)
+        assert resumed.status == 200, resumed.error
+        assert deltas(first.events) + deltas(resumed.events) == answer.records()
+        assert_ends_done(resumed.events, answer.terminal)
+        # That reader leaving too starts the grace again: then the upstream is closed.
+        answer = scripted(upstream, LONG, pace=0.02)
+        async with open_stream(one.url, chat_body(answer)) as first:
+            await first.read_deltas(K)
+        target = f"{two.url}/api/chat/completions/{first.stream_id}/stream"
+        async with httpx2.AsyncClient(timeout=TIMEOUT) as http:
+            async with http.stream("GET", target, headers={"last-event-id": str(K - 1)}) as r:
+                assert r.status_code == 200
+                async for _ in r.aiter_lines():
+                    break
+            left = time.monotonic()
+        recorded = answer.upstream_request(upstream)
+        gone = await upstream.wait_disconnected(recorded, timeout=20)
+        report(f"grace 1 s after the last remote reader left: upstream closed {gone - left:.3f} s")
+        response = await cancel(two.url, first.stream_id)
+        assert response.json()["status"] == "abandoned", response.json()
+
+
 @pytest.mark.parametrize("header", [None, "false"])
 async def test_a_plain_sse_stream_still_stops_its_upstream_on_disconnect(
     pair: tuple[Served, Served], upstream: FakeUpstream, header: str | None

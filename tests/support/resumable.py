@@ -285,6 +285,21 @@ async def resume(
         return Resumed(200, response.headers, events, None)
 
 
+async def resume_status(
+    url: str, stream_id: str, after: int | None = None, headers: Mapping[str, str] | None = None
+) -> tuple[int, dict[str, Any] | None]:
+    """The status (and error) a resume answers with, without reading a stream's body."""
+    target, sent = resume_request(url, stream_id, after, False, headers)
+    async with (
+        httpx2.AsyncClient(timeout=TIMEOUT) as http,
+        http.stream("GET", target, headers=sent) as response,
+    ):
+        if response.status_code == 200:
+            return 200, None
+        await response.aread()
+        return response.status_code, error_of(response)
+
+
 async def cancel(
     url: str,
     stream_id: str,
