@@ -213,6 +213,14 @@ class ResumableSSESink(SSESink):
             return
         await self._body(protocol.sse_event(ErrorEnvelope(body)))
 
+    async def interrupted(self, body: ErrorBody) -> None:
+        """This reader lost the journal midway: an error event with no `id:`, as it is no
+        record of the stream, so a reconnect with `Last-Event-ID` skips nothing."""
+        if not self.started:
+            await self.failed(body)
+            return
+        await EventStreamSink._body(self, protocol.sse_event(ErrorEnvelope(body)))
+
 
 async def stream_resumable(
     service: ChatService,
@@ -283,7 +291,7 @@ async def _pump(follower: Follower, sink: ResumableSSESink) -> None:
             else:
                 await sink.delta(record)
     except GatewayError as exc:  # the journal failed the reader midway
-        await sink.failed(error_body(exc, sink._state.request_id))
+        await sink.interrupted(error_body(exc, sink._state.request_id))
     finally:
         await records.aclose()  # type: ignore[attr-defined]
 

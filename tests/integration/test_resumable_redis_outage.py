@@ -20,7 +20,9 @@ from tests.support.resumable import (
     chat_body,
     config,
     deltas,
+    error_events,
     metric,
+    open_resume,
     open_stream,
     replicas,
     report,
@@ -146,3 +148,27 @@ async def test_a_frozen_redis_never_leaves_a_silent_gap(
             assert_ends_done(resumed.events, answer.terminal)
         else:
             unavailable(resumed)
+
+
+async def test_a_reader_cut_off_by_redis_resumes_where_it_really_was(
+    upstream: FakeUpstream, fresh_redis: RedisServer
+) -> None:
+    with replicas(config(upstream, fresh_redis)) as (one, two):
+        answer = scripted(upstream, 80, pace=0.03)
+        async with open_stream(one.url, chat_body(answer)) as first:
+            await first.read_deltas(K)
+        async with open_resume(two.url, first.stream_id, first.last_id) as follower:
+            assert follower.response.status_code == 200
+            await follower.read_deltas(K)  # following the live stream through Redis
+            fresh_redis.stop()
+            await asyncio.wait_for(follower.read_to_end(), 30)
+        cut = follower.events
+        assert not any(e.done for e in cut), cut[-3:]
+        assert error_events(cut) == cut[-1:], cut[-3:]
+        assert cut[-1].json()["error"]["code"] == "journal_unavailable", cut[-1]
+        # What a browser's EventSource does next: reconnect with the last id it got, here to
+        # the replica that has the stream in memory. Nothing may be skipped.
+        resumed = await resume(one.url, first.stream_id, follower.last_id)
+        assert resumed.status == 200, resumed.error
+        assert deltas(first.events) + deltas(cut) + deltas(resumed.events) == answer.records()
+        assert_ends_done(resumed.events, answer.terminal)

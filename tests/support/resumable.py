@@ -228,9 +228,27 @@ async def open_stream(
 ) -> AsyncIterator[Reader]:
     """POST a streamed chat completion; yields a Reader (status not checked) and drops it after."""
     sent = {**(RESUMABLE if resumable else {}), **(headers or {})}
+    async with _reading("POST", url + "/api/chat/completions", sent, body) as reader:
+        yield reader
+
+
+@contextlib.asynccontextmanager
+async def open_resume(
+    url: str, stream_id: str, after: int | None = None, headers: Mapping[str, str] | None = None
+) -> AsyncIterator[Reader]:
+    """A resume read step by step (see `resume` for one read to the end)."""
+    target, sent = resume_request(url, stream_id, after, False, headers)
+    async with _reading("GET", target, sent, None) as reader:
+        yield reader
+
+
+@contextlib.asynccontextmanager
+async def _reading(
+    method: str, target: str, headers: dict[str, str], body: dict[str, Any] | None
+) -> AsyncIterator[Reader]:
     http = httpx2.AsyncClient(timeout=TIMEOUT)
     try:
-        request = http.build_request("POST", url + "/api/chat/completions", json=body, headers=sent)
+        request = http.build_request(method, target, json=body, headers=headers)
         response = await http.send(request, stream=True)
         reader = Reader(http, response)
         try:
