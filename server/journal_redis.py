@@ -101,6 +101,7 @@ class RedisJournal:
         self._scheduled = False
         self._flushing: asyncio.Task[None] | None = None
         self._lost: dict[str, Entry] = {}  # stream id -> entry whose Redis copy has a gap
+        self._announced: set[str] = set()  # lost streams whose head in Redis says so
         self._down_until = 0.0
         self._backoff = 0.0
         self._last_log = 0.0
@@ -130,7 +131,7 @@ class RedisJournal:
         if batch is not None:
             batch.ended = True
         elif entry.head.stream_id in self._lost:
-            self._schedule()  # its head will say "lost", and then it is forgotten
+            self._schedule()  # once its head says "lost", it is forgotten
 
     def _batch(self, entry: Entry) -> _Batch | None:
         """The stream's writes waiting for the next flush (None: it is not mirrored)."""
@@ -173,7 +174,7 @@ class RedisJournal:
         """Send what is queued in one pipeline; a failure loses those streams' Redis copies."""
         if time.monotonic() < self._down_until:
             return  # `_failed` scheduled the next attempt
-        if not self._pending and not self._lost_to_announce():
+        if not self._pending and not self._lost:
             return
         batches, self._pending = self._pending, {}
         try:
@@ -186,9 +187,6 @@ class RedisJournal:
         if self._backoff:
             log.info("stream journal: Redis answering again")
         self._backoff = 0.0
-
-    def _lost_to_announce(self) -> bool:
-        return any(entry.ended for entry in self._lost.values())
 
     async def _write(self, batches: list[_Batch]) -> None:
         live_px = int(self.live_ttl * 1000)
@@ -234,7 +232,8 @@ class RedisJournal:
                     self._renewed[stream_id] = now
                     pipe.pexpire(head_key, live_px)
                     pipe.pexpire(events_key, live_px)
-            announced = [entry for entry in self._lost.values() if entry.ended]
+            # Streams whose copy has a gap say so, once, so readers elsewhere stop at once.
+            announced = [e for sid, e in self._lost.items() if sid not in self._announced]
             for entry in announced:
                 head_key, events_key = self._key(entry.head.stream_id)
                 pipe.hset(head_key, mapping={"owner": entry.head.owner, "status": "lost"})
@@ -242,7 +241,10 @@ class RedisJournal:
                 pipe.delete(events_key)
             await pipe.execute()
         for entry in announced:
-            self._lost.pop(entry.head.stream_id, None)
+            self._announced.add(entry.head.stream_id)
+        for stream_id in [sid for sid in self._announced if self._lost[sid].ended]:
+            self._announced.discard(stream_id)  # ended and marked: nothing more to do
+            del self._lost[stream_id]
 
     def _failed(self, exc: BaseException) -> None:
         self._backoff = min(self._backoff * 2 or 0.25, 5.0)
