@@ -278,8 +278,15 @@ class ResumeStream:
             head.include_usage,
             state,
             seq=after + 1,
+            head=head,
         )
-        await replay_sse(follower, sink, receive, heartbeat=self._settings.sse_heartbeat)
+        await replay_sse(
+            follower,
+            sink,
+            receive,
+            heartbeat=self._settings.sse_heartbeat,
+            write_timeout=self._settings.slow_consumer_timeout,
+        )
 
 
 def _after(last_event_id: bytes | None, query: bytes) -> int:
