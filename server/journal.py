@@ -211,10 +211,8 @@ class Entry:
             try:
                 await waiter
             finally:
-                if not waiter.done():
-                    waiter.cancel()
-                    if waiter in self._waiters:
-                        self._waiters.remove(waiter)
+                if waiter in self._waiters:  # left early (cancelled): forget it
+                    self._waiters.remove(waiter)
 
 
 class Journal:
