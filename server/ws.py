@@ -320,7 +320,7 @@ class Connection:
                 sink,
             )
             started = protocol.ChatStarted(id=frame.id, stream_id=stream_id)
-            await self._socket.frame("chat.started", protocol.encode_text(started))
+            await self._reply("chat.started", protocol.encode_text(started))
         task = asyncio.create_task(self._run(frame.id, prepared, sink, state, tee))
         if tee is not None:
             tee.task = task
