@@ -310,6 +310,8 @@ class Connection:
         tee: Tee | None = None
         if frame.resumable and self._streams_service is not None:
             stream_id = new_stream_id()
+            started = protocol.ChatStarted(id=frame.id, stream_id=stream_id)
+            await self._reply("chat.started", protocol.encode_text(started))
             state.model = prepared.model
             tee = self._streams_service.open(
                 stream_id,
@@ -319,8 +321,6 @@ class Connection:
                 state,
                 sink,
             )
-            started = protocol.ChatStarted(id=frame.id, stream_id=stream_id)
-            await self._reply("chat.started", protocol.encode_text(started))
         task = asyncio.create_task(self._run(frame.id, prepared, sink, state, tee))
         if tee is not None:
             tee.task = task
