@@ -311,7 +311,12 @@ class Connection:
         if frame.resumable and self._streams_service is not None:
             stream_id = new_stream_id()
             started = protocol.ChatStarted(id=frame.id, stream_id=stream_id)
-            await self._reply("chat.started", protocol.encode_text(started))
+            try:
+                await self._reply("chat.started", protocol.encode_text(started))
+            except ClientGone:
+                if self._limits is not None and self._principal is not None:
+                    self._limits.end_stream(self._principal)  # the slot `_admit` took
+                raise
             state.model = prepared.model
             tee = self._streams_service.open(
                 stream_id,
