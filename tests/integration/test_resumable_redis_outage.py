@@ -8,6 +8,7 @@ import asyncio
 import time
 
 import httpx2
+import pytest
 
 from tests.fakeupstream import FakeUpstream
 from tests.support.process import Served
@@ -28,6 +29,10 @@ from tests.support.resumable import (
     report,
     resume,
     scripted,
+    send,
+    ws_client,
+    ws_records,
+    ws_start_resumable,
 )
 
 K = 5
@@ -176,3 +181,37 @@ async def test_a_reader_cut_off_by_redis_resumes_where_it_really_was(
         assert resumed.status == 200, resumed.error
         assert deltas(first.events) + deltas(cut) + deltas(resumed.events) == answer.records()
         assert_ends_done(resumed.events, answer.terminal)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: a WS reader cut off midway gets chat.error with the next seq; resuming after "
+    "'the last seq the client has' (as documented) then skips that record, or is refused as "
+    "past the end when the reader had caught up",
+)
+async def test_a_ws_reader_cut_off_by_redis_resumes_where_it_really_was(
+    upstream: FakeUpstream, fresh_redis: RedisServer
+) -> None:
+    with replicas(config(upstream, fresh_redis)) as (one, two):
+        answer = scripted(upstream, 80, pace=0.03)
+        async with ws_client(one) as a:
+            stream_id = (await ws_start_resumable(a, answer, "a1"))["stream_id"]
+            await a.until_deltas("a1", K)
+        async with ws_client(two) as b:
+            await send(
+                b.ws, {"type": "chat.resume", "id": "b1", "stream_id": stream_id, "after": K - 1}
+            )
+            await b.until_deltas("b1", K)
+            fresh_redis.stop()
+            cut = await b.until_terminal("b1", timeout=20)
+        assert (cut["type"], cut["error"]["code"]) == ("chat.error", "journal_unavailable"), cut
+        # The last seq this client has, as docs/websocket-protocol.md tells it to resume after.
+        last = max(f["seq"] for f in a.by_id["a1"] + b.by_id["b1"] if "seq" in f)
+        async with ws_client(one) as c:
+            await send(
+                c.ws, {"type": "chat.resume", "id": "c1", "stream_id": stream_id, "after": last}
+            )
+            done = await c.until_terminal("c1", timeout=20)
+        got = ws_records(a.by_id["a1"]) + ws_records(b.by_id["b1"]) + ws_records(c.by_id["c1"])
+        assert got == answer.records()
+        assert (done["type"], done["seq"]) == ("chat.done", answer.terminal), done
