@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import Iterator
 
 import openai
 import pytest
 
-from tests.fakeupstream import FakeUpstream
+from tests.fakeupstream import FakeUpstream, Script
+from tests.fakeupstream.formats import FakeToolCall
 from tests.support.process import Served, serve_process
 from tests.support.redis import RedisServer
 from tests.support.resumable import (
@@ -26,6 +28,7 @@ from tests.support.resumable import (
     config,
     deltas,
     error_events,
+    finish_reasons,
     metric,
     open_stream,
     replicas,
@@ -227,4 +230,59 @@ async def test_without_redis_a_stream_resumes_on_its_own_process(upstream: FakeU
         resumed = await resume(alone.url, first.stream_id, first.last_id)
     assert resumed.status == 200, resumed.error
     assert deltas(first.events) + deltas(resumed.events) == answer.records()
+    assert_ends_done(resumed.events, answer.terminal)
+
+
+async def test_a_replay_from_the_start_is_the_original_stream_byte_for_byte(
+    pair: tuple[Served, Served], upstream: FakeUpstream
+) -> None:
+    """Reasoning, text, two tool calls and usage: a reader on the other replica following
+    from the start gets exactly the events the first client got, ids included."""
+    one, two = pair
+    name = f"r-{uuid.uuid4().hex[:12]}"
+    upstream.scripts[name] = Script(
+        reasoning=["Let me ", "think. "],
+        text=["Checking ", "both. "],
+        tool_calls=[
+            FakeToolCall(name="weather", arguments=['{"city": ', '"Paris"}'], id="call_1"),
+            FakeToolCall(name="time", arguments=['{"tz": "CET"}'], id="call_2"),
+        ],
+        pace=0.05,
+        prompt_tokens=12,
+    )
+    body = {
+        "model": f"oai/{name}",
+        "messages": [{"role": "user", "content": "weather and time in Paris?"}],
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "tools": [
+            {"type": "function", "function": {"name": n, "parameters": {"type": "object"}}}
+            for n in ("weather", "time")
+        ],
+    }
+    async with open_stream(one.url, body) as first:
+        await first.read_deltas(1)  # the stream is live and has an id
+        original, replayed = await asyncio.gather(
+            first.read_to_end(), resume(two.url, first.stream_id)
+        )
+    assert replayed.status == 200, replayed.error
+    assert replayed.events == original
+    assert original[-1].done and finish_reasons(original) == ["tool_calls"], original[-3:]
+
+
+async def test_a_stream_started_over_sse_resumes_over_websocket_and_back(
+    pair: tuple[Served, Served], upstream: FakeUpstream
+) -> None:
+    one, two = pair
+    answer = scripted(upstream, 40, pace=0.03)
+    async with open_stream(one.url, chat_body(answer)) as first:
+        await first.read_deltas(K)
+    async with ws_client(two) as b:
+        frame = {"type": "chat.resume", "id": "b1", "stream_id": first.stream_id, "after": K - 1}
+        await send(b.ws, frame)
+        await b.until_deltas("b1", K)
+    got = deltas(first.events) + ws_records(b.by_id["b1"])
+    resumed = await resume(one.url, first.stream_id, got[-1][0])
+    assert resumed.status == 200, resumed.error
+    assert got + deltas(resumed.events) == answer.records()
     assert_ends_done(resumed.events, answer.terminal)
