@@ -18,6 +18,7 @@ from tests.support.resumable import (
     Answer,
     Resumed,
     assert_ends_done,
+    cancel,
     chat_body,
     config,
     deltas,
@@ -80,6 +81,10 @@ async def test_redis_killed_mid_stream_then_back(
         report(f"journal write failures counted on the first replica: {failures:.0f}")
         assert failures > 0
         unavailable(await resume(two.url, first.stream_id, K - 1))
+        # Nor can the other replica cancel it: it cannot tell, and says so.
+        refused = await cancel(two.url, first.stream_id)
+        assert refused.status_code == 503, refused.text
+        assert refused.json()["error"]["code"] == "journal_unavailable", refused.text
         own = await resume(one.url, first.stream_id, K - 1)
         report(f"while Redis is down, a resume on the first replica answers {own.status}")
         assert await readiness(one) == "degraded"
