@@ -190,6 +190,12 @@ async def test_a_dropped_stream_nobody_resumes_is_abandoned_after_the_grace(
         assert response.json()["status"] == "abandoned", response.json()
         after = await metric(one, "tokenrelay_streams_abandoned_total")
         assert after == before + 1, (before, after)
+        # Read again, it ends as a stopped stream: the records relayed, then "cancelled".
+        resumed = await resume(two.url, stream_id, K - 1)
+        assert resumed.status == 200, resumed.error
+        records = answer.records(0, K) + deltas(resumed.events)
+        assert records == answer.records(0, len(records))
+        assert_ends_done(resumed.events, len(records), reason="cancelled")
 
 
 async def test_a_reader_on_the_other_replica_holds_the_stream_past_the_grace(
@@ -265,3 +271,31 @@ async def test_a_plain_ws_stream_still_stops_its_upstream_when_the_socket_closes
     gone = await upstream.wait_disconnected(recorded, timeout=5)
     report(f"plain WS stream: upstream closed {1000 * (gone - dropped):.1f} ms after the close")
     assert recorded.deltas_sent < LONG
+
+
+async def test_a_stream_cancelled_elsewhere_before_its_first_token(
+    pair: tuple[Served, Served], upstream: FakeUpstream
+) -> None:
+    one, two = pair
+    answer = scripted(upstream, 10, pace=0.01, first_token_delay=30.0)
+    async with ws_client(one) as a:
+        stream_id = (await ws_start_resumable(a, answer, "a1"))["stream_id"]
+    deadline = time.monotonic() + 10
+    while not upstream.by_model(answer.name):  # the upstream request is under way
+        assert time.monotonic() < deadline, "the stream never reached the upstream"
+        await asyncio.sleep(0.01)
+    called = time.monotonic()
+    response = await cancel(two.url, stream_id)
+    recorded = answer.upstream_request(upstream)
+    gone = await upstream.wait_disconnected(recorded, timeout=10)
+    report(
+        f"cancel elsewhere before the first token: upstream closed {1000 * (gone - called):.1f} ms"
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert (body["status"], body["finish_reason"]) == ("cancelled", "cancelled"), body
+    assert body["usage"]["completion_tokens"] == 0, body
+    resumed = await resume(two.url, stream_id)
+    assert resumed.status == 200, resumed.error
+    assert deltas(resumed.events) == []
+    assert_ends_done(resumed.events, 0, reason="cancelled")
