@@ -284,8 +284,9 @@ async def test_a_stream_cancelled_elsewhere_before_its_first_token(
     while not upstream.by_model(answer.name):  # the upstream request is under way
         assert time.monotonic() < deadline, "the stream never reached the upstream"
         await asyncio.sleep(0.01)
-    called = time.monotonic()
-    response = await cancel(two.url, stream_id)
+    async with httpx2.AsyncClient(timeout=TIMEOUT) as http:
+        called = time.monotonic()
+        response = await cancel(two.url, stream_id, http=http)
     recorded = answer.upstream_request(upstream)
     gone = await upstream.wait_disconnected(recorded, timeout=10)
     report(
