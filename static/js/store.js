@@ -3,6 +3,8 @@
 const KEY = "tokenrelay.conversations.v1";
 const MODEL_KEY = "tokenrelay.model";
 const TOOL_KEY = "tokenrelay.exampleTool";
+// A streaming answer is saved this often rather than once per token (and when the page goes).
+const SAVE_DELAY_MS = 400;
 
 function newId() {
   return `c${Date.now().toString(36)}${Math.random().toString(36).slice(2, 8)}`;
@@ -15,6 +17,7 @@ export class Store {
     this.onSaved = onSaved;
     this.conversations = [];
     this.currentId = null;
+    this.saveTimer = 0;
     this.load();
   }
 
@@ -32,6 +35,8 @@ export class Store {
   }
 
   save() {
+    clearTimeout(this.saveTimer);
+    this.saveTimer = 0;
     try {
       this.storage.setItem(KEY, JSON.stringify({ conversations: this.conversations, currentId: this.currentId }));
       this.onSaved(true);
@@ -39,6 +44,16 @@ export class Store {
       // Storage full or disabled: the conversation still works for this page's lifetime.
       this.onSaved(false);
     }
+  }
+
+  /** Save within SAVE_DELAY_MS; each save writes everything, so any one is consistent. */
+  saveSoon() {
+    if (!this.saveTimer) this.saveTimer = setTimeout(() => this.save(), SAVE_DELAY_MS);
+  }
+
+  /** Save now what `saveSoon` would have saved later. */
+  flush() {
+    if (this.saveTimer) this.save();
   }
 
   get current() {
