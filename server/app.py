@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import uuid
 from collections.abc import AsyncIterator, Mapping
 
 from starlette.applications import Starlette
@@ -33,6 +34,8 @@ from server.errors import (
 )
 from server.health import healthz, readyz
 from server.http import request_id_of
+from server.journal import Journal
+from server.journal_redis import RedisJournal
 from server.leases import RedisLeases
 from server.lifecycle import Lifecycle
 from server.limits import Limits
@@ -41,7 +44,8 @@ from server.observe import RequestObserver
 from server.openapi import openapi_endpoint
 from server.ratelimit import Buckets, ChargingObserver, MemoryBuckets, RateLimiter, RedisBuckets
 from server.response_store import ResponseStore
-from server.rest import ChatCompletions, list_models, model_categories
+from server.rest import ChatCompletions, ResumeStream, StopStream, list_models, model_categories
+from server.resume import Streams
 from server.settings import CacheSettings, Settings, load
 from server.ui import ui_mount
 from server.ws import WebSocketEndpoint
@@ -123,6 +127,29 @@ def build_limits(settings: Settings) -> Limits:
     return Limits(limits, limiter, leases)
 
 
+def build_streams(settings: Settings) -> Streams:
+    """Resumable streams, journalled in memory and, with `[cache] url`, mirrored into Redis."""
+    replica = uuid.uuid4().hex[:12]
+    streams = settings.streams
+    mirror = None
+    if settings.cache.url:
+        mirror = RedisJournal(
+            settings.cache.url,
+            namespace=settings.cache.namespace,
+            timeout=settings.cache.timeout,
+            ttl=streams.journal_ttl,
+            replica=replica,
+        )
+    journal = Journal(
+        ttl=streams.journal_ttl,
+        max_events=streams.journal_max_events,
+        max_bytes=streams.journal_max_bytes,
+        memory_bytes=streams.memory_bytes,
+        mirror=mirror,
+    )
+    return Streams(journal, resume_grace=streams.resume_grace, replica=replica)
+
+
 def create_app(settings: Settings, environ: Mapping[str, str] | None = None) -> Starlette:
     """Build the gateway for `settings`; provider keys come from `environ` (default os.environ)."""
     registry = Registry.from_settings(
@@ -144,6 +171,7 @@ def create_app(settings: Settings, environ: Mapping[str, str] | None = None) -> 
         retry_budget=settings.server.retry_budget,
         lifecycle=lifecycle,
     )
+    streams = build_streams(settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -161,10 +189,12 @@ def create_app(settings: Settings, environ: Mapping[str, str] | None = None) -> 
         )
         app.state.catalog = catalog
         lifecycle.install_signal_handler()
+        streams.start()
         try:
             yield
         finally:
             lifecycle.draining = True
+            await streams.aclose()
             await catalog.aclose()
             await registry.aclose()
             await cache.aclose()
@@ -178,7 +208,17 @@ def create_app(settings: Settings, environ: Mapping[str, str] | None = None) -> 
         routes=[
             Route(
                 "/api/chat/completions",
-                ChatCompletions(service, settings.server, limits),
+                ChatCompletions(service, settings.server, limits, streams),
+                methods=["POST"],
+            ),
+            Route(
+                "/api/chat/completions/{stream_id}/stream",
+                ResumeStream(streams, settings.server),
+                methods=["GET"],
+            ),
+            Route(
+                "/api/chat/completions/{stream_id}/cancel",
+                StopStream(streams),
                 methods=["POST"],
             ),
             Route("/api/v1/messages", Messages(service, settings.server, limits), methods=["POST"]),
@@ -205,7 +245,9 @@ def create_app(settings: Settings, environ: Mapping[str, str] | None = None) -> 
             Route("/api/models", list_models, methods=["GET"]),
             Route("/api/models/categories", model_categories, methods=["GET"]),
             Route("/api/openapi.json", openapi_endpoint, methods=["GET"]),
-            WebSocketRoute("/api/ws", WebSocketEndpoint(service, settings.websocket, limits)),
+            WebSocketRoute(
+                "/api/ws", WebSocketEndpoint(service, settings.websocket, limits, streams)
+            ),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
             Route("/metrics", metrics_endpoint, methods=["GET"]),
@@ -232,6 +274,7 @@ def create_app(settings: Settings, environ: Mapping[str, str] | None = None) -> 
     app.state.lifecycle = lifecycle
     app.state.cache = cache
     app.state.responses = store
+    app.state.streams = streams
     return app
 
 

@@ -77,6 +77,18 @@ class StoreUnavailableError(e.GatewayError):
     """The response store cannot be read now."""
 
 
+class StreamNotFoundError(e.RequestError):
+    """No resumable stream of that id that this client may read (unknown, expired, another's)."""
+
+
+class JournalTruncatedError(e.RequestError):
+    """The events a resume asked for were dropped by the journal's bounds."""
+
+
+class JournalUnavailableError(e.GatewayError):
+    """The stream's journal cannot be read (Redis down, or its copy there is incomplete)."""
+
+
 class Spec(NamedTuple):
     """An error class's wire identity."""
 
@@ -107,6 +119,9 @@ TABLE: dict[type[BaseException], Spec] = {
     TooManySocketsError: Spec(429, "rate_limit_error", "too_many_sockets"),
     ResponseNotFoundError: Spec(404, "invalid_request_error", "not_found"),
     StoreUnavailableError: Spec(503, "server_error", "store_unavailable"),
+    StreamNotFoundError: Spec(404, "invalid_request_error", "stream_not_found"),
+    JournalTruncatedError: Spec(410, "invalid_request_error", "journal_truncated"),
+    JournalUnavailableError: Spec(503, "server_error", "journal_unavailable"),
     e.ProviderError: Spec(502, "upstream_error", "upstream_error"),
     e.UpstreamAuthError: Spec(502, "upstream_error", "upstream_auth_failed"),
     e.UpstreamRejectedError: Spec(400, "invalid_request_error", "upstream_rejected"),

@@ -33,6 +33,11 @@ async def readyz(request: Request) -> Response:
     cache = request.app.state.cache
     cache_state = "ok" if await cache.healthy() else "degraded"  # misses, never failures
     degraded = degraded or cache_state != "ok"
+    # Resumable streams' shared journal: "degraded" while writes to Redis fail (streams go on,
+    # resumable on their own replica only).
+    mirror = request.app.state.streams.mirror
+    journal = "memory" if mirror is None else ("ok" if await mirror.healthy() else "degraded")
+    degraded = degraded or journal == "degraded"
     classifier = request.app.state.catalog.classifier_status  # local | serving | degraded
     degraded = degraded or classifier == "degraded"
     # Why each provider that is not ok failed last, as its clients are told (no addresses).
@@ -45,6 +50,7 @@ async def readyz(request: Request) -> Response:
         "providers": providers,
         **({"provider_errors": errors} if errors else {}),
         "cache": {cache.backend: cache_state},
+        "journal": journal,
         "classifier": classifier,
     }
     status = "unavailable" if not usable else ("degraded" if degraded else "ready")

@@ -33,12 +33,13 @@ if os.environ.get("PROMETHEUS_DISABLE_CREATED_SERIES", "").lower() not in ("fals
     disable_created_metrics()  # type: ignore[no-untyped-call]
 
 Transport = Literal["rest", "sse", "ws"]
-Outcome = Literal["completed", "cancelled", "client_disconnected", "error", "timeout"]
+Outcome = Literal["completed", "cancelled", "client_disconnected", "abandoned", "error", "timeout"]
 TRANSPORTS: tuple[Transport, ...] = ("rest", "sse", "ws")
 OUTCOMES: tuple[Outcome, ...] = (
     "completed",
     "cancelled",
     "client_disconnected",
+    "abandoned",
     "error",
     "timeout",
 )
@@ -66,6 +67,8 @@ FRAME_TYPES = frozenset(
     {
         "chat.start",
         "chat.cancel",
+        "chat.resume",
+        "chat.started",
         "ping",
         "chat.delta",
         "chat.done",
@@ -153,6 +156,24 @@ CLASSIFIER_LATENCY = Histogram(
     ["method"],
     buckets=LATENCY_BUCKETS,
 )
+STREAM_RESUMES = Counter(
+    "tokenrelay_stream_resumes_total",
+    "Resumable streams read again, by transport and whether this replica ran the stream.",
+    ["transport", "replica"],
+)
+STREAMS_ABANDONED = Counter(
+    "tokenrelay_streams_abandoned_total",
+    "Resumable streams closed because nobody came back within resume_grace.",
+)
+JOURNAL_WRITE_FAILURES = Counter(
+    "tokenrelay_journal_write_failures_total",
+    "Streams whose shared (Redis) journal lost writes: they are resumable on their replica only.",
+)
+JOURNAL_BYTES = Gauge(
+    "tokenrelay_journal_bytes",
+    "Bytes (estimated) of stream journals held in this process's memory.",
+    multiprocess_mode="livesum",
+)
 WS_CONNECTIONS = Gauge(
     "tokenrelay_ws_connections_active",
     "Open WebSocket connections.",
@@ -169,6 +190,9 @@ def route_label(path: str) -> str:
     """A bounded route label for a raw path."""
     if path in ROUTES:
         return path
+    if path.startswith("/api/chat/completions/"):  # one label per resumable-stream route
+        tail = "/cancel" if path.endswith("/cancel") else "/stream"
+        return "/api/chat/completions/{id}" + tail
     if path.startswith("/api/responses/"):  # one label for every response id
         for tail in ("/cancel", "/input_items"):
             if path.endswith(tail):

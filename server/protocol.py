@@ -326,6 +326,17 @@ class ChatStart(
     id: StreamId
     request: ChatCompletionBody
     cache_control: Annotated[str, msgspec.Meta(max_length=200)] | None = None
+    resumable: bool = False  # a dropped socket leaves it running, to be resumed
+
+
+class ChatResume(
+    msgspec.Struct, frozen=True, kw_only=True, tag="chat.resume", forbid_unknown_fields=True
+):
+    """Follow a resumable stream (started on any socket or replica) from after `after`."""
+
+    id: StreamId
+    stream_id: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+    after: Annotated[int, msgspec.Meta(ge=-1, le=1 << 53)] = -1
 
 
 class ChatCancel(
@@ -338,7 +349,7 @@ class Ping(msgspec.Struct, frozen=True, kw_only=True, tag="ping", forbid_unknown
     pass
 
 
-ClientFrame = ChatStart | ChatCancel | Ping
+ClientFrame = ChatStart | ChatResume | ChatCancel | Ping
 _decode_client_frame = msgspec.json.Decoder(ClientFrame).decode
 
 
@@ -397,6 +408,27 @@ class ProtocolErrorFrame(msgspec.Struct, frozen=True, kw_only=True, tag="error")
     code: str
     message: str
     id: str | None = None
+
+
+class ChatStarted(msgspec.Struct, frozen=True, kw_only=True, tag="chat.started"):
+    """A resumable stream's id, before any other frame of it."""
+
+    id: str
+    stream_id: str
+    resumed: bool = False
+
+
+class StreamCancellation(msgspec.Struct, frozen=True, kw_only=True):
+    """The answer to `POST /api/chat/completions/{id}/cancel`."""
+
+    id: str
+    object: str = "chat.completion.cancellation"
+    # "cancelled" (by this call or earlier), "completed", "abandoned", "failed", or
+    # "cancelling" (it did not end within a few seconds of the cancel)
+    status: str
+    finish_reason: str | None = None
+    usage: UsageBody | None = None
+    error: Any = None  # server.errors.ErrorBody, when the stream had failed
 
 
 class CancelIgnored(msgspec.Struct, frozen=True, kw_only=True, tag="cancel.ignored"):

@@ -9,7 +9,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from providers.errors import GatewayError
+from providers.errors import GatewayError, InvalidRequestError
 from providers.types import (
     ChatRequest,
     Delta,
@@ -24,10 +24,20 @@ from server.catalog import Catalog
 from server.chat import ChatService, Prepared
 from server.errors import ClientGone
 from server.http import header_map, read_body, request_id_of, send_error, send_json
+from server.journal import Done, Failed
 from server.limits import Limits
 from server.ratelimit import current_principal
+from server.resume import RESUMABLE_HEADER, STREAM_ID_HEADER, Streams, new_stream_id
 from server.settings import ServerSettings
-from server.sse import CACHE_HIT_HEADER, SSE_HEADERS, SSESink, stream_sse
+from server.sse import (
+    CACHE_HIT_HEADER,
+    SSE_HEADERS,
+    ResumableSSESink,
+    SSESink,
+    replay_sse,
+    stream_resumable,
+    stream_sse,
+)
 from server.stream_state import StreamState
 from server.streaming import race, watch_disconnect
 
@@ -107,7 +117,18 @@ class DialectEndpoint(Generic[BodyT]):
 
 
 class ChatCompletions(DialectEndpoint[protocol.ChatCompletionBody]):
-    """`POST /api/chat/completions`: one code path for JSON and SSE."""
+    """`POST /api/chat/completions`: one code path for JSON and SSE; resumable SSE streams
+    (`X-Tokenrelay-Resumable: true`) through the journal."""
+
+    def __init__(
+        self,
+        service: ChatService,
+        settings: ServerSettings,
+        limits: Limits | None = None,
+        streams: Streams | None = None,
+    ) -> None:
+        super().__init__(service, settings, limits)
+        self._streams = streams
 
     def decode(self, raw: bytes) -> tuple[protocol.ChatCompletionBody, ChatRequest]:
         body = protocol.decode_body(raw)
@@ -130,7 +151,30 @@ class ChatCompletions(DialectEndpoint[protocol.ChatCompletionBody]):
         created = int(time.time())
         completion_id = f"chatcmpl-{rid}"
         extra = [(b"x-request-id", rid.encode())]
-        if stream:
+        try:
+            resumable = _resumable(headers.get(RESUMABLE_HEADER), stream)
+        except GatewayError as exc:
+            await send_error(send, exc, rid)
+            return
+        if resumable and self._streams is not None:
+            stream_id = new_stream_id()
+            extra.append((STREAM_ID_HEADER, stream_id.encode()))
+            sink: SSESink = ResumableSSESink(
+                send, (stream_id, created), SSE_HEADERS + extra, body.include_usage, state
+            )
+            state.model = prepared.model
+            owner = current_principal.get() or ""
+            tee = self._streams.open(stream_id, owner, created, body.include_usage, state, sink)
+            await stream_resumable(
+                self._service,
+                self._streams,
+                prepared,
+                tee,
+                receive,
+                sink,
+                heartbeat=self._settings.sse_heartbeat,
+            )
+        elif stream:
             sink = SSESink(
                 send, (completion_id, created), SSE_HEADERS + extra, body.include_usage, state
             )
@@ -170,6 +214,111 @@ class ChatCompletions(DialectEndpoint[protocol.ChatCompletionBody]):
         if state.cached:
             extra = [*extra, CACHE_HIT_HEADER]
         await send_json(send, 200, protocol.encode(completion), extra)
+
+
+def _resumable(value: bytes | None, stream: bool) -> bool:
+    """The `X-Tokenrelay-Resumable` header: true or false, and only on a streamed request."""
+    if value is None:
+        return False
+    flag = value.strip().lower()
+    if flag not in (b"true", b"false", b"1", b"0"):
+        raise InvalidRequestError(
+            "X-Tokenrelay-Resumable must be 'true' or 'false'.", param="X-Tokenrelay-Resumable"
+        )
+    if flag in (b"true", b"1") and not stream:
+        raise InvalidRequestError(
+            'X-Tokenrelay-Resumable applies to streamed requests ("stream": true); '
+            "a non-streamed request has nothing to resume.",
+            param="X-Tokenrelay-Resumable",
+        )
+    return flag in (b"true", b"1")
+
+
+class ResumeStream:
+    """`GET /api/chat/completions/{stream_id}/stream`: a resumable stream read again from after
+    `Last-Event-ID` (or `?after=`), then followed live to its end."""
+
+    def __init__(self, streams: Streams, settings: ServerSettings) -> None:
+        self._streams = streams
+        self._settings = settings
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        rid = request_id_of(scope)
+        stream_id: str = scope["path_params"]["stream_id"]
+        headers = header_map(scope)
+        try:
+            after = _after(headers.get(b"last-event-id"), scope.get("query_string", b""))
+            follower = await self._streams.follow(
+                stream_id, current_principal.get() or "", after, "sse"
+            )
+        except GatewayError as exc:
+            await send_error(send, exc, rid)
+            return
+        head = follower.head
+        state = StreamState(rid, time.monotonic(), "sse")
+        state.model = head.model
+        extra = [(b"x-request-id", rid.encode()), (STREAM_ID_HEADER, stream_id.encode())]
+        sink = ResumableSSESink(
+            send,
+            (stream_id, head.created),
+            SSE_HEADERS + extra,
+            head.include_usage,
+            state,
+            seq=after + 1,
+        )
+        await replay_sse(follower, sink, receive, heartbeat=self._settings.sse_heartbeat)
+
+
+def _after(last_event_id: bytes | None, query: bytes) -> int:
+    """The sequence number after which to resume: `Last-Event-ID`, else `?after=`, else -1."""
+    param, raw = "Last-Event-ID", last_event_id
+    if raw is None:
+        for pair in query.split(b"&"):
+            name, _, value = pair.partition(b"=")
+            if name == b"after":
+                param, raw = "after", value
+    if raw is None or raw.strip() == b"":
+        return -1
+    try:
+        after = int(raw.strip())
+    except ValueError:
+        after = -2
+    if after < -1 or after > 1 << 53:
+        raise InvalidRequestError(
+            f"{param} must be the sequence number of an event (an integer from -1).", param=param
+        )
+    return after
+
+
+class StopStream:
+    """`POST /api/chat/completions/{stream_id}/cancel`: stop a resumable stream at once, on
+    whichever replica runs it; answers how it ended and the usage so far."""
+
+    def __init__(self, streams: Streams) -> None:
+        self._streams = streams
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        rid = request_id_of(scope)
+        stream_id: str = scope["path_params"]["stream_id"]
+        try:
+            stopped, last = await self._streams.cancel(stream_id, current_principal.get() or "")
+        except GatewayError as exc:
+            await send_error(send, exc, rid)
+            return
+        answer = protocol.StreamCancellation(id=stream_id, status="cancelling")
+        if isinstance(last, Done):
+            answer = protocol.StreamCancellation(
+                id=stream_id,
+                status="cancelled" if stopped else last.outcome,
+                finish_reason=last.reason,
+                usage=protocol.UsageBody.of(last.usage),
+            )
+        elif isinstance(last, Failed):
+            answer = protocol.StreamCancellation(
+                id=stream_id, status="failed", finish_reason="error", error=last.error
+            )
+        extra = [(b"x-request-id", rid.encode())]
+        await send_json(send, 200, protocol.encode(answer), extra)
 
 
 async def collect(

@@ -82,6 +82,16 @@ class ResponsesSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     max_bytes: int = 256 * 1024 * 1024
 
 
+class StreamSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The `[streams]` table: resumable streams and their journal (in Redis with `[cache] url`)."""
+
+    resume_grace: float = 30.0  # a dropped resumable stream goes on this long without a reader
+    journal_ttl: float = 60.0  # an ended stream stays readable this long
+    journal_max_events: int = 20_000  # per stream; the oldest go first
+    journal_max_bytes: int = 4 * 1024 * 1024  # per stream
+    memory_bytes: int = 256 * 1024 * 1024  # every journal this process holds in memory
+
+
 class CatalogSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """The `[catalog]` table: how long a fetched model list is served before it is refreshed."""
 
@@ -127,6 +137,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     websocket: WebSocketSettings = msgspec.field(default_factory=WebSocketSettings)
     cache: CacheSettings = msgspec.field(default_factory=CacheSettings)
     responses: ResponsesSettings = msgspec.field(default_factory=ResponsesSettings)
+    streams: StreamSettings = msgspec.field(default_factory=StreamSettings)
     fallbacks: dict[str, list[str]] = msgspec.field(default_factory=dict)
     catalog: CatalogSettings = msgspec.field(default_factory=CatalogSettings)
     classifier: ClassifierSettings = msgspec.field(default_factory=ClassifierSettings)
@@ -361,6 +372,12 @@ def _classifier_rules(
             v.report(_join(path, "address"), "expected host:port, e.g. 127.0.0.1:50051")
 
 
+def _stream_rules(v: _Validator, path: str, fields: dict[str, Any], raw: dict[str, Any]) -> None:
+    events, size = fields.get("journal_max_bytes"), fields.get("memory_bytes")
+    if events is not None and size is not None and size < events:
+        v.report(_join(path, "memory_bytes"), "expected at least streams.journal_max_bytes")
+
+
 def _server_rules(v: _Validator, path: str, fields: dict[str, Any], raw: dict[str, Any]) -> None:
     for i, entry in enumerate(fields.get("forwarded_allow_ips", ())):
         if entry != "*" and not _is_network(entry):
@@ -438,6 +455,7 @@ _RULES: dict[type[msgspec.Struct], Rule] = {
     ServerSettings: _server_rules,
     CacheSettings: _cache_rules,
     CatalogSettings: _catalog_rules,
+    StreamSettings: _stream_rules,
     ClassifierSettings: _classifier_rules,
     AuthSettings: _auth_rules,
     ProviderSettings: _provider_rules,

@@ -18,10 +18,12 @@ from providers.errors import GatewayError
 from providers.types import Delta, FinishReason, ReasoningDelta, RefusalDelta, TextDelta, Usage
 from server import protocol
 from server.chat import ERROR_WRITE_TIMEOUT, ChatService, Prepared, write_or_abort
-from server.errors import ErrorEnvelope, error_body
-from server.http import send_error
+from server.errors import ErrorBody, ErrorEnvelope, error_body
+from server.http import send_error, send_json
+from server.journal import Done, Failed
+from server.resume import Follower, Streams, Tee
 from server.stream_state import StreamState
-from server.streaming import race, watch_disconnect
+from server.streaming import race, wait_disconnect, watch_disconnect
 
 CACHE_HIT_HEADER = (b"x-tokenrelay-cache", b"hit")
 SSE_HEADERS = [
@@ -50,6 +52,12 @@ class EventStreamSink:
         self.last_sent = asyncio.get_running_loop().time()
 
     async def _body(self, data: bytes) -> None:
+        """Send one event's bytes (a delta, the finish, an error)."""
+        self.last_sent = asyncio.get_running_loop().time()
+        await self._send({"type": "http.response.body", "body": data, "more_body": True})
+
+    async def _comment(self, data: bytes) -> None:
+        """Send bytes that are not an event of the stream (a keepalive)."""
         self.last_sent = asyncio.get_running_loop().time()
         await self._send({"type": "http.response.body", "body": data, "more_body": True})
 
@@ -98,7 +106,7 @@ class EventStreamSink:
             if loop.time() - self.last_sent >= interval:
                 if not self.started:
                     await self._start()
-                await self._body(self.keepalive_event())
+                await self._comment(self.keepalive_event())
 
 
 class SSESink(EventStreamSink):
@@ -119,22 +127,22 @@ class SSESink(EventStreamSink):
         self._completion = completion  # (id, created) shared by every chunk
         self._usage = include_usage
 
-    async def _open(self) -> protocol.ChunkFramer:
-        """At the first output: the framer for the model that answers (a fallback, maybe)."""
+    async def _open(self) -> tuple[protocol.ChunkFramer, bytes]:
+        """At the first output: the framer for the model that answers (a fallback, maybe),
+        and the role chunk that opens the answer."""
         if not self.started:
             await self._start()
         completion_id, created = self._completion
-        self._framer = protocol.ChunkFramer(
+        framer = self._framer = protocol.ChunkFramer(
             completion_id=completion_id, created=created, model=self._state.model
         )
-        return self._framer
+        return framer, framer.role()
 
     async def delta(self, event: Delta) -> None:
         framer = self._framer
         opening = b""
         if framer is None:
-            framer = await self._open()
-            opening = framer.role()
+            framer, opening = await self._open()
         if isinstance(event, TextDelta):
             data = framer.content(event.text)
         elif isinstance(event, ReasoningDelta):
@@ -149,12 +157,135 @@ class SSESink(EventStreamSink):
         framer = self._framer
         opening = b""
         if framer is None:
-            framer = await self._open()
-            opening = framer.role()
+            framer, opening = await self._open()
         data = opening + framer.finish(reason)
         if self._usage:
             data += framer.usage(usage)
         await self._body(data + protocol.SSE_DONE)
+
+
+class ResumableSSESink(SSESink):
+    """Chat Completions for a resumable stream: every event has its sequence number as its
+    SSE `id`, so a client (or a browser's EventSource) can resume after the last one it got.
+
+    Each event's bytes (the deltas, the finish with its usage and `[DONE]`, an error) carry the
+    `id:` line on their last SSE event, so `Last-Event-ID` moves only once all of them arrived.
+    A reader of the journal starts at `seq` and, past the first event, without the role chunk.
+    """
+
+    __slots__ = ("seq",)
+
+    def __init__(
+        self,
+        send: Send,
+        completion: tuple[str, int],
+        headers: list[tuple[bytes, bytes]],
+        include_usage: bool,
+        state: StreamState,
+        seq: int = 0,
+    ) -> None:
+        super().__init__(send, completion, headers, include_usage, state)
+        self.seq = seq
+
+    async def _open(self) -> tuple[protocol.ChunkFramer, bytes]:
+        framer, opening = await super()._open()
+        return framer, opening if self.seq == 0 else b""  # past event 0 the role went out
+
+    async def _body(self, data: bytes) -> None:
+        seq = self.seq
+        self.seq = seq + 1
+        last = data.rfind(b"\n\n", 0, len(data) - 2)
+        cut = last + 2 if last >= 0 else 0
+        await super()._body(b"%sid: %d\n%s" % (data[:cut], seq, data[cut:]))
+
+    async def done(self, record: Done) -> None:
+        await self.finish(record.reason, record.usage)  # type: ignore[arg-type]
+
+    async def failed(self, body: ErrorBody) -> None:
+        """The error a stream ended with, as its first client got it."""
+        if not self.started:
+            self.started = self.complete = True
+            self.seq += 1
+            extra = [(b"x-request-id", (body.request_id or "").encode())]
+            if body.retry_after is not None:
+                extra.append((b"retry-after", str(max(int(-(-body.retry_after // 1)), 0)).encode()))
+            await send_json(self._send, body.status, protocol.encode(ErrorEnvelope(body)), extra)
+            return
+        await self._body(protocol.sse_event(ErrorEnvelope(body)))
+
+
+async def stream_resumable(
+    service: ChatService,
+    streams: Streams,
+    prepared: Prepared,
+    tee: Tee,
+    receive: Receive,
+    sink: EventStreamSink,
+    *,
+    heartbeat: float,
+) -> None:
+    """Serve a resumable SSE stream: a disconnect leaves it running into its journal (to be
+    resumed, or abandoned after the grace time); only an explicit cancel stops it."""
+    state = tee.state
+    run = asyncio.ensure_future(streams.run(service, prepared, tee))
+    tee.task = run
+    keepalive = asyncio.ensure_future(sink.keepalive(heartbeat))
+    gone = asyncio.ensure_future(wait_disconnect(receive))
+    try:
+        await asyncio.wait((run, gone), return_when=asyncio.FIRST_COMPLETED)
+        if not run.done():
+            keepalive.cancel()
+            streams.detach(tee)  # the client went away: the stream goes on, journalled
+            await asyncio.wait((run,))
+    finally:
+        keepalive.cancel()
+        gone.cancel()
+        if not run.done():
+            run.cancel()  # this request itself was cancelled (the server is stopping)
+        await asyncio.gather(run, keepalive, gone, return_exceptions=True)
+    if run.cancelled():
+        if tee.live is not None and not sink.complete:
+            await write_or_abort(sink.end(), state, ERROR_WRITE_TIMEOUT)
+        return
+    run.result()
+    if tee.live is not None and not sink.complete:
+        await write_or_abort(sink.end(), state, ERROR_WRITE_TIMEOUT)
+
+
+async def replay_sse(
+    follower: Follower, sink: ResumableSSESink, receive: Receive, *, heartbeat: float
+) -> None:
+    """Serve a resumed stream: the journal's events after the one asked for, then live ones."""
+    await race(
+        _pump(follower, sink),
+        sink.keepalive(heartbeat),
+        wait_disconnect(receive),
+    )
+    if not sink.complete:
+        await write_or_abort(_close(sink), sink._state, ERROR_WRITE_TIMEOUT)
+
+
+async def _close(sink: EventStreamSink) -> None:
+    if not sink.started:  # nothing came after the event asked for: an empty stream
+        await sink._start()
+    await sink.end()
+
+
+async def _pump(follower: Follower, sink: ResumableSSESink) -> None:
+    records = follower.records
+    try:
+        async for _, record in records:
+            sink._state.model = follower.head.model  # known once the stream had output
+            if isinstance(record, Done):
+                await sink.done(record)
+            elif isinstance(record, Failed):
+                await sink.failed(record.error)
+            else:
+                await sink.delta(record)
+    except GatewayError as exc:  # the journal failed the reader midway
+        await sink.failed(error_body(exc, sink._state.request_id))
+    finally:
+        await records.aclose()  # type: ignore[attr-defined]
 
 
 async def stream_sse(

@@ -20,6 +20,14 @@ async def watch_disconnect(receive: Receive, state: StreamState) -> None:
             return
 
 
+async def wait_disconnect(receive: Receive) -> None:
+    """Return when the HTTP client goes away, without cancelling anything."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
 async def race(main: Coroutine[Any, Any, None], *watchers: Coroutine[Any, Any, None]) -> bool:
     """Run `main` with its watchers; when any of them finishes, cancel the others and wait for them.
 

@@ -24,18 +24,21 @@ from providers.errors import GatewayError, InvalidRequestError
 from providers.types import Delta, FinishReason, ReasoningDelta, RefusalDelta, TextDelta, Usage
 from server import metrics, protocol
 from server.auth import OFFERED
-from server.chat import ERROR_WRITE_TIMEOUT, ChatService, write_or_abort
+from server.chat import ERROR_WRITE_TIMEOUT, ChatService, Prepared, write_or_abort
 from server.errors import (
     ClientGone,
     DuplicateStreamError,
+    ErrorBody,
     LimitExceededError,
     RateLimitedError,
     TooManyStreamsError,
     error_body,
 )
 from server.guard import current_abort
+from server.journal import Done, Failed
 from server.limits import FrameMeter, Limits
 from server.ratelimit import current_principal
+from server.resume import Follower, Streams, Tee, new_stream_id
 from server.settings import WebSocketSettings
 from server.stream_state import StreamState
 
@@ -81,12 +84,12 @@ class WSSink:
 
     __slots__ = ("_socket", "_framer", "_id", "_state", "seq", "ended")
 
-    def __init__(self, socket: _Socket, stream_id: str, state: StreamState) -> None:
+    def __init__(self, socket: _Socket, stream_id: str, state: StreamState, seq: int = 0) -> None:
         self._socket = socket
         self._framer = protocol.DeltaFramer(stream_id)
         self._id = stream_id
         self._state = state
-        self.seq = 0
+        self.seq = seq  # a resumed reader starts where it asked to
         self.ended = False
 
     async def delta(self, event: Delta) -> None:
@@ -119,6 +122,23 @@ class WSSink:
     async def cancelled(self) -> None:
         await self.finish("cancelled", self._state.usage_so_far())
 
+    async def done(self, record: Done) -> None:
+        """A journalled stream's end, as its first client got it."""
+        frame = protocol.ChatDone(
+            id=self._id,
+            seq=self._terminal_seq(),
+            finish_reason=record.reason,
+            usage=protocol.UsageBody.of(record.usage),
+            ttft_ms=record.ttft_ms,
+            model=record.model,
+            cached=record.cached,
+        )
+        await self._socket.frame("chat.done", protocol.encode_text(frame))
+
+    async def failed(self, body: ErrorBody) -> None:
+        frame = protocol.ChatErrorFrame(id=self._id, seq=self._terminal_seq(), error=body)
+        await self._socket.frame("chat.error", protocol.encode_text(frame))
+
     async def error(self, exc: GatewayError) -> None:
         frame = protocol.ChatErrorFrame(
             id=self._id, seq=self._terminal_seq(), error=error_body(exc, self._state.request_id)
@@ -134,12 +154,24 @@ class WSSink:
 
 
 class _Stream:
-    __slots__ = ("task", "sink", "state")
+    """A stream this socket runs (`tee` set when resumable), or follows (`target` set: the id
+    of the resumable stream it reads)."""
 
-    def __init__(self, task: asyncio.Task[None], sink: WSSink, state: StreamState) -> None:
+    __slots__ = ("task", "sink", "state", "tee", "target")
+
+    def __init__(
+        self,
+        task: asyncio.Task[None],
+        sink: WSSink,
+        state: StreamState,
+        tee: Tee | None = None,
+        target: str | None = None,
+    ) -> None:
         self.task = task
         self.sink = sink
         self.state = state
+        self.tee = tee
+        self.target = target
 
 
 class Connection:
@@ -151,8 +183,11 @@ class Connection:
         socket: _Socket,
         settings: WebSocketSettings,
         limits: Limits | None = None,
+        streams: Streams | None = None,
     ) -> None:
         self._service = service
+        self._streams_service = streams
+        self._chores: set[asyncio.Task[object]] = set()
         self._socket = socket
         self._abort = current_abort.get()  # drops the connection of a client that stopped reading
         self._settings = settings
@@ -213,6 +248,9 @@ class Connection:
             case protocol.ChatStart():
                 _FRAMES_IN["chat.start"].inc()
                 await self._start(frame, received_at)
+            case protocol.ChatResume():
+                _FRAMES_IN["chat.resume"].inc()
+                await self._resume(frame)
             case protocol.ChatCancel():
                 _FRAMES_IN["chat.cancel"].inc()
                 await self._cancel(frame.id)
@@ -234,7 +272,7 @@ class Connection:
             where = f" at '{param}'" if param else ""
             error = InvalidRequestError(f"Invalid request{where}: {message}", param=param)
             await self._reject(stream_id, error)
-        elif is_object and (path == "type" or kind not in ("chat.start", "chat.cancel", "ping")):
+        elif is_object and (path == "type" or kind not in _CLIENT_FRAMES):
             await self._protocol_error("unknown_type", f"Unknown frame type: {message}", stream_id)
         else:
             where = f" at '{path}'" if path else ""
@@ -268,8 +306,24 @@ class Connection:
             return
         state = StreamState(uuid.uuid4().hex, received_at, "ws")
         sink = WSSink(self._socket, frame.id, state)
-        task = asyncio.create_task(self._run(frame.id, prepared, sink, state))
-        self._streams[frame.id] = _Stream(task, sink, state)
+        tee: Tee | None = None
+        if frame.resumable and self._streams_service is not None:
+            stream_id = new_stream_id()
+            state.model = prepared.model
+            tee = self._streams_service.open(
+                stream_id,
+                self._principal or "",
+                int(time.time()),
+                frame.request.include_usage,
+                state,
+                sink,
+            )
+            started = protocol.ChatStarted(id=frame.id, stream_id=stream_id)
+            await self._socket.frame("chat.started", protocol.encode_text(started))
+        task = asyncio.create_task(self._run(frame.id, prepared, sink, state, tee))
+        if tee is not None:
+            tee.task = task
+        self._streams[frame.id] = _Stream(task, sink, state, tee)
 
     async def _admit(self) -> None:
         """The key's rate limits and concurrent-stream cap (a slot released when `_run` ends)."""
@@ -282,9 +336,19 @@ class Connection:
             )
         await self._limits.stream_slot(self._principal)
 
-    async def _run(self, stream_id: str, prepared: Any, sink: WSSink, state: StreamState) -> None:
+    async def _run(
+        self,
+        stream_id: str,
+        prepared: Prepared,
+        sink: WSSink,
+        state: StreamState,
+        tee: Tee | None = None,
+    ) -> None:
         try:
-            await self._service.run(prepared, sink, state)
+            if tee is not None and self._streams_service is not None:
+                await self._streams_service.run(self._service, prepared, tee)
+            else:
+                await self._service.run(prepared, sink, state)
         except asyncio.CancelledError:
             stream = self._streams.get(stream_id)
             if stream is not None and state.cancel_cause == "cancelled" and not sink.ended:
@@ -301,8 +365,68 @@ class Connection:
             if self._limits is not None:
                 self._limits.end_stream(self._principal)
 
+    async def _resume(self, frame: protocol.ChatResume) -> None:
+        """Follow a resumable stream on this socket under the client's new id."""
+        if frame.id in self._streams:
+            error: GatewayError = DuplicateStreamError(
+                f"A stream with id '{frame.id}' is still running on this socket.", param="id"
+            )
+            await self._reject(frame.id, error)
+            return
+        if len(self._streams) >= self._settings.max_streams:
+            error = TooManyStreamsError(
+                f"This socket already runs {self._settings.max_streams} streams; "
+                "wait for one to end or cancel one."
+            )
+            await self._reject(frame.id, error)
+            return
+        if self._streams_service is None:
+            await self._reject(frame.id, InvalidRequestError("Resuming is not offered here."))
+            return
+        try:
+            follower = await self._streams_service.follow(
+                frame.stream_id, self._principal or "", frame.after, "ws"
+            )
+        except GatewayError as exc:
+            await self._reject(frame.id, exc)
+            return
+        state = StreamState(uuid.uuid4().hex, time.monotonic(), "ws")
+        sink = WSSink(self._socket, frame.id, state, seq=frame.after + 1)
+        started = protocol.ChatStarted(id=frame.id, stream_id=frame.stream_id, resumed=True)
+        await self._reply("chat.started", protocol.encode_text(started))
+        task = asyncio.create_task(self._follow(frame.id, follower, sink))
+        self._streams[frame.id] = _Stream(task, sink, state, target=frame.stream_id)
+
+    async def _follow(self, client_id: str, follower: Follower, sink: WSSink) -> None:
+        records = follower.records
+        try:
+            async for _, record in records:
+                if isinstance(record, Done):
+                    await sink.done(record)
+                elif isinstance(record, Failed):
+                    await sink.failed(record.error)
+                else:
+                    await sink.delta(record)
+        except GatewayError as exc:  # the journal failed this reader midway
+            if not sink.ended:
+                await write_or_abort(sink.failed(error_body(exc)), sink._state, ERROR_WRITE_TIMEOUT)
+        except ClientGone:
+            pass
+        finally:
+            await records.aclose()  # type: ignore[attr-defined]
+            self._streams.pop(client_id, None)
+
     async def _cancel(self, stream_id: str) -> None:
         stream = self._streams.get(stream_id)
+        if stream is not None and stream.target is not None and not stream.sink.ended:
+            # A reader's cancel stops the stream it follows; the reader then relays its end.
+            if self._streams_service is not None:
+                chore = asyncio.create_task(
+                    self._streams_service.cancel(stream.target, self._principal or "")
+                )
+                self._chores.add(chore)
+                chore.add_done_callback(_forget(self._chores))
+            return
         if stream is None or stream.sink.ended or stream.state.cancel_cause is not None:
             # Unknown, finished, or already being cancelled: every cancel gets an answer.
             reason = "unknown_or_finished" if stream is None or stream.sink.ended else "cancelling"
@@ -334,11 +458,27 @@ class Connection:
 
     async def _cancel_all(self) -> None:
         tasks = []
-        for stream in self._streams.values():
+        for stream in list(self._streams.values()):
+            if stream.tee is not None and self._streams_service is not None:
+                # A dropped socket is not a cancel: the stream goes on into its journal.
+                self._streams_service.detach(stream.tee)
+                continue
             stream.state.cancel("client_disconnected")
             stream.task.cancel()
             tasks.append(stream.task)
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+_CLIENT_FRAMES = ("chat.start", "chat.resume", "chat.cancel", "ping")
+
+
+def _forget(chores: set[asyncio.Task[object]]) -> Any:
+    def done(task: asyncio.Task[object]) -> None:
+        chores.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.debug("cancel from a reader failed: %s", task.exception())
+
+    return done
 
 
 _START = re.compile(r'^\s*\{\s*"type"\s*:\s*"chat\.start"\s*,\s*"id"\s*:\s*"([^"\\]{1,128})"')
@@ -366,11 +506,16 @@ class WebSocketEndpoint:
     """`GET /api/ws` as a plain ASGI app."""
 
     def __init__(
-        self, service: ChatService, settings: WebSocketSettings, limits: Limits | None = None
+        self,
+        service: ChatService,
+        settings: WebSocketSettings,
+        limits: Limits | None = None,
+        streams: Streams | None = None,
     ) -> None:
         self._service = service
         self._settings = settings
         self._limits = limits
+        self._streams = streams
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         message = await receive()
@@ -387,7 +532,10 @@ class WebSocketEndpoint:
         socket = _Socket(send)
         metrics.WS_CONNECTIONS.inc()
         try:
-            await Connection(self._service, socket, self._settings, self._limits).serve(receive)
+            connection = Connection(
+                self._service, socket, self._settings, self._limits, self._streams
+            )
+            await connection.serve(receive)
             await socket.close(1000)
         finally:
             metrics.WS_CONNECTIONS.dec()

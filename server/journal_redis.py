@@ -1,0 +1,348 @@
+"""The stream journal in Redis, so that any replica can replay and follow any stream.
+
+Per stream, two keys under `<namespace>:journal:<stream id>`: a hash (`:head`, the `Head` and
+the stream's status) and a Redis Stream (`:events`) whose entry ids are `0-<seq + 1>`, so a
+reader after sequence `n` simply reads after id `0-<n + 1>`, with blocking `XREAD` while the
+stream is live. Writes are queued by the relay (no I/O, no await) and sent in one pipeline per
+loop tick at most, one flush at a time. Keys live `live_ttl` while the stream runs (renewed by
+every flush) and `ttl` once it ended; trimming follows the in-memory entry's bounds.
+
+Fail-open: a failed flush never touches the relay. The streams in it are marked lost (their
+Redis copy has a gap), their heads say so once Redis answers again, and readers elsewhere get
+a clear "journal unavailable" instead of a gapped answer. Meanwhile the journal backs off (a
+down Redis costs nothing per chunk) and new streams are journalled again once it answers.
+
+Cancels and attaches travel on one pub/sub channel: every replica hears every message and acts
+on the streams it runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from server import metrics
+from server.journal import TERMINAL, Entry, Record, decode_record, encode_record
+
+log = logging.getLogger("tokenrelay.journal")
+
+BLOCK_SECONDS = 1.0  # one blocking read; between them a reader looks at the stream's head
+MAX_QUEUED = 100_000  # records waiting for Redis before the oldest streams are given up
+
+
+class JournalUnavailable(Exception):
+    """Redis cannot be read now, or this stream's copy in it is incomplete."""
+
+
+class RemoteTruncated(Exception):
+    def __init__(self, first: int) -> None:
+        super().__init__(first)
+        self.first = first
+
+
+class RedisJournal:
+    """Mirrors entries into Redis in batches and reads entries written by other replicas."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        namespace: str = "tokenrelay",
+        timeout: float = 0.1,
+        ttl: float = 60.0,
+        live_ttl: float = 600.0,
+        replica: str = "",
+    ) -> None:
+        import redis.asyncio
+
+        self._url = url
+        self._timeout = timeout
+        self.ttl = ttl
+        self.live_ttl = max(live_ttl, ttl)
+        self.replica = replica
+        self._prefix = f"{namespace}:journal:"
+        self.channel = f"{namespace}:streams:control"
+        self._client: Any = redis.asyncio.Redis.from_url(
+            url, socket_timeout=timeout, socket_connect_timeout=timeout, retry_on_timeout=False
+        )
+        # Blocking reads hold a connection for up to BLOCK_SECONDS: a client of their own.
+        self._reader: Any = redis.asyncio.Redis.from_url(
+            url,
+            socket_timeout=BLOCK_SECONDS + max(timeout, 0.5),
+            socket_connect_timeout=timeout,
+            retry_on_timeout=False,
+        )
+        self._ops: list[tuple[str, Entry, int, Record | None]] = []
+        self._scheduled = False
+        self._flushing: asyncio.Task[None] | None = None
+        self._lost: dict[str, Entry] = {}  # stream id -> entry whose Redis copy has a gap
+        self._down_until = 0.0
+        self._backoff = 0.0
+        self._last_log = 0.0
+        self._control: asyncio.Task[None] | None = None
+
+    # -- writing (called by the relay: queue only) ------------------------------------------
+
+    def opened(self, entry: Entry) -> None:
+        self._queue("open", entry, 0, None)
+
+    def append(self, entry: Entry, seq: int, record: Record) -> None:
+        self._queue("add", entry, seq, record)
+
+    def trim(self, entry: Entry) -> None:
+        self._queue("trim", entry, entry.base, None)
+
+    def ended(self, entry: Entry) -> None:
+        self._queue("end", entry, 0, None)
+
+    def _queue(self, op: str, entry: Entry, seq: int, record: Record | None) -> None:
+        stream_id = entry.head.stream_id
+        if stream_id in self._lost:
+            if op == "end":
+                self._schedule()  # its head will say "lost", and then it is forgotten
+            return
+        if time.monotonic() < self._down_until or len(self._ops) >= MAX_QUEUED:
+            self._lose(entry)
+            return
+        self._ops.append((op, entry, seq, record))
+        self._schedule()
+
+    def _schedule(self) -> None:
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._kick)
+
+    def _kick(self) -> None:
+        self._scheduled = False
+        if self._flushing is None or self._flushing.done():
+            self._flushing = asyncio.create_task(self._flush())
+
+    def _lose(self, entry: Entry) -> None:
+        if entry.head.stream_id not in self._lost:
+            self._lost[entry.head.stream_id] = entry
+            metrics.JOURNAL_WRITE_FAILURES.inc()
+
+    def _key(self, stream_id: str) -> tuple[str, str]:
+        base = self._prefix + stream_id
+        return base + ":head", base + ":events"
+
+    async def _flush(self) -> None:
+        """Send what is queued, one pipeline per round, until nothing is left."""
+        while self._ops or self._lost_to_announce():
+            if time.monotonic() < self._down_until:
+                return  # `_failed` scheduled the next attempt
+            ops, self._ops = self._ops, []
+            try:
+                await self._write(ops)
+            except Exception as exc:  # any failure: those streams lose their Redis copy
+                for _, entry, _, _ in ops:
+                    self._lose(entry)
+                self._failed(exc)
+                return
+            if self._backoff:
+                log.info("stream journal: Redis answering again")
+            self._backoff = 0.0
+
+    def _lost_to_announce(self) -> bool:
+        return any(entry.ended for entry in self._lost.values())
+
+    async def _write(self, ops: list[tuple[str, Entry, int, Record | None]]) -> None:
+        live_px = int(self.live_ttl * 1000)
+        ended_px = max(int(self.ttl * 1000), 1)
+        touched: dict[str, Entry] = {}
+        async with self._client.pipeline(transaction=False) as pipe:
+            for op, entry, seq, record in ops:
+                head_key, events_key = self._key(entry.head.stream_id)
+                if op == "add":
+                    assert record is not None
+                    if seq == 0:  # the model that answers is known at the first output
+                        pipe.hset(head_key, "model", entry.head.model)
+                    pipe.xadd(events_key, {"r": encode_record(record)}, id=f"0-{seq + 1}")
+                    touched[entry.head.stream_id] = entry
+                elif op == "open":
+                    head = entry.head
+                    pipe.hset(
+                        head_key,
+                        mapping={
+                            "owner": head.owner,
+                            "created": head.created,
+                            "include_usage": int(head.include_usage),
+                            "model": head.model,
+                            "replica": head.replica,
+                            "status": "live",
+                        },
+                    )
+                    pipe.pexpire(head_key, live_px)
+                elif op == "trim":
+                    pipe.xtrim(events_key, minid=f"0-{seq + 1}")
+                else:  # end
+                    pipe.hset(head_key, "status", "ended")
+                    pipe.pexpire(head_key, ended_px)
+                    pipe.pexpire(events_key, ended_px)
+                    touched.pop(entry.head.stream_id, None)
+            for stream_id in touched:
+                head_key, events_key = self._key(stream_id)
+                pipe.pexpire(head_key, live_px)
+                pipe.pexpire(events_key, live_px)
+            announced = [entry for entry in self._lost.values() if entry.ended]
+            for entry in announced:
+                head_key, events_key = self._key(entry.head.stream_id)
+                pipe.hset(head_key, mapping={"owner": entry.head.owner, "status": "lost"})
+                pipe.pexpire(head_key, ended_px)
+                pipe.delete(events_key)
+            await pipe.execute()
+        for entry in announced:
+            self._lost.pop(entry.head.stream_id, None)
+
+    def _failed(self, exc: BaseException) -> None:
+        self._backoff = min(self._backoff * 2 or 0.25, 5.0)
+        self._down_until = time.monotonic() + self._backoff
+        # Try again after the back-off, if only to mark the lost streams' heads.
+        asyncio.get_running_loop().call_later(self._backoff + 0.01, self._schedule)
+        now = time.monotonic()
+        if now - self._last_log >= 30.0:
+            log.warning(
+                "stream journal: Redis write failed; streams go on without a shared journal",
+                extra={"fields": {"error": type(exc).__name__}},
+            )
+            self._last_log = now
+
+    @property
+    def degraded(self) -> bool:
+        """Writes failed lately (new streams are then resumable on this replica only)."""
+        return time.monotonic() < self._down_until or bool(self._lost)
+
+    async def healthy(self) -> bool:
+        try:
+            alive = bool(await self._client.ping())
+        except Exception:
+            return False
+        if alive:
+            self._down_until = 0.0
+        return alive and not self._lost
+
+    # -- reading (a stream another replica runs) --------------------------------------------
+
+    async def head(self, stream_id: str) -> dict[str, str] | None:
+        """The stream's head, or None when Redis has none; raises `JournalUnavailable`."""
+        head_key, _ = self._key(stream_id)
+        try:
+            raw = await self._reader.hgetall(head_key)
+        except Exception as exc:
+            raise JournalUnavailable(str(exc) or type(exc).__name__) from exc
+        if not raw:
+            return None
+        return {k.decode(): v.decode() for k, v in raw.items()}
+
+    async def last_seq(self, stream_id: str) -> int:
+        """The sequence number of the newest record in Redis (-1 when none)."""
+        _, events_key = self._key(stream_id)
+        try:
+            found = await self._reader.xrevrange(events_key, count=1)
+        except Exception as exc:
+            raise JournalUnavailable(str(exc) or type(exc).__name__) from exc
+        return _seq(found[0][0]) if found else -1
+
+    async def follow(
+        self, stream_id: str, after: int, idle_limit: float
+    ) -> AsyncIterator[tuple[int, Record]]:
+        """Records after `after`, then new ones as they are written, up to the terminal one.
+
+        Blocking reads (no sleeping between polls); between them the head says whether the
+        stream ended or was lost. Raises `RemoteTruncated` when the first record wanted was
+        trimmed, `JournalUnavailable` on a gap, a lost copy, Redis failing, or nothing new for
+        `idle_limit` seconds while the stream claims to be live.
+        """
+        head_key, events_key = self._key(stream_id)
+        expected = after + 1
+        cursor = f"0-{after + 1}"
+        idle_since = time.monotonic()
+        while True:
+            try:
+                found = await self._reader.xread(
+                    {events_key: cursor}, count=512, block=int(BLOCK_SECONDS * 1000)
+                )
+            except Exception as exc:
+                raise JournalUnavailable(str(exc) or type(exc).__name__) from exc
+            if not found:
+                status = (await self.head(stream_id) or {}).get("status")
+                if status == "live" and time.monotonic() - idle_since < idle_limit:
+                    continue
+                if status == "ended":
+                    return  # nothing after `after`
+                raise JournalUnavailable(f"the journal of {stream_id} is {status or 'gone'}")
+            idle_since = time.monotonic()
+            for entry_id, fields in found[0][1]:
+                seq = _seq(entry_id)
+                if seq != expected:
+                    if expected == after + 1:
+                        raise RemoteTruncated(seq)
+                    raise JournalUnavailable(f"the journal of {stream_id} has a gap")
+                record = decode_record(fields[b"r"])
+                yield seq, record
+                if isinstance(record, TERMINAL):
+                    return
+                expected = seq + 1
+                cursor = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+
+    # -- control: cancel and attach across replicas -----------------------------------------
+
+    async def publish(self, kind: str, stream_id: str) -> bool:
+        try:
+            await self._client.publish(self.channel, f"{kind} {stream_id}")
+        except Exception:
+            return False
+        return True
+
+    def listen(self, handler: Callable[[str, str], None]) -> None:
+        """Hear every replica's control messages (resubscribing after a failure)."""
+        self._control = asyncio.create_task(self._listen(handler))
+
+    async def _listen(self, handler: Callable[[str, str], None]) -> None:
+        import redis.asyncio
+
+        backoff = 0.0
+        while True:
+            client: Any = redis.asyncio.Redis.from_url(
+                self._url, socket_connect_timeout=self._timeout, health_check_interval=10
+            )
+            try:
+                async with client.pubsub() as pubsub:
+                    await pubsub.subscribe(self.channel)
+                    backoff = 0.0
+                    async for message in pubsub.listen():
+                        if message.get("type") != "message":
+                            continue
+                        kind, _, stream_id = message["data"].decode().partition(" ")
+                        handler(kind, stream_id)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                backoff = min(backoff * 2 or 0.25, 5.0)
+            finally:
+                with contextlib.suppress(Exception):
+                    await client.aclose()
+            await asyncio.sleep(backoff)
+
+    async def aclose(self) -> None:
+        """Send what is queued (briefly), stop listening, close the clients."""
+        if self._ops and (self._flushing is None or self._flushing.done()):
+            self._flushing = asyncio.create_task(self._flush())
+        if self._flushing is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._flushing, 2.0)
+        if self._control is not None:
+            self._control.cancel()
+            with contextlib.suppress(BaseException):
+                await self._control
+        await self._client.aclose()
+        await self._reader.aclose()
+
+
+def _seq(entry_id: bytes | str) -> int:
+    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    return int(text.partition("-")[2]) - 1
