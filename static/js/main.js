@@ -346,7 +346,7 @@ function resumeAnswer(conversation, message) {
 }
 
 /** The callbacks that render a stream into its message and keep the message saved. */
-function follow({ message, article, renderer }) {
+function follow({ message, article, renderer, conversation }) {
   return {
     onStarted({ stream_id: streamId }) {
       // Saved at once, so that even a reload before the first token resumes the answer.
@@ -380,7 +380,7 @@ function follow({ message, article, renderer }) {
       }
       // The text and the seq it ends at change together, so any saved copy resumes exactly.
       if (message.resume && seq != null) message.resume.seq = seq;
-      store.saveSoon();
+      store.saveAnswerSoon(conversation, message);
       scrollToEnd();
     },
     onReconnecting() {

@@ -8,7 +8,7 @@
 // Stop is `chat.cancel` (or POST …/cancel), which stops the upstream at once; a drop is not a
 // stop. The socket itself is reopened with jittered exponential backoff.
 
-import { socketProtocols, apiFetch } from "./auth.js";
+import { apiFetch, socketProtocols } from "./auth.js";
 import { Stream, clientId } from "./stream.js";
 import { postStream, resumeStream, cancelStream, streamIdOf, errorOf, follow } from "./sse.js";
 

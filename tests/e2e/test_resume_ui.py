@@ -84,6 +84,8 @@ def test_reload_mid_answer_continues_it_exactly(make_ui: UIFactory) -> None:
         assert ui.page.evaluate(STORED_ANSWER)["content"] == FULL
         assert shown(ui).strip() == FULL.strip()
         assert_never_repeated(ui)
+        # The reloaded page showed the saved part at once and went on from it in place.
+        assert "w030 " in ui.page.evaluate("window.__states")[0]
         # One request upstream, carried to its end; the page asked for the rest, not again.
         assert len(ui.upstream.by_model(recorded.model or "")) == 1
         assert recorded.completed and recorded.deltas_sent == len(PIECES)
@@ -176,7 +178,7 @@ def test_sse_fallback_reload_resumes_with_last_event_id_and_stop_cancels(
 ) -> None:
     with make_ui(block_websocket=True, slow=Script(text=PIECES, pace=PACE)) as ui:
         asked: list[Request] = []
-        ui.page.on("request", asked.append)
+        ui.page.on("request", lambda request: asked.append(request))
         recorded = reload_mid_answer(ui, "slow")
         ui.wait_state("done", timeout=20_000)
         assert ui.page.evaluate(STORED_ANSWER)["content"] == FULL
@@ -201,6 +203,22 @@ def test_sse_fallback_reload_resumes_with_last_event_id_and_stop_cancels(
         assert any(r.method == "POST" and r.url.endswith("/cancel") for r in asked)
 
 
+def test_stop_before_the_first_token_over_sse_stops_the_upstream(make_ui: UIFactory) -> None:
+    with make_ui(block_websocket=True, late=Script(tokens=5, first_token_delay=4.0)) as ui:
+        ui.open()
+        ui.page.wait_for_selector("#connection[data-mode=sse]")
+        ui.page.select_option("#model", ui.models["late"])
+        ui.send("Take your time")
+        recorded = ui.upstream_request("late")
+        ui.page.click("#stop")
+        ui.wait_state("stopped")
+        stopped_at = time.monotonic()
+        wait_disconnected(recorded, timeout=6.0)
+        assert recorded.deltas_sent == 0
+        assert recorded.disconnected_at is not None
+        assert recorded.disconnected_at - stopped_at < 1.0, "the upstream ran on after Stop"
+
+
 def test_an_answer_that_ended_while_away_is_completed_on_return(make_ui: UIFactory) -> None:
     with make_ui(quick=Script(text=PIECES[:60], pace=0.02)) as ui:
         ui.open()
@@ -218,13 +236,17 @@ def test_an_answer_that_ended_while_away_is_completed_on_return(make_ui: UIFacto
         assert ui.page.evaluate(STORED_ANSWER)["content"] == "".join(PIECES[:60])
 
 
-# Before the page's scripts run: points the saved answer at a stream the gateway never had.
+# Before the page's scripts run: points the saved answer (in the conversation, and in the copy
+# saved alone as it streamed) at a stream the gateway never had.
 FORGET_STREAM = """(id) => {
-  const key = 'tokenrelay.conversations.v1';
-  const saved = JSON.parse(localStorage.getItem(key));
-  const answer = saved.conversations[0].messages[1];
-  if (answer.resume) answer.resume.stream_id = id;
-  localStorage.setItem(key, JSON.stringify(saved));
+  const conversations = JSON.parse(localStorage.getItem('tokenrelay.conversations.v1'));
+  conversations.conversations[0].messages[1].resume.stream_id = id;
+  localStorage.setItem('tokenrelay.conversations.v1', JSON.stringify(conversations));
+  const streaming = JSON.parse(localStorage.getItem('tokenrelay.streaming.v1'));
+  if (streaming) {
+    streaming.message.resume.stream_id = id;
+    localStorage.setItem('tokenrelay.streaming.v1', JSON.stringify(streaming));
+  }
 }"""
 
 
