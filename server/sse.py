@@ -236,7 +236,10 @@ async def stream_resumable(
         if not run.done():
             keepalive.cancel()
             streams.detach(tee)  # the client went away: the stream goes on, journalled
-            await asyncio.wait((run,))
+            if sink.started:
+                await asyncio.wait((run,))
+            else:  # it never got the stream id (sent with the headers): no one can resume it
+                state.cancel("client_disconnected")
     finally:
         keepalive.cancel()
         gone.cancel()
