@@ -238,15 +238,20 @@ class _HTTP(asyncio.Protocol):
 class SSEClient:
     """Requests on one keep-alive connection, reconnecting when the server closed it."""
 
-    def __init__(self, host: str, port: int, path: str, *, dialect: str = "chat") -> None:
+    def __init__(
+        self, host: str, port: int, path: str, *, dialect: str = "chat", headers: str = ""
+    ) -> None:
         self.host, self.port, self.path = host, port, path
         self.dialect = dialect  # "chat" (Chat Completions), "messages" or "responses"
+        self.headers = headers  # extra header lines, each ending in CRLF
         self._proto: _HTTP | None = None
 
     @classmethod
-    def for_url(cls, url: str, path: str, *, dialect: str = "chat") -> SSEClient:
+    def for_url(
+        cls, url: str, path: str, *, dialect: str = "chat", headers: str = ""
+    ) -> SSEClient:
         host, port = url.removeprefix("http://").split(":")
-        return cls(host, int(port), path, dialect=dialect)
+        return cls(host, int(port), path, dialect=dialect, headers=headers)
 
     async def _connection(self) -> _HTTP:
         if self._proto is None or self._proto.lost or self._proto.transport is None:
@@ -264,7 +269,7 @@ class SSEClient:
         result = Result(tag or uuid.uuid4().hex)
         payload = _BODIES[self.dialect](model, result.tag, stream=stream)
         request = (
-            f"POST {self.path} HTTP/1.1\r\nhost: {self.host}\r\n"
+            f"POST {self.path} HTTP/1.1\r\nhost: {self.host}\r\n{self.headers}"
             f"content-type: application/json\r\ncontent-length: {len(payload)}\r\n\r\n"
         ).encode() + payload
         try:

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import os
 import resource
+import shutil
 import signal
 import socket
 import subprocess
@@ -161,7 +162,11 @@ idle_timeout = 120.0
 
 
 def start_gateway(
-    upstream: str, *, max_connections: int = 8000, ws_streams: int = 64
+    upstream: str,
+    *,
+    max_connections: int = 8000,
+    ws_streams: int = 64,
+    env: dict[str, str] | None = None,
 ) -> tuple[Child, str, float]:
     """A gateway process in front of `upstream`: (child, base URL, seconds until ready)."""
     config = tempfile.NamedTemporaryFile(
@@ -178,7 +183,7 @@ def start_gateway(
         )
     port = free_port()
     argv = [sys.executable, "-m", "server", "serve", "--config", config.name, "--port", str(port)]
-    child = Child("gateway", argv, env={KEY_ENV: "sk-bench-unused"})
+    child = Child("gateway", argv, env={KEY_ENV: "sk-bench-unused", **(env or {})})
     url = f"http://127.0.0.1:{port}"
     try:
         ready = _wait_ready(child, port)
@@ -188,6 +193,23 @@ def start_gateway(
     finally:
         os.unlink(config.name)
     return child, url, ready
+
+
+def start_redis() -> tuple[Child, str]:
+    """A redis-server on a free loopback port, persisting nothing: (child, its URL)."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError("redis-server is not installed (make system-deps installs it)")
+    port = free_port()
+    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    child = Child("redis", argv)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return child, f"redis://127.0.0.1:{port}/0"
+        time.sleep(0.02)
+    child.stop()
+    raise RuntimeError(f"redis-server did not listen on {port}: {child.stderr_tail()}")
 
 
 def _wait_ready(child: Child, port: int, timeout: float = 20.0) -> float:

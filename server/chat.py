@@ -174,7 +174,7 @@ class ChatService:
         self.lifecycle = lifecycle or Lifecycle()
         self._fallbacks = dict(fallbacks or {})
         self._retry_budget = retry_budget
-        self._write_timeout = write_timeout
+        self._write_timeout = self.write_timeout = write_timeout
         self._observer = observer or StreamObserver()
         self._cache = cache  # completions are cached only when a cache is given
         self._cache_ttl = cache_ttl

@@ -53,9 +53,6 @@ class Failed(msgspec.Struct, frozen=True, kw_only=True, tag="failed"):
 Record = TextDelta | ReasoningDelta | RefusalDelta | ToolCallDelta | Done | Failed
 TERMINAL = (Done, Failed)
 
-encode_record = msgspec.msgpack.Encoder().encode
-decode_record = msgspec.msgpack.Decoder(Record).decode
-
 
 class Head(msgspec.Struct, kw_only=True):
     """What a reader needs besides the records: who may read, and how the chunks look."""
@@ -214,10 +211,8 @@ class Entry:
             try:
                 await waiter
             finally:
-                if not waiter.done():
-                    waiter.cancel()
-                    if waiter in self._waiters:
-                        self._waiters.remove(waiter)
+                if waiter in self._waiters:  # left early (cancelled): forget it
+                    self._waiters.remove(waiter)
 
 
 class Journal:

@@ -25,13 +25,33 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import msgspec
+
 from server import metrics
-from server.journal import TERMINAL, Entry, Record, decode_record, encode_record
+from server.journal import TERMINAL, Entry, Record
 
 log = logging.getLogger("tokenrelay.journal")
 
 BLOCK_SECONDS = 1.0  # one blocking read; between them a reader looks at the stream's head
-MAX_QUEUED = 100_000  # records waiting for Redis before the oldest streams are given up
+MAX_QUEUED = 50_000  # streams waiting for a flush before new ones are given up
+FLUSH_DELAY = 0.005  # writes wait this long for company: one pipeline every few milliseconds
+
+encode_records = msgspec.msgpack.Encoder().encode
+decode_records = msgspec.msgpack.Decoder(list[Record]).decode
+
+
+class _Batch:
+    """One stream's writes between two flushes."""
+
+    __slots__ = ("entry", "opened", "first", "records", "trim", "ended")
+
+    def __init__(self, entry: Entry) -> None:
+        self.entry = entry
+        self.opened = False
+        self.first = -1  # sequence number of records[0]
+        self.records: list[Record] = []
+        self.trim: int | None = None
+        self.ended = False
 
 
 class JournalUnavailable(Exception):
@@ -76,10 +96,12 @@ class RedisJournal:
             socket_connect_timeout=timeout,
             retry_on_timeout=False,
         )
-        self._ops: list[tuple[str, Entry, int, Record | None]] = []
+        self._pending: dict[str, _Batch] = {}  # by stream, in the order they first wrote
+        self._renewed: dict[str, float] = {}  # when each live stream's keys were last renewed
         self._scheduled = False
         self._flushing: asyncio.Task[None] | None = None
         self._lost: dict[str, Entry] = {}  # stream id -> entry whose Redis copy has a gap
+        self._announced: set[str] = set()  # lost streams whose head in Redis says so
         self._down_until = 0.0
         self._backoff = 0.0
         self._last_log = 0.0
@@ -88,42 +110,60 @@ class RedisJournal:
     # -- writing (called by the relay: queue only) ------------------------------------------
 
     def opened(self, entry: Entry) -> None:
-        self._queue("open", entry, 0, None)
+        batch = self._batch(entry)
+        if batch is not None:
+            batch.opened = True
 
     def append(self, entry: Entry, seq: int, record: Record) -> None:
-        self._queue("add", entry, seq, record)
+        batch = self._batch(entry)
+        if batch is not None:
+            if batch.first < 0:
+                batch.first = seq
+            batch.records.append(record)
 
     def trim(self, entry: Entry) -> None:
-        self._queue("trim", entry, entry.base, None)
+        batch = self._batch(entry)
+        if batch is not None:
+            batch.trim = entry.base
 
     def ended(self, entry: Entry) -> None:
-        self._queue("end", entry, 0, None)
+        batch = self._batch(entry)
+        if batch is not None:
+            batch.ended = True
+        elif entry.head.stream_id in self._lost:
+            self._schedule()  # once its head says "lost", it is forgotten
 
-    def _queue(self, op: str, entry: Entry, seq: int, record: Record | None) -> None:
+    def _batch(self, entry: Entry) -> _Batch | None:
+        """The stream's writes waiting for the next flush (None: it is not mirrored)."""
         stream_id = entry.head.stream_id
+        batch = self._pending.get(stream_id)
+        if batch is not None:
+            return batch
         if stream_id in self._lost:
-            if op == "end":
-                self._schedule()  # its head will say "lost", and then it is forgotten
-            return
-        if time.monotonic() < self._down_until or len(self._ops) >= MAX_QUEUED:
+            return None
+        if time.monotonic() < self._down_until or len(self._pending) >= MAX_QUEUED:
             self._lose(entry)
-            return
-        self._ops.append((op, entry, seq, record))
+            return None
+        batch = self._pending[stream_id] = _Batch(entry)
         self._schedule()
+        return batch
 
     def _schedule(self) -> None:
         if not self._scheduled:
             self._scheduled = True
-            asyncio.get_running_loop().call_soon(self._kick)
+            asyncio.get_running_loop().call_later(FLUSH_DELAY, self._kick)
 
     def _kick(self) -> None:
         self._scheduled = False
         if self._flushing is None or self._flushing.done():
             self._flushing = asyncio.create_task(self._flush())
+        else:
+            self._schedule()  # after the flush in progress
 
     def _lose(self, entry: Entry) -> None:
         if entry.head.stream_id not in self._lost:
             self._lost[entry.head.stream_id] = entry
+            self._renewed.pop(entry.head.stream_id, None)
             metrics.JOURNAL_WRITE_FAILURES.inc()
 
     def _key(self, stream_id: str) -> tuple[str, str]:
@@ -131,39 +171,34 @@ class RedisJournal:
         return base + ":head", base + ":events"
 
     async def _flush(self) -> None:
-        """Send what is queued, one pipeline per round, until nothing is left."""
-        while self._ops or self._lost_to_announce():
-            if time.monotonic() < self._down_until:
-                return  # `_failed` scheduled the next attempt
-            ops, self._ops = self._ops, []
-            try:
-                await self._write(ops)
-            except Exception as exc:  # any failure: those streams lose their Redis copy
-                for _, entry, _, _ in ops:
-                    self._lose(entry)
-                self._failed(exc)
-                return
-            if self._backoff:
-                log.info("stream journal: Redis answering again")
-            self._backoff = 0.0
+        """Send what is queued in one pipeline; a failure loses those streams' Redis copies."""
+        if time.monotonic() < self._down_until:
+            return  # `_failed` scheduled the next attempt
+        if not self._pending and not self._lost:
+            return
+        batches, self._pending = self._pending, {}
+        try:
+            await self._write(list(batches.values()))
+        except Exception as exc:  # any failure: those streams lose their Redis copy
+            for batch in batches.values():
+                self._lose(batch.entry)
+            self._failed(exc)
+            return
+        if self._backoff:
+            log.info("stream journal: Redis answering again")
+        self._backoff = 0.0
 
-    def _lost_to_announce(self) -> bool:
-        return any(entry.ended for entry in self._lost.values())
-
-    async def _write(self, ops: list[tuple[str, Entry, int, Record | None]]) -> None:
+    async def _write(self, batches: list[_Batch]) -> None:
         live_px = int(self.live_ttl * 1000)
         ended_px = max(int(self.ttl * 1000), 1)
-        touched: dict[str, Entry] = {}
+        now = time.monotonic()
+        renew_after = self.live_ttl / 4
         async with self._client.pipeline(transaction=False) as pipe:
-            for op, entry, seq, record in ops:
-                head_key, events_key = self._key(entry.head.stream_id)
-                if op == "add":
-                    assert record is not None
-                    if seq == 0:  # the model that answers is known at the first output
-                        pipe.hset(head_key, "model", entry.head.model)
-                    pipe.xadd(events_key, {"r": encode_record(record)}, id=f"0-{seq + 1}")
-                    touched[entry.head.stream_id] = entry
-                elif op == "open":
+            for batch in batches:
+                entry = batch.entry
+                stream_id = entry.head.stream_id
+                head_key, events_key = self._key(stream_id)
+                if batch.opened:
                     head = entry.head
                     pipe.hset(
                         head_key,
@@ -177,18 +212,28 @@ class RedisJournal:
                         },
                     )
                     pipe.pexpire(head_key, live_px)
-                elif op == "trim":
-                    pipe.xtrim(events_key, minid=f"0-{seq + 1}")
-                else:  # end
+                records = batch.records
+                if records:
+                    first = batch.first
+                    if first == 0:  # the model that answers is known at the first output
+                        pipe.hset(head_key, "model", entry.head.model)
+                    # One entry per flush: its id is its last record's sequence number + 1.
+                    fields = {"f": first, "r": encode_records(records)}
+                    pipe.xadd(events_key, fields, id=f"0-{first + len(records)}")
+                if batch.trim is not None:
+                    pipe.xtrim(events_key, minid=f"0-{batch.trim + 1}")
+                if batch.ended:
                     pipe.hset(head_key, "status", "ended")
                     pipe.pexpire(head_key, ended_px)
                     pipe.pexpire(events_key, ended_px)
-                    touched.pop(entry.head.stream_id, None)
-            for stream_id in touched:
-                head_key, events_key = self._key(stream_id)
-                pipe.pexpire(head_key, live_px)
-                pipe.pexpire(events_key, live_px)
-            announced = [entry for entry in self._lost.values() if entry.ended]
+                    self._renewed.pop(stream_id, None)
+                elif now - self._renewed.get(stream_id, -renew_after) >= renew_after:
+                    # A live stream's keys expire only if its replica stops renewing them.
+                    self._renewed[stream_id] = now
+                    pipe.pexpire(head_key, live_px)
+                    pipe.pexpire(events_key, live_px)
+            # Streams whose copy has a gap say so, once, so readers elsewhere stop at once.
+            announced = [e for sid, e in self._lost.items() if sid not in self._announced]
             for entry in announced:
                 head_key, events_key = self._key(entry.head.stream_id)
                 pipe.hset(head_key, mapping={"owner": entry.head.owner, "status": "lost"})
@@ -196,7 +241,10 @@ class RedisJournal:
                 pipe.delete(events_key)
             await pipe.execute()
         for entry in announced:
-            self._lost.pop(entry.head.stream_id, None)
+            self._announced.add(entry.head.stream_id)
+        for stream_id in [sid for sid in self._announced if self._lost[sid].ended]:
+            self._announced.discard(stream_id)  # ended and marked: nothing more to do
+            del self._lost[stream_id]
 
     def _failed(self, exc: BaseException) -> None:
         self._backoff = min(self._backoff * 2 or 0.25, 5.0)
@@ -277,16 +325,19 @@ class RedisJournal:
                 raise JournalUnavailable(f"the journal of {stream_id} is {status or 'gone'}")
             idle_since = time.monotonic()
             for entry_id, fields in found[0][1]:
-                seq = _seq(entry_id)
-                if seq != expected:
+                first = int(fields[b"f"])
+                records = decode_records(fields[b"r"])
+                if first > expected:
                     if expected == after + 1:
-                        raise RemoteTruncated(seq)
+                        raise RemoteTruncated(first)
                     raise JournalUnavailable(f"the journal of {stream_id} has a gap")
-                record = decode_record(fields[b"r"])
-                yield seq, record
-                if isinstance(record, TERMINAL):
-                    return
-                expected = seq + 1
+                for seq, record in enumerate(records, first):
+                    if seq < expected:
+                        continue  # the entry began before the sequence asked for
+                    yield seq, record
+                    if isinstance(record, TERMINAL):
+                        return
+                    expected = seq + 1
                 cursor = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
 
     # -- control: cancel and attach across replicas -----------------------------------------
@@ -330,7 +381,7 @@ class RedisJournal:
 
     async def aclose(self) -> None:
         """Send what is queued (briefly), stop listening, close the clients."""
-        if self._ops and (self._flushing is None or self._flushing.done()):
+        if self._pending and (self._flushing is None or self._flushing.done()):
             self._flushing = asyncio.create_task(self._flush())
         if self._flushing is not None:
             with contextlib.suppress(Exception):

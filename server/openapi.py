@@ -47,6 +47,7 @@ def document() -> dict[str, Any]:
             responses_wire.ResponseObject,
             Deleted,
             ItemPage,
+            protocol.StreamCancellation,
         ],
         ref_template="#/components/schemas/{name}",
     )
@@ -57,6 +58,7 @@ def document() -> dict[str, Any]:
     def json_content(name: str) -> dict[str, Any]:
         return {"application/json": {"schema": ref(name)}}
 
+    stream_id = {"name": "stream_id", "in": "path", "required": True, "schema": {"type": "string"}}
     errors = {
         status: {"description": text, "content": json_content("ErrorEnvelope")}
         for status, text in _ERRORS.items()
@@ -95,6 +97,40 @@ def document() -> dict[str, Any]:
                         **errors,
                     },
                 }
+            },
+            "/api/chat/completions/{stream_id}/stream": {
+                "parameters": [stream_id],
+                "get": {
+                    "operationId": "resumeChatCompletionStream",
+                    "description": "A resumable stream (`X-Tokenrelay-Resumable: true`) read again "
+                    "from after `Last-Event-ID` (or `after`), then followed live to its end. Only "
+                    "for the key (or client address) that started it: 404 for anyone else.",
+                    "parameters": [
+                        {"name": "Last-Event-ID", "in": "header", "schema": {"type": "integer"}},
+                        {"name": "after", "in": "query", "schema": {"type": "integer"}},
+                    ],
+                    "responses": {
+                        "200": {
+                            "description": "The stream's SSE events after the one asked for",
+                            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                        },
+                        **errors,
+                    },
+                },
+            },
+            "/api/chat/completions/{stream_id}/cancel": {
+                "parameters": [stream_id],
+                "post": {
+                    "operationId": "cancelChatCompletionStream",
+                    "description": "Stop a resumable stream at once, on whichever replica runs it.",
+                    "responses": {
+                        "200": {
+                            "description": "How the stream ended, with its usage",
+                            "content": json_content("StreamCancellation"),
+                        },
+                        **errors,
+                    },
+                },
             },
             "/api/responses": {
                 "post": {

@@ -82,11 +82,22 @@ class DialectEndpoint(Generic[BodyT]):
     async def send_error(self, send: Send, exc: GatewayError, rid: str) -> None:
         await send_error(send, exc, rid)
 
+    resumable = False  # whether the dialect offers resumable streams
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.monotonic()
         headers = header_map(scope)
         rid = request_id_of(scope)
         try:
+            if not self.resumable and headers.get(RESUMABLE_HEADER, b"").strip().lower() in (
+                b"true",
+                b"1",
+            ):
+                raise InvalidRequestError(
+                    "Resumable streams are offered on /api/chat/completions and the WebSocket "
+                    '(chat.start with "resumable": true), not on this route.',
+                    param="X-Tokenrelay-Resumable",
+                )
             raw = await read_body(
                 receive, headers, self._settings.max_body_bytes, self._settings.body_timeout
             )
@@ -129,6 +140,8 @@ class ChatCompletions(DialectEndpoint[protocol.ChatCompletionBody]):
     ) -> None:
         super().__init__(service, settings, limits)
         self._streams = streams
+
+    resumable = True
 
     def decode(self, raw: bytes) -> tuple[protocol.ChatCompletionBody, ChatRequest]:
         body = protocol.decode_body(raw)
@@ -265,8 +278,15 @@ class ResumeStream:
             head.include_usage,
             state,
             seq=after + 1,
+            head=head,
         )
-        await replay_sse(follower, sink, receive, heartbeat=self._settings.sse_heartbeat)
+        await replay_sse(
+            follower,
+            sink,
+            receive,
+            heartbeat=self._settings.sse_heartbeat,
+            write_timeout=self._settings.slow_consumer_timeout,
+        )
 
 
 def _after(last_event_id: bytes | None, query: bytes) -> int:

@@ -20,12 +20,14 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Coroutine
+from typing import Protocol
 
 from providers.errors import GatewayError, InvalidRequestError
 from providers.types import Delta, FinishReason, Usage
 from server import metrics
 from server.chat import ERROR_WRITE_TIMEOUT, ChatService, Prepared, Sink, write_or_abort
 from server.errors import (
+    ErrorBody,
     JournalTruncatedError,
     JournalUnavailableError,
     StreamNotFoundError,
@@ -127,6 +129,39 @@ class Follower:
         self.head = head
         self.records = records
         self.replica = replica  # "same" or "other"
+
+
+class ReplaySink(Protocol):
+    """How a transport writes a journal's records to a reader."""
+
+    async def delta(self, event: Delta) -> None: ...
+
+    async def done(self, record: Done) -> None: ...
+
+    async def failed(self, body: ErrorBody) -> None: ...
+
+
+async def replay(
+    follower: Follower, sink: ReplaySink, *, write_timeout: float, request_id: str
+) -> None:
+    """Write a reader's records until the stream's end. A journal failing midway ends the
+    reader with that error; a write the client does not take within `write_timeout` raises
+    `TimeoutError` (the caller drops the connection)."""
+    records = follower.records
+    try:
+        async for _, record in records:
+            async with asyncio.timeout(write_timeout):
+                if isinstance(record, Done):
+                    await sink.done(record)
+                elif isinstance(record, Failed):
+                    await sink.failed(record.error)
+                else:
+                    await sink.delta(record)
+    except GatewayError as exc:
+        async with asyncio.timeout(min(write_timeout, ERROR_WRITE_TIMEOUT)):
+            await sink.failed(error_body(exc, request_id))
+    finally:
+        await records.aclose()  # type: ignore[attr-defined]
 
 
 class Streams:

@@ -20,8 +20,8 @@ from server import protocol
 from server.chat import ERROR_WRITE_TIMEOUT, ChatService, Prepared, write_or_abort
 from server.errors import ErrorBody, ErrorEnvelope, error_body
 from server.http import send_error, send_json
-from server.journal import Done, Failed
-from server.resume import Follower, Streams, Tee
+from server.journal import Done, Head
+from server.resume import Follower, Streams, Tee, replay
 from server.stream_state import StreamState
 from server.streaming import race, wait_disconnect, watch_disconnect
 
@@ -173,7 +173,7 @@ class ResumableSSESink(SSESink):
     A reader of the journal starts at `seq` and, past the first event, without the role chunk.
     """
 
-    __slots__ = ("seq",)
+    __slots__ = ("seq", "_head")
 
     def __init__(
         self,
@@ -183,11 +183,15 @@ class ResumableSSESink(SSESink):
         include_usage: bool,
         state: StreamState,
         seq: int = 0,
+        head: Head | None = None,
     ) -> None:
         super().__init__(send, completion, headers, include_usage, state)
         self.seq = seq
+        self._head = head  # a reader's: the model that answered, known once there was output
 
     async def _open(self) -> tuple[protocol.ChunkFramer, bytes]:
+        if self._head is not None:
+            self._state.model = self._head.model
         framer, opening = await super()._open()
         return framer, opening if self.seq == 0 else b""  # past event 0 the role went out
 
@@ -256,39 +260,33 @@ async def stream_resumable(
 
 
 async def replay_sse(
-    follower: Follower, sink: ResumableSSESink, receive: Receive, *, heartbeat: float
+    follower: Follower,
+    sink: ResumableSSESink,
+    receive: Receive,
+    *,
+    heartbeat: float,
+    write_timeout: float,
 ) -> None:
     """Serve a resumed stream: the journal's events after the one asked for, then live ones."""
-    await race(
-        _pump(follower, sink),
-        sink.keepalive(heartbeat),
-        wait_disconnect(receive),
-    )
+    state = sink._state
+    try:
+        await race(
+            replay(follower, sink, write_timeout=write_timeout, request_id=state.request_id),
+            sink.keepalive(heartbeat),
+            wait_disconnect(receive),
+        )
+    except TimeoutError:  # the reader stopped reading
+        if state.abort is not None:
+            state.abort()
+        return
     if not sink.complete:
-        await write_or_abort(_close(sink), sink._state, ERROR_WRITE_TIMEOUT)
+        await write_or_abort(_close(sink), state, ERROR_WRITE_TIMEOUT)
 
 
 async def _close(sink: EventStreamSink) -> None:
     if not sink.started:  # nothing came after the event asked for: an empty stream
         await sink._start()
     await sink.end()
-
-
-async def _pump(follower: Follower, sink: ResumableSSESink) -> None:
-    records = follower.records
-    try:
-        async for _, record in records:
-            sink._state.model = follower.head.model  # known once the stream had output
-            if isinstance(record, Done):
-                await sink.done(record)
-            elif isinstance(record, Failed):
-                await sink.failed(record.error)
-            else:
-                await sink.delta(record)
-    except GatewayError as exc:  # the journal failed the reader midway
-        await sink.failed(error_body(exc, sink._state.request_id))
-    finally:
-        await records.aclose()  # type: ignore[attr-defined]
 
 
 async def stream_sse(

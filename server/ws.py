@@ -35,10 +35,10 @@ from server.errors import (
     error_body,
 )
 from server.guard import current_abort
-from server.journal import Done, Failed
+from server.journal import Done
 from server.limits import FrameMeter, Limits
 from server.ratelimit import current_principal
-from server.resume import Follower, Streams, Tee, new_stream_id
+from server.resume import Follower, Streams, Tee, new_stream_id, replay
 from server.settings import WebSocketSettings
 from server.stream_state import StreamState
 
@@ -187,6 +187,7 @@ class Connection:
     ) -> None:
         self._service = service
         self._streams_service = streams
+        self._write_timeout = service.write_timeout
         self._chores: set[asyncio.Task[object]] = set()
         self._socket = socket
         self._abort = current_abort.get()  # drops the connection of a client that stopped reading
@@ -309,6 +310,13 @@ class Connection:
         tee: Tee | None = None
         if frame.resumable and self._streams_service is not None:
             stream_id = new_stream_id()
+            started = protocol.ChatStarted(id=frame.id, stream_id=stream_id)
+            try:
+                await self._reply("chat.started", protocol.encode_text(started))
+            except ClientGone:
+                if self._limits is not None and self._principal is not None:
+                    self._limits.end_stream(self._principal)  # the slot `_admit` took
+                raise
             state.model = prepared.model
             tee = self._streams_service.open(
                 stream_id,
@@ -318,8 +326,6 @@ class Connection:
                 state,
                 sink,
             )
-            started = protocol.ChatStarted(id=frame.id, stream_id=stream_id)
-            await self._socket.frame("chat.started", protocol.encode_text(started))
         task = asyncio.create_task(self._run(frame.id, prepared, sink, state, tee))
         if tee is not None:
             tee.task = task
@@ -398,22 +404,19 @@ class Connection:
         self._streams[frame.id] = _Stream(task, sink, state, target=frame.stream_id)
 
     async def _follow(self, client_id: str, follower: Follower, sink: WSSink) -> None:
-        records = follower.records
         try:
-            async for _, record in records:
-                if isinstance(record, Done):
-                    await sink.done(record)
-                elif isinstance(record, Failed):
-                    await sink.failed(record.error)
-                else:
-                    await sink.delta(record)
-        except GatewayError as exc:  # the journal failed this reader midway
-            if not sink.ended:
-                await write_or_abort(sink.failed(error_body(exc)), sink._state, ERROR_WRITE_TIMEOUT)
+            await replay(
+                follower,
+                sink,
+                write_timeout=self._write_timeout,
+                request_id=sink._state.request_id,
+            )
+        except TimeoutError:  # the client stopped reading: drop it, as for its own streams
+            if self._abort is not None:
+                self._abort()
         except ClientGone:
             pass
         finally:
-            await records.aclose()  # type: ignore[attr-defined]
             self._streams.pop(client_id, None)
 
     async def _cancel(self, stream_id: str) -> None:

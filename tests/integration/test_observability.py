@@ -213,7 +213,12 @@ async def test_readiness_reports_each_part(served: Served) -> None:
     assert ready.status_code == 200
     assert ready.json() == {
         "status": "ready",
-        "checks": {"providers": {"oai": "ok"}, "cache": {"memory": "ok"}, "classifier": "local"},
+        "checks": {
+            "providers": {"oai": "ok"},
+            "cache": {"memory": "ok"},
+            "journal": "memory",
+            "classifier": "local",
+        },
     }
 
 

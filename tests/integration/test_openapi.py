@@ -32,6 +32,8 @@ def test_the_document_is_published_behind_the_key(gateway: str) -> None:
     assert document["openapi"].startswith("3.1")
     assert set(document["paths"]) == {
         "/api/chat/completions",
+        "/api/chat/completions/{stream_id}/cancel",
+        "/api/chat/completions/{stream_id}/stream",
         "/api/models",
         "/api/responses",
         "/api/responses/{response_id}",

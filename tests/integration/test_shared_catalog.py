@@ -209,6 +209,7 @@ async def test_a_gateway_that_never_reached_its_upstream_is_not_ready(
                 "oai": "oai: upstream rejected the gateway's credentials (HTTP 401)"
             },
             "cache": {"redis": "ok"},
+            "journal": "ok",
             "classifier": "local",
         },
     }
