@@ -248,7 +248,7 @@ async def stream_resumable(
         keepalive.cancel()
         gone.cancel()
         if not run.done():
-            run.cancel()  # this request itself was cancelled (the server is stopping)
+            run.cancel()  # stopped above, or this request was cancelled (the server is stopping)
         await asyncio.gather(run, keepalive, gone, return_exceptions=True)
     if run.cancelled():
         if tee.live is not None and not sink.complete:
