@@ -254,7 +254,9 @@ export class Transport {
   async attach(stream) {
     if (stream.ended) return;
     stream.resumed = true;
-    const open = await this.socketReady();
+    // Every other retry goes over SSE: a socket that opens but drops again must not hold it up.
+    const viaSse = stream.attempts > 0 && stream.attempts % 2 === 0;
+    const open = !viaSse && (await this.socketReady());
     if (stream.ended || stream.stopping) return;
     if (open) {
       stream.id = clientId(); // frames of an attachment this page left are ignored by id

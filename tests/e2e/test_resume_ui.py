@@ -173,6 +173,46 @@ def test_a_dropped_socket_resumes_on_the_next_one(make_ui: UIFactory) -> None:
         assert start["id"] != resume["id"]
 
 
+def test_without_a_new_socket_the_answer_goes_on_over_sse_and_stop_cancels(
+    make_ui: UIFactory,
+) -> None:
+    with make_ui(slow=Script(text=PIECES, pace=PACE)) as ui:
+        # The first socket is cut mid-answer and every later one is refused at once, as behind a
+        # proxy that stopped passing upgrades: the page follows the same stream over SSE.
+        first: list[tuple[WebSocketRoute, WebSocketRoute]] = []
+
+        def relay(page_side: WebSocketRoute) -> None:
+            if first:
+                page_side.close(code=1011)
+                return
+            first.append((page_side, page_side.connect_to_server()))
+
+        asked: list[Request] = []
+        ui.page.on("request", lambda request: asked.append(request))
+        ui.page.route_web_socket("**/api/ws", relay)
+        ui.open()
+        ui.page.wait_for_selector("#connection[data-mode=websocket]")
+        ui.page.select_option("#model", ui.models["slow"])
+        ui.page.evaluate(OBSERVE)
+        ui.send("Count slowly")
+        ui.page.wait_for_selector("article.assistant .content:has-text('w030 ')")
+        page_side, server_side = first[0]
+        server_side.close(code=1001)
+        page_side.close(code=1001)
+        ui.page.wait_for_selector("article.assistant .content:has-text('w070 ')")
+        [resume] = [r for r in asked if r.url.endswith("/stream")]
+        assert int(resume.headers["last-event-id"]) >= 30
+        ui.page.click("#stop")
+        ui.wait_state("stopped")
+        recorded = ui.upstream_request("slow")
+        wait_disconnected(recorded, timeout=2.0)
+        assert any(r.method == "POST" and r.url.endswith("/cancel") for r in asked)
+        kept = ui.page.evaluate(STORED_ANSWER)
+        assert FULL.startswith(kept["content"]) and "w070 " in kept["content"]
+        assert_never_repeated(ui)
+        assert len(ui.upstream.by_model(recorded.model or "")) == 1
+
+
 def test_sse_fallback_reload_resumes_with_last_event_id_and_stop_cancels(
     make_ui: UIFactory,
 ) -> None:
