@@ -7,6 +7,7 @@ import time
 import uuid
 from typing import Any
 
+import pytest
 from playwright.sync_api import Request, WebSocket, WebSocketRoute
 
 from tests.e2e.conftest import UI, UIFactory, wait_disconnected
@@ -290,8 +291,11 @@ FORGET_STREAM = """(id) => {
 }"""
 
 
-def test_a_resume_the_gateway_refuses_keeps_the_partial_text(make_ui: UIFactory) -> None:
-    with make_ui(slow=Script(text=PIECES, pace=PACE)) as ui:
+@pytest.mark.parametrize("transport", ["websocket", "sse"])
+def test_a_resume_the_gateway_refuses_keeps_the_partial_text(
+    make_ui: UIFactory, transport: str
+) -> None:
+    with make_ui(block_websocket=transport == "sse", slow=Script(text=PIECES, pace=PACE)) as ui:
         ui.open()
         ui.page.select_option("#model", ui.models["slow"])
         ui.send("Count slowly")
