@@ -52,6 +52,8 @@ export class Transport {
     this.unloading = false;
     addEventListener("pagehide", () => { this.unloading = true; });
     addEventListener("pageshow", () => { this.unloading = false; });
+    this.waiting = new Set(); // streams between two attempts to re-attach
+    addEventListener("online", () => this.retryNow());
     this.connect();
   }
 
@@ -247,11 +249,21 @@ export class Transport {
     stream.attempts += 1;
     stream.handlers.onReconnecting?.();
     const delay = stream.attempts === 1 ? 0 : jittered(Math.min(RESUME_BACKOFF_MAX_MS, BACKOFF_BASE_MS * 2 ** (stream.attempts - 2)));
+    this.waiting.add(stream);
     stream.retryTimer = setTimeout(() => this.attach(stream), delay);
+  }
+
+  /** The network is back: streams waiting to re-attach try now rather than at their timer. */
+  retryNow() {
+    for (const stream of this.waiting) {
+      clearTimeout(stream.retryTimer);
+      this.attach(stream);
+    }
   }
 
   /** Re-attach to `stream` after its last rendered seq, over the socket if one opens. */
   async attach(stream) {
+    this.waiting.delete(stream);
     if (stream.ended) return;
     stream.resumed = true;
     // Every other retry goes over SSE: a socket that opens but drops again must not hold it up.
@@ -294,6 +306,7 @@ export class Transport {
     if (!stream || stream.ended || stream.stopping) return;
     stream.stopping = true;
     clearTimeout(stream.retryTimer);
+    this.waiting.delete(stream);
     if (stream.transport === "websocket" && this.streams.has(stream.id) && this.send({ type: "chat.cancel", id: stream.id })) {
       // The gateway answers with `chat.done` (cancelled); should the socket not, end here.
       setTimeout(() => this.stopped(stream), STOP_WAIT_MS);
