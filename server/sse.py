@@ -248,12 +248,15 @@ async def stream_resumable(
         if not run.done():
             keepalive.cancel()
             streams.detach(tee)  # the client went away: the stream goes on, journalled
-            await asyncio.wait((run,))
+            if sink.started:
+                await asyncio.wait((run,))
+            else:  # it never got the stream id (sent with the headers): no one can resume it
+                state.cancel("client_disconnected")
     finally:
         keepalive.cancel()
         gone.cancel()
         if not run.done():
-            run.cancel()  # this request itself was cancelled (the server is stopping)
+            run.cancel()  # stopped above, or this request was cancelled (the server is stopping)
         await asyncio.gather(run, keepalive, gone, return_exceptions=True)
     if run.cancelled():
         if tee.live is not None and not sink.complete:

@@ -1,5 +1,14 @@
 // Gateway errors in plain words. Texts from the server are untrusted and only ever set as text.
 
+// The answer was cut by a dropped connection or a reload, and the gateway cannot give the rest
+// (refusing the resume, or its journal failing the reader midway).
+const RESUME_FAILED = {
+  stream_not_found: "The rest of this answer could not be fetched: the gateway no longer has it (it ended too long ago, or a restart lost it). The text above is what arrived.",
+  journal_truncated: "The rest of this answer could not be fetched: the gateway no longer keeps the part that was missed. The text above is what arrived.",
+  journal_unavailable: "The rest of this answer could not be fetched: the gateway's stream journal is unavailable. The text above is what arrived.",
+  other: "The rest of this answer could not be fetched. The text above is what arrived.",
+};
+
 /** {title, detail, retryAfter} for an error object of the gateway's JSON error shape. */
 export function explain(error, model) {
   const code = error?.code || "";
@@ -7,7 +16,9 @@ export function explain(error, model) {
   const retryAfter = Number.isFinite(Number(error?.retry_after)) && error?.retry_after != null ? Number(error.retry_after) : null;
   const detail = typeof error?.message === "string" ? error.message : "";
   let title;
-  if (code === "upstream_rate_limited" || (status === 429 && code !== "too_many_streams")) {
+  if (error?.resume_failed || Object.hasOwn(RESUME_FAILED, code)) {
+    title = RESUME_FAILED[code] || RESUME_FAILED.other;
+  } else if (code === "upstream_rate_limited" || (status === 429 && code !== "too_many_streams")) {
     title = retryAfter != null
       ? `Rate limited by the model's provider. Try again in ${Math.ceil(retryAfter)} s.`
       : "Rate limited by the model's provider. Try again in a moment.";

@@ -320,12 +320,44 @@ async function answer(conversation) {
   const article = messageElement(message, conversation.messages.length - 1);
   ui.messages.append(article);
   refreshLastActions();
-  const renderer = streamInto(article);
-  active = { message, article, renderer, conversation, stream: null };
+  const current = { message, article, renderer: streamInto(article), conversation, stream: null };
+  active = current;
   setBusy(true);
   scrollToEnd(true);
-  active.stream = await transport.start(request, {
-    onDelta({ text, reasoning, refusal, tool_calls: fragments }) {
+  current.stream = await transport.start(request, follow(current));
+}
+
+/**
+ * Continues the open conversation's last answer, left streaming by a page that went away,
+ * from the last event it saved: the text saved is exactly the text up to `resume.seq`.
+ */
+function resumeAnswer(conversation, message) {
+  const index = conversation.messages.length - 1;
+  const article = ui.messages.querySelector(`article.assistant[data-index="${index}"]`);
+  const current = { message, article, renderer: streamInto(article), conversation, stream: null };
+  current.renderer.set(message.content);
+  current.renderer.flush();
+  message.reconnecting = true;
+  updateAssistant(article, message);
+  active = current;
+  setBusy(true);
+  scrollToEnd(true);
+  current.stream = transport.resume(message.resume, follow(current));
+}
+
+/** The callbacks that render a stream into its message and keep the message saved. */
+function follow({ message, article, renderer, conversation }) {
+  return {
+    onStarted({ stream_id: streamId }) {
+      // Saved at once, so that even a reload before the first token resumes the answer.
+      message.resume = { stream_id: streamId, seq: null };
+      store.save();
+    },
+    onDelta({ text, reasoning, refusal, tool_calls: fragments, seq }) {
+      if (message.reconnecting) {
+        delete message.reconnecting;
+        updateAssistant(article, message);
+      }
       if (reasoning) {
         message.reasoning += reasoning;
         updateAssistant(article, message);
@@ -346,33 +378,56 @@ async function answer(conversation) {
         renderer.set(message.content);
         if (first) updateAssistant(article, message);
       }
+      // The text and the seq it ends at change together, so any saved copy resumes exactly.
+      if (message.resume && seq != null) message.resume.seq = seq;
+      store.saveAnswerSoon(conversation, message);
       scrollToEnd();
+    },
+    onReconnecting() {
+      if (message.reconnecting) return;
+      message.reconnecting = true;
+      updateAssistant(article, message);
+    },
+    onResumed() {
+      if (!message.reconnecting) return;
+      delete message.reconnecting;
+      updateAssistant(article, message);
     },
     onDone(frame) {
       const seconds = frame.firstAt != null ? (frame.endedAt - frame.firstAt) / 1000 : 0;
       const tokens = frame.usage?.completion_tokens;
+      settle(message);
       message.status = frame.finish_reason === "cancelled" ? "stopped" : "done";
-      message.model = frame.model || model;
+      message.model = frame.model || message.model;
       message.meta = {
         finish_reason: frame.finish_reason,
         ttft_ms: frame.ttft_ms,
         completion_tokens: tokens ?? null,
-        tps: tokens > 1 && seconds > 0 ? tokens / seconds : null,
+        // A resumed answer's tokens came partly before this page's clock started.
+        tps: !frame.resumed && tokens > 1 && seconds > 0 ? tokens / seconds : null,
         cached: frame.cached === true,
         transport: frame.transport,
+        resumed: frame.resumed === true,
       };
       const calls = message.tool_calls?.length;
       finish(message.status === "stopped" ? "Answer stopped." : calls ? "The model called a tool; its result is asked for below the call." : "Answer complete.");
     },
     onError(error) {
+      settle(message);
       message.status = "error";
       message.error = {
         code: error.code, status: error.status, message: error.message,
-        retry_after: error.retry_after, request_id: error.request_id,
+        retry_after: error.retry_after, request_id: error.request_id, resume_failed: error.resume_failed,
       };
-      finish("The answer failed.");
+      finish(error.resume_failed ? "The rest of the answer could not be fetched." : "The answer failed.");
     },
-  });
+  };
+}
+
+/** An answer that has ended needs no resume. */
+function settle(message) {
+  delete message.resume;
+  delete message.reconnecting;
 }
 
 function finish(announcement) {
@@ -391,7 +446,7 @@ function finish(announcement) {
 }
 
 function stopActive() {
-  if (active?.stream) active.stream.cancel();
+  if (active?.stream) transport.stop(active.stream);
 }
 
 function setBusy(busy) {
@@ -610,14 +665,34 @@ document.addEventListener("keydown", (event) => {
 
 // ---- start --------------------------------------------------------------------------------
 
-// An answer that was streaming when the page went away cannot continue.
-for (const conversation of store.conversations) {
-  for (const message of conversation.messages) {
-    if (message.status === "streaming") message.status = "interrupted";
+/**
+ * Answers left streaming by a page that went away: the open conversation's last one goes on
+ * where it was (returned here), when the gateway named its stream; any other is interrupted.
+ */
+function unfinishedAnswer() {
+  let found = null;
+  for (const conversation of store.conversations) {
+    for (const [i, message] of conversation.messages.entries()) {
+      if (message.status !== "streaming") continue;
+      const last = i === conversation.messages.length - 1;
+      if (!found && last && conversation === store.current && message.resume?.stream_id) {
+        found = { conversation, message };
+      } else {
+        settle(message);
+        message.status = "interrupted";
+      }
+    }
   }
+  return found;
 }
+
+// The page can go away at any moment: what streamed so far is saved with the seq it ends at.
+addEventListener("pagehide", () => store.flush());
+
+const unfinished = unfinishedAnswer();
 store.save();
 renderList();
 renderConversation();
 loadModels();
+if (unfinished) resumeAnswer(unfinished.conversation, unfinished.message);
 ui.prompt.focus();

@@ -211,7 +211,7 @@ function renderMeta(node, message) {
   const parts = [];
   if (message.status === "streaming") {
     const started = message.content || message.reasoning || message.refusal || message.tool_calls?.length;
-    parts.push(started ? "streaming…" : "waiting for the first token…");
+    parts.push(message.reconnecting ? "reconnecting…" : started ? "streaming…" : "waiting for the first token…");
   }
   if (message.status === "stopped") parts.push("stopped");
   if (message.status === "interrupted") parts.push("interrupted");
@@ -222,10 +222,11 @@ function renderMeta(node, message) {
   if (meta.completion_tokens != null) parts.push(`${meta.completion_tokens} tokens`);
   if (message.model) parts.push(message.model);
   if (meta.transport === "sse") parts.push("via SSE");
+  if (meta.resumed) parts.push("resumed");
   for (const [i, text] of parts.entries()) {
     if (i) node.append(" · ");
     const span = el("span", null, text);
-    if (text === "stopped" || text === "interrupted") span.className = "badge warn";
+    if (text === "stopped" || text === "interrupted" || text === "reconnecting…") span.className = "badge warn";
     if (text.startsWith("TTFT")) span.className = "ttft";
     node.append(span);
   }

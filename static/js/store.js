@@ -1,8 +1,13 @@
-// Conversations kept in localStorage: a list of {id, title, messages, updated}, and the open one.
+// Conversations kept in localStorage: a list of {id, title, messages, updated}, and the open one;
+// next to them, the answer streaming right now, saved on its own as it grows.
 
 const KEY = "tokenrelay.conversations.v1";
 const MODEL_KEY = "tokenrelay.model";
 const TOOL_KEY = "tokenrelay.exampleTool";
+const ANSWER_KEY = "tokenrelay.streaming.v1";
+// A streaming answer is saved this often rather than once per token (and when the page goes),
+// and alone: a small write, however large the conversations around it are.
+const ANSWER_DELAY_MS = 400;
 
 function newId() {
   return `c${Date.now().toString(36)}${Math.random().toString(36).slice(2, 8)}`;
@@ -15,6 +20,8 @@ export class Store {
     this.onSaved = onSaved;
     this.conversations = [];
     this.currentId = null;
+    this.answer = null; // {conversation, message} waiting for `saveAnswer`
+    this.answerTimer = 0;
     this.load();
   }
 
@@ -28,17 +35,65 @@ export class Store {
     } catch {
       this.conversations = []; // unreadable: start afresh rather than fail to load the page
     }
+    this.loadAnswer();
     if (!this.current) this.currentId = this.conversations[0]?.id ?? this.create().id;
   }
 
+  /** A streaming answer saved after its conversation replaces the older copy there. */
+  loadAnswer() {
+    let saved = null;
+    try {
+      saved = JSON.parse(this.storage.getItem(ANSWER_KEY) || "null");
+    } catch {
+      return;
+    }
+    const conversation = this.conversations.find((c) => c.id === saved?.conversation);
+    const older = conversation?.messages[saved.index];
+    if (older?.role === "assistant" && older.status === "streaming" && saved.message?.status === "streaming") {
+      conversation.messages[saved.index] = saved.message;
+    }
+  }
+
   save() {
+    clearTimeout(this.answerTimer);
+    this.answerTimer = 0;
+    this.answer = null;
     try {
       this.storage.setItem(KEY, JSON.stringify({ conversations: this.conversations, currentId: this.currentId }));
+      this.storage.removeItem(ANSWER_KEY); // what it held is in there now
       this.onSaved(true);
     } catch {
       // Storage full or disabled: the conversation still works for this page's lifetime.
       this.onSaved(false);
     }
+  }
+
+  /**
+   * Save the streaming answer `message` of `conversation` within ANSWER_DELAY_MS. Each save is a
+   * copy of the whole message as it is then, so its text and its resume point always agree.
+   */
+  saveAnswerSoon(conversation, message) {
+    this.answer = { conversation, message };
+    if (!this.answerTimer) this.answerTimer = setTimeout(() => this.saveAnswer(), ANSWER_DELAY_MS);
+  }
+
+  saveAnswer() {
+    clearTimeout(this.answerTimer);
+    this.answerTimer = 0;
+    const { conversation, message } = this.answer || {};
+    this.answer = null;
+    const index = conversation?.messages.indexOf(message) ?? -1;
+    if (index < 0 || message.status !== "streaming") return;
+    try {
+      this.storage.setItem(ANSWER_KEY, JSON.stringify({ conversation: conversation.id, index, message }));
+    } catch {
+      // Storage full: the conversation's own copy is older, but just as consistent.
+    }
+  }
+
+  /** Save now what `saveAnswerSoon` would have saved later (the page is going away). */
+  flush() {
+    if (this.answer) this.saveAnswer();
   }
 
   get current() {
