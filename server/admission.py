@@ -36,14 +36,18 @@ class StreamGate:
         self.cap = cap
         self.open = 0
 
-    def enter(self) -> None:
-        """Take a slot (give it back with `leave`), or raise `ServerBusyError` at the cap."""
+    def check(self) -> None:
+        """Raise `ServerBusyError` at the cap: a refusal before the request is even read."""
         if self.cap and self.open >= self.cap:
             refused("max_streams")
             raise ServerBusyError(
                 f"The server is running its maximum of {self.cap} streams; retry shortly.",
                 retry_after=RETRY_AFTER,
             )
+
+    def enter(self) -> None:
+        """Take a slot (give it back with `leave`), or raise `ServerBusyError` at the cap."""
+        self.check()
         self.open += 1
 
     def leave(self) -> None:

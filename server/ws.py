@@ -297,6 +297,7 @@ class Connection:
             return
         try:
             if self._limits is not None:
+                self._limits.gate.check()  # at the cap, refused before any other work
                 self._limits.check_body(frame.request)
             prepared = self._service.prepare(
                 protocol.chat_request(frame.request), frame.cache_control
