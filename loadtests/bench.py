@@ -20,7 +20,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -418,9 +418,10 @@ class Bench:
         self.figures[scenario] = {"c1": c1, "load": load, "concurrency": s.load_concurrency}
 
     async def memory(self) -> None:
-        """A fresh gateway: start-up time, idle RSS, then RSS with many open slow streams."""
+        """A fresh gateway: start-up time, idle RSS, then RSS with many open slow streams (more
+        than `max_streams` allows by default: this gateway has no stream cap)."""
         s = self.sizes
-        child, url, ready = harness.start_gateway(self.fake_url)
+        child, url, ready = harness.start_gateway(self.fake_url, max_streams=0)
         self.stack.add(child)
         try:
             await asyncio.sleep(0.5)
@@ -483,7 +484,24 @@ class Bench:
             await asyncio.sleep(0.2)
 
     async def capacity(self) -> None:
-        """Highest concurrency at which no stream stalls longer than 10x the pacing."""
+        """Highest concurrency at which no stream stalls longer than 10x the pacing, on a
+        fresh gateway without the `max_streams` cap (what one process relays, uncapped)."""
+        async with self.own_gateway(0):
+            await self._capacity()
+
+    @contextlib.asynccontextmanager
+    async def own_gateway(self, max_streams: int | None) -> AsyncIterator[None]:
+        """Run the block against a fresh gateway with this `max_streams` (None: the default)."""
+        main = self.gateway, self.gateway_url
+        child, self.gateway_url, _ = harness.start_gateway(self.fake_url, max_streams=max_streams)
+        self.gateway = self.stack.add(child)
+        try:
+            yield
+        finally:
+            self.stack.remove(child)
+            self.gateway, self.gateway_url = main
+
+    async def _capacity(self) -> None:
         s = self.sizes
         await self.control.script("cap", tokens=s.tokens, pace=s.pace)
         limit = 10 * s.pace
@@ -563,19 +581,11 @@ class Bench:
         s = self.sizes
         await self.control.script("over", tokens=s.tokens, pace=s.pace)
         out: dict[str, Any] = {"offered": s.overload_streams}
-        main = self.gateway, self.gateway_url
-        try:
-            for cap in self.overload_caps:
-                child, self.gateway_url, _ = harness.start_gateway(self.fake_url, max_streams=cap)
-                self.gateway = self.stack.add(child)
-                try:
-                    for target in (GW_SSE, GW_WS):
-                        await self.control.forget()
-                        out[f"{target}@{_cap_label(cap)}"] = await self._overload_phase(target)
-                finally:
-                    self.stack.remove(child)
-        finally:
-            self.gateway, self.gateway_url = main
+        for cap in self.overload_caps:
+            async with self.own_gateway(cap):
+                for target in (GW_SSE, GW_WS):
+                    await self.control.forget()
+                    out[f"{target}@{_cap_label(cap)}"] = await self._overload_phase(target)
         self.figures["overload"] = out
 
     async def _overload_phase(self, target: str) -> dict[str, Any]:
@@ -841,10 +851,17 @@ def _refusal_rows(f: dict[str, Any]) -> list[tuple[str, Any, Any, Any, str]]:
     for level in _get(f, "capacity", "levels") or ():
         if level["target"] != DIRECT:
             phases.append((f"capacity {level['streams']}, {level['target']}", level["refused"]))
+    default_cap = ServerSettings().max_streams
+    rows: list[tuple[str, Any, Any, Any, str]] = []
+    for name, n in phases:
+        if n is not None:
+            rows.append((f"refused (429/503), {name}", "", n, "", "0"))
     for key, c in (f.get("cancel") or {}).items():
         if not key.startswith(DIRECT):
-            phases.append((f"cancel {key}", c["refused"]))
-    return [(f"refused (429/503), {name}", "", n, "", "0") for name, n in phases if n is not None]
+            # Past the default cap, refusals are the cap at work (see `overload`).
+            goal = "0" if int(key.split("@")[1]) <= default_cap else ""
+            rows.append((f"refused (429/503), cancel {key}", "", c["refused"], "", goal))
+    return rows
 
 
 def _overload_rows(figures: dict[str, Any] | None) -> list[tuple[str, Any, Any, Any, str]]:

@@ -44,7 +44,7 @@ class ServerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     max_connections: int = 10_000
     # Streams this process runs at once, every transport and dialect together; past it a new
     # stream is refused at once (503, Retry-After). 0: no cap. Sized in loadtests/README.md.
-    max_streams: int = 512
+    max_streams: int = 256
     # Peers whose X-Forwarded-For / X-Forwarded-Proto are believed (addresses or networks, or
     # "*"); by default nobody's, so the client address is always the connection's.
     forwarded_allow_ips: list[str] = msgspec.field(default_factory=list)
