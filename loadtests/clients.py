@@ -253,9 +253,7 @@ class SSEClient:
         self._proto: _HTTP | None = None
 
     @classmethod
-    def for_url(
-        cls, url: str, path: str, *, dialect: str = "chat", headers: str = ""
-    ) -> SSEClient:
+    def for_url(cls, url: str, path: str, *, dialect: str = "chat", headers: str = "") -> SSEClient:
         host, port = url.removeprefix("http://").split(":")
         return cls(host, int(port), path, dialect=dialect, headers=headers)
 
