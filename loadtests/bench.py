@@ -845,7 +845,7 @@ def _refusal_rows(f: dict[str, Any]) -> list[tuple[str, Any, Any, Any, str]]:
     for scenario in ("load", "fixed_cost"):
         for t in (GW_SSE, GW_WS, GW_JSON):
             phases.append((f"{scenario}, {t}", _get(f, scenario, t, "refused")))
-    for scenario, route in (("messages", GW_MSG), ("responses", GW_RSP)):
+    for scenario, route in (("messages", GW_MSG), ("responses", GW_RSP), ("resumable", GW_RES)):
         for t in (GW_SSE, route):
             phases.append((f"{scenario}, {t}", _get(f, scenario, "load", t, "refused")))
     for level in _get(f, "capacity", "levels") or ():
