@@ -20,13 +20,14 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from loadtests import harness
 from loadtests.clients import Result, SSEClient, WSClient, percentile
+from server.settings import ServerSettings
 
 DIRECT, GW_SSE, GW_WS, GW_JSON = "direct-sse", "gateway-sse", "gateway-ws", "gateway-json"
 GW_MSG = "gateway-messages"  # Anthropic's Messages API, SSE, to the same OpenAI-kind upstream
@@ -48,6 +49,7 @@ class Sizes:
     memory_levels: tuple[int, ...] = (1000, 5000)
     capacity_levels: tuple[int, ...] = (100, 200, 300, 400, 600, 800, 1200, 1600)
     cancel_levels: tuple[int, ...] = (50, 1000)
+    overload_streams: int = 1000
     tokens: int = 64
     pace: float = 0.02
 
@@ -62,6 +64,7 @@ TINY = Sizes(
     memory_levels=(20, 40),
     capacity_levels=(10,),
     cancel_levels=(5,),
+    overload_streams=12,
     tokens=8,
     pace=0.01,
 )
@@ -98,10 +101,19 @@ def _self_cpu() -> float:
 
 
 class Bench:
-    def __init__(self, sizes: Sizes, stack: harness.Stack, profile: Path | None) -> None:
+    def __init__(
+        self,
+        sizes: Sizes,
+        stack: harness.Stack,
+        profile: Path | None,
+        max_streams: int | None = None,
+        overload_caps: tuple[int | None, ...] = (0, None),
+    ) -> None:
         self.sizes = sizes
         self.stack = stack
         self.profile = profile
+        self.max_streams = max_streams  # `[server] max_streams` of the main gateway (None: default)
+        self.overload_caps = overload_caps  # the gateways `overload` compares (None: default)
         self.fake: harness.Child
         self.gateway: harness.Child
         self.control: harness.Control
@@ -292,6 +304,7 @@ class Bench:
         return {
             "requests": len(results),
             "errors": len(results) - len(ok),
+            "refused": refused(results),
             "chunks": chunks,
             "ttft": summary([r.ttft for r in ok if r.ttft is not None]),
             "gap": summary(gaps),
@@ -323,6 +336,7 @@ class Bench:
             out[target] = {
                 "requests": len(phase.results),
                 "errors": len(phase.results) - len(ok),
+                "refused": refused(phase.results),
                 "requests_per_s": round(len(ok) / phase.wall, 1),
                 "cpu_per_request_ms": round(phase.gateway_cpu / len(ok) * 1e3, 3) if ok else None,
                 "gateway_cpu_share": round(phase.gateway_cpu / phase.wall, 3),
@@ -404,9 +418,10 @@ class Bench:
         self.figures[scenario] = {"c1": c1, "load": load, "concurrency": s.load_concurrency}
 
     async def memory(self) -> None:
-        """A fresh gateway: start-up time, idle RSS, then RSS with many open slow streams."""
+        """A fresh gateway: start-up time, idle RSS, then RSS with many open slow streams (more
+        than `max_streams` allows by default: this gateway has no stream cap)."""
         s = self.sizes
-        child, url, ready = harness.start_gateway(self.fake_url)
+        child, url, ready = harness.start_gateway(self.fake_url, max_streams=0)
         self.stack.add(child)
         try:
             await asyncio.sleep(0.5)
@@ -469,7 +484,24 @@ class Bench:
             await asyncio.sleep(0.2)
 
     async def capacity(self) -> None:
-        """Highest concurrency at which no stream stalls longer than 10x the pacing."""
+        """Highest concurrency at which no stream stalls longer than 10x the pacing, on a
+        fresh gateway without the `max_streams` cap (what one process relays, uncapped)."""
+        async with self.own_gateway(0):
+            await self._capacity()
+
+    @contextlib.asynccontextmanager
+    async def own_gateway(self, max_streams: int | None) -> AsyncIterator[None]:
+        """Run the block against a fresh gateway with this `max_streams` (None: the default)."""
+        main = self.gateway, self.gateway_url
+        child, self.gateway_url, _ = harness.start_gateway(self.fake_url, max_streams=max_streams)
+        self.gateway = self.stack.add(child)
+        try:
+            yield
+        finally:
+            self.stack.remove(child)
+            self.gateway, self.gateway_url = main
+
+    async def _capacity(self) -> None:
         s = self.sizes
         await self.control.script("cap", tokens=s.tokens, pace=s.pace)
         limit = 10 * s.pace
@@ -499,6 +531,7 @@ class Bench:
                     {
                         "target": target,
                         "streams": level,
+                        "refused": refused(phase.results),
                         "stalled": len(bad),
                         "ttft": summary([r.ttft for r in phase.results if r.ttft is not None]),
                         "gap_max_ms": ms(max(gaps)) if gaps else None,
@@ -540,6 +573,51 @@ class Bench:
                 out[f"{target}@{level}"] = figures
         self.figures["cancel"] = out
 
+    async def overload(self) -> None:
+        """More streams offered at once than one process relays (1,000 over 1 s, 64 deltas
+        20 ms apart, a quarter cancelled 10-29 deltas in), on a fresh gateway per cap: what was
+        refused, what the admitted streams got (TTFB, stalls, cancel propagation) and the
+        throughput (deltas relayed and streams completed per second)."""
+        s = self.sizes
+        await self.control.script("over", tokens=s.tokens, pace=s.pace)
+        out: dict[str, Any] = {"offered": s.overload_streams}
+        for cap in self.overload_caps:
+            async with self.own_gateway(cap):
+                for target in (GW_SSE, GW_WS):
+                    await self.control.forget()
+                    out[f"{target}@{_cap_label(cap)}"] = await self._overload_phase(target)
+        self.figures["overload"] = out
+
+    async def _overload_phase(self, target: str) -> dict[str, Any]:
+        s = self.sizes
+        phase = await self.measure(
+            lambda: self.one_shot(
+                target,
+                "over",
+                s.overload_streams,
+                spread=1.0,
+                cancel_after=lambda i: min(10 + i % 20, s.tokens // 2) if i % 4 == 0 else None,
+            )
+        )
+        await self._still_open("over", seconds=10)
+        records = {r["user"]: r for r in await self.control.requests(times=True)}
+        admitted = [r for r in phase.results if not r.refused]
+        figures = _cancel_figures(phase.results, records)
+        completed = [r for r in admitted if r.done]
+        chunks = sum(r.chunks for r in admitted)
+        figures.update(
+            admitted=len(admitted),
+            completed=len(completed),
+            ttft=summary([r.ttft for r in admitted if r.ttft is not None]),
+            stalled=sum(1 for r in admitted if max(r.gaps(), default=0) > 10 * s.pace),
+            wall_s=round(phase.wall, 2),
+            deltas_per_s=round(chunks / phase.wall, 1),
+            completed_per_s=round(len(completed) / phase.wall, 1),
+            gateway_cpu_share=round(phase.gateway_cpu / phase.wall, 3),
+            client_cpu_share=round(phase.client_cpu / phase.wall, 3),
+        )
+        return figures
+
     async def run(self, only: list[str]) -> dict[str, Any]:
         fake, self.fake_url, control = harness.start_fake(self.sizes.tokens, self.sizes.pace)
         self.fake = self.stack.add(fake)
@@ -551,11 +629,14 @@ class Bench:
             "fixed_cost": self.fixed_cost,
             "capacity": self.capacity,
             "cancel": self.cancel,
+            "overload": self.overload,
             "messages": self.messages,
             "resumable": self.resumable,
             "responses": self.responses,
         }
-        gateway, self.gateway_url, ready = harness.start_gateway(self.fake_url)
+        gateway, self.gateway_url, ready = harness.start_gateway(
+            self.fake_url, max_streams=self.max_streams
+        )
         self.gateway = self.stack.add(gateway)
         self.figures["machine"] = {
             "cpus": os.cpu_count(),
@@ -609,8 +690,11 @@ def _cancel_figures(results: list[Result], records: dict[str, dict[str, Any]]) -
         after.append(sum(1 for t in record["delta_times"] if t > r.cancelled_at))
     return {
         "streams": len(results),
+        "refused": refused(results),
         "cancelled": len(cancelled),
-        "errors": sum(1 for r in results if r.error is not None and r.cancelled_at is None),
+        "errors": sum(
+            1 for r in results if r.error is not None and r.cancelled_at is None and not r.refused
+        ),
         "not_seen_upstream": missing,
         "propagation": summary(latencies),
         "tokens_after_cancel_max": max(after) if after else None,
@@ -618,6 +702,17 @@ def _cancel_figures(results: list[Result], records: dict[str, dict[str, Any]]) -
         "streams_with_more_than_one_after": sum(1 for a in after if a > 1),
         "client_ack": summary(acks) if acks else None,
     }
+
+
+def refused(results: list[Result]) -> int:
+    """Streams refused by a cap (429) or a busy gateway (503): 0 expected at defaults."""
+    return sum(1 for r in results if r.refused)
+
+
+def _cap_label(cap: int | None) -> str:
+    if cap is None:
+        return f"max_streams={ServerSettings().max_streams} (default)"
+    return "max_streams=0 (no cap)" if cap == 0 else f"max_streams={cap}"
 
 
 def _minus(a: float | None, b: float | None) -> float | None:
@@ -739,6 +834,54 @@ def rows(f: dict[str, Any]) -> list[tuple[str, Any, Any, Any, str]]:
                     "0",
                 )
             )
+    out += _overload_rows(f.get("overload"))
+    out += _refusal_rows(f)
+    return out
+
+
+def _refusal_rows(f: dict[str, Any]) -> list[tuple[str, Any, Any, Any, str]]:
+    """Streams refused (429/503) in each gateway phase at default settings: 0 expected."""
+    phases: list[tuple[str, Any]] = []
+    for scenario in ("load", "fixed_cost"):
+        for t in (GW_SSE, GW_WS, GW_JSON):
+            phases.append((f"{scenario}, {t}", _get(f, scenario, t, "refused")))
+    for scenario, route in (("messages", GW_MSG), ("responses", GW_RSP), ("resumable", GW_RES)):
+        for t in (GW_SSE, route):
+            phases.append((f"{scenario}, {t}", _get(f, scenario, "load", t, "refused")))
+    for level in _get(f, "capacity", "levels") or ():
+        if level["target"] != DIRECT:
+            phases.append((f"capacity {level['streams']}, {level['target']}", level["refused"]))
+    default_cap = ServerSettings().max_streams
+    rows: list[tuple[str, Any, Any, Any, str]] = []
+    for name, n in phases:
+        if n is not None:
+            rows.append((f"refused (429/503), {name}", "", n, "", "0"))
+    for key, c in (f.get("cancel") or {}).items():
+        if not key.startswith(DIRECT):
+            # Past the default cap, refusals are the cap at work (see `overload`).
+            goal = "0" if int(key.split("@")[1]) <= default_cap else ""
+            rows.append((f"refused (429/503), cancel {key}", "", c["refused"], "", goal))
+    return rows
+
+
+def _overload_rows(figures: dict[str, Any] | None) -> list[tuple[str, Any, Any, Any, str]]:
+    """Each cap's gateway under `offered` streams at once: refusals, latency, throughput."""
+    out: list[tuple[str, Any, Any, Any, str]] = []
+    if not figures:
+        return out
+    n = figures["offered"]
+    for key, o in figures.items():
+        if key == "offered":
+            continue
+        target, cap = key.split("@")
+        where = f"@{n} offered, {target}, {cap}"
+        out.append((f"refused / admitted {where}", "", f"{o['refused']}/{o['admitted']}", "", ""))
+        out.append((f"TTFB p99 of admitted {where} (ms)", "", o["ttft"]["p99_ms"], "", ""))
+        out.append((f"stalled admitted streams {where}", "", o["stalled"], "", ""))
+        p99 = o["propagation"]["p99_ms"]
+        out.append((f"cancel->upstream p99 {where} (ms)", "", p99, "", "<= 50 ms"))
+        out.append((f"deltas relayed/s {where}", "", o["deltas_per_s"], "", ""))
+        out.append((f"streams completed/s {where}", "", o["completed_per_s"], "", ""))
     return out
 
 
@@ -803,7 +946,19 @@ def main(argv: list[str] | None = None) -> int:
         "--only", action="append", default=[], help="run only this scenario (repeatable)"
     )
     parser.add_argument("--profile", type=Path, help="py-spy the gateway into this folder")
+    parser.add_argument(
+        "--max-streams",
+        type=int,
+        help="[server] max_streams of the gateway (0: no cap; default: the setting's default)",
+    )
+    parser.add_argument(
+        "--overload-caps",
+        default="0,default",
+        help="comma-separated max_streams values the overload scenario compares "
+        "('default' for the setting's default, 0 for no cap)",
+    )
     args = parser.parse_args(argv)
+    caps = tuple(None if c.strip() == "default" else int(c) for c in args.overload_caps.split(","))
     harness.raise_fd_limit()
     harness.stop_on_signals()
     sizes = TINY if args.tiny else Sizes()
@@ -815,7 +970,8 @@ def main(argv: list[str] | None = None) -> int:
         runner = asyncio.run
     with harness.Stack() as stack:
         try:
-            figures = runner(Bench(sizes, stack, args.profile).run(args.only))
+            bench = Bench(sizes, stack, args.profile, args.max_streams, caps)
+            figures = runner(bench.run(args.only))
         except KeyboardInterrupt:
             print("interrupted; stopped everything started", file=sys.stderr)
             return 130

@@ -138,7 +138,7 @@ def main() -> None:
         upstream.scripts[name] = Script(text=["x" * 2000] * 5000)
         config = (
             '[server]\nslow_consumer_timeout = 1.0\nlog_level = "error"\n'
-            "[limits]\nstreams_per_key = 10\n"
+            "[limits]\nstreams_per_address = 10\n"
             f'[[providers]]\nname = "oai"\nkind = "openai"\nbase_url = "{upstream.url}/v1"\n'
             'api_key_env = "UPSTREAM_KEY"\n'
         )

@@ -22,6 +22,7 @@ _TEXT_DELTA = b'"text_delta"'
 _OUTPUT_DELTA = b"event: response.output_text.delta"
 _encode = msgspec.json.Encoder().encode
 SUBPROTOCOL = "tokenrelay.v1"
+REFUSED = frozenset({429, 503})  # what the gateway answers at a cap or at `max_streams`
 
 
 class Result:
@@ -55,6 +56,11 @@ class Result:
     @property
     def ttft(self) -> float | None:
         return None if self.first_at is None else self.first_at - self.sent_at
+
+    @property
+    def refused(self) -> bool:
+        """Refused before it started: a cap (429) or a busy server (503), over either transport."""
+        return self.status in REFUSED
 
     @property
     def duration(self) -> float | None:
@@ -287,10 +293,15 @@ class SSEClient:
         self._proto = None
 
 
+class _ErrorStatus(msgspec.Struct):
+    status: int = 0
+
+
 class _Frame(msgspec.Struct):
     type: str
     id: str | None = None
     finish_reason: str | None = None
+    error: _ErrorStatus | None = None
 
 
 _decode_frame = msgspec.json.Decoder(_Frame).decode
@@ -339,6 +350,7 @@ class WSClient:
                         result.acked_at = time.monotonic()
                 else:
                     result.error = message[:200]
+                    result.status = frame.error.status if frame.error is not None else 0
                 del self._streams[frame.id or ""]
                 if not waiter.done():
                     waiter.set_result(None)

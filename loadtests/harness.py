@@ -140,15 +140,16 @@ demo = false
 [server]
 log_level = "warning"
 
+{max_streams}
 [websocket]
 max_streams = {ws_streams}
 
-# The load generator multiplexes many streams per socket and per client address: the
-# per-socket frame rate and per-client caps would measure the limits, not the relay.
+# Every other limit is the default: one client address running hundreds of streams is not
+# capped without keys, and refusals are counted. The one exception is a per-socket rate, not a
+# cap: the load generator's sockets each carry 8 streams, and with one-token answers back to
+# back each sends ~150 `chat.start` frames a second.
 [limits]
 ws_frames_per_second = 100000
-streams_per_key = 100000
-ws_sockets_per_key = 100000
 
 [[providers]]
 name = "fake"
@@ -167,8 +168,11 @@ def start_gateway(
     max_connections: int = 8000,
     ws_streams: int = 64,
     env: dict[str, str] | None = None,
+    max_streams: int | None = None,
 ) -> tuple[Child, str, float]:
-    """A gateway process in front of `upstream`: (child, base URL, seconds until ready)."""
+    """A gateway process in front of `upstream`: (child, base URL, seconds until ready).
+
+    `max_streams` sets `[server] max_streams` (0: no cap); None keeps the default."""
     config = tempfile.NamedTemporaryFile(
         "w", prefix="tokenrelay-bench-", suffix=".toml", delete=False
     )
@@ -179,6 +183,7 @@ def start_gateway(
                 key_env=KEY_ENV,
                 max_connections=max_connections,
                 ws_streams=ws_streams,
+                max_streams="" if max_streams is None else f"max_streams = {max_streams}",
             )
         )
     port = free_port()

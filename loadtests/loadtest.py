@@ -3,13 +3,15 @@
     python -m loadtests.loadtest [--users 50] [--spawn-rate 25] [--run-time 30s] \\
         [--sse-weight 1] [--ws-weight 1] [--cancel-share 0.2] [--out loadtests/results/locust]
 
-Writes `<out>/locust_stats.csv` (and the other locust CSVs) and `<out>/report.html`. Every
+Writes `<out>/locust_stats.csv` (and the other locust CSVs) and `<out>/report.html`, and
+prints how many streams and sockets the gateway refused (429/503). Every
 process it starts runs in its own process group and is stopped at the end, on Ctrl-C too.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import sys
 from pathlib import Path
 
@@ -77,8 +79,18 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             print("interrupted; stopping everything started", file=sys.stderr)
             return 130
+    print(f"refused (429/503): {refusals(out / 'locust_stats.csv')} (0 expected at defaults)")
     print(f"reports in {out}: locust_stats.csv, report.html (locust exit status {code})")
     return code
+
+
+def refusals(stats: Path) -> int:
+    """Streams and sockets the gateway refused, from the `refused` entries of the run."""
+    if not stats.exists():
+        return 0
+    with stats.open() as f:
+        rows = csv.DictReader(f)
+        return sum(int(row["Failure Count"]) for row in rows if row["Name"] == "refused")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,10 @@ in the normal statistics, CSV and HTML report:
   to the ``chat.done`` that confirms it; SSE, the time to close the connection;
 - ``cancel->upstream`` (with ``--fake-control``): from the client's cancel until the fake
   upstream saw its connection closed, one entry per cancel, recorded when the test stops.
-  A cancel the upstream never saw is reported as a failure.
+  A cancel the upstream never saw is reported as a failure;
+- ``refused``: a stream or socket the gateway refused at a cap (429) or at `max_streams`
+  (503), one failure each, so refusals are counted apart from other errors (0 expected with
+  the default settings).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ _CONTENT = b'"content":"'
 _EMPTY = b'"content":""'
 # Client cancel times by stream tag (the request's `user` field, which the fake records).
 _cancels: dict[str, tuple[str, float]] = {}
+REFUSED = frozenset({429, 503})
 
 
 @events.init_command_line_parser.add_listener
@@ -67,6 +71,10 @@ def _report(env: Environment, kind: str, name: str, seconds: float, error: Any =
         exception=error,
         context={},
     )
+
+
+def _refused(env: Environment, kind: str, status: int) -> None:
+    _report(env, kind, "refused", 0, RuntimeError(f"refused with status {status}"))
 
 
 class _Timing:
@@ -117,6 +125,8 @@ class SSEUser(HttpUser):
             "/api/chat/completions", json=body, stream=True, name="SSE request", catch_response=True
         ) as response:
             if response.status_code != 200:
+                if response.status_code in REFUSED:
+                    _refused(self.environment, "SSE", response.status_code)
                 response.failure(f"status {response.status_code}")
                 timing.end(RuntimeError(f"status {response.status_code}"))
                 return
@@ -142,7 +152,12 @@ class WebSocketUser(User):
     def on_start(self) -> None:
         url = (self.host or "").replace("http://", "ws://").rstrip("/") + "/api/ws"
         started = time.perf_counter()
-        self.ws = websocket.create_connection(url, subprotocols=[SUBPROTOCOL], timeout=60)
+        try:
+            self.ws = websocket.create_connection(url, subprotocols=[SUBPROTOCOL], timeout=60)
+        except websocket.WebSocketBadStatusException as exc:
+            if exc.status_code in REFUSED:
+                _refused(self.environment, "WS", exc.status_code)
+            raise
         _report(self.environment, "WS", "connect", time.perf_counter() - started)
 
     def on_stop(self) -> None:
@@ -178,6 +193,9 @@ class WebSocketUser(User):
                     timing.end()
                 return
             else:
+                status = frame.get("error", {}).get("status")
+                if status in REFUSED:
+                    _refused(self.environment, "WS", status)
                 timing.end(RuntimeError(frame.get("error", frame)))
                 return
 

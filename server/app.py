@@ -18,6 +18,7 @@ from providers.errors import GatewayError
 from providers.registry import Registry
 from server import guard, protocol
 from server.address import PublicAddress
+from server.admission import StreamGate
 from server.auth import Gatekeeper, KeyRing
 from server.cache import Cache, MemoryCache, RedisCache
 from server.catalog import Catalog
@@ -124,7 +125,7 @@ def build_limits(settings: Settings) -> Limits:
         )
     limits = settings.limits
     limiter = RateLimiter(buckets, limits.requests_per_minute, limits.tokens_per_minute)
-    return Limits(limits, limiter, leases)
+    return Limits(limits, limiter, leases, StreamGate(settings.server.max_streams))
 
 
 def build_streams(settings: Settings) -> Streams:

@@ -15,7 +15,8 @@ one. `Gatekeeper` is a pure ASGI middleware that decides, before any route sees 
 - the `Origin` of every WebSocket handshake, and of HTTP requests when no keys are configured
   (so a page elsewhere cannot spend an open gateway's credit through a simple cross-site POST);
 - requests per minute and the tokens-per-minute balance of the key (or, without keys, of the
-  client address).
+  client address), and the WebSockets it holds open (`[limits] ws_sockets_per_key`, or
+  `ws_sockets_per_address`, off by default).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from server.errors import (
 from server.guard import abort_of, current_abort
 from server.http import request_id_of
 from server.http import send_error as send_json_error
-from server.limits import Slots
+from server.limits import ADDRESS, Slots
 from server.ratelimit import RateLimiter, current_principal
 
 # Writes an HTTP error response in the shape the request's API dialect uses.
@@ -180,8 +181,10 @@ class Gatekeeper:
         principal: str | None = scope.get("state", {}).get("principal")
         sockets = self._sockets if scope["type"] == "websocket" and principal else None
         if sockets is not None and principal is not None and not await sockets.acquire(principal):
+            whose = "client address" if principal.startswith(ADDRESS) else "key"
             error = TooManySocketsError(
-                f"This key already has {sockets.cap} WebSockets open; close one first."
+                f"This {whose} already has {sockets.cap_of(principal)} WebSockets open; "
+                "close one first."
             )
             await self._deny(scope, receive, send, error)
             return
@@ -229,7 +232,7 @@ class Gatekeeper:
     def _principal(self, scope: Scope, presented: list[str]) -> str:
         if not self._keys.enabled:
             client = scope.get("client")
-            return f"ip:{client[0] if client else 'unknown'}"
+            return f"{ADDRESS}{client[0] if client else 'unknown'}"
         if not presented:
             raise AuthenticationError(
                 "A gateway key is required: send 'Authorization: Bearer <key>' or "

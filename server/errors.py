@@ -33,6 +33,10 @@ class ServerShuttingDownError(e.GatewayError):
     """The server is shutting down; the request should go to another replica."""
 
 
+class ServerBusyError(e.GatewayError):
+    """The process already runs `[server] max_streams` streams; retry after `retry_after`."""
+
+
 class RequestTimeoutError(e.RequestError):
     """The request body did not arrive in time."""
 
@@ -108,6 +112,7 @@ TABLE: dict[type[BaseException], Spec] = {
     DuplicateStreamError: Spec(409, "invalid_request_error", "duplicate_id"),
     TooManyStreamsError: Spec(429, "rate_limit_error", "too_many_streams"),
     ServerShuttingDownError: Spec(503, "server_error", "server_shutting_down"),
+    ServerBusyError: Spec(503, "server_error", "server_busy"),
     RequestTimeoutError: Spec(408, "invalid_request_error", "request_timeout"),
     RouteNotFoundError: Spec(404, "invalid_request_error", "not_found"),
     MethodNotAllowedError: Spec(405, "invalid_request_error", "method_not_allowed"),

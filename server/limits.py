@@ -2,8 +2,10 @@
 
 Every limit is answered with a structured error naming what was over it: `LimitExceededError`
 (400, `limit_exceeded`) for a request's size, `TooManyStreamsError` / `TooManySocketsError`
-(429) for what a key may hold open at once. Open streams and sockets are counted per process,
-and across replicas through leases in Redis when the cache has a Redis `url`.
+(429) for what a key (`*_per_key`) or, without keys, a client address (`*_per_address`, off by
+default) may hold open at once. Open streams and sockets are counted per process, and across
+replicas through leases in Redis when the cache has a Redis `url`. Before any of them, a stream
+takes a slot of the process's own cap (`server.admission`).
 """
 
 from __future__ import annotations
@@ -14,11 +16,14 @@ import time
 import msgspec
 
 from providers.types import ChatRequest
-from server.errors import LimitExceededError, TooManySocketsError, TooManyStreamsError
+from server.admission import StreamGate, refused
+from server.errors import LimitExceededError, TooManyStreamsError
 from server.leases import RedisLeases
 from server.protocol import ChatCompletionBody
 from server.ratelimit import RateLimiter
 from server.settings import LimitSettings
+
+ADDRESS = "ip:"  # how a client address's principal begins (a key's begins with "key:")
 
 _STRING = re.compile(rb'"(?:[^"\\]|\\.)*+"', re.DOTALL)
 _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
@@ -50,24 +55,40 @@ class _Slot:
 
 class Slots:
     """How many of something each principal holds open, up to a cap: in this process, and
-    across replicas when `shared` leases are given (see `server.leases`)."""
+    across replicas when `shared` leases are given (see `server.leases`). A key's cap is `cap`;
+    a client address's is `address_cap`, where 0 means none (nothing is counted)."""
 
-    def __init__(self, cap: int, kind: str = "slots", shared: RedisLeases | None = None) -> None:
+    def __init__(
+        self,
+        cap: int,
+        kind: str = "slots",
+        shared: RedisLeases | None = None,
+        *,
+        address_cap: int = 0,
+    ) -> None:
         self.cap = cap
+        self.address_cap = address_cap
         self._kind = kind
         self._shared = shared
         self._held: dict[str, list[_Slot]] = {}
 
+    def cap_of(self, principal: str) -> int:
+        """The principal's cap; 0 when it has none."""
+        return self.address_cap if principal.startswith(ADDRESS) else self.cap
+
     async def acquire(self, principal: str) -> bool:
+        cap = self.cap_of(principal)
+        if not cap:
+            return True
         held = self._held.setdefault(principal, [])
-        if len(held) >= self.cap:
+        if len(held) >= cap:
             return False
         slot = _Slot()
         held.append(slot)  # reserved here first, so concurrent acquires count it
         if self._shared is None:
             return True
         try:
-            lease = await self._shared.take(self._kind, principal, self.cap)
+            lease = await self._shared.take(self._kind, principal, cap)
         except BaseException:
             self._forget(principal, slot)
             raise
@@ -119,13 +140,28 @@ class Limits:
     """The limits of one gateway: request checks, per-key slots and the rate limiter."""
 
     def __init__(
-        self, settings: LimitSettings, limiter: RateLimiter, leases: RedisLeases | None = None
+        self,
+        settings: LimitSettings,
+        limiter: RateLimiter,
+        leases: RedisLeases | None = None,
+        gate: StreamGate | None = None,
     ) -> None:
         self.settings = settings
         self.limiter = limiter
         self.leases = leases
-        self.streams = Slots(settings.streams_per_key, "streams", leases)
-        self.sockets = Slots(settings.ws_sockets_per_key, "sockets", leases)
+        self.gate = gate or StreamGate(0)
+        self.streams = Slots(
+            settings.streams_per_key,
+            "streams",
+            leases,
+            address_cap=settings.streams_per_address,
+        )
+        self.sockets = Slots(
+            settings.ws_sockets_per_key,
+            "sockets",
+            leases,
+            address_cap=settings.ws_sockets_per_address,
+        )
 
     async def aclose(self) -> None:
         await self.limiter.aclose()
@@ -173,22 +209,27 @@ class Limits:
                 )
 
     async def stream_slot(self, principal: str | None) -> None:
-        """Take one of the principal's concurrent stream slots (release with `end_stream`)."""
-        if principal is not None and not await self.streams.acquire(principal):
-            raise TooManyStreamsError(
-                f"This key already runs {self.streams.cap} streams; wait for one to end."
+        """Take a slot of the process's cap, then one of the principal's concurrent stream
+        slots (release both with `end_stream`)."""
+        self.gate.enter()
+        try:
+            if principal is not None and not await self.streams.acquire(principal):
+                raise self._too_many_streams(principal)
+        except BaseException:
+            self.gate.leave()
+            raise
+
+    def _too_many_streams(self, principal: str) -> TooManyStreamsError:
+        cap = self.streams.cap_of(principal)
+        if principal.startswith(ADDRESS):
+            refused("streams_per_address")
+            return TooManyStreamsError(
+                f"This client address already runs {cap} streams; wait for one to end."
             )
+        refused("streams_per_key")
+        return TooManyStreamsError(f"This key already runs {cap} streams; wait for one to end.")
 
     def end_stream(self, principal: str | None) -> None:
         if principal is not None:
             self.streams.release(principal)
-
-    async def socket_slot(self, principal: str | None) -> None:
-        if principal is not None and not await self.sockets.acquire(principal):
-            raise TooManySocketsError(
-                f"This key already has {self.sockets.cap} WebSockets open; close one first."
-            )
-
-    def end_socket(self, principal: str | None) -> None:
-        if principal is not None:
-            self.sockets.release(principal)
+        self.gate.leave()

@@ -80,6 +80,9 @@ FRAME_TYPES = frozenset(
     }
 )
 
+# Which cap refused a stream: the process's own, or the principal's (a key, or an address).
+REFUSALS = ("max_streams", "streams_per_key", "streams_per_address")
+
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 CANCEL_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1)
@@ -117,6 +120,11 @@ STREAMS_ACTIVE = Gauge(
     "Streams in flight now.",
     ["transport"],
     multiprocess_mode="livesum",
+)
+STREAMS_REFUSED = Counter(
+    "tokenrelay_streams_refused_total",
+    "Streams refused before they started, by the cap that refused them.",
+    ["reason"],
 )
 CHUNKS = Counter(
     "tokenrelay_stream_chunks_total",

@@ -21,10 +21,11 @@ _ERRORS = {
     "403": "Origin not allowed",
     "404": "Unknown model or route",
     "413": "Body over `[server] max_body_bytes`",
-    "429": "Rate limited (see `Retry-After`)",
+    "429": "Rate limited, or at a key's concurrent-stream cap (see `Retry-After`)",
     "431": "Headers over `[limits] max_header_bytes`",
     "502": "Upstream failure",
-    "503": "Upstream unavailable",
+    "503": "Upstream unavailable, or `server_busy`: the process runs `[server] max_streams` "
+    "streams (see `Retry-After`)",
     "504": "Upstream timeout",
 }
 

@@ -89,6 +89,8 @@ class DialectEndpoint(Generic[BodyT]):
         headers = header_map(scope)
         rid = request_id_of(scope)
         try:
+            if self._limits is not None:
+                self._limits.gate.check()  # at the cap, refused before the body is read
             if not self.resumable and headers.get(RESUMABLE_HEADER, b"").strip().lower() in (
                 b"true",
                 b"1",

@@ -42,6 +42,9 @@ class ServerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     header_timeout: float = 10.0
     body_timeout: float = 30.0
     max_connections: int = 10_000
+    # Streams this process runs at once, every transport and dialect together; past it a new
+    # stream is refused at once (503, Retry-After). 0: no cap. Sized in loadtests/README.md.
+    max_streams: int = 256
     # Peers whose X-Forwarded-For / X-Forwarded-Proto are believed (addresses or networks, or
     # "*"); by default nobody's, so the client address is always the connection's.
     forwarded_allow_ips: list[str] = msgspec.field(default_factory=list)
@@ -125,6 +128,10 @@ class LimitSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     ws_frames_per_second: int = 50
     ws_sockets_per_key: int = 16
     streams_per_key: int = 64
+    # Without `[auth] keys` each client address is a principal; its caps are off (0) unless set,
+    # as one address is often one backend or the proxy in front of the gateway.
+    ws_sockets_per_address: int = 0
+    streams_per_address: int = 0
     lease_ttl: float = 30.0  # with Redis: a dead replica's stream and socket slots free after this
     requests_per_minute: int = 0
     tokens_per_minute: int = 0
@@ -228,8 +235,17 @@ _INVALID: Any = object()  # what a value with a problem converts to
 _BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
 _AT = re.compile(r" - at `\$(.*)`$")
 
-# Numbers must be positive, except these, where zero means none or unlimited.
-_ZERO_ALLOWED = {"pace", "retries", "requests_per_minute", "tokens_per_minute"}
+# Numbers must be positive, except these (by name, or by path), where zero means none or
+# unlimited.
+_ZERO_ALLOWED = {
+    "pace",
+    "retries",
+    "requests_per_minute",
+    "tokens_per_minute",
+    "streams_per_address",
+    "ws_sockets_per_address",
+    "server.max_streams",
+}
 
 
 class _Validator:
@@ -337,7 +353,7 @@ def _range(path: str, value: Any, annotation: Any) -> str | None:
     if name == "port":
         return None if 0 < value < 65536 else "expected 1-65535"
     unit = "seconds" if annotation is float else "bytes" if "bytes" in name else ""
-    if name in _ZERO_ALLOWED:
+    if name in _ZERO_ALLOWED or path in _ZERO_ALLOWED:
         return None if value >= 0 else f"expected zero or more {unit}".rstrip()
     return None if value > 0 else f"expected a positive number of {unit}".removesuffix(" of ")
 

@@ -301,6 +301,7 @@ class Connection:
             return
         try:
             if self._limits is not None:
+                self._limits.gate.check()  # at the cap, refused before any other work
                 self._limits.check_body(frame.request)
             prepared = self._service.prepare(
                 protocol.chat_request(frame.request), frame.cache_control
@@ -318,8 +319,8 @@ class Connection:
             try:
                 await self._reply("chat.started", protocol.encode_text(started))
             except ClientGone:
-                if self._limits is not None and self._principal is not None:
-                    self._limits.end_stream(self._principal)  # the slot `_admit` took
+                if self._limits is not None:
+                    self._limits.end_stream(self._principal)  # the slots `_admit` took
                 raise
             state.model = prepared.model
             tee = self._streams_service.open(
@@ -331,19 +332,26 @@ class Connection:
                 sink,
             )
         task = asyncio.create_task(self._run(frame.id, prepared, sink, state, tee))
+        if self._limits is not None:
+            # A done callback runs even for a task cancelled before its first step (the socket
+            # closing right after the start), where `_run`'s `finally` never would.
+            limits, principal = self._limits, self._principal
+            task.add_done_callback(lambda _: limits.end_stream(principal))
         if tee is not None:
             tee.task = task
         self._streams[frame.id] = _Stream(task, sink, state, tee)
 
     async def _admit(self) -> None:
-        """The key's rate limits and concurrent-stream cap (a slot released when `_run` ends)."""
-        if self._limits is None or self._principal is None:
+        """The key's rate limits, then a slot of the process's and of the key's concurrent
+        streams (both given back when the stream's task is done)."""
+        if self._limits is None:
             return
-        wait = await self._limits.limiter.admit(self._principal)
-        if wait > 0:
-            raise RateLimitedError(
-                "Too many requests or tokens for this key; retry later.", retry_after=wait
-            )
+        if self._principal is not None:
+            wait = await self._limits.limiter.admit(self._principal)
+            if wait > 0:
+                raise RateLimitedError(
+                    "Too many requests or tokens for this key; retry later.", retry_after=wait
+                )
         await self._limits.stream_slot(self._principal)
 
     async def _run(
@@ -372,8 +380,6 @@ class Connection:
         finally:
             self._streams.pop(stream_id, None)
             _FRAMES_OUT["chat.delta"].inc(state.chunks)
-            if self._limits is not None:
-                self._limits.end_stream(self._principal)
 
     async def _resume(self, frame: protocol.ChatResume) -> None:
         """Follow a resumable stream on this socket under the client's new id."""

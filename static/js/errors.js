@@ -24,6 +24,10 @@ export function explain(error, model) {
       : "Rate limited by the model's provider. Try again in a moment.";
   } else if (code === "too_many_streams") {
     title = "Too many answers are streaming at once. Stop one, or wait for one to finish.";
+  } else if (code === "server_busy") {
+    title = retryAfter != null
+      ? `The gateway is running as many answers as it can. Try again in ${Math.ceil(retryAfter)} s.`
+      : "The gateway is running as many answers as it can. Try again in a moment.";
   } else if (code === "model_not_found") {
     title = `The model “${model}” is not known to this gateway. Pick another model.`;
   } else if (code === "slow_consumer") {

@@ -202,7 +202,7 @@ def stalled(upstream: FakeUpstream) -> Iterator[tuple[Served, str]]:
     upstream.scripts[name] = Script(**BIG)  # type: ignore[arg-type]
     config = (
         'demo = false\n[server]\nslow_consumer_timeout = 1.0\nlog_level = "warning"\n'
-        "[limits]\nstreams_per_key = 3\n"
+        "[limits]\nstreams_per_address = 3\n"
         f'[[providers]]\nname = "oai"\nkind = "openai"\nbase_url = "{upstream.url}/v1"\n'
         'api_key_env = "UPSTREAM_KEY"\n'
     )

@@ -228,8 +228,8 @@ async def test_frames_per_second(upstream: FakeUpstream) -> None:
             assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
 
 
-async def test_streams_and_sockets_per_key(upstream: FakeUpstream, model: Model) -> None:
-    limits = LimitSettings(streams_per_key=2, ws_sockets_per_key=2)
+async def test_streams_and_sockets_per_address(upstream: FakeUpstream, model: Model) -> None:
+    limits = LimitSettings(streams_per_address=2, ws_sockets_per_address=2)
     slow = f"oai/{model(tokens=500, pace=0.02)}"
     with gateway_with(upstream, limits=limits) as url:
         async with (

@@ -39,10 +39,17 @@ def test_bench_writes_its_table_and_figures(tmp_path: Path) -> None:
         "memory",
         "capacity",
         "cancel",
+        "overload",
         "messages",
         "responses",
     ):
         assert scenario in figures, scenario
+    # At the default settings one load generator's streams are never refused.
+    for target in ("gateway-sse", "gateway-ws"):
+        assert figures["load"][target]["refused"] == 0
+        assert figures["fixed_cost"][target]["refused"] == 0
+    assert "refused (429/503), load, gateway-sse" in done.stdout
+    assert "cancel->upstream p99 @12 offered" in done.stdout
     assert figures["load"]["gateway-sse"]["chunks"] > 0
     assert figures["load"]["gateway-ws"]["chunks"] > 0
     assert figures["messages"]["load"]["gateway-messages"]["chunks"] > 0
@@ -59,6 +66,7 @@ def test_locust_run_writes_csv_and_html(tmp_path: Path) -> None:
     argv += ["--tokens", "8", "--pace", "0.01", "--cancel-share", "0.5", "--out", str(tmp_path)]
     done = run(argv, timeout=120)
     assert (tmp_path / "report.html").stat().st_size > 0, done.stderr[-3000:]
+    assert "refused (429/503): 0" in done.stdout
     with (tmp_path / "locust_stats.csv").open() as f:
         entries = {(row["Type"], row["Name"]) for row in csv.DictReader(f)}
     for kind in ("SSE", "WS"):

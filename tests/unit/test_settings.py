@@ -594,3 +594,31 @@ def test_responses_table(tmp_path: Path) -> None:
         "responses.max_entires: unknown setting; did you mean 'max_entries'?",
         "responses.ttl: expected a positive number of seconds",
     ]
+
+
+def test_max_streams_and_the_per_address_caps(tmp_path: Path) -> None:
+    settings = load(None, {})
+    assert settings.server.max_streams > 0  # the process is protected by default
+    # Without keys a client address has no stream or socket cap unless one is set.
+    assert (settings.limits.streams_per_address, settings.limits.ws_sockets_per_address) == (0, 0)
+    assert settings.limits.streams_per_key == 64  # keys keep theirs
+    path = write(tmp_path, "[server]\nmax_streams = 0\n[limits]\nstreams_per_address = 8\n")
+    settings = load(path, {})
+    assert (settings.server.max_streams, settings.limits.streams_per_address) == (0, 8)
+    bad = write(
+        tmp_path,
+        '[server]\nmax_streams = -1\n[websocket]\nmax_streams = 0\n[limits]\nstreams_per_address = "x"\n',
+        "bad.toml",
+    )
+    with pytest.raises(SettingsError) as caught:
+        load(bad, {})
+    assert caught.value.problems == [
+        "server.max_streams: expected zero or more",
+        "websocket.max_streams: expected a positive number",
+        "limits.streams_per_address: Expected int, got str",
+    ]
+    with pytest.raises(SettingsError) as caught:
+        load(None, {"TOKENRELAY_SERVER__MAX_STREAMS": "1.5"})
+    assert caught.value.problems == [
+        "server.max_streams: Expected int, got float (from TOKENRELAY_SERVER__MAX_STREAMS)"
+    ]
