@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import ssl
 import uuid
-from collections.abc import AsyncGenerator, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable
 from typing import Any
 
 import anyio
@@ -19,7 +20,7 @@ from providers import errors
 from providers.capabilities import EVERYTHING, Capabilities
 from providers.settings import ProviderSettings
 from providers.sse import SSEDecoder, body_chunks
-from providers.transport import http_client
+from providers.transport import http_client, send_streamed
 from providers.types import (
     ChatRequest,
     Event,
@@ -137,24 +138,71 @@ class OpenAIProvider:
 
     async def stream(self, request: ChatRequest) -> AsyncGenerator[Event, None]:
         params = self._params(request)
+        decoder = SSEDecoder()
+        reason: FinishReason | None = None
+        usage: Usage | None = None
+        done = False
+        opened: dict[int, str] = {}  # ids of the tool calls whose head (id and name) went out
         try:
-            if self._http is None:
-                async with self._client.chat.completions.with_streaming_response.create(
-                    **params
-                ) as sdk_response:
-                    async for event in self._events(sdk_response.http_response):
-                        yield event
-                return
-            response = await self._send(self._http, params)
-            try:
-                async for event in self._events(response):
-                    yield event
-            finally:
-                await response.aclose()
+            # One generator from the upstream's bytes to our events: each layer of async
+            # iteration costs on every relayed chunk.
+            async with self._response(params) as response:
+                async for raw in body_chunks(response):
+                    for _, data in decoder.feed(raw):
+                        if data == _DONE:
+                            done = True
+                            continue
+                        try:
+                            chunk = _decode_chunk(data)
+                        except msgspec.DecodeError as exc:
+                            raise errors.UpstreamProtocolError(
+                                f"{self.name}: upstream sent an unreadable chunk"
+                            ) from exc
+                        if chunk.error is not None:
+                            raise self._inband(chunk.error)
+                        for choice in chunk.choices:
+                            delta = choice.delta
+                            if delta.content:
+                                yield TextDelta(delta.content)
+                            reasoning = delta.reasoning_content or delta.reasoning
+                            if reasoning:
+                                yield ReasoningDelta(reasoning)
+                            if delta.tool_calls:
+                                for position, call in enumerate(delta.tool_calls):
+                                    yield _tool_call(call, position, opened)
+                            if delta.refusal:
+                                yield RefusalDelta(delta.refusal)
+                            if choice.finish_reason is not None:
+                                reason = _FINISH.get(choice.finish_reason, "stop")
+                        if chunk.usage is not None:
+                            usage = Usage(
+                                prompt_tokens=chunk.usage.prompt_tokens,
+                                completion_tokens=chunk.usage.completion_tokens,
+                            )
         except openai.APIError as exc:
             raise translate(self.name, exc, self._secrets) from exc
         except httpx2.TransportError as exc:
             raise errors.from_transport(self.name, exc) from exc
+        if reason is None and not done:
+            raise errors.UpstreamProtocolError(
+                f"{self.name}: upstream ended the stream without finishing the answer"
+            )
+        yield Finish(reason=reason or "stop", usage=usage)
+
+    @contextlib.asynccontextmanager
+    async def _response(self, params: dict[str, Any]) -> AsyncIterator[httpx2.Response]:
+        """The upstream's streamed response, closed on the way out."""
+        if self._http is None:
+            async with self._client.chat.completions.with_streaming_response.create(
+                **params
+            ) as sdk_response:
+                yield sdk_response.http_response
+            return
+        response = await self._send(self._http, params)
+        try:
+            yield response
+        finally:
+            await response.aclose()
 
     async def _send(self, http: httpx2.AsyncClient, params: dict[str, Any]) -> httpx2.Response:
         """Send what `create(**params)` would send and fail as it would: the SDK's own errors
@@ -165,8 +213,11 @@ class OpenAIProvider:
         request = httpx2.Request(
             "POST", url, headers=headers, content=body, extensions=dict(extensions)
         )
+        cookies = http.cookies
+        if cookies:  # set by the upstream before: sent back, as the SDK's requests do
+            cookies.set_cookie_header(request)
         try:
-            response = await http.send(request, stream=True)
+            response = await send_streamed(http, request)
         except httpx2.TimeoutException as exc:
             raise openai.APITimeoutError(request=request) from exc
         except _SEND_ERRORS as exc:
@@ -191,50 +242,6 @@ class OpenAIProvider:
         headers = [(k, v) for k, v in built.headers.raw if k.lower() != b"content-length"]
         self._template = (built.url, headers, dict(built.extensions))
         return self._template
-
-    async def _events(self, response: httpx2.Response) -> AsyncGenerator[Event, None]:
-        decoder = SSEDecoder()
-        reason: FinishReason | None = None
-        usage: Usage | None = None
-        done = False
-        opened: dict[int, str] = {}  # ids of the tool calls whose head (id and name) went out
-        async for raw in body_chunks(response):
-            for _, data in decoder.feed(raw):
-                if data == _DONE:
-                    done = True
-                    continue
-                try:
-                    chunk = _decode_chunk(data)
-                except msgspec.DecodeError as exc:
-                    raise errors.UpstreamProtocolError(
-                        f"{self.name}: upstream sent an unreadable chunk"
-                    ) from exc
-                if chunk.error is not None:
-                    raise self._inband(chunk.error)
-                for choice in chunk.choices:
-                    delta = choice.delta
-                    if delta.content:
-                        yield TextDelta(delta.content)
-                    reasoning = delta.reasoning_content or delta.reasoning
-                    if reasoning:
-                        yield ReasoningDelta(reasoning)
-                    if delta.tool_calls:
-                        for position, call in enumerate(delta.tool_calls):
-                            yield _tool_call(call, position, opened)
-                    if delta.refusal:
-                        yield RefusalDelta(delta.refusal)
-                    if choice.finish_reason is not None:
-                        reason = _FINISH.get(choice.finish_reason, "stop")
-                if chunk.usage is not None:
-                    usage = Usage(
-                        prompt_tokens=chunk.usage.prompt_tokens,
-                        completion_tokens=chunk.usage.completion_tokens,
-                    )
-        if reason is None and not done:
-            raise errors.UpstreamProtocolError(
-                f"{self.name}: upstream ended the stream without finishing the answer"
-            )
-        yield Finish(reason=reason or "stop", usage=usage)
 
     def _inband(self, error: _Error | str) -> errors.ProviderError:
         if isinstance(error, str):

@@ -347,6 +347,20 @@ def _request_head(request: httpx2.Request, body: bytes) -> bytes:
     return b"\r\n".join(lines) + b"\r\n\r\n"
 
 
+async def send_streamed(client: httpx2.AsyncClient, request: httpx2.Request) -> httpx2.Response:
+    """`client.send(request, stream=True)`, with fewer layers when `client` is `http_client`'s
+    lean one: no redirects, auth or mounts to handle there, so the request goes straight to
+    the transport, and the response body is the transport's own stream rather than httpx2's
+    wrapper around it (one async generator less per relayed chunk). Cookies the upstream
+    sets are kept, as `client.send` keeps them."""
+    transport = getattr(client, "_transport", None)
+    if not isinstance(transport, LeanTransport) or client.is_closed:
+        return await client.send(request, stream=True)
+    response = await transport.handle_async_request(request)
+    client.cookies.extract_cookies(response)  # returns at once when there is no Set-Cookie
+    return response
+
+
 def http_client(settings: ProviderSettings) -> httpx2.AsyncClient:
     """The httpx2 client an SDK sends through: the lean transport unless `transport = "httpx"`.
 
