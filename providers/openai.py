@@ -210,8 +210,14 @@ class OpenAIProvider:
         url, headers, extensions = self._template or self._build_template()
         extra = params.pop("extra_body", None)
         body = _encode_body({**params, **extra} if extra else params)
+        # `stream=` rather than `content=`: the headers are complete as they are, and httpx2
+        # would otherwise look each of its own up among them again.
         request = httpx2.Request(
-            "POST", url, headers=headers, content=body, extensions=dict(extensions)
+            "POST",
+            url,
+            headers=[*headers, (b"content-length", b"%d" % len(body))],
+            stream=httpx2.ByteStream(body),
+            extensions=dict(extensions),
         )
         cookies = http.cookies
         if cookies:  # set by the upstream before: sent back, as the SDK's requests do

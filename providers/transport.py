@@ -35,6 +35,8 @@ class _Connection(asyncio.Protocol):
 
     def __init__(self, origin: tuple[str, str, int]) -> None:
         self.origin = origin
+        # Kept: `asyncio.get_running_loop()` costs a system call (getpid) on every call.
+        self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False
@@ -43,7 +45,7 @@ class _Connection(asyncio.Protocol):
 
     def _reset(self) -> None:
         self.headers: list[tuple[bytes, bytes]] = []
-        self.head: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.head: asyncio.Future[None] = self.loop.create_future()
         self.chunks: collections.deque[bytes] = collections.deque()
         self.buffered = 0
         self.complete = False
@@ -168,7 +170,7 @@ class _Body(httpx2.AsyncByteStream):
             if connection.complete:
                 self._release()
                 raise StopAsyncIteration
-            connection.waiter = asyncio.get_running_loop().create_future()
+            connection.waiter = connection.loop.create_future()
             try:
                 await connection.waiter
             finally:

@@ -39,18 +39,19 @@ class EventStreamSink:
     and says how its keepalive and its errors look.
     """
 
-    __slots__ = ("_send", "_headers", "_state", "started", "complete", "last_sent")
+    __slots__ = ("_send", "_headers", "_state", "_loop", "started", "complete", "last_sent")
 
     def __init__(self, send: Send, headers: list[tuple[bytes, bytes]], state: StreamState) -> None:
         self._send = send
         self._headers = headers
         self._state = state
+        self._loop = asyncio.get_running_loop()  # kept: each lookup costs a system call
         self.started = False
         self.complete = False
-        self.last_sent = asyncio.get_running_loop().time()
+        self.last_sent = self._loop.time()
 
     async def _body(self, data: bytes) -> None:
-        self.last_sent = asyncio.get_running_loop().time()
+        self.last_sent = self._loop.time()
         await self._send({"type": "http.response.body", "body": data, "more_body": True})
 
     async def _start(self) -> None:
