@@ -49,6 +49,12 @@ class Sizes:
     cancel_levels: tuple[int, ...] = (50, 1000)
     tokens: int = 64
     pace: float = 0.02
+    c1_seconds: float = 3.0
+    c1_rounds: int = 2
+    workers_concurrency: int = 32
+    workers_seconds: float = 4.0
+    workers_rounds: int = 2
+    workers_tokens: int = 8
 
 
 TINY = Sizes(
@@ -63,6 +69,11 @@ TINY = Sizes(
     cancel_levels=(5,),
     tokens=8,
     pace=0.01,
+    c1_seconds=0.5,
+    c1_rounds=1,
+    workers_concurrency=4,
+    workers_seconds=0.5,
+    workers_rounds=1,
 )
 
 
@@ -252,6 +263,78 @@ class Bench:
             out[t]["added_p50_ms"] = _minus(out[t]["p50_ms"], out[DIRECT]["p50_ms"])
             out[t]["added_p99_ms"] = _minus(out[t]["p99_ms"], out[DIRECT]["p99_ms"])
         self.figures["ttft_c1"] = out
+
+    async def c1_streams(self) -> None:
+        """Concurrency 1, no pacing: whole 64-delta streams back to back, targets alternating.
+        Streams per second, and the gateway's CPU per relayed chunk when nothing is waited for."""
+        s = self.sizes
+        await self.control.script("unpaced", tokens=s.tokens, pace=0.0)
+        phases: dict[str, list[Phase]] = {DIRECT: [], GW_SSE: [], GW_WS: []}
+        for _ in range(s.c1_rounds):
+            for target in phases:
+                with self.profiled(f"c1-{target}", s.c1_seconds if target != DIRECT else 0):
+                    phase = await self.measure(
+                        lambda t=target: self.closed_loop(  # type: ignore[misc]
+                            t, "unpaced", 1, s.c1_seconds, 0.0
+                        )
+                    )
+                phases[target].append(phase)
+                await self.control.forget()
+        out: dict[str, Any] = {}
+        for target, runs in phases.items():
+            figures = self._load_figures(runs, pace=1.0)  # no pacing: nothing counts as stalled
+            wall = sum(p.wall for p in runs)
+            figures["streams_per_s"] = round((figures["requests"] - figures["errors"]) / wall, 1)
+            out[target] = figures
+        self.figures["c1_streams"] = {"tokens": s.tokens, **out}
+
+    async def workers(self) -> None:
+        """`tokenrelay serve --workers 2` against one worker: streams per second of short
+        unpaced streams at fixed concurrency (closed loop), the two gateways alternating."""
+        s = self.sizes
+        await self.control.script("short", tokens=s.workers_tokens, pace=0.0)
+        child, url, _ = harness.start_gateway(self.fake_url, workers=2)
+        self.stack.add(child)
+        try:
+            await asyncio.sleep(2.0)  # both workers up, not just the first to answer
+            gateways = {"1 worker": (self.gateway, self.gateway_url), "2 workers": (child, url)}
+            runs: dict[str, list[tuple[int, float, float, float]]] = {k: [] for k in gateways}
+            for _ in range(s.workers_rounds):
+                for name, (gateway, gateway_url) in gateways.items():
+                    runs[name].append(await self._workers_phase(gateway.pid, gateway_url))
+                    await self.control.forget()
+        finally:
+            self.stack.remove(child)
+        out: dict[str, Any] = {"concurrency": s.workers_concurrency, "tokens": s.workers_tokens}
+        for name, phases in runs.items():
+            done = sum(p[0] for p in phases)
+            wall = sum(p[1] for p in phases)
+            out[name] = {
+                "streams": done,
+                "streams_per_s": round(done / wall, 1),
+                "gateway_cpu_share": round(sum(p[2] for p in phases) / wall, 3),
+                "client_cpu_share": round(sum(p[3] for p in phases) / wall, 3),
+            }
+        one, two = out["1 worker"]["streams_per_s"], out["2 workers"]["streams_per_s"]
+        out["ratio"] = _ratio(two, one)
+        self.figures["workers"] = out
+
+    async def _workers_phase(self, pid: int, url: str) -> tuple[int, float, float, float]:
+        """(streams done, wall seconds, gateway CPU seconds, load generator CPU seconds)."""
+        s = self.sizes
+        self.gateway_url, kept = url, self.gateway_url
+        try:
+            g0, c0, t0 = harness.tree_cpu_seconds(pid), _self_cpu(), time.monotonic()
+            results = await self.closed_loop(
+                GW_SSE, "short", s.workers_concurrency, s.workers_seconds, 0.1
+            )
+            wall = time.monotonic() - t0
+            gateway_cpu = harness.tree_cpu_seconds(pid) - g0
+            client_cpu = _self_cpu() - c0
+        finally:
+            self.gateway_url = kept
+        done = sum(1 for r in results if r.error is None)
+        return done, wall, gateway_cpu, client_cpu
 
     async def load(self) -> None:
         """Paced streams at fixed concurrency (closed loop), targets alternating by phase."""
@@ -525,12 +608,14 @@ class Bench:
         scenarios: dict[str, Callable[[], Awaitable[None]]] = {
             "memory": self.memory,  # first, on its own fresh gateway
             "ttft_c1": self.ttft_c1,
+            "c1_streams": self.c1_streams,
             "load": self.load,
             "fixed_cost": self.fixed_cost,
             "capacity": self.capacity,
             "cancel": self.cancel,
             "messages": self.messages,
             "responses": self.responses,
+            "workers": self.workers,  # last: it starts a second gateway
         }
         gateway, self.gateway_url, ready = harness.start_gateway(self.fake_url)
         self.gateway = self.stack.add(gateway)
@@ -624,6 +709,14 @@ def rows(f: dict[str, Any]) -> list[tuple[str, Any, Any, Any, str]]:
             for t in (GW_SSE, GW_WS):
                 goal = "added <= 1 ms" if q == "p50" else ""
                 out.append((f"TTFB {q} c=1, {t} (ms)", d, c1[t][f"{q}_ms"], _plus(c1[t], q), goal))
+    streams = f.get("c1_streams")
+    if streams:
+        d, n = streams[DIRECT]["streams_per_s"], streams["tokens"]
+        for t in (GW_SSE, GW_WS):
+            g = streams[t]["streams_per_s"]
+            out.append((f"{n}-token streams/s c=1 unpaced, {t}", d, g, _x(_ratio(g, d)), ">= 500"))
+            cpu = streams[t]["cpu_per_chunk_us"]
+            out.append((f"CPU per relayed chunk c=1 unpaced, {t} (us)", "", cpu, "", "<= 30 us"))
     load = f.get("load")
     if load:
         c = load["concurrency"]
@@ -656,7 +749,7 @@ def rows(f: dict[str, Any]) -> list[tuple[str, Any, Any, Any, str]]:
             cpu = fixed[t]["cpu_per_request_ms"]
             out.append((f"CPU per 1-token stream, {t} (ms)", "", cpu, "", ""))
         cpu = fixed[GW_JSON]["cpu_per_request_ms"]
-        out.append(("CPU per non-streamed request (ms)", "", cpu, "", "<= 1 ms"))
+        out.append(("CPU per non-streamed request (ms)", "", cpu, "", "<= 0.5 ms"))
         for t in (DIRECT, GW_SSE, GW_WS, GW_JSON):
             out.append((f"1-token requests/s, {t}", "", fixed[t]["requests_per_s"], "", ""))
     mem = f.get("memory")
@@ -674,6 +767,14 @@ def rows(f: dict[str, Any]) -> list[tuple[str, Any, Any, Any, str]]:
         )
         left = mem["upstream_open_after_close"]
         out.append(("upstream streams still open 60 s later", "", left, "", "0"))
+    workers = f.get("workers")
+    if workers:
+        c, n = workers["concurrency"], workers["tokens"]
+        for name in ("1 worker", "2 workers"):
+            w = workers[name]
+            out.append((f"{n}-token streams/s c={c}, {name}", "", w["streams_per_s"], "", ""))
+        ratio = _x(workers["ratio"])
+        out.append(("streams/s, 2 workers vs 1", "", ratio, "", ">= 1.7x"))
     for scenario, route in (("messages", GW_MSG), ("responses", GW_RSP)):
         out += _beside_chat_rows(f.get(scenario), scenario, route)
     cap = f.get("capacity")

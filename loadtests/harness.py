@@ -53,6 +53,28 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICK
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU time so far of a process and every process below it (uvicorn's workers, say)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    parent = int(f.read().rsplit(b")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry))
+    total, todo = 0.0, [pid]
+    while todo:
+        current = todo.pop()
+        try:
+            total += cpu_seconds(current)
+        except OSError:
+            continue  # gone meanwhile
+        todo.extend(children.get(current, ()))
+    return total
+
+
 def rss_bytes(pid: int) -> int:
     """Resident set size of one process."""
     with open(f"/proc/{pid}/statm", "rb") as f:
@@ -161,9 +183,12 @@ idle_timeout = 120.0
 
 
 def start_gateway(
-    upstream: str, *, max_connections: int = 8000, ws_streams: int = 64
+    upstream: str, *, max_connections: int = 8000, ws_streams: int = 64, workers: int = 1
 ) -> tuple[Child, str, float]:
-    """A gateway process in front of `upstream`: (child, base URL, seconds until ready)."""
+    """A gateway process in front of `upstream`: (child, base URL, seconds until ready).
+
+    With `workers` > 1, `tokenrelay serve --workers N`: the child is uvicorn's supervisor and
+    the workers are its children (`tree_cpu_seconds` counts them all)."""
     config = tempfile.NamedTemporaryFile(
         "w", prefix="tokenrelay-bench-", suffix=".toml", delete=False
     )
@@ -178,6 +203,8 @@ def start_gateway(
         )
     port = free_port()
     argv = [sys.executable, "-m", "server", "serve", "--config", config.name, "--port", str(port)]
+    if workers > 1:
+        argv += ["--workers", str(workers)]
     child = Child("gateway", argv, env={KEY_ENV: "sk-bench-unused"})
     url = f"http://127.0.0.1:{port}"
     try:

@@ -34,6 +34,7 @@ def test_bench_writes_its_table_and_figures(tmp_path: Path) -> None:
     figures = json.loads(out.read_text())
     for scenario in (
         "ttft_c1",
+        "c1_streams",
         "load",
         "fixed_cost",
         "memory",
@@ -41,8 +42,11 @@ def test_bench_writes_its_table_and_figures(tmp_path: Path) -> None:
         "cancel",
         "messages",
         "responses",
+        "workers",
     ):
         assert scenario in figures, scenario
+    assert figures["c1_streams"]["gateway-sse"]["streams_per_s"] > 0
+    assert figures["workers"]["2 workers"]["streams"] > 0
     assert figures["load"]["gateway-sse"]["chunks"] > 0
     assert figures["load"]["gateway-ws"]["chunks"] > 0
     assert figures["messages"]["load"]["gateway-messages"]["chunks"] > 0
