@@ -217,10 +217,13 @@ class LeanTransport(httpx2.AsyncBaseTransport):
         origin = (url.scheme, url.host, url.port or (443 if url.scheme == "https" else 80))
         body = await request.aread()
         head = _request_head(request, body)
-        try:
-            await asyncio.wait_for(self._slots.acquire(), self._connect_timeout)
-        except TimeoutError:
-            raise httpx2.PoolTimeout("no upstream connection became free in time") from None
+        if self._slots.locked():
+            try:
+                await asyncio.wait_for(self._slots.acquire(), self._connect_timeout)
+            except TimeoutError:
+                raise httpx2.PoolTimeout("no upstream connection became free in time") from None
+        else:
+            await self._slots.acquire()  # at once: no deadline (a task and a timer) needed
         connection: _Connection | None = None
         try:
             connection, reused = await self._connection(origin)
@@ -359,8 +362,13 @@ async def send_streamed(client: httpx2.AsyncClient, request: httpx2.Request) -> 
     if not isinstance(transport, LeanTransport) or client.is_closed:
         return await client.send(request, stream=True)
     response = await transport.handle_async_request(request)
-    client.cookies.extract_cookies(response)  # returns at once when there is no Set-Cookie
+    # Looked for here among the raw headers: `extract_cookies` would decode them all first.
+    if any(name.lower() in _SET_COOKIE for name, _ in response.headers.raw):
+        client.cookies.extract_cookies(response)
     return response
+
+
+_SET_COOKIE = (b"set-cookie", b"set-cookie2")
 
 
 def http_client(settings: ProviderSettings) -> httpx2.AsyncClient:

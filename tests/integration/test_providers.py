@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 from collections.abc import AsyncIterator, Callable
 
+import httpx2
 import msgspec
 import pytest
 
@@ -13,6 +14,7 @@ from providers.base import Provider
 from providers.openai import OpenAIProvider
 from providers.registry import build_provider
 from providers.settings import ProviderSettings
+from providers.transport import LeanTransport, send_streamed
 from providers.types import ChatRequest, Event, Finish, Message, ReasoningDelta, TextDelta
 from server import protocol
 from tests.conftest import ENVIRON, UPSTREAM_KEY, provider_settings
@@ -354,3 +356,25 @@ async def test_prebuilt_request_is_what_the_sdk_sends(
     await prebuilt.aclose()
     assert seen[0] == seen[1] == seen[2]
     assert seen[0][1]["top_k"] == 4  # beyond OpenAI's own parameters, still at the top level
+
+
+async def test_lean_pool_waits_for_a_free_connection_then_gives_up(
+    upstream: FakeUpstream, model: Model
+) -> None:
+    name = model(tokens=5, hang_after=1)
+    transport = LeanTransport(max_connections=1, connect_timeout=0.3)
+    async with httpx2.AsyncClient(transport=transport) as http:
+        url = upstream.url + "/v1/chat/completions"
+        body = {"model": name, "messages": [{"role": "user", "content": "hi"}], "stream": True}
+        headers = {"authorization": f"Bearer {UPSTREAM_KEY}"}
+        first = await send_streamed(
+            http, http.build_request("POST", url, json=body, headers=headers)
+        )
+        with pytest.raises(httpx2.PoolTimeout):
+            await send_streamed(http, http.build_request("POST", url, json=body, headers=headers))
+        await first.aclose()  # the slot comes free: the next request gets it at once
+        second = await send_streamed(
+            http, http.build_request("POST", url, json=body, headers=headers)
+        )
+        assert second.status_code == 200
+        await second.aclose()
