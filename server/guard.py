@@ -15,7 +15,7 @@
   without flushing what is buffered, for a client that has stopped reading.
 - `tokenrelay.send` in the scope's extensions: the server's own `send`, so that a streamed
   body can skip the middleware layers once the response head went through them (see
-  `direct_body`).
+  `direct_body`; `server.wsguard` gives WebSockets the same).
 
 Request bodies have their own deadline in `server.http`.
 """
@@ -211,24 +211,28 @@ def abort_of(scope: Any) -> Callable[[], None] | None:
 
 
 def direct_body(scope: Any, send: Send) -> Send:
-    """`send`, except that response body messages go straight to the server's own `send`.
+    """`send`, except that response bodies and WebSocket data frames go straight to the
+    server's own `send`.
 
-    Every middleware of the app looks only at the response head (status, headers) and passes
-    body messages on as they are, yet each adds an async call per message: for a stream, a
-    layer of calls per relayed chunk. The head still goes through them all; the server's
-    `send` enforces the order (no body before the head) either way.
+    Every middleware of the app looks only at the response head (status, headers) or the
+    WebSocket accept, and passes body messages and frames on as they are, yet each adds an
+    async call per message: for a stream, a layer of calls per relayed chunk. The head still
+    goes through them all; the server's `send` enforces the order either way.
     """
     raw = scope.get("extensions", {}).get(SEND)
     if raw is None:  # another server (tests, ASGI transports): every message goes the long way
         return send
 
     async def sender(message: Message) -> None:
-        if message["type"] == "http.response.body":
+        if message["type"] in _DIRECT:
             await raw(message)
         else:
             await send(message)
 
     return sender
+
+
+_DIRECT = frozenset({"http.response.body", "websocket.send"})
 
 
 def configure(header_timeout: float) -> None:

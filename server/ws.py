@@ -33,7 +33,7 @@ from server.errors import (
     TooManyStreamsError,
     error_body,
 )
-from server.guard import current_abort
+from server.guard import current_abort, direct_body
 from server.limits import FrameMeter, Limits
 from server.ratelimit import current_principal
 from server.settings import WebSocketSettings
@@ -384,7 +384,7 @@ class WebSocketEndpoint:
         await send(
             {"type": "websocket.accept", "subprotocol": protocol.SUBPROTOCOL if offered else None}
         )
-        socket = _Socket(send)
+        socket = _Socket(direct_body(scope, send))
         metrics.WS_CONNECTIONS.inc()
         try:
             await Connection(self._service, socket, self._settings, self._limits).serve(receive)
