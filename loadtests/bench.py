@@ -1,6 +1,6 @@
 """Benchmark: the same scenarios straight against the fake upstream and through the gateway.
 
-    python -m loadtests.bench [--tiny] [--out FILE] [--only NAME ...] [--profile DIR]
+    python -m loadtests.bench [--tiny] [--out FILE] [--only NAME ...] [--profile DIR] [--tree DIR]
 
 Starts the fake upstream and a gateway (one uvicorn worker) as separate processes, runs each
 scenario alternately direct and through the gateway, prints a table and writes the figures as
@@ -108,10 +108,17 @@ def _self_cpu() -> float:
 
 
 class Bench:
-    def __init__(self, sizes: Sizes, stack: harness.Stack, profile: Path | None) -> None:
+    def __init__(
+        self,
+        sizes: Sizes,
+        stack: harness.Stack,
+        profile: Path | None,
+        tree: Path = harness.ROOT,
+    ) -> None:
         self.sizes = sizes
         self.stack = stack
         self.profile = profile
+        self.tree = tree  # the checkout whose gateway is measured
         self.fake: harness.Child
         self.gateway: harness.Child
         self.control: harness.Control
@@ -293,7 +300,7 @@ class Bench:
         unpaced streams at fixed concurrency (closed loop), the two gateways alternating."""
         s = self.sizes
         await self.control.script("short", tokens=s.workers_tokens, pace=0.0)
-        child, url, _ = harness.start_gateway(self.fake_url, workers=2)
+        child, url, _ = harness.start_gateway(self.fake_url, workers=2, tree=self.tree)
         self.stack.add(child)
         try:
             await asyncio.sleep(2.0)  # both workers up, not just the first to answer
@@ -467,7 +474,7 @@ class Bench:
     async def memory(self) -> None:
         """A fresh gateway: start-up time, idle RSS, then RSS with many open slow streams."""
         s = self.sizes
-        child, url, ready = harness.start_gateway(self.fake_url)
+        child, url, ready = harness.start_gateway(self.fake_url, tree=self.tree)
         self.stack.add(child)
         try:
             await asyncio.sleep(0.5)
@@ -617,8 +624,9 @@ class Bench:
             "responses": self.responses,
             "workers": self.workers,  # last: it starts a second gateway
         }
-        gateway, self.gateway_url, ready = harness.start_gateway(self.fake_url)
+        gateway, self.gateway_url, ready = harness.start_gateway(self.fake_url, tree=self.tree)
         self.gateway = self.stack.add(gateway)
+        self.figures["gateway_tree"] = str(self.tree)
         self.figures["machine"] = {
             "cpus": os.cpu_count(),
             "python": sys.version.split()[0],
@@ -877,6 +885,12 @@ def main(argv: list[str] | None = None) -> int:
         "--only", action="append", default=[], help="run only this scenario (repeatable)"
     )
     parser.add_argument("--profile", type=Path, help="py-spy the gateway into this folder")
+    parser.add_argument(
+        "--tree",
+        type=Path,
+        default=harness.ROOT,
+        help="run the gateway from this checkout (an older commit, say; default: this one)",
+    )
     args = parser.parse_args(argv)
     harness.raise_fd_limit()
     harness.stop_on_signals()
@@ -889,7 +903,8 @@ def main(argv: list[str] | None = None) -> int:
         runner = asyncio.run
     with harness.Stack() as stack:
         try:
-            figures = runner(Bench(sizes, stack, args.profile).run(args.only))
+            bench = Bench(sizes, stack, args.profile, args.tree.resolve())
+            figures = runner(bench.run(args.only))
         except KeyboardInterrupt:
             print("interrupted; stopped everything started", file=sys.stderr)
             return 130

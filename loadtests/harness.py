@@ -91,12 +91,13 @@ class Child:
         env: dict[str, str] | None = None,
         *,
         inherit_output: bool = False,
+        cwd: Path = ROOT,
     ) -> None:
         self.name = name
         self.log = tempfile.TemporaryFile(prefix=f"{name}-")
         self.proc = subprocess.Popen(
             argv,
-            cwd=ROOT,
+            cwd=cwd,
             env={**os.environ, **(env or {})},
             stdout=None if inherit_output else subprocess.PIPE,
             stderr=None if inherit_output else self.log,
@@ -183,12 +184,18 @@ idle_timeout = 120.0
 
 
 def start_gateway(
-    upstream: str, *, max_connections: int = 8000, ws_streams: int = 64, workers: int = 1
+    upstream: str,
+    *,
+    max_connections: int = 8000,
+    ws_streams: int = 64,
+    workers: int = 1,
+    tree: Path = ROOT,
 ) -> tuple[Child, str, float]:
     """A gateway process in front of `upstream`: (child, base URL, seconds until ready).
 
     With `workers` > 1, `tokenrelay serve --workers N`: the child is uvicorn's supervisor and
-    the workers are its children (`tree_cpu_seconds` counts them all)."""
+    the workers are its children (`tree_cpu_seconds` counts them all). `tree` is the checkout
+    whose code it runs (`python -m server` imports the tree it runs in)."""
     config = tempfile.NamedTemporaryFile(
         "w", prefix="tokenrelay-bench-", suffix=".toml", delete=False
     )
@@ -205,7 +212,7 @@ def start_gateway(
     argv = [sys.executable, "-m", "server", "serve", "--config", config.name, "--port", str(port)]
     if workers > 1:
         argv += ["--workers", str(workers)]
-    child = Child("gateway", argv, env={KEY_ENV: "sk-bench-unused"})
+    child = Child("gateway", argv, env={KEY_ENV: "sk-bench-unused"}, cwd=tree)
     url = f"http://127.0.0.1:{port}"
     try:
         ready = _wait_ready(child, port)
