@@ -305,7 +305,9 @@ class Bench:
         try:
             await asyncio.sleep(2.0)  # both workers up, not just the first to answer
             gateways = {"1 worker": (self.gateway, self.gateway_url), "2 workers": (child, url)}
-            runs: dict[str, list[tuple[int, float, float, float]]] = {k: [] for k in gateways}
+            runs: dict[str, list[tuple[int, float, float, float, float]]] = {
+                k: [] for k in gateways
+            }
             for _ in range(s.workers_rounds):
                 for name, (gateway, gateway_url) in gateways.items():
                     runs[name].append(await self._workers_phase(gateway.pid, gateway_url))
@@ -321,27 +323,31 @@ class Bench:
                 "streams_per_s": round(done / wall, 1),
                 "gateway_cpu_share": round(sum(p[2] for p in phases) / wall, 3),
                 "client_cpu_share": round(sum(p[3] for p in phases) / wall, 3),
+                "fake_cpu_share": round(sum(p[4] for p in phases) / wall, 3),
             }
         one, two = out["1 worker"]["streams_per_s"], out["2 workers"]["streams_per_s"]
         out["ratio"] = _ratio(two, one)
         self.figures["workers"] = out
 
-    async def _workers_phase(self, pid: int, url: str) -> tuple[int, float, float, float]:
-        """(streams done, wall seconds, gateway CPU seconds, load generator CPU seconds)."""
+    async def _workers_phase(self, pid: int, url: str) -> tuple[int, float, float, float, float]:
+        """(streams done, wall seconds, and the CPU seconds of the gateway, the load generator
+        and the fake upstream)."""
         s = self.sizes
         self.gateway_url, kept = url, self.gateway_url
         try:
-            g0, c0, t0 = harness.tree_cpu_seconds(pid), _self_cpu(), time.monotonic()
+            g0, c0 = harness.tree_cpu_seconds(pid), _self_cpu()
+            f0, t0 = harness.cpu_seconds(self.fake.pid), time.monotonic()
             results = await self.closed_loop(
                 GW_SSE, "short", s.workers_concurrency, s.workers_seconds, 0.1
             )
             wall = time.monotonic() - t0
             gateway_cpu = harness.tree_cpu_seconds(pid) - g0
             client_cpu = _self_cpu() - c0
+            fake_cpu = harness.cpu_seconds(self.fake.pid) - f0
         finally:
             self.gateway_url = kept
         done = sum(1 for r in results if r.error is None)
-        return done, wall, gateway_cpu, client_cpu
+        return done, wall, gateway_cpu, client_cpu, fake_cpu
 
     async def load(self) -> None:
         """Paced streams at fixed concurrency (closed loop), targets alternating by phase."""
