@@ -1,6 +1,6 @@
 """Benchmark: the same scenarios straight against the fake upstream and through the gateway.
 
-    python -m loadtests.bench [--tiny] [--out FILE] [--only NAME ...] [--profile DIR]
+    python -m loadtests.bench [--tiny] [--out FILE] [--only NAME ...] [--profile DIR] [--tree DIR]
 
 Starts the fake upstream and a gateway (one uvicorn worker) as separate processes, runs each
 scenario alternately direct and through the gateway, prints a table and writes the figures as
@@ -52,6 +52,12 @@ class Sizes:
     overload_streams: int = 1000
     tokens: int = 64
     pace: float = 0.02
+    c1_seconds: float = 3.0
+    c1_rounds: int = 2
+    workers_concurrency: int = 32
+    workers_seconds: float = 4.0
+    workers_rounds: int = 2
+    workers_tokens: int = 8
 
 
 TINY = Sizes(
@@ -67,6 +73,11 @@ TINY = Sizes(
     overload_streams=12,
     tokens=8,
     pace=0.01,
+    c1_seconds=0.5,
+    c1_rounds=1,
+    workers_concurrency=4,
+    workers_seconds=0.5,
+    workers_rounds=1,
 )
 
 
@@ -108,12 +119,14 @@ class Bench:
         profile: Path | None,
         max_streams: int | None = None,
         overload_caps: tuple[int | None, ...] = (0, None),
+        tree: Path = harness.ROOT,
     ) -> None:
         self.sizes = sizes
         self.stack = stack
         self.profile = profile
         self.max_streams = max_streams  # `[server] max_streams` of the main gateway (None: default)
         self.overload_caps = overload_caps  # the gateways `overload` compares (None: default)
+        self.tree = tree  # the checkout whose gateway is measured
         self.fake: harness.Child
         self.gateway: harness.Child
         self.control: harness.Control
@@ -269,6 +282,84 @@ class Bench:
             out[t]["added_p99_ms"] = _minus(out[t]["p99_ms"], out[DIRECT]["p99_ms"])
         self.figures["ttft_c1"] = out
 
+    async def c1_streams(self) -> None:
+        """Concurrency 1, no pacing: whole 64-delta streams back to back, targets alternating.
+        Streams per second, and the gateway's CPU per relayed chunk when nothing is waited for."""
+        s = self.sizes
+        await self.control.script("unpaced", tokens=s.tokens, pace=0.0)
+        phases: dict[str, list[Phase]] = {DIRECT: [], GW_SSE: [], GW_WS: []}
+        for _ in range(s.c1_rounds):
+            for target in phases:
+                with self.profiled(f"c1-{target}", s.c1_seconds if target != DIRECT else 0):
+                    phase = await self.measure(
+                        lambda t=target: self.closed_loop(  # type: ignore[misc]
+                            t, "unpaced", 1, s.c1_seconds, 0.0
+                        )
+                    )
+                phases[target].append(phase)
+                await self.control.forget()
+        out: dict[str, Any] = {}
+        for target, runs in phases.items():
+            figures = self._load_figures(runs, pace=1.0)  # no pacing: nothing counts as stalled
+            wall = sum(p.wall for p in runs)
+            figures["streams_per_s"] = round((figures["requests"] - figures["errors"]) / wall, 1)
+            out[target] = figures
+        self.figures["c1_streams"] = {"tokens": s.tokens, **out}
+
+    async def workers(self) -> None:
+        """`tokenrelay serve --workers 2` against one worker: streams per second of short
+        unpaced streams at fixed concurrency (closed loop), the two gateways alternating."""
+        s = self.sizes
+        await self.control.script("short", tokens=s.workers_tokens, pace=0.0)
+        child, url, _ = harness.start_gateway(self.fake_url, workers=2, tree=self.tree)
+        self.stack.add(child)
+        try:
+            await asyncio.sleep(2.0)  # both workers up, not just the first to answer
+            gateways = {"1 worker": (self.gateway, self.gateway_url), "2 workers": (child, url)}
+            runs: dict[str, list[tuple[int, float, float, float, float]]] = {
+                k: [] for k in gateways
+            }
+            for _ in range(s.workers_rounds):
+                for name, (gateway, gateway_url) in gateways.items():
+                    runs[name].append(await self._workers_phase(gateway.pid, gateway_url))
+                    await self.control.forget()
+        finally:
+            self.stack.remove(child)
+        out: dict[str, Any] = {"concurrency": s.workers_concurrency, "tokens": s.workers_tokens}
+        for name, phases in runs.items():
+            done = sum(p[0] for p in phases)
+            wall = sum(p[1] for p in phases)
+            out[name] = {
+                "streams": done,
+                "streams_per_s": round(done / wall, 1),
+                "gateway_cpu_share": round(sum(p[2] for p in phases) / wall, 3),
+                "client_cpu_share": round(sum(p[3] for p in phases) / wall, 3),
+                "fake_cpu_share": round(sum(p[4] for p in phases) / wall, 3),
+            }
+        one, two = out["1 worker"]["streams_per_s"], out["2 workers"]["streams_per_s"]
+        out["ratio"] = _ratio(two, one)
+        self.figures["workers"] = out
+
+    async def _workers_phase(self, pid: int, url: str) -> tuple[int, float, float, float, float]:
+        """(streams done, wall seconds, and the CPU seconds of the gateway, the load generator
+        and the fake upstream)."""
+        s = self.sizes
+        self.gateway_url, kept = url, self.gateway_url
+        try:
+            g0, c0 = harness.tree_cpu_seconds(pid), _self_cpu()
+            f0, t0 = harness.cpu_seconds(self.fake.pid), time.monotonic()
+            results = await self.closed_loop(
+                GW_SSE, "short", s.workers_concurrency, s.workers_seconds, 0.1
+            )
+            wall = time.monotonic() - t0
+            gateway_cpu = harness.tree_cpu_seconds(pid) - g0
+            client_cpu = _self_cpu() - c0
+            fake_cpu = harness.cpu_seconds(self.fake.pid) - f0
+        finally:
+            self.gateway_url = kept
+        done = sum(1 for r in results if r.error is None)
+        return done, wall, gateway_cpu, client_cpu, fake_cpu
+
     async def load(self) -> None:
         """Paced streams at fixed concurrency (closed loop), targets alternating by phase."""
         s = self.sizes
@@ -369,7 +460,7 @@ class Bench:
         redis, redis_url = harness.start_redis()
         self.stack.add(redis)
         child, url, _ = harness.start_gateway(
-            self.fake_url, env={"TOKENRELAY_CACHE__URL": redis_url}
+            self.fake_url, env={"TOKENRELAY_CACHE__URL": redis_url}, tree=self.tree
         )
         self.stack.add(child)
         main, main_url = self.gateway, self.gateway_url
@@ -421,7 +512,7 @@ class Bench:
         """A fresh gateway: start-up time, idle RSS, then RSS with many open slow streams (more
         than `max_streams` allows by default: this gateway has no stream cap)."""
         s = self.sizes
-        child, url, ready = harness.start_gateway(self.fake_url, max_streams=0)
+        child, url, ready = harness.start_gateway(self.fake_url, max_streams=0, tree=self.tree)
         self.stack.add(child)
         try:
             await asyncio.sleep(0.5)
@@ -493,7 +584,9 @@ class Bench:
     async def own_gateway(self, max_streams: int | None) -> AsyncIterator[None]:
         """Run the block against a fresh gateway with this `max_streams` (None: the default)."""
         main = self.gateway, self.gateway_url
-        child, self.gateway_url, _ = harness.start_gateway(self.fake_url, max_streams=max_streams)
+        child, self.gateway_url, _ = harness.start_gateway(
+            self.fake_url, max_streams=max_streams, tree=self.tree
+        )
         self.gateway = self.stack.add(child)
         try:
             yield
@@ -625,6 +718,7 @@ class Bench:
         scenarios: dict[str, Callable[[], Awaitable[None]]] = {
             "memory": self.memory,  # first, on its own fresh gateway
             "ttft_c1": self.ttft_c1,
+            "c1_streams": self.c1_streams,
             "load": self.load,
             "fixed_cost": self.fixed_cost,
             "capacity": self.capacity,
@@ -633,11 +727,13 @@ class Bench:
             "messages": self.messages,
             "resumable": self.resumable,
             "responses": self.responses,
+            "workers": self.workers,  # last: it starts a second gateway
         }
         gateway, self.gateway_url, ready = harness.start_gateway(
-            self.fake_url, max_streams=self.max_streams
+            self.fake_url, max_streams=self.max_streams, tree=self.tree
         )
         self.gateway = self.stack.add(gateway)
+        self.figures["gateway_tree"] = str(self.tree)
         self.figures["machine"] = {
             "cpus": os.cpu_count(),
             "python": sys.version.split()[0],
@@ -742,6 +838,14 @@ def rows(f: dict[str, Any]) -> list[tuple[str, Any, Any, Any, str]]:
             for t in (GW_SSE, GW_WS):
                 goal = "added <= 1 ms" if q == "p50" else ""
                 out.append((f"TTFB {q} c=1, {t} (ms)", d, c1[t][f"{q}_ms"], _plus(c1[t], q), goal))
+    streams = f.get("c1_streams")
+    if streams:
+        d, n = streams[DIRECT]["streams_per_s"], streams["tokens"]
+        for t in (GW_SSE, GW_WS):
+            g = streams[t]["streams_per_s"]
+            out.append((f"{n}-token streams/s c=1 unpaced, {t}", d, g, _x(_ratio(g, d)), ">= 500"))
+            cpu = streams[t]["cpu_per_chunk_us"]
+            out.append((f"CPU per relayed chunk c=1 unpaced, {t} (us)", "", cpu, "", "<= 30 us"))
     load = f.get("load")
     if load:
         c = load["concurrency"]
@@ -774,7 +878,7 @@ def rows(f: dict[str, Any]) -> list[tuple[str, Any, Any, Any, str]]:
             cpu = fixed[t]["cpu_per_request_ms"]
             out.append((f"CPU per 1-token stream, {t} (ms)", "", cpu, "", ""))
         cpu = fixed[GW_JSON]["cpu_per_request_ms"]
-        out.append(("CPU per non-streamed request (ms)", "", cpu, "", "<= 1 ms"))
+        out.append(("CPU per non-streamed request (ms)", "", cpu, "", "<= 0.5 ms"))
         for t in (DIRECT, GW_SSE, GW_WS, GW_JSON):
             out.append((f"1-token requests/s, {t}", "", fixed[t]["requests_per_s"], "", ""))
     mem = f.get("memory")
@@ -792,6 +896,14 @@ def rows(f: dict[str, Any]) -> list[tuple[str, Any, Any, Any, str]]:
         )
         left = mem["upstream_open_after_close"]
         out.append(("upstream streams still open 60 s later", "", left, "", "0"))
+    workers = f.get("workers")
+    if workers:
+        c, n = workers["concurrency"], workers["tokens"]
+        for name in ("1 worker", "2 workers"):
+            w = workers[name]
+            out.append((f"{n}-token streams/s c={c}, {name}", "", w["streams_per_s"], "", ""))
+        ratio = _x(workers["ratio"])
+        out.append(("streams/s, 2 workers vs 1", "", ratio, "", ">= 1.7x"))
     for scenario, route in (("messages", GW_MSG), ("responses", GW_RSP), ("resumable", GW_RES)):
         out += _beside_chat_rows(f.get(scenario), scenario, route)
     cap = f.get("capacity")
@@ -957,6 +1069,12 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated max_streams values the overload scenario compares "
         "('default' for the setting's default, 0 for no cap)",
     )
+    parser.add_argument(
+        "--tree",
+        type=Path,
+        default=harness.ROOT,
+        help="run the gateway from this checkout (an older commit, say; default: this one)",
+    )
     args = parser.parse_args(argv)
     caps = tuple(None if c.strip() == "default" else int(c) for c in args.overload_caps.split(","))
     harness.raise_fd_limit()
@@ -970,7 +1088,7 @@ def main(argv: list[str] | None = None) -> int:
         runner = asyncio.run
     with harness.Stack() as stack:
         try:
-            bench = Bench(sizes, stack, args.profile, args.max_streams, caps)
+            bench = Bench(sizes, stack, args.profile, args.max_streams, caps, args.tree.resolve())
             figures = runner(bench.run(args.only))
         except KeyboardInterrupt:
             print("interrupted; stopped everything started", file=sys.stderr)

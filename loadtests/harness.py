@@ -54,6 +54,28 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICK
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU time so far of a process and every process below it (uvicorn's workers, say)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    parent = int(f.read().rsplit(b")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry))
+    total, todo = 0.0, [pid]
+    while todo:
+        current = todo.pop()
+        try:
+            total += cpu_seconds(current)
+        except OSError:
+            continue  # gone meanwhile
+        todo.extend(children.get(current, ()))
+    return total
+
+
 def rss_bytes(pid: int) -> int:
     """Resident set size of one process."""
     with open(f"/proc/{pid}/statm", "rb") as f:
@@ -70,12 +92,13 @@ class Child:
         env: dict[str, str] | None = None,
         *,
         inherit_output: bool = False,
+        cwd: Path = ROOT,
     ) -> None:
         self.name = name
         self.log = tempfile.TemporaryFile(prefix=f"{name}-")
         self.proc = subprocess.Popen(
             argv,
-            cwd=ROOT,
+            cwd=cwd,
             env={**os.environ, **(env or {})},
             stdout=None if inherit_output else subprocess.PIPE,
             stderr=None if inherit_output else self.log,
@@ -169,10 +192,16 @@ def start_gateway(
     ws_streams: int = 64,
     env: dict[str, str] | None = None,
     max_streams: int | None = None,
+    workers: int = 1,
+    tree: Path = ROOT,
 ) -> tuple[Child, str, float]:
     """A gateway process in front of `upstream`: (child, base URL, seconds until ready).
 
-    `max_streams` sets `[server] max_streams` (0: no cap); None keeps the default."""
+    `max_streams` sets `[server] max_streams` (0: no cap); None keeps the default. `env` adds
+    environment variables (settings as `TOKENRELAY_…`). With `workers` > 1,
+    `tokenrelay serve --workers N`: the child is uvicorn's supervisor and the workers are its
+    children (`tree_cpu_seconds` counts them all). `tree` is the checkout whose code it runs
+    (`python -m server` imports the tree it runs in)."""
     config = tempfile.NamedTemporaryFile(
         "w", prefix="tokenrelay-bench-", suffix=".toml", delete=False
     )
@@ -188,7 +217,9 @@ def start_gateway(
         )
     port = free_port()
     argv = [sys.executable, "-m", "server", "serve", "--config", config.name, "--port", str(port)]
-    child = Child("gateway", argv, env={KEY_ENV: "sk-bench-unused", **(env or {})})
+    if workers > 1:
+        argv += ["--workers", str(workers)]
+    child = Child("gateway", argv, env={KEY_ENV: "sk-bench-unused", **(env or {})}, cwd=tree)
     url = f"http://127.0.0.1:{port}"
     try:
         ready = _wait_ready(child, port)

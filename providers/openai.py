@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import ssl
 import uuid
-from collections.abc import AsyncGenerator, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable
 from typing import Any
 
+import anyio
 import httpx2
 import msgspec
 import openai
+from openai._constants import RAW_RESPONSE_HEADER
+from openai._models import FinalRequestOptions
 
 from providers import errors
 from providers.capabilities import EVERYTHING, Capabilities
 from providers.settings import ProviderSettings
 from providers.sse import SSEDecoder, body_chunks
-from providers.transport import http_client
+from providers.transport import http_client, send_streamed
 from providers.types import (
     ChatRequest,
     Event,
@@ -71,6 +76,10 @@ class _Chunk(msgspec.Struct):
 
 
 _decode_chunk = msgspec.json.Decoder(_Chunk).decode
+_encode_body = msgspec.json.Encoder().encode
+# What the SDK turns into `APIConnectionError` when sending (anyio's for TLS failures it leaves
+# unmapped); its timeouts become `APITimeoutError`.
+_SEND_ERRORS = (httpx2.RequestError, ssl.SSLError, anyio.EndOfStream)
 _DONE = b"[DONE]"
 _to_builtins = msgspec.to_builtins
 # What the SDK's `create` takes by name; other options (e.g. `top_k`) go in its `extra_body`.
@@ -92,9 +101,14 @@ _OFFICIAL = Capabilities(
 class OpenAIProvider:
     """Streams chat completions through `openai.AsyncOpenAI`.
 
-    The SDK builds and sends the request (auth, base URL, status errors); the SSE body is
+    The SDK builds the request (auth, base URL, its headers) and its errors; the SSE body is
     decoded here with msgspec straight into small Structs, which is several times cheaper
     per chunk than the SDK's pydantic chunk objects and yields only what the gateway uses.
+
+    Given `http` (the client's own httpx2 client, as `create` builds it), a request is not
+    built by the SDK's `create` each time, whose parameter transform and option handling cost
+    more CPU than relaying a whole short answer: the SDK builds one request once, and each
+    request reuses its URL, headers and timeouts with a new JSON body (see `_send`).
     """
 
     def __init__(
@@ -107,9 +121,12 @@ class OpenAIProvider:
         stream_usage: bool = True,
         list_timeout: float = 10.0,
         inputs: Iterable[str] | None = None,
+        http: httpx2.AsyncClient | None = None,
     ) -> None:
         self.name = name
         self._client = client
+        self._http = http
+        self._template: tuple[httpx2.URL, list[tuple[bytes, bytes]], dict[str, Any]] | None = None
         self._secrets = (secret,) if secret else ()
         self._official = official
         self._stream_usage = stream_usage
@@ -121,60 +138,116 @@ class OpenAIProvider:
 
     async def stream(self, request: ChatRequest) -> AsyncGenerator[Event, None]:
         params = self._params(request)
-        try:
-            async with self._client.chat.completions.with_streaming_response.create(
-                **params
-            ) as response:
-                async for event in self._events(response.http_response):
-                    yield event
-        except openai.APIError as exc:
-            raise translate(self.name, exc, self._secrets) from exc
-        except httpx2.TransportError as exc:
-            raise errors.from_transport(self.name, exc) from exc
-
-    async def _events(self, response: httpx2.Response) -> AsyncGenerator[Event, None]:
         decoder = SSEDecoder()
         reason: FinishReason | None = None
         usage: Usage | None = None
         done = False
         opened: dict[int, str] = {}  # ids of the tool calls whose head (id and name) went out
-        async for raw in body_chunks(response):
-            for _, data in decoder.feed(raw):
-                if data == _DONE:
-                    done = True
-                    continue
-                try:
-                    chunk = _decode_chunk(data)
-                except msgspec.DecodeError as exc:
-                    raise errors.UpstreamProtocolError(
-                        f"{self.name}: upstream sent an unreadable chunk"
-                    ) from exc
-                if chunk.error is not None:
-                    raise self._inband(chunk.error)
-                for choice in chunk.choices:
-                    delta = choice.delta
-                    if delta.content:
-                        yield TextDelta(delta.content)
-                    reasoning = delta.reasoning_content or delta.reasoning
-                    if reasoning:
-                        yield ReasoningDelta(reasoning)
-                    if delta.tool_calls:
-                        for position, call in enumerate(delta.tool_calls):
-                            yield _tool_call(call, position, opened)
-                    if delta.refusal:
-                        yield RefusalDelta(delta.refusal)
-                    if choice.finish_reason is not None:
-                        reason = _FINISH.get(choice.finish_reason, "stop")
-                if chunk.usage is not None:
-                    usage = Usage(
-                        prompt_tokens=chunk.usage.prompt_tokens,
-                        completion_tokens=chunk.usage.completion_tokens,
-                    )
+        try:
+            # One generator from the upstream's bytes to our events: each layer of async
+            # iteration costs on every relayed chunk.
+            async with self._response(params) as response:
+                async for raw in body_chunks(response):
+                    for _, data in decoder.feed(raw):
+                        if data == _DONE:
+                            done = True
+                            continue
+                        try:
+                            chunk = _decode_chunk(data)
+                        except msgspec.DecodeError as exc:
+                            raise errors.UpstreamProtocolError(
+                                f"{self.name}: upstream sent an unreadable chunk"
+                            ) from exc
+                        if chunk.error is not None:
+                            raise self._inband(chunk.error)
+                        for choice in chunk.choices:
+                            delta = choice.delta
+                            if delta.content:
+                                yield TextDelta(delta.content)
+                            reasoning = delta.reasoning_content or delta.reasoning
+                            if reasoning:
+                                yield ReasoningDelta(reasoning)
+                            if delta.tool_calls:
+                                for position, call in enumerate(delta.tool_calls):
+                                    yield _tool_call(call, position, opened)
+                            if delta.refusal:
+                                yield RefusalDelta(delta.refusal)
+                            if choice.finish_reason is not None:
+                                reason = _FINISH.get(choice.finish_reason, "stop")
+                        if chunk.usage is not None:
+                            usage = Usage(
+                                prompt_tokens=chunk.usage.prompt_tokens,
+                                completion_tokens=chunk.usage.completion_tokens,
+                            )
+        except openai.APIError as exc:
+            raise translate(self.name, exc, self._secrets) from exc
+        except httpx2.TransportError as exc:
+            raise errors.from_transport(self.name, exc) from exc
         if reason is None and not done:
             raise errors.UpstreamProtocolError(
                 f"{self.name}: upstream ended the stream without finishing the answer"
             )
         yield Finish(reason=reason or "stop", usage=usage)
+
+    @contextlib.asynccontextmanager
+    async def _response(self, params: dict[str, Any]) -> AsyncIterator[httpx2.Response]:
+        """The upstream's streamed response, closed on the way out."""
+        if self._http is None:
+            async with self._client.chat.completions.with_streaming_response.create(
+                **params
+            ) as sdk_response:
+                yield sdk_response.http_response
+            return
+        response = await self._send(self._http, params)
+        try:
+            yield response
+        finally:
+            await response.aclose()
+
+    async def _send(self, http: httpx2.AsyncClient, params: dict[str, Any]) -> httpx2.Response:
+        """Send what `create(**params)` would send and fail as it would: the SDK's own errors
+        for a failed send or a status other than 2xx; the response is left unread."""
+        url, headers, extensions = self._template or self._build_template()
+        extra = params.pop("extra_body", None)
+        body = _encode_body({**params, **extra} if extra else params)
+        # `stream=` rather than `content=`: the headers are complete as they are, and httpx2
+        # would otherwise look each of its own up among them again.
+        request = httpx2.Request(
+            "POST",
+            url,
+            headers=[*headers, (b"content-length", b"%d" % len(body))],
+            stream=httpx2.ByteStream(body),
+            extensions=dict(extensions),
+        )
+        cookies = http.cookies
+        if cookies:  # set by the upstream before: sent back, as the SDK's requests do
+            cookies.set_cookie_header(request)
+        try:
+            response = await send_streamed(http, request)
+        except httpx2.TimeoutException as exc:
+            raise openai.APITimeoutError(request=request) from exc
+        except _SEND_ERRORS as exc:
+            raise openai.APIConnectionError(request=request) from exc
+        if not response.is_success:
+            try:
+                await response.aread()
+            finally:
+                await response.aclose()
+            raise self._client._make_status_error_from_response(response) from None
+        return response
+
+    def _build_template(
+        self,
+    ) -> tuple[httpx2.URL, list[tuple[bytes, bytes]], dict[str, Any]]:
+        """The SDK's own request for a streamed chat completion, without a body: its URL,
+        headers (auth, defaults, the SDK's own) and timeouts, made once."""
+        options = FinalRequestOptions.construct(
+            method="post", url="/chat/completions", headers={RAW_RESPONSE_HEADER: "stream"}
+        )
+        built = self._client._build_request(options)
+        headers = [(k, v) for k, v in built.headers.raw if k.lower() != b"content-length"]
+        self._template = (built.url, headers, dict(built.extensions))
+        return self._template
 
     def _inband(self, error: _Error | str) -> errors.ProviderError:
         if isinstance(error, str):
@@ -292,4 +365,5 @@ def create(settings: ProviderSettings, key: str) -> OpenAIProvider:
         official=base_url.rstrip("/") == OPENAI_URL,
         stream_usage=settings.stream_usage,
         inputs=settings.inputs,
+        http=http,
     )

@@ -23,6 +23,17 @@ class SSEDecoder:
 
     def feed(self, chunk: bytes) -> list[tuple[bytes | None, bytes]]:
         """Add bytes; return the events they complete."""
+        if (
+            not self._buffer
+            and not self._data
+            and self._event is None
+            and chunk.startswith(b"data: ")
+            and chunk.endswith(b"\n\n")
+            and chunk.find(b"\n") == len(chunk) - 2
+            and chunk[-3:-2] != b"\r"
+        ):
+            # The usual case: a read that holds exactly one one-line `data:` event.
+            return [(None, chunk[6:-2])]
         buffer = self._buffer + chunk if self._buffer else chunk
         lines = buffer.split(b"\n")
         self._buffer = lines.pop()
@@ -51,8 +62,10 @@ def body_chunks(response: httpx2.Response) -> AsyncIterator[bytes]:
     is not content-encoded: `Response.aiter_bytes()` would add a decoder and a chunker, two
     generator layers on every chunk of every stream, to do nothing.
     """
-    if response.headers.get("content-encoding", "identity").lower() in ("", "identity"):
-        stream = response.stream
-        if isinstance(stream, httpx2.AsyncByteStream):
-            return stream.__aiter__()
+    for name, value in response.headers.raw:  # not `.get()`, which decodes every header first
+        if name.lower() == b"content-encoding" and value.strip().lower() not in (b"", b"identity"):
+            return response.aiter_bytes()
+    stream = response.stream
+    if isinstance(stream, httpx2.AsyncByteStream):
+        return stream.__aiter__()
     return response.aiter_bytes()

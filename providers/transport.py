@@ -35,6 +35,8 @@ class _Connection(asyncio.Protocol):
 
     def __init__(self, origin: tuple[str, str, int]) -> None:
         self.origin = origin
+        # Kept: `asyncio.get_running_loop()` costs a system call (getpid) on every call.
+        self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False
@@ -43,7 +45,7 @@ class _Connection(asyncio.Protocol):
 
     def _reset(self) -> None:
         self.headers: list[tuple[bytes, bytes]] = []
-        self.head: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.head: asyncio.Future[None] = self.loop.create_future()
         self.chunks: collections.deque[bytes] = collections.deque()
         self.buffered = 0
         self.complete = False
@@ -168,7 +170,7 @@ class _Body(httpx2.AsyncByteStream):
             if connection.complete:
                 self._release()
                 raise StopAsyncIteration
-            connection.waiter = asyncio.get_running_loop().create_future()
+            connection.waiter = connection.loop.create_future()
             try:
                 await connection.waiter
             finally:
@@ -215,10 +217,13 @@ class LeanTransport(httpx2.AsyncBaseTransport):
         origin = (url.scheme, url.host, url.port or (443 if url.scheme == "https" else 80))
         body = await request.aread()
         head = _request_head(request, body)
-        try:
-            await asyncio.wait_for(self._slots.acquire(), self._connect_timeout)
-        except TimeoutError:
-            raise httpx2.PoolTimeout("no upstream connection became free in time") from None
+        if self._slots.locked():
+            try:
+                await asyncio.wait_for(self._slots.acquire(), self._connect_timeout)
+            except TimeoutError:
+                raise httpx2.PoolTimeout("no upstream connection became free in time") from None
+        else:
+            await self._slots.acquire()  # at once: no deadline (a task and a timer) needed
         connection: _Connection | None = None
         try:
             connection, reused = await self._connection(origin)
@@ -345,6 +350,25 @@ def _request_head(request: httpx2.Request, body: bytes) -> bytes:
     if not has_length and (body or request.method in ("POST", "PUT", "PATCH")):
         lines.append(b"content-length: " + str(len(body)).encode())
     return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+async def send_streamed(client: httpx2.AsyncClient, request: httpx2.Request) -> httpx2.Response:
+    """`client.send(request, stream=True)`, with fewer layers when `client` is `http_client`'s
+    lean one: no redirects, auth or mounts to handle there, so the request goes straight to
+    the transport, and the response body is the transport's own stream rather than httpx2's
+    wrapper around it (one async generator less per relayed chunk). Cookies the upstream
+    sets are kept, as `client.send` keeps them."""
+    transport = getattr(client, "_transport", None)
+    if not isinstance(transport, LeanTransport) or client.is_closed:
+        return await client.send(request, stream=True)
+    response = await transport.handle_async_request(request)
+    # Looked for here among the raw headers: `extract_cookies` would decode them all first.
+    if any(name.lower() in _SET_COOKIE for name, _ in response.headers.raw):
+        client.cookies.extract_cookies(response)
+    return response
+
+
+_SET_COOKIE = (b"set-cookie", b"set-cookie2")
 
 
 def http_client(settings: ProviderSettings) -> httpx2.AsyncClient:

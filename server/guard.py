@@ -13,6 +13,9 @@
   lines inside an event stream. The body is written as is and the connection closed at its end.
 - `tokenrelay.abort` in the scope's extensions: a callable that drops the connection at once,
   without flushing what is buffered, for a client that has stopped reading.
+- `tokenrelay.send` in the scope's extensions: the server's own `send`, so that a streamed
+  body can skip the middleware layers once the response head went through them (see
+  `direct_body`; `server.wsguard` gives WebSockets the same).
 
 Request bodies have their own deadline in `server.http`.
 """
@@ -25,10 +28,12 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from starlette.types import Message, Send
 from uvicorn._types import ASGISendEvent
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 ABORT = "tokenrelay.abort"
+SEND = "tokenrelay.send"
 
 
 def _answer(status: bytes, code: bytes, message: bytes) -> bytes:
@@ -109,6 +114,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if cycle is not None and cycle.scope is self.scope and self.scope["http_version"] == "1.0":
             # Only attributes are read and written later; the task has not started yet.
             cycle.__class__ = CloseDelimitedCycle
+        if cycle is not None and cycle.scope is self.scope:
+            self.scope["extensions"][SEND] = cycle.send  # type: ignore[assignment]
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
@@ -201,6 +208,31 @@ def abort_of(scope: Any) -> Callable[[], None] | None:
     """The scope's `tokenrelay.abort` (this module's HTTP and WebSocket protocols give one)."""
     found = scope.get("extensions", {}).get(ABORT)
     return found if callable(found) else None
+
+
+def direct_body(scope: Any, send: Send) -> Send:
+    """`send`, except that response bodies and WebSocket data frames go straight to the
+    server's own `send`.
+
+    Every middleware of the app looks only at the response head (status, headers) or the
+    WebSocket accept, and passes body messages and frames on as they are, yet each adds an
+    async call per message: for a stream, a layer of calls per relayed chunk. The head still
+    goes through them all; the server's `send` enforces the order either way.
+    """
+    raw = scope.get("extensions", {}).get(SEND)
+    if raw is None:  # another server (tests, ASGI transports): every message goes the long way
+        return send
+
+    async def sender(message: Message) -> None:
+        if message["type"] in _DIRECT:
+            await raw(message)
+        else:
+            await send(message)
+
+    return sender
+
+
+_DIRECT = frozenset({"http.response.body", "websocket.send"})
 
 
 def configure(header_timeout: float) -> None:

@@ -15,8 +15,9 @@ With several workers (`tokenrelay serve --workers N`), the `serve` command point
 
 from __future__ import annotations
 
+import functools
 import os
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -31,6 +32,18 @@ from prometheus_client import (
 
 if os.environ.get("PROMETHEUS_DISABLE_CREATED_SERIES", "").lower() not in ("false", "0", "f"):
     disable_created_metrics()  # type: ignore[no-untyped-call]
+
+MetricT = TypeVar("MetricT", Counter, Gauge, Histogram)
+
+
+@functools.cache
+def child(metric: MetricT, *labels: str) -> MetricT:
+    """`metric.labels(*labels)`, looked up once: `labels()` takes a lock and checks its
+    arguments on every call, several times per request. The cache stays as small as the label
+    sets are (bounded, see above)."""
+    found: Any = metric.labels(*labels)
+    return found  # type: ignore[no-any-return]
+
 
 Transport = Literal["rest", "sse", "ws"]
 Outcome = Literal["completed", "cancelled", "client_disconnected", "abandoned", "error", "timeout"]

@@ -47,17 +47,19 @@ class StreamObserver:
         _ACTIVE[transport].dec()
         ended_at = state.ended_at or state.started_at
         duration = ended_at - state.started_at
-        metrics.STREAMS.labels(transport, provider, outcome).inc()
-        metrics.STREAM_DURATION.labels(transport, provider, outcome).observe(duration)
+        metrics.child(metrics.STREAMS, transport, provider, outcome).inc()
+        metrics.child(metrics.STREAM_DURATION, transport, provider, outcome).observe(duration)
         ttft = state.ttft
         if ttft is not None:
-            metrics.STREAM_TTFT.labels(transport, provider).observe(ttft)
+            metrics.child(metrics.STREAM_TTFT, transport, provider).observe(ttft)
         if state.chunks:
-            metrics.CHUNKS.labels(transport, provider).inc(state.chunks)
+            metrics.child(metrics.CHUNKS, transport, provider).inc(state.chunks)
         usage = state.usage_so_far()
         if outcome == "completed" or state.chunks:  # a stream that relayed nothing used nothing
-            metrics.TOKENS.labels(transport, provider, "prompt").inc(usage.prompt_tokens)
-            metrics.TOKENS.labels(transport, provider, "completion").inc(usage.completion_tokens)
+            metrics.child(metrics.TOKENS, transport, provider, "prompt").inc(usage.prompt_tokens)
+            metrics.child(metrics.TOKENS, transport, provider, "completion").inc(
+                usage.completion_tokens
+            )
         if state.cancelled_at is not None and outcome in ("cancelled", "client_disconnected"):
             _CANCEL[transport].observe(max(ended_at - state.cancelled_at, 0.0))
         code = None if state.error is None else spec_for(state.error).code
@@ -117,8 +119,8 @@ class RequestObserver:
             duration = time.perf_counter() - started
             route = metrics.route_label(scope["path"])
             method = scope["method"] if scope["method"] in _METHODS else "other"
-            metrics.HTTP_REQUESTS.labels(route, method, metrics.status_label(status)).inc()
-            metrics.HTTP_DURATION.labels(route, method).observe(duration)
+            metrics.child(metrics.HTTP_REQUESTS, route, method, metrics.status_label(status)).inc()
+            metrics.child(metrics.HTTP_DURATION, route, method).observe(duration)
             fields = {
                 "request_id": rid,
                 "method": method,

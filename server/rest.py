@@ -23,6 +23,7 @@ from server import protocol
 from server.catalog import Catalog
 from server.chat import ChatService, Prepared
 from server.errors import ClientGone
+from server.guard import direct_body
 from server.http import header_map, read_body, request_id_of, send_error, send_json
 from server.journal import Done, Failed
 from server.limits import Limits
@@ -86,6 +87,7 @@ class DialectEndpoint(Generic[BodyT]):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.monotonic()
+        send = direct_body(scope, send)
         headers = header_map(scope)
         rid = request_id_of(scope)
         try:

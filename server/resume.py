@@ -232,6 +232,17 @@ class Streams:
         finally:
             self._close(tee)
 
+    def bind(self, tee: Tee, task: asyncio.Future[None]) -> None:
+        """The task that runs the stream: a cancel or the grace time stops it. However it ends
+        (even cancelled before its first step), the journal gets its end."""
+        tee.task = task
+
+        def ended(_: asyncio.Future[None]) -> None:
+            tee.cancelled()  # nothing when the stream recorded its own end
+            self._close(tee)
+
+        task.add_done_callback(ended)
+
     def detach(self, tee: Tee) -> None:
         """The client that started the stream went away without cancelling it."""
         tee.live = None

@@ -41,24 +41,25 @@ class EventStreamSink:
     and says how its keepalive and its errors look.
     """
 
-    __slots__ = ("_send", "_headers", "_state", "started", "complete", "last_sent")
+    __slots__ = ("_send", "_headers", "_state", "_loop", "started", "complete", "last_sent")
 
     def __init__(self, send: Send, headers: list[tuple[bytes, bytes]], state: StreamState) -> None:
         self._send = send
         self._headers = headers
         self._state = state
+        self._loop = asyncio.get_running_loop()  # kept: each lookup costs a system call
         self.started = False
         self.complete = False
-        self.last_sent = asyncio.get_running_loop().time()
+        self.last_sent = self._loop.time()
 
     async def _body(self, data: bytes) -> None:
         """Send one event's bytes (a delta, the finish, an error)."""
-        self.last_sent = asyncio.get_running_loop().time()
+        self.last_sent = self._loop.time()
         await self._send({"type": "http.response.body", "body": data, "more_body": True})
 
     async def _comment(self, data: bytes) -> None:
         """Send bytes that are not an event of the stream (a keepalive)."""
-        self.last_sent = asyncio.get_running_loop().time()
+        self.last_sent = self._loop.time()
         await self._send({"type": "http.response.body", "body": data, "more_body": True})
 
     async def _start(self) -> None:
@@ -240,7 +241,7 @@ async def stream_resumable(
     resumed, or abandoned after the grace time); only an explicit cancel stops it."""
     state = tee.state
     run = asyncio.ensure_future(streams.run(service, prepared, tee))
-    tee.task = run
+    streams.bind(tee, run)
     keepalive = asyncio.ensure_future(sink.keepalive(heartbeat))
     gone = asyncio.ensure_future(wait_disconnect(receive))
     try:

@@ -34,7 +34,7 @@ from server.errors import (
     TooManyStreamsError,
     error_body,
 )
-from server.guard import current_abort
+from server.guard import current_abort, direct_body
 from server.journal import Done
 from server.limits import FrameMeter, Limits
 from server.ratelimit import current_principal
@@ -318,7 +318,7 @@ class Connection:
             started = protocol.ChatStarted(id=frame.id, stream_id=stream_id)
             try:
                 await self._reply("chat.started", protocol.encode_text(started))
-            except ClientGone:
+            except BaseException:  # the client gone, or this loop cancelled
                 if self._limits is not None:
                     self._limits.end_stream(self._principal)  # the slots `_admit` took
                 raise
@@ -337,8 +337,8 @@ class Connection:
             # closing right after the start), where `_run`'s `finally` never would.
             limits, principal = self._limits, self._principal
             task.add_done_callback(lambda _: limits.end_stream(principal))
-        if tee is not None:
-            tee.task = task
+        if tee is not None and self._streams_service is not None:
+            self._streams_service.bind(tee, task)
         self._streams[frame.id] = _Stream(task, sink, state, tee)
 
     async def _admit(self) -> None:
@@ -542,7 +542,7 @@ class WebSocketEndpoint:
         await send(
             {"type": "websocket.accept", "subprotocol": protocol.SUBPROTOCOL if offered else None}
         )
-        socket = _Socket(send)
+        socket = _Socket(direct_body(scope, send))
         metrics.WS_CONNECTIONS.inc()
         try:
             connection = Connection(

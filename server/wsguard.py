@@ -24,7 +24,7 @@ from websockets.frames import Frame, Opcode
 from websockets.http11 import Request
 from websockets.server import ServerProtocol
 
-from server.guard import ABORT, settings_of
+from server.guard import ABORT, SEND, settings_of
 from server.limits import FrameMeter
 
 log = logging.getLogger("tokenrelay.ws")
@@ -141,6 +141,7 @@ class MeteredWebSocketProtocol(WebSocketsSansIOProtocol):
         if self.response.status_code == 101:
             # The ASGI types want a dict per extension; ours is a callable.
             self.scope["extensions"][ABORT] = self.transport.abort  # type: ignore[assignment]
+            self.scope["extensions"][SEND] = self.send  # type: ignore[assignment]
 
     def send_receive_event_to_app(self) -> None:
         if self.curr_msg_data_type == "text" and not self.close_sent:

@@ -34,6 +34,7 @@ def test_bench_writes_its_table_and_figures(tmp_path: Path) -> None:
     figures = json.loads(out.read_text())
     for scenario in (
         "ttft_c1",
+        "c1_streams",
         "load",
         "fixed_cost",
         "memory",
@@ -42,6 +43,7 @@ def test_bench_writes_its_table_and_figures(tmp_path: Path) -> None:
         "overload",
         "messages",
         "responses",
+        "workers",
     ):
         assert scenario in figures, scenario
     # At the default settings one load generator's streams are never refused.
@@ -50,6 +52,8 @@ def test_bench_writes_its_table_and_figures(tmp_path: Path) -> None:
         assert figures["fixed_cost"][target]["refused"] == 0
     assert "refused (429/503), load, gateway-sse" in done.stdout
     assert "cancel->upstream p99 @12 offered" in done.stdout
+    assert figures["c1_streams"]["gateway-sse"]["streams_per_s"] > 0
+    assert figures["workers"]["2 workers"]["streams"] > 0
     assert figures["load"]["gateway-sse"]["chunks"] > 0
     assert figures["load"]["gateway-ws"]["chunks"] > 0
     assert figures["messages"]["load"]["gateway-messages"]["chunks"] > 0

@@ -5,13 +5,18 @@ from __future__ import annotations
 import socket
 from collections.abc import AsyncIterator, Callable
 
+import httpx2
+import msgspec
 import pytest
 
 from providers import errors
 from providers.base import Provider
+from providers.openai import OpenAIProvider
 from providers.registry import build_provider
 from providers.settings import ProviderSettings
+from providers.transport import LeanTransport, send_streamed
 from providers.types import ChatRequest, Event, Finish, Message, ReasoningDelta, TextDelta
+from server import protocol
 from tests.conftest import ENVIRON, UPSTREAM_KEY, provider_settings
 from tests.fakeupstream import FakeUpstream, formats
 
@@ -281,3 +286,95 @@ async def test_idle_upstream_connections_expire_without_another_request(fake: Fa
         while fake._conns and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         assert not fake._conns, "idle upstream connections stayed open"
+
+
+RICH_BODY = {
+    "model": "placeholder",
+    "messages": [
+        {"role": "developer", "content": "be brief"},
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "what is this? é ✓"},
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+            ],
+        },
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+            ],
+        },
+        {"role": "tool", "tool_call_id": "c1", "content": "42"},
+    ],
+    "max_tokens": 3,
+    "stop": ["END"],
+    "temperature": 0.5,
+    "top_k": 4,
+    "seed": 7,
+    "user": "u1",
+    "logit_bias": {"50256": -100},
+    "tools": [
+        {
+            "type": "function",
+            "function": {
+                "name": "f",
+                "description": "d",
+                "parameters": {"type": "object", "properties": {"x": {"type": "integer"}}},
+            },
+        }
+    ],
+    "tool_choice": "auto",
+    "response_format": {
+        "type": "json_schema",
+        "json_schema": {"name": "s", "schema": {"type": "object"}, "strict": True},
+    },
+}
+
+
+@pytest.mark.parametrize("transport", ["lean", "httpx"])
+async def test_prebuilt_request_is_what_the_sdk_sends(
+    upstream: FakeUpstream, model: Model, transport: str
+) -> None:
+    """The adapter sends a request the SDK built once with a new body each time: the upstream
+    must see exactly what the SDK's own `create` sends (headers and JSON body)."""
+    settings = provider_settings(upstream, transport=transport)[0]
+    prebuilt = build_provider(settings, ENVIRON)
+    assert isinstance(prebuilt, OpenAIProvider)
+    through_sdk = OpenAIProvider(  # no `http`: every request through the SDK's `create`
+        name=settings.name, client=prebuilt._client, secret=UPSTREAM_KEY, official=False
+    )
+    seen = []
+    for provider in (prebuilt, through_sdk, prebuilt):
+        name = model(tokens=1)
+        body = protocol.decode_body(msgspec.json.encode({**RICH_BODY, "model": name}))
+        await collect(provider, protocol.chat_request(body))
+        (recorded,) = upstream.by_model(name)
+        headers = {k: v for k, v in recorded.headers.items() if k != "content-length"}
+        seen.append((headers, {**recorded.body, "model": None}))
+    await prebuilt.aclose()
+    assert seen[0] == seen[1] == seen[2]
+    assert seen[0][1]["top_k"] == 4  # beyond OpenAI's own parameters, still at the top level
+
+
+async def test_lean_pool_waits_for_a_free_connection_then_gives_up(
+    upstream: FakeUpstream, model: Model
+) -> None:
+    name = model(tokens=5, hang_after=1)
+    transport = LeanTransport(max_connections=1, connect_timeout=0.3)
+    async with httpx2.AsyncClient(transport=transport) as http:
+        url = upstream.url + "/v1/chat/completions"
+        body = {"model": name, "messages": [{"role": "user", "content": "hi"}], "stream": True}
+        headers = {"authorization": f"Bearer {UPSTREAM_KEY}"}
+        first = await send_streamed(
+            http, http.build_request("POST", url, json=body, headers=headers)
+        )
+        with pytest.raises(httpx2.PoolTimeout):
+            await send_streamed(http, http.build_request("POST", url, json=body, headers=headers))
+        await first.aclose()  # the slot comes free: the next request gets it at once
+        second = await send_streamed(
+            http, http.build_request("POST", url, json=body, headers=headers)
+        )
+        assert second.status_code == 200
+        await second.aclose()

@@ -71,6 +71,15 @@ def test_one_byte_at_a_time() -> None:
     assert feed_all([STREAM[i : i + 1] for i in range(len(STREAM))]) == EXPECTED
 
 
+def test_one_event_per_read() -> None:
+    """Reads that each end an event, as upstreams usually send them (the decoder's quick path
+    for a lone one-line `data:` event, next to every other shape)."""
+    pieces = [piece + b"\n\n" for piece in STREAM.split(b"\n\n")[:-1]]
+    assert b"".join(pieces) == STREAM
+    assert feed_all(pieces) == EXPECTED
+    assert feed_all([b"data: x\r\n\n", b"data:  y\n\n"]) == [(None, b"x"), (None, b" y")]
+
+
 def test_split_at_every_boundary() -> None:
     for cut in range(len(STREAM) + 1):
         assert feed_all([STREAM[:cut], STREAM[cut:]]) == EXPECTED, f"split at byte {cut}"
