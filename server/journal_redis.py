@@ -34,6 +34,7 @@ log = logging.getLogger("tokenrelay.journal")
 
 BLOCK_SECONDS = 1.0  # one blocking read; between them a reader looks at the stream's head
 MAX_QUEUED = 50_000  # streams waiting for a flush before new ones are given up
+ALIVE_TTL = 3.0  # a replica that has not said it is alive for this long has stopped
 FLUSH_DELAY = 0.005  # writes wait this long for company: one pipeline every few milliseconds
 
 encode_records = msgspec.msgpack.Encoder().encode
@@ -56,6 +57,10 @@ class _Batch:
 
 class JournalUnavailable(Exception):
     """Redis cannot be read now, or this stream's copy in it is incomplete."""
+
+
+class ReplicaGone(JournalUnavailable):
+    """The replica running a live stream stopped (crashed, killed) before the stream ended."""
 
 
 class RemoteTruncated(Exception):
@@ -106,6 +111,7 @@ class RedisJournal:
         self._backoff = 0.0
         self._last_log = 0.0
         self._control: asyncio.Task[None] | None = None
+        self._beat: asyncio.Task[None] | None = None
 
     # -- writing (called by the relay: queue only) ------------------------------------------
 
@@ -319,7 +325,10 @@ class RedisJournal:
             except Exception as exc:
                 raise JournalUnavailable(str(exc) or type(exc).__name__) from exc
             if not found:
-                status = (await self.head(stream_id) or {}).get("status")
+                head = await self.head(stream_id) or {}
+                status = head.get("status")
+                if status == "live" and not await self.replica_alive(head.get("replica", "")):
+                    raise ReplicaGone(f"the replica running {stream_id} stopped")
                 if status == "live" and time.monotonic() - idle_since < idle_limit:
                     continue
                 if status == "ended":
@@ -352,8 +361,32 @@ class RedisJournal:
         return True
 
     def listen(self, handler: Callable[[str, str], None]) -> None:
-        """Hear every replica's control messages (resubscribing after a failure)."""
+        """Hear every replica's control messages (resubscribing after a failure), and say
+        that this replica is alive, so readers elsewhere know when its streams are orphans."""
         self._control = asyncio.create_task(self._listen(handler))
+        self._beat = asyncio.create_task(self._heartbeat())
+
+    def _alive_key(self, replica: str) -> str:
+        return f"{self._prefix}replica:{replica}"
+
+    async def _heartbeat(self) -> None:
+        key = self._alive_key(self.replica)
+        while True:
+            try:
+                await self._client.set(key, b"1", px=int(ALIVE_TTL * 1000))
+            except Exception:
+                await asyncio.sleep(0.25)  # say it again soon once Redis is back
+                continue
+            await asyncio.sleep(ALIVE_TTL / 3)
+
+    async def replica_alive(self, replica: str) -> bool:
+        """Whether the replica that wrote a head still says it is alive (True when unknown)."""
+        if not replica:
+            return True
+        try:
+            return bool(await self._reader.exists(self._alive_key(replica)))
+        except Exception as exc:
+            raise JournalUnavailable(str(exc) or type(exc).__name__) from exc
 
     async def _listen(self, handler: Callable[[str, str], None]) -> None:
         import redis.asyncio
@@ -388,6 +421,12 @@ class RedisJournal:
         if self._flushing is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._flushing, 2.0)
+        if self._beat is not None:
+            self._beat.cancel()
+            with contextlib.suppress(BaseException):
+                await self._beat
+            with contextlib.suppress(Exception):  # a clean stop: its streams are not orphans
+                await self._client.delete(self._alive_key(self.replica))
         if self._control is not None:
             self._control.cancel()
             with contextlib.suppress(BaseException):

@@ -34,7 +34,7 @@ from server.errors import (
     error_body,
 )
 from server.journal import Done, Entry, Failed, Head, Journal, Record, Truncated
-from server.journal_redis import JournalUnavailable, RedisJournal, RemoteTruncated
+from server.journal_redis import JournalUnavailable, RedisJournal, RemoteTruncated, ReplicaGone
 from server.stream_state import StreamState
 
 log = logging.getLogger("tokenrelay.resume")
@@ -42,6 +42,7 @@ log = logging.getLogger("tokenrelay.resume")
 RESUMABLE_HEADER = b"x-tokenrelay-resumable"
 STREAM_ID_HEADER = b"x-tokenrelay-stream-id"
 CANCEL_WAIT = 5.0  # how long a cancel waits for the stream's last record
+REDIS_LAG = 0.05  # at most how far the Redis copy of a live stream trails its replica
 
 
 def new_stream_id() -> str:
@@ -335,8 +336,18 @@ class Streams:
                     f"Stream {stream_id} cannot be resumed here: its shared journal is "
                     "incomplete (Redis failed while it ran). Only its own replica had it all."
                 )
-            if found.get("status") == "ended":
-                _check_after(after, await self.mirror.last_seq(stream_id))
+            live = found.get("status") == "live"
+            if live and not await self.mirror.replica_alive(found.get("replica", "")):
+                raise ReplicaGone(stream_id)
+            last = await self.mirror.last_seq(stream_id)
+            if after > last and live:
+                # The replica running it writes to Redis every few milliseconds: a client may
+                # have seen a little more than Redis holds yet, but not more than that.
+                await asyncio.sleep(REDIS_LAG)
+                last = await self.mirror.last_seq(stream_id)
+            _check_after(after, last)
+        except ReplicaGone as exc:
+            raise _orphaned(stream_id) from exc
         except JournalUnavailable as exc:
             raise _unavailable(stream_id) from exc
         head = Head(
@@ -378,6 +389,8 @@ class Streams:
                 yield seq, record
         except RemoteTruncated as exc:
             raise _truncated(stream_id, exc.first) from None
+        except ReplicaGone as exc:
+            raise _orphaned(stream_id) from exc
         except JournalUnavailable as exc:
             raise _unavailable(stream_id) from exc
         finally:
@@ -457,6 +470,13 @@ def _truncated(stream_id: str, first: int) -> JournalTruncatedError:
     return JournalTruncatedError(
         f"Stream {stream_id} no longer holds the events asked for: its journal keeps events "
         f"from {first} on (raise [streams] journal_max_events / journal_max_bytes to keep more)."
+    )
+
+
+def _orphaned(stream_id: str) -> JournalUnavailableError:
+    return JournalUnavailableError(
+        f"Stream {stream_id} cannot be resumed further: the replica running it stopped before "
+        "it ended. Send the request again."
     )
 
 

@@ -140,8 +140,13 @@ class WSSink:
         await self._socket.frame("chat.error", protocol.encode_text(frame))
 
     async def interrupted(self, body: ErrorBody) -> None:
-        """A reader cut off midway: its terminal frame (a frame's `seq` is never left out)."""
-        await self.failed(body)
+        """A reader cut off midway: a `chat.error` that is no record of the stream, so it takes
+        no sequence number of its own but repeats the last one this reader got (`after` when
+        none): resuming after the highest `seq` received then skips nothing."""
+        assert not self.ended, "a stream has one terminal frame"
+        self.ended = True
+        frame = protocol.ChatErrorFrame(id=self._id, seq=self.seq - 1, error=body)
+        await self._socket.frame("chat.error", protocol.encode_text(frame))
 
     async def error(self, exc: GatewayError) -> None:
         frame = protocol.ChatErrorFrame(

@@ -172,11 +172,6 @@ async def test_a_resume_after_the_end_or_not_a_number_is_400(
     assert error["error"]["param"] == "after", error
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: only the replica running a live stream checks `after`; another replica answers "
-    "200 and waits for that event, then serves from it",
-)
 async def test_a_resume_after_the_live_end_is_400_on_every_replica(
     pair: tuple[Served, Served], upstream: FakeUpstream
 ) -> None:

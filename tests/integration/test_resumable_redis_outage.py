@@ -8,7 +8,6 @@ import asyncio
 import time
 
 import httpx2
-import pytest
 
 from tests.fakeupstream import FakeUpstream
 from tests.support.process import Served
@@ -188,12 +187,6 @@ async def test_a_reader_cut_off_by_redis_resumes_where_it_really_was(
         assert_ends_done(resumed.events, answer.terminal)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a WS reader cut off midway gets chat.error with the next seq; resuming after "
-    "'the last seq the client has' (as documented) then skips that record, or is refused as "
-    "past the end when the reader had caught up",
-)
 async def test_a_ws_reader_cut_off_by_redis_resumes_where_it_really_was(
     upstream: FakeUpstream, fresh_redis: RedisServer
 ) -> None:

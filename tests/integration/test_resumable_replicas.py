@@ -30,10 +30,12 @@ from tests.support.resumable import (
     error_events,
     finish_reasons,
     metric,
+    open_resume,
     open_stream,
     replicas,
     report,
     resume,
+    resume_status,
     scripted,
     send,
     ws_client,
@@ -286,3 +288,28 @@ async def test_a_stream_started_over_sse_resumes_over_websocket_and_back(
     assert resumed.status == 200, resumed.error
     assert got + deltas(resumed.events) == answer.records()
     assert_ends_done(resumed.events, answer.terminal)
+
+
+async def test_a_reader_of_a_crashed_replicas_stream_is_told_so(
+    upstream: FakeUpstream, redis_server: RedisServer
+) -> None:
+    """Replica A dies (SIGKILL) mid-stream: B's reader gets what A journalled, then a clear
+    error within seconds (not keepalives until the idle limit), and a new resume is refused."""
+    with replicas(config(upstream, redis_server)) as (one, two):
+        answer = scripted(upstream, 400, pace=0.02)
+        async with open_stream(one.url, chat_body(answer)) as first:
+            await first.read_deltas(K)
+            stream_id = first.stream_id
+        async with open_resume(two.url, stream_id, K - 1) as reader:
+            await reader.read_deltas(3)
+            one.proc.kill()
+            killed = time.monotonic()
+            events = await reader.read_to_end()
+            waited = time.monotonic() - killed
+        errors = error_events(events)
+        assert errors and errors[-1].json()["error"]["code"] == "journal_unavailable"
+        assert "stopped" in errors[-1].json()["error"]["message"]
+        assert not any(e.done for e in events)
+        status, error = await resume_status(two.url, stream_id, K - 1)
+        assert status == 503 and error is not None and "stopped" in error["message"]
+        report(f"reader told of the crash {waited:.2f} s after the kill")
