@@ -328,14 +328,7 @@ class Streams:
         if self.mirror is None:
             raise _not_found(stream_id)
         try:
-            found = await self.mirror.head(stream_id)
-            if found is None or found.get("owner") != owner:
-                raise _not_found(stream_id)
-            if found.get("status") == "lost":
-                raise JournalUnavailableError(
-                    f"Stream {stream_id} cannot be resumed here: its shared journal is "
-                    "incomplete (Redis failed while it ran). Only its own replica had it all."
-                )
+            found = await self._remote_head(stream_id, owner)
             live = found.get("status") == "live"
             if live and not await self.mirror.replica_alive(found.get("replica", "")):
                 raise ReplicaGone(stream_id)
@@ -360,6 +353,19 @@ class Streams:
         )
         metrics.STREAM_RESUMES.labels(transport, "other").inc()
         return Follower(head, self._remote(head, after), "other")
+
+    async def _remote_head(self, stream_id: str, owner: str) -> dict[str, str]:
+        """The head in Redis of a stream `owner` may read; raises when there is none."""
+        assert self.mirror is not None
+        found = await self.mirror.head(stream_id)
+        if found is None or found.get("owner") != owner:
+            raise _not_found(stream_id)
+        if found.get("status") == "lost":
+            raise JournalUnavailableError(
+                f"Stream {stream_id} cannot be resumed here: its shared journal is "
+                "incomplete (Redis failed while it ran). Only its own replica had it all."
+            )
+        return found
 
     async def _local(self, entry: Entry, after: int) -> AsyncIterator[tuple[int, Record]]:
         tee = self._live.get(entry.head.stream_id)
@@ -410,11 +416,7 @@ class Streams:
         if self.mirror is None:
             raise _not_found(stream_id)
         try:
-            found = await self.mirror.head(stream_id)
-            if found is None or found.get("owner") != owner:
-                raise _not_found(stream_id)
-            if found.get("status") == "lost":
-                raise _unavailable(stream_id)
+            found = await self._remote_head(stream_id, owner)
             last = await self.mirror.last_seq(stream_id)
             stopped = False
             if found.get("status") != "ended":

@@ -290,19 +290,24 @@ class Connection:
                 "invalid_frame", f"Invalid frame{where}: {message}", stream_id
             )
 
-    async def _start(self, frame: protocol.ChatStart, received_at: float) -> None:
-        if frame.id in self._streams:
-            error: GatewayError = DuplicateStreamError(
-                f"A stream with id '{frame.id}' is still running on this socket.", param="id"
+    async def _room_for(self, stream_id: str) -> bool:
+        """Whether this socket can take one more stream under that id (else it is refused)."""
+        error: GatewayError | None = None
+        if stream_id in self._streams:
+            error = DuplicateStreamError(
+                f"A stream with id '{stream_id}' is still running on this socket.", param="id"
             )
-            await self._reject(frame.id, error)
-            return
-        if len(self._streams) >= self._settings.max_streams:
+        elif len(self._streams) >= self._settings.max_streams:
             error = TooManyStreamsError(
                 f"This socket already runs {self._settings.max_streams} streams; "
                 "wait for one to end or cancel one."
             )
-            await self._reject(frame.id, error)
+        if error is not None:
+            await self._reject(stream_id, error)
+        return error is None
+
+    async def _start(self, frame: protocol.ChatStart, received_at: float) -> None:
+        if not await self._room_for(frame.id):
             return
         try:
             if self._limits is not None:
@@ -388,18 +393,7 @@ class Connection:
 
     async def _resume(self, frame: protocol.ChatResume) -> None:
         """Follow a resumable stream on this socket under the client's new id."""
-        if frame.id in self._streams:
-            error: GatewayError = DuplicateStreamError(
-                f"A stream with id '{frame.id}' is still running on this socket.", param="id"
-            )
-            await self._reject(frame.id, error)
-            return
-        if len(self._streams) >= self._settings.max_streams:
-            error = TooManyStreamsError(
-                f"This socket already runs {self._settings.max_streams} streams; "
-                "wait for one to end or cancel one."
-            )
-            await self._reject(frame.id, error)
+        if not await self._room_for(frame.id):
             return
         if self._streams_service is None:
             await self._reject(frame.id, InvalidRequestError("Resuming is not offered here."))
