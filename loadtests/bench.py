@@ -498,11 +498,12 @@ class Bench:
         phases: dict[str, list[Phase]] = {GW_SSE: [], route: []}
         for _ in range(s.load_rounds):
             for target in phases:
-                phase = await self.measure(
-                    lambda t=target: self.closed_loop(  # type: ignore[misc]
-                        t, "paced", s.load_concurrency, s.load_seconds, stream_time
+                with self.profiled(f"{scenario}-{target}", stream_time + s.load_seconds):
+                    phase = await self.measure(
+                        lambda t=target: self.closed_loop(  # type: ignore[misc]
+                            t, "paced", s.load_concurrency, s.load_seconds, stream_time
+                        )
                     )
-                )
                 phases[target].append(phase)
                 await self.control.forget()
         load = {t: self._load_figures(p, s.pace) for t, p in phases.items()}

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import struct
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -35,7 +36,37 @@ log = logging.getLogger("tokenrelay.journal")
 BLOCK_SECONDS = 1.0  # one blocking read; between them a reader looks at the stream's head
 MAX_QUEUED = 50_000  # streams waiting for a flush before new ones are given up
 ALIVE_TTL = 3.0  # a replica that has not said it is alive for this long has stopped
-FLUSH_DELAY = 0.005  # writes wait this long for company: one pipeline every few milliseconds
+# Writes wait this long for company: one command per flush carries every stream's new events,
+# so a replica elsewhere sees them at most this much later (a resume there waits that long
+# for events its client says it has seen).
+FLUSH_DELAY = 0.02
+
+# ARGV[1]: one flush's entries, each a stream's events key, its entry id, its first seq and its
+# records, length-prefixed (see `_entry`). One command and one argument per flush, whatever the
+# number of streams: a pipeline of XADDs (or one argument per field) costs the gateway the
+# packing of every command and argument in Python, while Redis walks the blob in C and Lua.
+# The keys are not declared, so this journal wants a single Redis server (not a cluster).
+_APPEND = """
+local blob = ARGV[1]
+local pos, n = 1, 0
+while pos <= #blob do
+  local key, id, first, records
+  key, id, first, records, pos = struct.unpack('>Hc0Hc0I4I4c0', blob, pos)
+  redis.call('XADD', key, id, 'f', first, 'r', records)
+  n = n + 1
+end
+return n
+"""
+_PREFIX = struct.Struct(">H")
+_COUNTS = struct.Struct(">II")
+
+
+def _entry(key: str, entry_id: str, first: int, records: bytes) -> bytes:
+    """One stream's entry in the blob `_APPEND` reads."""
+    k, i = key.encode(), entry_id.encode()
+    prefix, count = _PREFIX.pack, _COUNTS.pack
+    return b"".join((prefix(len(k)), k, prefix(len(i)), i, count(first, len(records)), records))
+
 
 encode_records = msgspec.msgpack.Encoder().encode
 decode_records = msgspec.msgpack.Decoder(list[Record]).decode
@@ -44,10 +75,11 @@ decode_records = msgspec.msgpack.Decoder(list[Record]).decode
 class _Batch:
     """One stream's writes between two flushes."""
 
-    __slots__ = ("entry", "opened", "first", "records", "trim", "ended")
+    __slots__ = ("entry", "keys", "opened", "first", "records", "trim", "ended")
 
-    def __init__(self, entry: Entry) -> None:
+    def __init__(self, entry: Entry, keys: tuple[str, str]) -> None:
         self.entry = entry
+        self.keys = keys  # its head's and its events' Redis keys
         self.opened = False
         self.first = -1  # sequence number of records[0]
         self.records: list[Record] = []
@@ -94,6 +126,7 @@ class RedisJournal:
         self._client: Any = redis.asyncio.Redis.from_url(
             url, socket_timeout=timeout, socket_connect_timeout=timeout, retry_on_timeout=False
         )
+        self._append = self._client.register_script(_APPEND)
         # Blocking reads hold a connection for up to BLOCK_SECONDS: a client of their own.
         self._reader: Any = redis.asyncio.Redis.from_url(
             url,
@@ -150,7 +183,7 @@ class RedisJournal:
         if time.monotonic() < self._down_until or len(self._pending) >= MAX_QUEUED:
             self._lose(entry)
             return None
-        batch = self._pending[stream_id] = _Batch(entry)
+        batch = self._pending[stream_id] = _Batch(entry, self._key(stream_id))
         self._schedule()
         return batch
 
@@ -199,11 +232,11 @@ class RedisJournal:
         ended_px = max(int(self.ttl * 1000), 1)
         now = time.monotonic()
         renew_after = self.live_ttl / 4
+        entries: list[bytes] = []
         async with self._client.pipeline(transaction=False) as pipe:
             for batch in batches:
                 entry = batch.entry
-                stream_id = entry.head.stream_id
-                head_key, events_key = self._key(stream_id)
+                head_key, events_key = batch.keys
                 if batch.opened:
                     head = entry.head
                     pipe.hset(
@@ -223,9 +256,14 @@ class RedisJournal:
                     first = batch.first
                     if first == 0:  # the model that answers is known at the first output
                         pipe.hset(head_key, "model", entry.head.model)
-                    # One entry per flush: its id is its last record's sequence number + 1.
-                    fields = {"f": first, "r": encode_records(records)}
-                    pipe.xadd(events_key, fields, id=f"0-{first + len(records)}")
+                    # One entry per stream and flush, its id its last record's seq + 1.
+                    entry_id = f"0-{first + len(records)}"
+                    entries.append(_entry(events_key, entry_id, first, encode_records(records)))
+            if entries:  # every stream's entry in one command: Redis does the loop
+                await self._append(args=[b"".join(entries)], client=pipe)
+            for batch in batches:
+                stream_id = batch.entry.head.stream_id
+                head_key, events_key = batch.keys
                 if batch.trim is not None:
                     # Exact: redis-py trims approximately by default, which keeps whole
                     # 100-entry nodes, so a replica would serve what the bounds dropped.

@@ -42,7 +42,7 @@ log = logging.getLogger("tokenrelay.resume")
 RESUMABLE_HEADER = b"x-tokenrelay-resumable"
 STREAM_ID_HEADER = b"x-tokenrelay-stream-id"
 CANCEL_WAIT = 5.0  # how long a cancel waits for the stream's last record
-REDIS_LAG = 0.05  # at most how far the Redis copy of a live stream trails its replica
+REDIS_LAG = 0.1  # more than the Redis copy of a live stream trails its replica (FLUSH_DELAY)
 
 
 def new_stream_id() -> str:
