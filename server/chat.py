@@ -174,7 +174,7 @@ class ChatService:
         self.lifecycle = lifecycle or Lifecycle()
         self._fallbacks = dict(fallbacks or {})
         self._retry_budget = retry_budget
-        self._write_timeout = self.write_timeout = write_timeout
+        self.write_timeout = write_timeout
         self._observer = observer or StreamObserver()
         self._cache = cache  # completions are cached only when a cache is given
         self._cache_ttl = cache_ttl
@@ -348,7 +348,7 @@ class ChatService:
         watchdog: _Watchdog | None = None
         try:
             async with asyncio.timeout(None) as scope, contextlib.aclosing(events):
-                watchdog = _Watchdog(scope, route.settings.first_token_timeout, self._write_timeout)
+                watchdog = _Watchdog(scope, route.settings.first_token_timeout, self.write_timeout)
                 state.watchdog = watchdog
                 async for event in events:
                     watchdog.writing = True
@@ -401,7 +401,7 @@ class ChatService:
         state.reason = "error"
         state.error = exc
         state.outcome = "timeout" if isinstance(exc, UpstreamTimeoutError) else "error"
-        await write_or_abort(sink.error(exc), state, self._write_timeout)
+        await write_or_abort(sink.error(exc), state, self.write_timeout)
 
 
 ERROR_WRITE_TIMEOUT = 5.0

@@ -190,4 +190,9 @@ def retry_after_header(exc: e.GatewayError) -> dict[str, str]:
     """`Retry-After` in whole seconds, rounded up, when the error carries one."""
     if exc.retry_after is None:
         return {}
-    return {"retry-after": str(max(int(-(-exc.retry_after // 1)), 0))}
+    return {"retry-after": retry_after_seconds(exc.retry_after)}
+
+
+def retry_after_seconds(seconds: float) -> str:
+    """A `Retry-After` value: whole seconds, rounded up."""
+    return str(max(int(-(-seconds // 1)), 0))

@@ -12,11 +12,11 @@ from providers.errors import GatewayError, PayloadTooLargeError
 from server import protocol
 from server.errors import (
     ClientGone,
+    ErrorBody,
     ErrorEnvelope,
     RequestTimeoutError,
     error_body,
-    retry_after_header,
-    spec_for,
+    retry_after_seconds,
 )
 
 
@@ -76,10 +76,17 @@ async def send_error(
     headers: list[tuple[bytes, bytes]] | None = None,
 ) -> None:
     """A complete OpenAI-style JSON error response with the error's status and Retry-After."""
-    extra = [(b"x-request-id", request_id.encode()), *(headers or ())]
-    extra += [(k.encode(), v.encode()) for k, v in retry_after_header(exc).items()]
-    body = protocol.encode(ErrorEnvelope(error_body(exc, request_id)))
-    await send_json(send, spec_for(exc).status, body, extra)
+    await send_error_body(send, error_body(exc, request_id), headers)
+
+
+async def send_error_body(
+    send: Send, body: ErrorBody, headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    """The same from the error object itself (as a journal keeps it)."""
+    extra = [(b"x-request-id", (body.request_id or "").encode()), *(headers or ())]
+    if body.retry_after is not None:
+        extra.append((b"retry-after", retry_after_seconds(body.retry_after).encode()))
+    await send_json(send, body.status, protocol.encode(ErrorEnvelope(body)), extra)
 
 
 _REQUEST_ID = re.compile(rb"^[A-Za-z0-9._\-]{1,64}$")

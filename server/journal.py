@@ -18,12 +18,19 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import TYPE_CHECKING, Literal
 
 import msgspec
 
-from providers.types import ReasoningDelta, RefusalDelta, TextDelta, ToolCallDelta, Usage
+from providers.types import (
+    FinishReason,
+    ReasoningDelta,
+    RefusalDelta,
+    TextDelta,
+    ToolCallDelta,
+    Usage,
+)
 from server import metrics
 from server.errors import ErrorBody
 
@@ -36,7 +43,7 @@ Status = Literal["live", "ended", "lost"]
 class Done(msgspec.Struct, frozen=True, kw_only=True, tag="done"):
     """The last record of a stream that finished or was stopped (`reason` "cancelled")."""
 
-    reason: str
+    reason: FinishReason
     usage: Usage
     outcome: str  # completed | cancelled | abandoned
     model: str
@@ -183,7 +190,7 @@ class Entry:
     def last_seq(self) -> int:
         return self.count - 1
 
-    async def follow(self, after: int) -> AsyncIterator[tuple[int, Record]]:
+    async def follow(self, after: int) -> AsyncGenerator[tuple[int, Record], None]:
         """Every record after sequence `after`, then each new one, until the terminal record.
 
         Raises `Truncated` when a record it has to give was dropped (also while following a

@@ -23,7 +23,7 @@ import contextlib
 import logging
 import struct
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 import msgspec
@@ -305,11 +305,6 @@ class RedisJournal:
             )
             self._last_log = now
 
-    @property
-    def degraded(self) -> bool:
-        """Writes failed lately (new streams are then resumable on this replica only)."""
-        return time.monotonic() < self._down_until or bool(self._lost)
-
     async def healthy(self) -> bool:
         try:
             alive = bool(await self._client.ping())
@@ -343,7 +338,7 @@ class RedisJournal:
 
     async def follow(
         self, stream_id: str, after: int, idle_limit: float
-    ) -> AsyncIterator[tuple[int, Record]]:
+    ) -> AsyncGenerator[tuple[int, Record], None]:
         """Records after `after`, then new ones as they are written, up to the terminal one.
 
         Blocking reads (no sleeping between polls); between them the head says whether the

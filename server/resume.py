@@ -19,7 +19,7 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncGenerator, Coroutine
 from typing import Protocol
 
 from providers.errors import GatewayError, InvalidRequestError
@@ -121,15 +121,17 @@ class Tee:
         return done
 
 
+Records = AsyncGenerator[tuple[int, Record], None]
+
+
 class Follower:
     """A reader's view of a stream: its head, and its records after the sequence asked for."""
 
-    __slots__ = ("head", "records", "replica")
+    __slots__ = ("head", "records")
 
-    def __init__(self, head: Head, records: AsyncIterator[tuple[int, Record]], replica: str):
+    def __init__(self, head: Head, records: Records):
         self.head = head
         self.records = records
-        self.replica = replica  # "same" or "other"
 
 
 class ReplaySink(Protocol):
@@ -166,7 +168,7 @@ async def replay(
         async with asyncio.timeout(min(write_timeout, ERROR_WRITE_TIMEOUT)):
             await sink.interrupted(error_body(exc, request_id))
     finally:
-        await records.aclose()  # type: ignore[attr-defined]
+        await records.aclose()
 
 
 class Streams:
@@ -324,7 +326,7 @@ class Streams:
             if after + 1 < entry.base:
                 raise _truncated(stream_id, entry.base)
             metrics.STREAM_RESUMES.labels(transport, "same").inc()
-            return Follower(entry.head, self._local(entry, after), "same")
+            return Follower(entry.head, self._local(entry, after))
         if self.mirror is None:
             raise _not_found(stream_id)
         try:
@@ -352,7 +354,7 @@ class Streams:
             replica=found.get("replica", ""),
         )
         metrics.STREAM_RESUMES.labels(transport, "other").inc()
-        return Follower(head, self._remote(head, after), "other")
+        return Follower(head, self._remote(head, after))
 
     async def _remote_head(self, stream_id: str, owner: str) -> dict[str, str]:
         """The head in Redis of a stream `owner` may read; raises when there is none."""
@@ -367,7 +369,7 @@ class Streams:
             )
         return found
 
-    async def _local(self, entry: Entry, after: int) -> AsyncIterator[tuple[int, Record]]:
+    async def _local(self, entry: Entry, after: int) -> Records:
         tee = self._live.get(entry.head.stream_id)
         if tee is not None:
             tee.readers += 1
@@ -382,7 +384,7 @@ class Streams:
                 tee.readers -= 1
                 self._arm(tee)
 
-    async def _remote(self, head: Head, after: int) -> AsyncIterator[tuple[int, Record]]:
+    async def _remote(self, head: Head, after: int) -> Records:
         mirror = self.mirror
         assert mirror is not None
         stream_id = head.stream_id
@@ -439,9 +441,7 @@ class Streams:
             await self.mirror.aclose()
 
 
-async def _last_record(
-    records: AsyncIterator[tuple[int, Record]], ended: Record | None
-) -> Record | None:
+async def _last_record(records: Records, ended: Record | None) -> Record | None:
     """Read on until the terminal record (bounded by CANCEL_WAIT)."""
     last = ended
     try:
@@ -451,9 +451,7 @@ async def _last_record(
     except (TimeoutError, Truncated):
         pass
     finally:
-        aclose = getattr(records, "aclose", None)
-        if aclose is not None:
-            await aclose()
+        await records.aclose()
     return last if isinstance(last, (Done, Failed)) else None
 
 

@@ -19,7 +19,7 @@ from providers.types import Delta, FinishReason, ReasoningDelta, RefusalDelta, T
 from server import protocol
 from server.chat import ERROR_WRITE_TIMEOUT, ChatService, Prepared, write_or_abort
 from server.errors import ErrorBody, ErrorEnvelope, error_body
-from server.http import send_error, send_json
+from server.http import send_error, send_error_body
 from server.journal import Done, Head
 from server.resume import Follower, Streams, Tee, replay
 from server.stream_state import StreamState
@@ -204,17 +204,14 @@ class ResumableSSESink(SSESink):
         await super()._body(b"%sid: %d\n%s" % (data[:cut], seq, data[cut:]))
 
     async def done(self, record: Done) -> None:
-        await self.finish(record.reason, record.usage)  # type: ignore[arg-type]
+        await self.finish(record.reason, record.usage)
 
     async def failed(self, body: ErrorBody) -> None:
         """The error a stream ended with, as its first client got it."""
         if not self.started:
             self.started = self.complete = True
             self.seq += 1
-            extra = [(b"x-request-id", (body.request_id or "").encode())]
-            if body.retry_after is not None:
-                extra.append((b"retry-after", str(max(int(-(-body.retry_after // 1)), 0)).encode()))
-            await send_json(self._send, body.status, protocol.encode(ErrorEnvelope(body)), extra)
+            await send_error_body(self._send, body)
             return
         await self._body(protocol.sse_event(ErrorEnvelope(body)))
 
@@ -259,11 +256,8 @@ async def stream_resumable(
         if not run.done():
             run.cancel()  # stopped above, or this request was cancelled (the server is stopping)
         await asyncio.gather(run, keepalive, gone, return_exceptions=True)
-    if run.cancelled():
-        if tee.live is not None and not sink.complete:
-            await write_or_abort(sink.end(), state, ERROR_WRITE_TIMEOUT)
-        return
-    run.result()
+    if not run.cancelled():
+        run.result()  # what failed in the stream itself
     if tee.live is not None and not sink.complete:
         await write_or_abort(sink.end(), state, ERROR_WRITE_TIMEOUT)
 

@@ -11,21 +11,18 @@ from starlette.types import Receive
 from server.stream_state import StreamState
 
 
-async def watch_disconnect(receive: Receive, state: StreamState) -> None:
+async def wait_disconnect(receive: Receive) -> None:
     """Return when the HTTP client goes away (the request body has already been read)."""
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            state.cancel("client_disconnected")
             return
 
 
-async def wait_disconnect(receive: Receive) -> None:
-    """Return when the HTTP client goes away, without cancelling anything."""
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return
+async def watch_disconnect(receive: Receive, state: StreamState) -> None:
+    """Return when the HTTP client goes away, noting that as the stream's cancel."""
+    await wait_disconnect(receive)
+    state.cancel("client_disconnected")
 
 
 async def race(main: Coroutine[Any, Any, None], *watchers: Coroutine[Any, Any, None]) -> bool:

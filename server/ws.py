@@ -149,10 +149,7 @@ class WSSink:
         await self._socket.frame("chat.error", protocol.encode_text(frame))
 
     async def error(self, exc: GatewayError) -> None:
-        frame = protocol.ChatErrorFrame(
-            id=self._id, seq=self._terminal_seq(), error=error_body(exc, self._state.request_id)
-        )
-        await self._socket.frame("chat.error", protocol.encode_text(frame))
+        await self.failed(error_body(exc, self._state.request_id))
 
     def _terminal_seq(self) -> int:
         assert not self.ended, "a stream has one terminal frame"
