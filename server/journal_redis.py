@@ -36,6 +36,9 @@ log = logging.getLogger("tokenrelay.journal")
 BLOCK_SECONDS = 1.0  # one blocking read; between them a reader looks at the stream's head
 MAX_QUEUED = 50_000  # streams waiting for a flush before new ones are given up
 ALIVE_TTL = 3.0  # a replica that has not said it is alive for this long has stopped
+# Events outlive their head by this much: a reader that found the head finds the events too,
+# and one that finds no head answers 404 whatever it read before.
+OUTLIVE_MS = 1000
 # Writes wait this long for company: one command per flush carries every stream's new events,
 # so a replica elsewhere sees them at most this much later (a resume there waits that long
 # for events its client says it has seen).
@@ -93,6 +96,10 @@ class JournalUnavailable(Exception):
 
 class ReplicaGone(JournalUnavailable):
     """The replica running a live stream stopped (crashed, killed) before the stream ended."""
+
+
+class RemoteGone(Exception):
+    """The stream's keys expired (its journal_ttl ran out) while it was being read."""
 
 
 class RemoteTruncated(Exception):
@@ -271,13 +278,13 @@ class RedisJournal:
                 if batch.ended:
                     pipe.hset(head_key, "status", "ended")
                     pipe.pexpire(head_key, ended_px)
-                    pipe.pexpire(events_key, ended_px)
+                    pipe.pexpire(events_key, ended_px + OUTLIVE_MS)
                     self._renewed.pop(stream_id, None)
                 elif now - self._renewed.get(stream_id, -renew_after) >= renew_after:
                     # A live stream's keys expire only if its replica stops renewing them.
                     self._renewed[stream_id] = now
                     pipe.pexpire(head_key, live_px)
-                    pipe.pexpire(events_key, live_px)
+                    pipe.pexpire(events_key, live_px + OUTLIVE_MS)
             # Streams whose copy has a gap say so, once, so readers elsewhere stop at once.
             announced = [e for sid, e in self._lost.items() if sid not in self._announced]
             for entry in announced:
@@ -343,8 +350,9 @@ class RedisJournal:
 
         Blocking reads (no sleeping between polls); between them the head says whether the
         stream ended or was lost. Raises `RemoteTruncated` when the first record wanted was
-        trimmed, `JournalUnavailable` on a gap, a lost copy, Redis failing, or nothing new for
-        `idle_limit` seconds while the stream claims to be live.
+        trimmed, `RemoteGone` when the stream expired meanwhile, and `JournalUnavailable` on a
+        gap, a lost copy, Redis failing, or nothing new for `idle_limit` seconds while the
+        stream claims to be live.
         """
         head_key, events_key = self._key(stream_id)
         expected = after + 1
@@ -366,6 +374,8 @@ class RedisJournal:
                     continue
                 if status == "ended":
                     return  # nothing after `after`
+                if status is None:
+                    raise RemoteGone(stream_id)
                 raise JournalUnavailable(f"the journal of {stream_id} is {status or 'gone'}")
             idle_since = time.monotonic()
             for entry_id, fields in found[0][1]:

@@ -34,7 +34,13 @@ from server.errors import (
     error_body,
 )
 from server.journal import Done, Entry, Failed, Head, Journal, Record, Truncated
-from server.journal_redis import JournalUnavailable, RedisJournal, RemoteTruncated, ReplicaGone
+from server.journal_redis import (
+    JournalUnavailable,
+    RedisJournal,
+    RemoteGone,
+    RemoteTruncated,
+    ReplicaGone,
+)
 from server.stream_state import StreamState
 
 log = logging.getLogger("tokenrelay.resume")
@@ -397,6 +403,8 @@ class Streams:
                 yield seq, record
         except RemoteTruncated as exc:
             raise _truncated(stream_id, exc.first) from None
+        except RemoteGone:
+            raise _not_found(stream_id) from None
         except ReplicaGone as exc:
             raise _orphaned(stream_id) from exc
         except JournalUnavailable as exc:
@@ -427,6 +435,8 @@ class Streams:
                 stopped = True
             records = self.mirror.follow(stream_id, max(last - 1, -1), CANCEL_WAIT)
             return stopped, await _last_record(records, None)
+        except RemoteGone:
+            raise _not_found(stream_id) from None
         except (JournalUnavailable, RemoteTruncated) as exc:
             raise _unavailable(stream_id) from exc
 
