@@ -243,7 +243,7 @@ class Bench:
             return
         self.profile.mkdir(parents=True, exist_ok=True)
         out = self.profile / f"{name}.txt"
-        argv = [spy, "record", "--pid", str(self.gateway.pid), "--rate", "250", "--nonblocking"]
+        argv = [spy, "record", "--pid", str(self.gateway.pid), "--rate", "250"]
         argv += ["--duration", str(max(1, int(seconds))), "--format", "raw", "-o", str(out)]
         proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
