@@ -16,6 +16,11 @@
 - `tokenrelay.send` in the scope's extensions: the server's own `send`, so that a streamed
   body can skip the middleware layers once the response head went through them (see
   `direct_body`; `server.wsguard` gives WebSockets the same).
+- `tokenrelay.write` in the scope's extensions: a plain function that writes one piece of a
+  chunked body to the socket at once, with no coroutine and no message dict, and says False
+  when it cannot (no head yet, not chunked, the body ended, the client gone, or the socket's
+  buffer full, where the caller must go through `send` and wait). A relayed chunk is one
+  such call (`body_writer`); `server.wsguard` gives WebSocket text frames the same.
 
 Request bodies have their own deadline in `server.http`.
 """
@@ -34,6 +39,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResp
 
 ABORT = "tokenrelay.abort"
 SEND = "tokenrelay.send"
+WRITE = "tokenrelay.write"
 
 
 def _answer(status: bytes, code: bytes, message: bytes) -> bytes:
@@ -115,7 +121,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             # Only attributes are read and written later; the task has not started yet.
             cycle.__class__ = CloseDelimitedCycle
         if cycle is not None and cycle.scope is self.scope:
-            self.scope["extensions"][SEND] = cycle.send  # type: ignore[assignment]
+            extensions = self.scope["extensions"]
+            extensions[SEND] = cycle.send  # type: ignore[assignment]
+            extensions[WRITE] = _chunk_writer(cycle)  # type: ignore[assignment]
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
@@ -153,6 +161,27 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def _expired(self) -> None:
         self._header_timer = None
         self._refuse(_TIMEOUT_RESPONSE)
+
+
+def _chunk_writer(cycle: RequestResponseCycle) -> Callable[[bytes], bool]:
+    """Write a piece of `cycle`'s chunked body now, as its `send` would; False when only
+    `send` may (see the module's docstring), so the order and the back-pressure stay its."""
+    transport = cycle.transport
+    flow = cycle.flow
+
+    def write(data: bytes) -> bool:
+        if (
+            cycle.chunked_encoding is not True  # no head yet, a length, HTTP/1.0 or HEAD
+            or cycle.response_complete
+            or cycle.disconnected
+            or flow.write_paused
+        ):
+            return False
+        if data:  # an empty chunk would end the body
+            transport.write(b"%x\r\n%s\r\n" % (len(data), data))
+        return True
+
+    return write
 
 
 class CloseDelimitedCycle(RequestResponseCycle):
@@ -212,27 +241,52 @@ def abort_of(scope: Any) -> Callable[[], None] | None:
 
 def direct_body(scope: Any, send: Send) -> Send:
     """`send`, except that response bodies and WebSocket data frames go straight to the
-    server's own `send`.
+    server's own `send`, and its `write` (see `body_writer`) to the socket.
 
     Every middleware of the app looks only at the response head (status, headers) or the
     WebSocket accept, and passes body messages and frames on as they are, yet each adds an
     async call per message: for a stream, a layer of calls per relayed chunk. The head still
     goes through them all; the server's `send` enforces the order either way.
     """
-    raw = scope.get("extensions", {}).get(SEND)
+    extensions = scope.get("extensions") or {}
+    raw = extensions.get(SEND)
     if raw is None:  # another server (tests, ASGI transports): every message goes the long way
         return send
+    return DirectSend(send, raw, extensions.get(WRITE))
 
-    async def sender(message: Message) -> None:
+
+class DirectSend:
+    """The `send` of `direct_body`, with the server's synchronous `write` beside it."""
+
+    __slots__ = ("_send", "_raw", "write")
+
+    def __init__(self, send: Send, raw: Send, write: Callable[[Any], bool] | None) -> None:
+        self._send = send
+        self._raw = raw
+        self.write = write
+
+    async def __call__(self, message: Message) -> None:
         if message["type"] in _DIRECT:
-            await raw(message)
+            await self._raw(message)
         else:
-            await send(message)
-
-    return sender
+            await self._send(message)
 
 
 _DIRECT = frozenset({"http.response.body", "websocket.send"})
+
+
+def body_writer(send: Send) -> Callable[[bytes], bool] | None:
+    """The synchronous writer of a response body behind `send` (from `direct_body`), if any.
+
+    It returns False when the piece must go through `send` instead (and be awaited).
+    """
+    return send.write if isinstance(send, DirectSend) else None
+
+
+def text_writer(send: Send) -> Callable[[str], bool] | None:
+    """The synchronous writer of WebSocket text frames behind `send`, if any (see
+    `server.wsguard`); False from it means: send this frame through `send`."""
+    return send.write if isinstance(send, DirectSend) else None
 
 
 def configure(header_timeout: float) -> None:

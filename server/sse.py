@@ -19,6 +19,7 @@ from providers.types import Delta, FinishReason, ReasoningDelta, RefusalDelta, T
 from server import protocol
 from server.chat import ERROR_WRITE_TIMEOUT, ChatService, Prepared, write_or_abort
 from server.errors import ErrorBody, ErrorEnvelope, error_body
+from server.guard import body_writer
 from server.http import send_error, send_error_body
 from server.journal import Done, Head
 from server.resume import Follower, Streams, Tee, replay
@@ -41,10 +42,20 @@ class EventStreamSink:
     and says how its keepalive and its errors look.
     """
 
-    __slots__ = ("_send", "_headers", "_state", "_loop", "started", "complete", "last_sent")
+    __slots__ = (
+        "_send",
+        "_write",
+        "_headers",
+        "_state",
+        "_loop",
+        "started",
+        "complete",
+        "last_sent",
+    )
 
     def __init__(self, send: Send, headers: list[tuple[bytes, bytes]], state: StreamState) -> None:
         self._send = send
+        self._write = body_writer(send)  # the socket write for a body piece, where there is one
         self._headers = headers
         self._state = state
         self._loop = asyncio.get_running_loop()  # kept: each lookup costs a system call
@@ -52,15 +63,19 @@ class EventStreamSink:
         self.complete = False
         self.last_sent = self._loop.time()
 
-    async def _body(self, data: bytes) -> None:
-        """Send one event's bytes (a delta, the finish, an error)."""
+    async def _put(self, data: bytes) -> None:
+        """Send a piece of the body: written at once where the server allows (the usual case:
+        no coroutine, no message), else through `send`, which waits while the client's
+        socket buffer is full."""
         self.last_sent = self._loop.time()
-        await self._send({"type": "http.response.body", "body": data, "more_body": True})
+        write = self._write
+        if write is None or not write(data):
+            await self._send({"type": "http.response.body", "body": data, "more_body": True})
 
-    async def _comment(self, data: bytes) -> None:
-        """Send bytes that are not an event of the stream (a keepalive)."""
-        self.last_sent = self._loop.time()
-        await self._send({"type": "http.response.body", "body": data, "more_body": True})
+    # One event's bytes (a delta, the finish, an error): dialects may add to it (an `id:`).
+    _body = _put
+    # Bytes that are not an event of the stream (a keepalive).
+    _comment = _put
 
     async def _start(self) -> None:
         """Send the headers (with the first output, or a heartbeat while waiting for it)."""

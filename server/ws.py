@@ -34,7 +34,7 @@ from server.errors import (
     TooManyStreamsError,
     error_body,
 )
-from server.guard import current_abort, direct_body
+from server.guard import current_abort, direct_body, text_writer
 from server.journal import Done
 from server.limits import FrameMeter, Limits
 from server.ratelimit import current_principal
@@ -50,10 +50,11 @@ _FRAMES_OUT = {kind: metrics.WS_FRAMES.labels("out", kind) for kind in metrics.F
 class _Socket:
     """Sends text frames; a send to a socket that is gone raises `ClientGone`."""
 
-    __slots__ = ("_send", "closed")
+    __slots__ = ("_send", "_write", "closed")
 
     def __init__(self, send: Send) -> None:
         self._send = send
+        self._write = text_writer(send)  # the socket write for a frame, where there is one
         self.closed = False
 
     async def frame(self, kind: str, data: str) -> None:
@@ -64,6 +65,9 @@ class _Socket:
     async def text(self, data: str) -> None:
         if self.closed:
             raise ClientGone
+        write = self._write
+        if write is not None and write(data):
+            return
         try:
             await self._send({"type": "websocket.send", "text": data})
         except OSError as exc:  # uvicorn's ClientDisconnected

@@ -22,13 +22,18 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 from uvicorn.server import ServerState
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request
+from websockets.protocol import State
 from websockets.server import ServerProtocol
 
-from server.guard import ABORT, SEND, settings_of
+from server.guard import ABORT, SEND, WRITE, settings_of
 from server.limits import FrameMeter
 
 log = logging.getLogger("tokenrelay.ws")
 LINGER = 2.0  # seconds a failed socket keeps reading (and dropping) before it is reset
+
+
+# A final, unmasked text frame's header, by payload size, for payloads under 126 bytes.
+_HEADS = [bytes((0x81, size)) for size in range(126)]
 
 
 class FrameLimitError(Exception):
@@ -142,6 +147,34 @@ class MeteredWebSocketProtocol(WebSocketsSansIOProtocol):
             # The ASGI types want a dict per extension; ours is a callable.
             self.scope["extensions"][ABORT] = self.transport.abort  # type: ignore[assignment]
             self.scope["extensions"][SEND] = self.send  # type: ignore[assignment]
+            self.scope["extensions"][WRITE] = self.write_text  # type: ignore[assignment]
+
+    def write_text(self, text: str) -> bool:
+        """Write one text message as a single frame, now; False when it must go through `send`
+        (a compressed socket, a full buffer, a closing or failed socket), which waits or
+        raises as it should. A server's frames are unmasked, so a frame is a header and the
+        payload: the same bytes the sans-I/O protocol would make, without a trip through it.
+        """
+        if (
+            self.conn.extensions  # per-message deflate: the protocol compresses
+            or self.disconnected
+            or self.close_sent
+            or self._linger is not None
+            or not self.writable.is_set()
+            or self.conn.state is not State.OPEN
+            or self.conn.expect_continuation_frame
+        ):
+            return False
+        data = text.encode()
+        size = len(data)
+        if size < 126:
+            head = _HEADS[size]
+        elif size < 65536:
+            head = b"\x81\x7e" + size.to_bytes(2, "big")
+        else:
+            head = b"\x81\x7f" + size.to_bytes(8, "big")
+        self.transport.write(head + data)
+        return True
 
     def send_receive_event_to_app(self) -> None:
         if self.curr_msg_data_type == "text" and not self.close_sent:

@@ -345,3 +345,29 @@ async def test_rest_and_websocket_share_error_mapping(gateway: str, client: Stre
     rest_error = response.json()["error"]
     for key in ("type", "code", "status", "message", "param"):
         assert ws_error[key] == rest_error[key]
+
+
+@pytest.mark.parametrize("compression", [None, "deflate"])
+async def test_frames_of_every_length_arrive_whole(
+    gateway: str, model: Model, compression: str | None
+) -> None:
+    """Frames around each length-header size (125/126 bytes, 65,535/65,536 bytes) and text
+    beyond ASCII, without compression (frames written by the gateway itself) and with it."""
+    pieces = ["é" * n for n in range(30, 90)]  # frame lengths across 126 (2 bytes per é)
+    pieces += ["🦜", "x"]
+    pieces += ["y" * n for n in range(65_400, 65_560, 9)]  # across 65,536
+    pieces += ["z" * 70_000, "end"]
+    name = model(text=pieces)
+    async with connect(
+        ws_url(gateway),
+        subprotocols=[SUBPROTOCOL],  # type: ignore[list-item]
+        compression=compression,
+        max_size=2**20,
+    ) as ws:
+        assert (compression is None) == (not ws.response.headers.get("sec-websocket-extensions"))
+        client = StreamClient(ws)
+        sid = await client.start(f"oai/{name}")
+        done = await client.until_terminal(sid)
+    assert done["type"] == "chat.done"
+    assert_well_formed(client.by_id[sid])
+    assert client.text(sid) == "".join(pieces)
