@@ -105,3 +105,10 @@ def test_hostile_client_benchmark_runs() -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     for line in ("memory:", "continuation frames:", "pings:", "stalled sse", "stalled ws"):
         assert line in done.stdout, done.stdout
+
+
+def test_write_path_benchmark_runs() -> None:
+    done = run(["loadtests.bench_write", "--rounds", "1"], timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for step in ("race", "sse write", "ws frame, websockets' protocol", "ws frame, own framing"):
+        assert f"{step} " in done.stdout, done.stdout
