@@ -152,6 +152,10 @@ class RedisJournal:
         self._last_log = 0.0
         self._control: asyncio.Task[None] | None = None
         self._beat: asyncio.Task[None] | None = None
+        # Set at shutdown. The background loops stop on it, not only on their cancel: redis-py
+        # may swallow a cancel that lands inside a command, and a loop that went on after
+        # that would hold the process's shutdown forever.
+        self._stopping = False
 
     # -- writing (called by the relay: queue only) ------------------------------------------
 
@@ -414,7 +418,7 @@ class RedisJournal:
 
     async def _heartbeat(self) -> None:
         key = self._alive_key(self.replica)
-        while True:
+        while not self._stopping:
             try:
                 await self._client.set(key, b"1", px=int(ALIVE_TTL * 1000))
             except Exception:
@@ -435,7 +439,7 @@ class RedisJournal:
         import redis.asyncio
 
         backoff = 0.0
-        while True:
+        while not self._stopping:
             client: Any = redis.asyncio.Redis.from_url(
                 self._url, socket_connect_timeout=self._timeout, health_check_interval=10
             )
@@ -459,6 +463,7 @@ class RedisJournal:
 
     async def aclose(self) -> None:
         """Send what is queued (briefly), stop listening, close the clients."""
+        self._stopping = True
         if self._pending and (self._flushing is None or self._flushing.done()):
             self._flushing = asyncio.create_task(self._flush())
         if self._flushing is not None:

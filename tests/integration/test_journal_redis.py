@@ -67,3 +67,34 @@ async def test_a_stream_that_expires_while_it_is_read_is_gone(redis_server: Redi
     finally:
         await client.aclose()
         await mirror.aclose()
+
+
+async def test_closing_stops_a_heartbeat_whose_cancel_was_swallowed(
+    redis_server: RedisServer,
+) -> None:
+    """redis-py can swallow a cancel that lands inside a command and return normally; the
+    replica's background loops must still end when the journal closes, or shutdown hangs."""
+    mirror = RedisJournal(redis_server.url, namespace=f"t{secrets.token_hex(4)}")
+    real_set = mirror._client.set
+    in_set = asyncio.Event()
+
+    async def swallowing_set(*args: object, **kwargs: object) -> object:
+        in_set.set()
+        try:
+            await asyncio.sleep(0.2)
+        except asyncio.CancelledError:
+            pass  # as the client does now and then: the command completes anyway
+        return await real_set(*args, **kwargs)  # type: ignore[arg-type]
+
+    mirror._client.set = swallowing_set  # type: ignore[method-assign]
+    mirror.listen(lambda kind, stream_id: None)
+    await asyncio.wait_for(in_set.wait(), 5)
+    closing = asyncio.ensure_future(mirror.aclose())
+    done, _ = await asyncio.wait([closing], timeout=5)  # a wait that does not cancel it
+    beat = mirror._beat
+    assert beat is not None
+    if not done:  # the loop went on: stop it for good, then fail
+        beat.cancel()
+        await asyncio.gather(closing, return_exceptions=True)
+    assert done, "closing the journal waited for a heartbeat that never stops"
+    assert beat.done()

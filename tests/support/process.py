@@ -89,14 +89,6 @@ def serve_process(
             proc.send_signal(signal.SIGINT)
             try:
                 proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                # A known fault, not what these tests are about: now and then a replica that
-                # followed a stream through Redis does not finish its shutdown after SIGINT.
-                # Said on the run's own stderr, and the process is killed.
-                print(
-                    f"\nWARNING: the gateway on {served.url} did not stop within 15 s of SIGINT",
-                    file=sys.__stderr__,
-                )
             finally:
                 if proc.poll() is None:
                     proc.kill()
