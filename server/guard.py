@@ -20,7 +20,7 @@
   chunked body to the socket at once, with no coroutine and no message dict, and says False
   when it cannot (no head yet, not chunked, the body ended, the client gone, or the socket's
   buffer full, where the caller must go through `send` and wait). A relayed chunk is one
-  such call (`body_writer`); `server.wsguard` gives WebSocket text frames the same.
+  such call (`direct_write`); `server.wsguard` gives WebSocket text frames the same.
 
 Request bodies have their own deadline in `server.http`.
 """
@@ -241,7 +241,7 @@ def abort_of(scope: Any) -> Callable[[], None] | None:
 
 def direct_body(scope: Any, send: Send) -> Send:
     """`send`, except that response bodies and WebSocket data frames go straight to the
-    server's own `send`, and its `write` (see `body_writer`) to the socket.
+    server's own `send`, and its `write` (see `direct_write`) to the socket.
 
     Every middleware of the app looks only at the response head (status, headers) or the
     WebSocket accept, and passes body messages and frames on as they are, yet each adds an
@@ -275,17 +275,12 @@ class DirectSend:
 _DIRECT = frozenset({"http.response.body", "websocket.send"})
 
 
-def body_writer(send: Send) -> Callable[[bytes], bool] | None:
-    """The synchronous writer of a response body behind `send` (from `direct_body`), if any.
+def direct_write(send: Send) -> Callable[[Any], bool] | None:
+    """The server's synchronous writer behind `send` (from `direct_body`), if any: a piece of
+    a chunked response body (bytes) over HTTP, a text frame (str) over a WebSocket.
 
     It returns False when the piece must go through `send` instead (and be awaited).
     """
-    return send.write if isinstance(send, DirectSend) else None
-
-
-def text_writer(send: Send) -> Callable[[str], bool] | None:
-    """The synchronous writer of WebSocket text frames behind `send`, if any (see
-    `server.wsguard`); False from it means: send this frame through `send`."""
     return send.write if isinstance(send, DirectSend) else None
 
 

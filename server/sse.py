@@ -19,7 +19,7 @@ from providers.types import Delta, FinishReason, ReasoningDelta, RefusalDelta, T
 from server import protocol
 from server.chat import ERROR_WRITE_TIMEOUT, ChatService, Prepared, write_or_abort
 from server.errors import ErrorBody, ErrorEnvelope, error_body
-from server.guard import body_writer
+from server.guard import direct_write
 from server.http import send_error, send_error_body
 from server.journal import Done, Head
 from server.resume import Follower, Streams, Tee, replay
@@ -55,7 +55,7 @@ class EventStreamSink:
 
     def __init__(self, send: Send, headers: list[tuple[bytes, bytes]], state: StreamState) -> None:
         self._send = send
-        self._write = body_writer(send)  # the socket write for a body piece, where there is one
+        self._write = direct_write(send)  # the socket write for a body piece, where there is one
         self._headers = headers
         self._state = state
         self._loop = asyncio.get_running_loop()  # kept: each lookup costs a system call

@@ -34,7 +34,7 @@ from server.errors import (
     TooManyStreamsError,
     error_body,
 )
-from server.guard import current_abort, direct_body, text_writer
+from server.guard import current_abort, direct_body, direct_write
 from server.journal import Done
 from server.limits import FrameMeter, Limits
 from server.ratelimit import current_principal
@@ -54,7 +54,7 @@ class _Socket:
 
     def __init__(self, send: Send) -> None:
         self._send = send
-        self._write = text_writer(send)  # the socket write for a frame, where there is one
+        self._write = direct_write(send)  # the socket write for a frame, where there is one
         self.closed = False
 
     async def frame(self, kind: str, data: str) -> None:
