@@ -1,4 +1,4 @@
-"""server.streaming.race: the producer runs in the calling task beside its watcher tasks."""
+"""server.streaming.race: a stream's producer beside its watchers; the first to finish wins."""
 
 from __future__ import annotations
 
