@@ -33,6 +33,7 @@ DIRECT, GW_SSE, GW_WS, GW_JSON = "direct-sse", "gateway-sse", "gateway-ws", "gat
 GW_MSG = "gateway-messages"  # Anthropic's Messages API, SSE, to the same OpenAI-kind upstream
 GW_RSP = "gateway-responses"  # OpenAI's Responses API, SSE, to the same OpenAI-kind upstream
 GW_RES = "gateway-resumable"  # Chat Completions SSE, resumable: journalled in memory and Redis
+FLOOR = "floor-sse"  # the upstream through `loadtests.floor`, a byte pipe: the least a relay costs
 WS_STREAMS_PER_SOCKET = 8
 
 
@@ -129,6 +130,8 @@ class Bench:
         self.tree = tree  # the checkout whose gateway is measured
         self.fake: harness.Child
         self.gateway: harness.Child
+        self.floor: harness.Child
+        self.floor_url = ""
         self.control: harness.Control
         self.fake_url = ""
         self.gateway_url = ""
@@ -139,6 +142,8 @@ class Bench:
     def client(self, target: str) -> SSEClient:
         if target == DIRECT:
             return SSEClient.for_url(self.fake_url, "/v1/chat/completions")
+        if target == FLOOR:
+            return SSEClient.for_url(self.floor_url, "/v1/chat/completions")
         if target == GW_MSG:
             return SSEClient.for_url(self.gateway_url, "/api/v1/messages", dialect="messages")
         if target == GW_RSP:
@@ -150,15 +155,19 @@ class Bench:
 
     @staticmethod
     def model(target: str, name: str) -> str:
-        return name if target == DIRECT else f"fake/{name}"
+        return name if target in (DIRECT, FLOOR) else f"fake/{name}"
 
-    async def measure(self, run: Callable[[], Awaitable[list[Result]]]) -> Phase:
-        g0, f0 = harness.cpu_seconds(self.gateway.pid), harness.cpu_seconds(self.fake.pid)
+    async def measure(
+        self, run: Callable[[], Awaitable[list[Result]]], target: str = GW_SSE
+    ) -> Phase:
+        """Run a phase; its `gateway_cpu` is the floor's when `target` is the floor."""
+        relay = self.floor.pid if target == FLOOR else self.gateway.pid
+        g0, f0 = harness.cpu_seconds(relay), harness.cpu_seconds(self.fake.pid)
         c0, t0 = _self_cpu(), time.monotonic()
         results = await run()
         phase = Phase(
             wall=time.monotonic() - t0,
-            gateway_cpu=harness.cpu_seconds(self.gateway.pid) - g0,
+            gateway_cpu=harness.cpu_seconds(relay) - g0,
             fake_cpu=harness.cpu_seconds(self.fake.pid) - f0,
             client_cpu=_self_cpu() - c0,
             results=results,
@@ -287,14 +296,15 @@ class Bench:
         Streams per second, and the gateway's CPU per relayed chunk when nothing is waited for."""
         s = self.sizes
         await self.control.script("unpaced", tokens=s.tokens, pace=0.0)
-        phases: dict[str, list[Phase]] = {DIRECT: [], GW_SSE: [], GW_WS: []}
+        phases: dict[str, list[Phase]] = {DIRECT: [], FLOOR: [], GW_SSE: [], GW_WS: []}
         for _ in range(s.c1_rounds):
             for target in phases:
-                with self.profiled(f"c1-{target}", s.c1_seconds if target != DIRECT else 0):
+                with self.profiled(f"c1-{target}", s.c1_seconds if _gateway(target) else 0):
                     phase = await self.measure(
                         lambda t=target: self.closed_loop(  # type: ignore[misc]
                             t, "unpaced", 1, s.c1_seconds, 0.0
-                        )
+                        ),
+                        target,
                     )
                 phases[target].append(phase)
                 await self.control.forget()
@@ -365,20 +375,21 @@ class Bench:
         s = self.sizes
         await self.control.script("paced", tokens=s.tokens, pace=s.pace)
         stream_time = s.tokens * s.pace
-        phases: dict[str, list[Phase]] = {DIRECT: [], GW_SSE: [], GW_WS: []}
+        phases: dict[str, list[Phase]] = {DIRECT: [], FLOOR: [], GW_SSE: [], GW_WS: []}
         for _ in range(s.load_rounds):
             for target in phases:
                 seconds = stream_time + s.load_seconds
-                with self.profiled(f"load-{target}", seconds if target != DIRECT else 0):
+                with self.profiled(f"load-{target}", seconds if _gateway(target) else 0):
                     phase = await self.measure(
                         lambda t=target: self.closed_loop(  # type: ignore[misc]
                             t, "paced", s.load_concurrency, s.load_seconds, stream_time
-                        )
+                        ),
+                        target,
                     )
                 phases[target].append(phase)
                 await self.control.forget()
         out = {t: self._load_figures(p, s.pace) for t, p in phases.items()}
-        for t in (GW_SSE, GW_WS):
+        for t in (FLOOR, GW_SSE, GW_WS):
             d, g = out[DIRECT]["ttft"], out[t]["ttft"]
             out[t]["ttft_p99_ratio"] = _ratio(g["p99_ms"], d["p99_ms"])
             out[t]["ttft_p50_ratio"] = _ratio(g["p50_ms"], d["p50_ms"])
@@ -715,6 +726,8 @@ class Bench:
     async def run(self, only: list[str]) -> dict[str, Any]:
         fake, self.fake_url, control = harness.start_fake(self.sizes.tokens, self.sizes.pace)
         self.fake = self.stack.add(fake)
+        floor, self.floor_url = harness.start_floor(self.fake_url)
+        self.floor = self.stack.add(floor)
         self.control = harness.Control(control)
         scenarios: dict[str, Callable[[], Awaitable[None]]] = {
             "memory": self.memory,  # first, on its own fresh gateway
@@ -748,6 +761,11 @@ class Bench:
             await scenario()
             self.figures.setdefault("seconds", {})[name] = round(time.monotonic() - started, 1)
         return self.figures
+
+
+def _gateway(target: str) -> bool:
+    """Whether a target is served by the gateway (whose phases `--profile` samples)."""
+    return target not in (DIRECT, FLOOR)
 
 
 async def _wait_first_tokens(
@@ -842,14 +860,31 @@ def rows(f: dict[str, Any]) -> list[tuple[str, Any, Any, Any, str]]:
     streams = f.get("c1_streams")
     if streams:
         d, n = streams[DIRECT]["streams_per_s"], streams["tokens"]
+        floor = streams[FLOOR]["cpu_per_chunk_us"] if FLOOR in streams else None
+        if floor is not None:
+            g = streams[FLOOR]["streams_per_s"]
+            out.append((f"{n}-token streams/s c=1 unpaced, {FLOOR}", d, g, _x(_ratio(g, d)), ""))
+            out.append((f"CPU per relayed chunk c=1 unpaced, {FLOOR} (us)", "", floor, "", ""))
         for t in (GW_SSE, GW_WS):
             g = streams[t]["streams_per_s"]
             out.append((f"{n}-token streams/s c=1 unpaced, {t}", d, g, _x(_ratio(g, d)), ">= 500"))
             cpu = streams[t]["cpu_per_chunk_us"]
             out.append((f"CPU per relayed chunk c=1 unpaced, {t} (us)", "", cpu, "", "<= 30 us"))
+            if floor is not None:
+                out.append(
+                    (f"  ... over the floor, {t} (us)", floor, cpu, _plus_us(cpu, floor), "")
+                )
     load = f.get("load")
     if load:
         c = load["concurrency"]
+        floor = load[FLOOR]["cpu_per_chunk_us"] if FLOOR in load else None
+        if floor is not None:
+            for q in ("p50", "p99"):
+                d, g = load[DIRECT]["ttft"][f"{q}_ms"], load[FLOOR]["ttft"][f"{q}_ms"]
+                out.append((f"TTFB {q} c={c} paced, {FLOOR} (ms)", d, g, _x(_ratio(g, d)), ""))
+            out.append((f"CPU per relayed chunk, all-in, {FLOOR} (us)", "", floor, "", ""))
+            share = load[FLOOR]["gateway_cpu_share"]
+            out.append((f"floor CPU busy at c={c} (cores)", "", share, "", ""))
         for t in (GW_SSE, GW_WS):
             for q in ("p50", "p99"):
                 d, g = load[DIRECT]["ttft"][f"{q}_ms"], load[t]["ttft"][f"{q}_ms"]
@@ -860,6 +895,10 @@ def rows(f: dict[str, Any]) -> list[tuple[str, Any, Any, Any, str]]:
             out.append((f"stalled streams c={c}, {t}", 0, load[t]["stalled_streams"], "", "0"))
             cpu = load[t]["cpu_per_chunk_us"]
             out.append((f"CPU per relayed chunk, all-in, {t} (us)", "", cpu, "", "<= 30 us"))
+            if floor is not None:
+                out.append(
+                    (f"  ... over the floor, {t} (us)", floor, cpu, _plus_us(cpu, floor), "")
+                )
             out.append(
                 (
                     f"CPU per 64-token stream, {t} (ms)",
@@ -1027,6 +1066,13 @@ def _beside_chat_rows(
 def _plus(entry: dict[str, Any], q: str) -> str:
     added = entry.get(f"added_{q}_ms")
     return "" if added is None else f"+{added:g} ms"
+
+
+def _plus_us(a: float | None, b: float | None) -> str:
+    """`a` over `b`, in microseconds and as a ratio."""
+    if a is None or b is None:
+        return ""
+    return f"+{a - b:.1f} ({_x(_ratio(a, b))})"
 
 
 def _x(ratio: float | None) -> str:

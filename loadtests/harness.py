@@ -157,6 +157,18 @@ def start_fake(tokens: int = 64, pace: float = 0.02) -> tuple[Child, str, str]:
     return child, url, control
 
 
+def start_floor(upstream: str) -> tuple[Child, str]:
+    """The byte pipe of `loadtests.floor` in front of `upstream`: (child, base URL)."""
+    argv = [sys.executable, "-m", "loadtests.floor", "--upstream", upstream, "--port", "0"]
+    child = Child("floor", argv)
+    try:
+        url = child.read_line("listening on ")
+    except BaseException:
+        child.stop()
+        raise
+    return child, url
+
+
 GATEWAY_CONFIG = """\
 demo = false
 

@@ -56,6 +56,11 @@ def test_bench_writes_its_table_and_figures(tmp_path: Path) -> None:
     assert figures["workers"]["2 workers"]["streams"] > 0
     assert figures["load"]["gateway-sse"]["chunks"] > 0
     assert figures["load"]["gateway-ws"]["chunks"] > 0
+    # The floor (a byte pipe to the fake upstream) relays whole answers in both scenarios.
+    for scenario in ("c1_streams", "load"):
+        floor = figures[scenario]["floor-sse"]
+        assert floor["chunks"] > 0 and floor["errors"] == 0, floor
+    assert "over the floor, gateway-sse" in done.stdout
     assert figures["messages"]["load"]["gateway-messages"]["chunks"] > 0
     assert figures["messages"]["load"]["gateway-messages"]["errors"] == 0
     assert figures["responses"]["load"]["gateway-responses"]["chunks"] > 0
