@@ -11,6 +11,7 @@ import msgspec
 
 from providers import errors
 from providers.anthropic_params import CAPABILITIES, params
+from providers.base import Outlet
 from providers.settings import ProviderSettings
 from providers.sse import SSEDecoder, body_chunks
 from providers.transport import http_client
@@ -138,7 +139,10 @@ class AnthropicProvider:
         self.capabilities.check(self.name, request)
         params(request, self._default_max_tokens)
 
-    async def stream(self, request: ChatRequest) -> AsyncGenerator[Event, None]:
+    async def stream(
+        self, request: ChatRequest, outlet: Outlet | None = None
+    ) -> AsyncGenerator[Event, None]:
+        # Every event comes out of the iterator (the `outlet` is not written to yet).
         kwargs = params(request, self._default_max_tokens)
         try:
             async with self._client.messages.with_streaming_response.create(**kwargs) as response:

@@ -15,6 +15,7 @@ import json
 import re
 from collections.abc import AsyncGenerator, Iterable
 
+from providers.base import Outlet
 from providers.capabilities import EVERYTHING, Capabilities
 from providers.samples import sample
 from providers.types import (
@@ -166,7 +167,10 @@ class DemoProvider:
         pieces: list[Delta] = [ReasoningDelta(p) for p in reasoning]
         return pieces + [TextDelta(p) for p in text]
 
-    async def stream(self, request: ChatRequest) -> AsyncGenerator[Event, None]:
+    async def stream(
+        self, request: ChatRequest, outlet: Outlet | None = None
+    ) -> AsyncGenerator[Event, None]:
+        # Paced by a sleep per piece, so every piece wakes this task anyway: no `outlet`.
         prompt_tokens = sum(estimate_tokens(m.text) for m in request.messages)
         pieces = self._pieces(request)
         reason: FinishReason = "stop"

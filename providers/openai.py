@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import inspect
 import ssl
@@ -17,12 +18,14 @@ from openai._constants import RAW_RESPONSE_HEADER
 from openai._models import FinalRequestOptions
 
 from providers import errors
+from providers.base import Outlet
 from providers.capabilities import EVERYTHING, Capabilities
 from providers.settings import ProviderSettings
 from providers.sse import SSEDecoder, body_chunks
-from providers.transport import http_client, send_streamed
+from providers.transport import http_client, push_body, send_streamed
 from providers.types import (
     ChatRequest,
+    Delta,
     Event,
     Finish,
     FinishReason,
@@ -136,58 +139,39 @@ class OpenAIProvider:
     def check(self, request: ChatRequest) -> None:
         self.capabilities.check(self.name, request)
 
-    async def stream(self, request: ChatRequest) -> AsyncGenerator[Event, None]:
+    async def stream(
+        self, request: ChatRequest, outlet: Outlet | None = None
+    ) -> AsyncGenerator[Event, None]:
         params = self._params(request)
-        decoder = SSEDecoder()
-        reason: FinishReason | None = None
-        usage: Usage | None = None
-        done = False
-        opened: dict[int, str] = {}  # ids of the tool calls whose head (id and name) went out
+        reader = _Reader(self.name, self._secrets, outlet)
         try:
             # One generator from the upstream's bytes to our events: each layer of async
             # iteration costs on every relayed chunk.
             async with self._response(params) as response:
-                async for raw in body_chunks(response):
-                    for _, data in decoder.feed(raw):
-                        if data == _DONE:
-                            done = True
-                            continue
-                        try:
-                            chunk = _decode_chunk(data)
-                        except msgspec.DecodeError as exc:
-                            raise errors.UpstreamProtocolError(
-                                f"{self.name}: upstream sent an unreadable chunk"
-                            ) from exc
-                        if chunk.error is not None:
-                            raise self._inband(chunk.error)
-                        for choice in chunk.choices:
-                            delta = choice.delta
-                            if delta.content:
-                                yield TextDelta(delta.content)
-                            reasoning = delta.reasoning_content or delta.reasoning
-                            if reasoning:
-                                yield ReasoningDelta(reasoning)
-                            if delta.tool_calls:
-                                for position, call in enumerate(delta.tool_calls):
-                                    yield _tool_call(call, position, opened)
-                            if delta.refusal:
-                                yield RefusalDelta(delta.refusal)
-                            if choice.finish_reason is not None:
-                                reason = _FINISH.get(choice.finish_reason, "stop")
-                        if chunk.usage is not None:
-                            usage = Usage(
-                                prompt_tokens=chunk.usage.prompt_tokens,
-                                completion_tokens=chunk.usage.completion_tokens,
-                            )
+                chunks = body_chunks(response)
+                if outlet is not None:
+                    reader.connection = push_body(chunks, reader.push)
+                try:
+                    async for raw in chunks:
+                        pending = reader.pending
+                        while pending:  # what a push read but could not write
+                            yield pending.popleft()
+                        for event in reader.events(raw):
+                            yield event
+                        if reader.failure is not None:
+                            raise reader.failure
+                finally:
+                    if reader.connection is not None:
+                        push_body(chunks, None)
         except openai.APIError as exc:
             raise translate(self.name, exc, self._secrets) from exc
         except httpx2.TransportError as exc:
             raise errors.from_transport(self.name, exc) from exc
-        if reason is None and not done:
+        if reader.reason is None and not reader.done:
             raise errors.UpstreamProtocolError(
                 f"{self.name}: upstream ended the stream without finishing the answer"
             )
-        yield Finish(reason=reason or "stop", usage=usage)
+        yield Finish(reason=reader.reason or "stop", usage=reader.usage)
 
     @contextlib.asynccontextmanager
     async def _response(self, params: dict[str, Any]) -> AsyncIterator[httpx2.Response]:
@@ -249,11 +233,6 @@ class OpenAIProvider:
         self._template = (built.url, headers, dict(built.extensions))
         return self._template
 
-    def _inband(self, error: _Error | str) -> errors.ProviderError:
-        if isinstance(error, str):
-            return errors.from_inband(self.name, None, error, self._secrets)
-        return errors.from_inband(self.name, error.type, error.message, self._secrets)
-
     def _params(self, request: ChatRequest) -> dict[str, Any]:
         """The request in OpenAI's shape: our Structs mirror it, so each encodes as it is."""
         params: dict[str, Any] = {
@@ -302,6 +281,106 @@ class OpenAIProvider:
 
     async def aclose(self) -> None:
         await self._client.close()
+
+
+class _Reader:
+    """One upstream stream's decoding: its SSE events into our deltas, the finish reason and
+    usage noted on the way. Both the stream's iterator and, while the iterator waits for
+    bytes, the upstream connection's read callback (`push`) feed it, never both at once."""
+
+    __slots__ = (
+        "name",
+        "secrets",
+        "outlet",
+        "connection",
+        "decoder",
+        "opened",
+        "reason",
+        "usage",
+        "done",
+        "pending",
+        "failure",
+    )
+
+    def __init__(self, name: str, secrets: tuple[str, ...], outlet: Outlet | None) -> None:
+        self.name = name
+        self.secrets = secrets
+        self.outlet = outlet
+        self.connection: Any = None  # the upstream connection pushing to this reader
+        self.decoder = SSEDecoder()
+        self.opened: dict[int, str] = {}  # ids of the tool calls whose head (id, name) went out
+        self.reason: FinishReason | None = None
+        self.usage: Usage | None = None
+        self.done = False
+        # Deltas a push decoded but the outlet did not take; the iterator yields them first.
+        self.pending: collections.deque[Delta] = collections.deque()
+        self.failure: Exception | None = None  # raised by the iterator after what came before
+
+    def events(self, raw: bytes) -> list[Delta]:
+        """The deltas of the bytes read; a broken or in-band error event sets `failure` and
+        ends the list (the deltas before it still count)."""
+        out: list[Delta] = []
+        for _, data in self.decoder.feed(raw):
+            if data == _DONE:
+                self.done = True
+                continue
+            try:
+                chunk = _decode_chunk(data)
+            except msgspec.DecodeError as exc:
+                failure = errors.UpstreamProtocolError(
+                    f"{self.name}: upstream sent an unreadable chunk"
+                )
+                failure.__cause__ = exc
+                self.failure = failure
+                return out
+            if chunk.error is not None:
+                self.failure = self._inband(chunk.error)
+                return out
+            for choice in chunk.choices:
+                delta = choice.delta
+                if delta.content:
+                    out.append(TextDelta(delta.content))
+                reasoning = delta.reasoning_content or delta.reasoning
+                if reasoning:
+                    out.append(ReasoningDelta(reasoning))
+                if delta.tool_calls:
+                    for position, call in enumerate(delta.tool_calls):
+                        out.append(_tool_call(call, position, self.opened))
+                if delta.refusal:
+                    out.append(RefusalDelta(delta.refusal))
+                if choice.finish_reason is not None:
+                    self.reason = _FINISH.get(choice.finish_reason, "stop")
+            if chunk.usage is not None:
+                self.usage = Usage(
+                    prompt_tokens=chunk.usage.prompt_tokens,
+                    completion_tokens=chunk.usage.completion_tokens,
+                )
+        return out
+
+    def push(self, raw: bytes) -> bool:
+        """Body bytes read while the iterator waits: their deltas go straight to the outlet.
+        False (not taken, the iterator gets the bytes) while the outlet is closed; what the
+        outlet refuses, and a failure, wake the iterator."""
+        outlet = self.outlet
+        write = outlet.write if outlet is not None else None
+        if write is None or self.pending or self.failure is not None:
+            return False
+        try:
+            events = self.events(raw)
+            for index, event in enumerate(events):
+                if not write(event):
+                    self.pending.extend(events[index:])
+                    break
+        except Exception as exc:  # a fault of the writer: the stream fails, as it would
+            self.failure = exc
+        if self.pending or self.failure is not None:
+            self.connection.nudge()
+        return True
+
+    def _inband(self, error: _Error | str) -> errors.ProviderError:
+        if isinstance(error, str):
+            return errors.from_inband(self.name, None, error, self.secrets)
+        return errors.from_inband(self.name, error.type, error.message, self.secrets)
 
 
 def _tool_call(call: _ToolCall, position: int, opened: dict[int, str]) -> ToolCallDelta:

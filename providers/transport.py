@@ -19,6 +19,7 @@ import asyncio
 import collections
 import ssl
 import time
+from collections.abc import Callable
 from typing import cast
 
 import httptools
@@ -53,6 +54,10 @@ class _Connection(asyncio.Protocol):
         self.keep_alive = False
         self.waiter: asyncio.Future[None] | None = None
         self.paused = False
+        # Set by the response's reader: takes a body piece while the reader is waiting for
+        # one (returns True once it consumed the piece), so the piece is handled in this
+        # callback without waking the reader's task; see `push_to`.
+        self.push: Callable[[bytes], bool] | None = None
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -89,6 +94,11 @@ class _Connection(asyncio.Protocol):
             self.head.set_result(None)
 
     def on_body(self, body: bytes) -> None:
+        push = self.push
+        if push is not None and not self.chunks:
+            waiter = self.waiter
+            if waiter is not None and not waiter.done() and push(body):
+                return
         self.chunks.append(body)
         self.buffered += len(body)
         if self.buffered > _HIGH_WATER and not self.paused and self.transport is not None:
@@ -108,6 +118,11 @@ class _Connection(asyncio.Protocol):
         if not self.head.done():
             self.head.set_exception(error)
             self.head.exception()  # marked retrieved: the reader may be gone already
+        self._wake()
+
+    def nudge(self) -> None:
+        """Wake the reader with an empty piece: a pushed piece left it something to do."""
+        self.chunks.append(b"")
         self._wake()
 
     def _wake(self) -> None:
@@ -176,15 +191,25 @@ class _Body(httpx2.AsyncByteStream):
             finally:
                 connection.waiter = None
 
+    def push_to(self, push: Callable[[bytes], bool] | None) -> _Connection | None:
+        """Hand body pieces that arrive while this stream's reader waits to `push` (None
+        stops it); returns the connection (for `nudge`), or None once the body is done."""
+        connection = self._connection
+        if connection is not None:
+            connection.push = push
+        return connection
+
     def _release(self) -> None:
         connection, self._connection = self._connection, None
         if connection is not None:
+            connection.push = None
             self._pool.release(connection)
 
     async def aclose(self) -> None:
         connection, self._connection = self._connection, None
         if connection is None:
             return
+        connection.push = None
         if connection.reusable() and not connection.chunks:
             self._pool.release(connection)
         else:
@@ -350,6 +375,13 @@ def _request_head(request: httpx2.Request, body: bytes) -> bytes:
     if not has_length and (body or request.method in ("POST", "PUT", "PATCH")):
         lines.append(b"content-length: " + str(len(body)).encode())
     return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+def push_body(chunks: object, push: Callable[[bytes], bool] | None) -> _Connection | None:
+    """Have the upstream connection under `chunks` (a body from `body_chunks`) hand its
+    pieces to `push` while the reader waits for one (None: stop); returns the connection,
+    or None for a body that is not the lean transport's own (nothing is pushed then)."""
+    return chunks.push_to(push) if isinstance(chunks, _Body) else None
 
 
 async def send_streamed(client: httpx2.AsyncClient, request: httpx2.Request) -> httpx2.Response:

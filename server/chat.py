@@ -14,11 +14,12 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import AsyncGenerator, Awaitable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from typing import Literal, Protocol
 
 import msgspec
 
+from providers.base import Outlet
 from providers.errors import (
     GatewayError,
     ProviderError,
@@ -49,9 +50,17 @@ log = logging.getLogger("tokenrelay.chat")
 
 
 class Sink(Protocol):
-    """How one transport writes a stream's events to its client."""
+    """How one transport writes a stream's events to its client.
+
+    `write_now` is the synchronous fast path for a delta: write it at once and return True,
+    or write nothing and return False (then `delta` follows for the same event). The service
+    calls it only after the stream's first delta went through `delta`, possibly from the
+    upstream connection's read callback (see `providers.base.Outlet`), so it must not wait.
+    """
 
     async def delta(self, event: Delta) -> None: ...
+
+    def write_now(self, event: Delta) -> bool: ...
 
     async def finish(self, reason: FinishReason, usage: Usage) -> None: ...
 
@@ -309,10 +318,11 @@ class ChatService:
             for attempt in range(route.settings.retries + 1):
                 if state.draining:
                     raise _shutting_down()
-                events = route.provider.stream(request)
+                outlet = Outlet()
+                events = route.provider.stream(request, outlet)
                 try:
                     await self._relay(
-                        prepared, events, route, sink, state, key if primary else None
+                        prepared, events, route, sink, state, key if primary else None, outlet
                     )
                     return
                 except ProviderError as exc:
@@ -341,8 +351,13 @@ class ChatService:
         sink: Sink,
         state: StreamState,
         key: str | None = None,
+        outlet: Outlet | None = None,
     ) -> None:
-        """One upstream attempt: relay its events until the finish, or raise what failed."""
+        """One upstream attempt: relay its events until the finish, or raise what failed.
+
+        Once the first delta is out, `outlet` (when given, and no answer is being recorded
+        for the cache) lets the provider write later deltas from its read callback; they
+        are counted and reset the idle timer there, as they are here."""
         loop = asyncio.get_running_loop()
         recording: list[Delta] | None = [] if key is not None else None
         watchdog: _Watchdog | None = None
@@ -350,6 +365,7 @@ class ChatService:
             async with asyncio.timeout(None) as scope, contextlib.aclosing(events):
                 watchdog = _Watchdog(scope, route.settings.first_token_timeout, self.write_timeout)
                 state.watchdog = watchdog
+                direct = _direct(sink, state, watchdog, loop)
                 async for event in events:
                     watchdog.writing = True
                     watchdog.since = loop.time()
@@ -369,6 +385,8 @@ class ChatService:
                     if state.first_token_at is None:
                         state.first_token_at = time.monotonic()
                         watchdog.first_token(route.settings.idle_timeout)
+                        if outlet is not None and recording is None:
+                            outlet.write = direct
                     watchdog.writing = False
                     watchdog.since = loop.time()
                 raise UpstreamProtocolError(
@@ -379,6 +397,8 @@ class ChatService:
                 raise
             raise self._timeout_error(watchdog, state) from exc
         finally:
+            if outlet is not None:
+                outlet.write = None
             state.watchdog = None
             if watchdog is not None:
                 watchdog.cancel()
@@ -402,6 +422,23 @@ class ChatService:
         state.error = exc
         state.outcome = "timeout" if isinstance(exc, UpstreamTimeoutError) else "error"
         await write_or_abort(sink.error(exc), state, self.write_timeout)
+
+
+def _direct(
+    sink: Sink, state: StreamState, watchdog: _Watchdog, loop: asyncio.AbstractEventLoop
+) -> Callable[[Delta], bool]:
+    """The outlet's writer for one attempt: the sink's `write_now`, with what `_relay` does
+    after each delta it writes (count it, restart the idle timer)."""
+    write_now = sink.write_now
+
+    def direct(event: Delta) -> bool:
+        if not write_now(event):
+            return False
+        state.chunks += 1
+        watchdog.since = loop.time()
+        return True
+
+    return direct
 
 
 ERROR_WRITE_TIMEOUT = 5.0

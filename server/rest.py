@@ -370,6 +370,10 @@ class Collector:
         self.failure: GatewayError | None = None
 
     async def delta(self, event: Delta) -> None:
+        self.write_now(event)
+
+    def write_now(self, event: Delta) -> bool:
+        """Gathered at once: nothing waits for a client until the answer is whole."""
         if isinstance(event, TextDelta):
             self.text.append(event.text)
         elif isinstance(event, ReasoningDelta):
@@ -383,6 +387,7 @@ class Collector:
             if event.name is not None:
                 names.append(event.name)
             arguments.append(event.arguments)
+        return True
 
     def message(self) -> protocol.ResponseMessage:
         """The assistant message: content is null when the answer is only tool calls."""

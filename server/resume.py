@@ -81,6 +81,9 @@ class Tee:
             except Exception:
                 self.live = None  # the client is gone; the journal goes on
 
+    def write_now(self, event: Delta) -> bool:
+        return False  # the journal comes first, and it is written by `delta`
+
     async def finish(self, reason: FinishReason, usage: Usage) -> None:
         state = self.state
         ttft = state.ttft

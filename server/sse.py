@@ -48,6 +48,8 @@ class EventStreamSink:
         "_headers",
         "_state",
         "_loop",
+        "_opened",
+        "_unsent",
         "started",
         "complete",
         "last_sent",
@@ -59,6 +61,8 @@ class EventStreamSink:
         self._headers = headers
         self._state = state
         self._loop = asyncio.get_running_loop()  # kept: each lookup costs a system call
+        self._opened = False  # the answer's opening events went out (with the headers)
+        self._unsent: bytes | None = None  # a delta `write_now` framed but could not write
         self.started = False
         self.complete = False
         self.last_sent = self._loop.time()
@@ -93,8 +97,38 @@ class EventStreamSink:
         """Close the response body."""
         await self._send({"type": "http.response.body", "body": b"", "more_body": False})
 
-    async def delta(self, event: Delta) -> None:
+    async def _opening(self) -> bytes:
+        """Before the first delta: send the headers (unless a keepalive did), and return the
+        events that open the answer; sets `_opened`."""
         raise NotImplementedError
+
+    def _frame(self, event: Delta) -> bytes:
+        """A delta's events, once the answer is open (the dialect's framing state moves on)."""
+        raise NotImplementedError
+
+    async def delta(self, event: Delta) -> None:
+        unsent = self._unsent
+        if unsent is not None:  # this delta, framed by `write_now` when the socket was full
+            self._unsent = None
+            await self._body(unsent)
+            return
+        opening = b"" if self._opened else await self._opening()
+        data = self._frame(event)
+        await self._body(opening + data if opening else data)
+
+    def write_now(self, event: Delta) -> bool:
+        """Write a delta's events at once (True), or nothing (False): before the answer is
+        open, or when the server's writer refuses. Framing may move the dialect's state on,
+        so refused bytes are kept, and the `delta` that follows for this event sends them."""
+        write = self._write
+        if write is None or not self._opened:
+            return False
+        data = self._frame(event)
+        if write(data):
+            self.last_sent = self._loop.time()
+            return True
+        self._unsent = data
+        return False
 
     async def finish(self, reason: FinishReason, usage: Usage) -> None:
         raise NotImplementedError
@@ -152,22 +186,15 @@ class SSESink(EventStreamSink):
         framer = self._framer = protocol.ChunkFramer(
             completion_id=completion_id, created=created, model=self._state.model
         )
+        self._opened = True
         return framer, framer.role()
 
-    async def delta(self, event: Delta) -> None:
-        framer = self._framer
-        opening = b""
-        if framer is None:
-            framer, opening = await self._open()
-        if isinstance(event, TextDelta):
-            data = framer.content(event.text)
-        elif isinstance(event, ReasoningDelta):
-            data = framer.reasoning(event.text)
-        elif isinstance(event, RefusalDelta):
-            data = framer.refusal(event.text)
-        else:
-            data = framer.tool_call(event)
-        await self._body(opening + data if opening else data)
+    async def _opening(self) -> bytes:
+        return (await self._open())[1]
+
+    def _frame(self, event: Delta) -> bytes:
+        assert self._framer is not None
+        return _chunk(self._framer, event)
 
     async def finish(self, reason: FinishReason, usage: Usage) -> None:
         framer = self._framer
@@ -178,6 +205,17 @@ class SSESink(EventStreamSink):
         if self._usage:
             data += framer.usage(usage)
         await self._body(data + protocol.SSE_DONE)
+
+
+def _chunk(framer: protocol.ChunkFramer, event: Delta) -> bytes:
+    """A delta as its `chat.completion.chunk` event."""
+    if isinstance(event, TextDelta):
+        return framer.content(event.text)
+    if isinstance(event, ReasoningDelta):
+        return framer.reasoning(event.text)
+    if isinstance(event, RefusalDelta):
+        return framer.refusal(event.text)
+    return framer.tool_call(event)
 
 
 class ResumableSSESink(SSESink):
@@ -210,6 +248,9 @@ class ResumableSSESink(SSESink):
             self._state.model = self._head.model
         framer, opening = await super()._open()
         return framer, opening if self.seq == 0 else b""  # past event 0 the role went out
+
+    def write_now(self, event: Delta) -> bool:
+        return False  # each event carries its `id:`, and the journal has it first
 
     async def _body(self, data: bytes) -> None:
         seq = self.seq

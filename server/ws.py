@@ -99,16 +99,18 @@ class WSSink:
     async def delta(self, event: Delta) -> None:
         seq = self.seq
         self.seq = seq + 1
-        framer = self._framer
-        if isinstance(event, TextDelta):
-            data = framer.text(seq, event.text)
-        elif isinstance(event, ReasoningDelta):
-            data = framer.reasoning(seq, event.text)
-        elif isinstance(event, RefusalDelta):
-            data = framer.refusal(seq, event.text)
-        else:
-            data = framer.tool_call(seq, event)
-        await self._socket.text(data)
+        await self._socket.text(_frame(self._framer, seq, event))
+
+    def write_now(self, event: Delta) -> bool:
+        socket = self._socket
+        write = socket._write
+        if write is None or socket.closed:
+            return False
+        seq = self.seq
+        if not write(_frame(self._framer, seq, event)):
+            return False
+        self.seq = seq + 1
+        return True
 
     async def finish(self, reason: FinishReason, usage: Usage) -> None:
         ttft = self._state.ttft
@@ -161,6 +163,17 @@ class WSSink:
         seq = self.seq
         self.seq = seq + 1
         return seq
+
+
+def _frame(framer: protocol.DeltaFramer, seq: int, event: Delta) -> str:
+    """A delta as its `chat.delta` frame."""
+    if isinstance(event, TextDelta):
+        return framer.text(seq, event.text)
+    if isinstance(event, ReasoningDelta):
+        return framer.reasoning(seq, event.text)
+    if isinstance(event, RefusalDelta):
+        return framer.refusal(seq, event.text)
+    return framer.tool_call(seq, event)
 
 
 class _Stream:

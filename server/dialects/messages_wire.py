@@ -23,8 +23,6 @@ from providers.types import (
     Delta,
     FinishReason,
     ReasoningDelta,
-    RefusalDelta,
-    TextDelta,
     ToolCallDelta,
     Usage,
 )
@@ -191,14 +189,13 @@ class MessagesSink(EventStreamSink):
     parallel tool calls, a late fragment still names its own call's block by `index`.
     """
 
-    __slots__ = ("_id", "_opened", "_kind", "_head", "_index", "_blocks", "_tools")
+    __slots__ = ("_id", "_kind", "_head", "_index", "_blocks", "_tools")
 
     def __init__(
         self, send: Send, message_id: str, headers: list[tuple[bytes, bytes]], state: StreamState
     ) -> None:
         super().__init__(send, headers, state)
         self._id = message_id
-        self._opened = False  # message_start sent
         self._kind = 0  # the kind of the block open now (0: none)
         self._head = b""  # the delta template of the block open now
         self._index = -1  # the index of the block open now
@@ -217,7 +214,7 @@ class MessagesSink(EventStreamSink):
         )
         return sse(b"message_start", start)
 
-    async def _begin(self) -> bytes:
+    async def _opening(self) -> bytes:
         """Headers (unless a ping sent them) and `message_start`, before the first output."""
         if not self.started:
             await self._start()
@@ -249,23 +246,18 @@ class MessagesSink(EventStreamSink):
         self._kind = 0
         return _block_stop(self._index)
 
-    async def delta(self, event: Delta) -> None:
-        opening = b"" if self._opened else await self._begin()
-        if isinstance(event, TextDelta):
-            if self._kind != _TEXT:
-                opening += self._switch(_TEXT, _TEXT_BLOCK)
-            data = self._head + _encode(event.text) + _DELTA_TAIL
-        elif isinstance(event, ReasoningDelta):
-            if self._kind != _THINKING:
-                opening += self._switch(_THINKING, _THINKING_BLOCK)
-            data = self._head + _encode(event.text) + _DELTA_TAIL
-        elif isinstance(event, RefusalDelta):
-            if self._kind != _TEXT:
-                opening += self._switch(_TEXT, _TEXT_BLOCK)
-            data = self._head + _encode(event.text) + _DELTA_TAIL
+    def _frame(self, event: Delta) -> bytes:
+        if isinstance(event, ToolCallDelta):
+            opening, data = self._tool(event, b"")
         else:
-            opening, data = self._tool(event, opening)
-        await self._body(opening + data if opening else data)
+            kind, block = (
+                (_THINKING, _THINKING_BLOCK)
+                if isinstance(event, ReasoningDelta)
+                else (_TEXT, _TEXT_BLOCK)  # a refusal is text in this dialect
+            )
+            opening = b"" if self._kind == kind else self._switch(kind, block)
+            data = self._head + _encode(event.text) + _DELTA_TAIL
+        return opening + data if opening else data
 
     def _tool(self, delta: ToolCallDelta, opening: bytes) -> tuple[bytes, bytes]:
         block = self._tools.get(delta.index)
@@ -290,7 +282,7 @@ class MessagesSink(EventStreamSink):
         return opening, head + _encode(delta.arguments) + _DELTA_TAIL
 
     async def finish(self, reason: FinishReason, usage: Usage) -> None:
-        data = b"" if self._opened else await self._begin()
+        data = b"" if self._opened else await self._opening()
         data += self._stop_current()
         stop = self._state.stop_sequence
         delta = (

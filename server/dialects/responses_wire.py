@@ -368,7 +368,7 @@ Finisher = Callable[[ResponseObject, list[Item]], Awaitable[None]]
 class ResponsesSink(EventStreamSink):
     """Writes one stream as Responses SSE events (see the module docstring)."""
 
-    __slots__ = ("_response", "_seq", "_opened", "_items", "_current", "_calls", "_finisher")
+    __slots__ = ("_response", "_seq", "_items", "_current", "_calls", "_finisher")
 
     def __init__(
         self,
@@ -381,7 +381,6 @@ class ResponsesSink(EventStreamSink):
         super().__init__(send, headers, state)
         self._response = response
         self._seq = 0
-        self._opened = False
         self._items: list[Item] = []
         self._current: Item | None = None  # the open message or reasoning item
         self._calls: dict[int, Item] = {}  # tool-call index -> its item
@@ -415,7 +414,7 @@ class ResponsesSink(EventStreamSink):
             return super().keepalive_event()
         return self._open_events()
 
-    async def _begin(self) -> bytes:
+    async def _opening(self) -> bytes:
         if not self.started:
             await self._start()
         return self._open_events()
@@ -498,8 +497,7 @@ class ResponsesSink(EventStreamSink):
             opening += self._add_part(item, kind)
         return item.parts[-1], opening
 
-    async def delta(self, event: Delta) -> None:
-        opening = b"" if self._opened else await self._begin()
+    def _frame(self, event: Delta) -> bytes:
         if isinstance(event, TextDelta):
             part, more = self._content("output_text")
         elif isinstance(event, ReasoningDelta):
@@ -507,11 +505,10 @@ class ResponsesSink(EventStreamSink):
         elif isinstance(event, RefusalDelta):
             part, more = self._content("refusal")
         else:
-            await self._body(opening + self._tool(event))
-            return
+            return self._tool(event)
         part.chunks.append(event.text)
         data = part.head + _encode(event.text) + _SEQ + str(self._next()).encode() + _TAIL
-        await self._body(opening + more + data if opening or more else data)
+        return more + data if more else data
 
     def _tool(self, delta: ToolCallDelta) -> bytes:
         item = self._calls.get(delta.index)
@@ -546,7 +543,7 @@ class ResponsesSink(EventStreamSink):
         return out
 
     async def finish(self, reason: FinishReason, usage: Usage) -> None:
-        data = b"" if self._opened else await self._begin()
+        data = b"" if self._opened else await self._opening()
         data += self._close_all()
         output = [item.out() for item in self._items]
         response = finished(self._response, output, reason, usage, self._state.model)

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from providers.base import Outlet
 from providers.errors import (
     GatewayError,
     SlowConsumerError,
@@ -23,6 +24,7 @@ from providers.registry import Registry
 from providers.settings import ProviderSettings
 from providers.types import (
     ChatRequest,
+    Delta,
     Event,
     Finish,
     FinishReason,
@@ -51,7 +53,9 @@ class FakeProvider:
     def check(self, request: ChatRequest) -> None:
         return None
 
-    async def stream(self, request: ChatRequest) -> AsyncGenerator[Event, None]:
+    async def stream(
+        self, request: ChatRequest, outlet: Outlet | None = None
+    ) -> AsyncGenerator[Event, None]:
         self.requests.append(request)
         self.started.set()
         try:
@@ -83,6 +87,9 @@ class RecordingSink:
             await asyncio.sleep(self.write_delay)
         self.calls.append(("delta", event))
         self.got_delta.set()
+
+    def write_now(self, event: Delta) -> bool:
+        return False  # every delta goes through `delta`, so its delay and failure apply
 
     async def finish(self, reason: FinishReason, usage: Usage) -> None:
         self.calls.append(("finish", (reason, usage)))
