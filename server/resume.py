@@ -59,7 +59,7 @@ def new_stream_id() -> str:
 class Tee:
     """The sink of a resumable stream: the journal first, then the client while it is there."""
 
-    __slots__ = ("entry", "live", "state", "task", "readers", "grace")
+    __slots__ = ("entry", "live", "state", "task", "readers", "grace", "_held")
 
     def __init__(self, entry: Entry, live: Sink | None, state: StreamState) -> None:
         self.entry = entry
@@ -68,12 +68,16 @@ class Tee:
         self.task: asyncio.Future[None] | None = None  # what runs the stream (to cancel it)
         self.readers = 0  # resumed readers following it, here or on other replicas
         self.grace: asyncio.TimerHandle | None = None
+        self._held: Delta | None = None  # journalled by `write_now`, not yet the client's
 
     async def delta(self, event: Delta) -> None:
-        entry = self.entry
-        if entry.count == 0:
-            entry.head.model = self.state.model  # the model that answers: a fallback, maybe
-        entry.append(event)
+        if event is self._held:  # in the journal already; the client refused it then
+            self._held = None
+        else:
+            entry = self.entry
+            if entry.count == 0:
+                entry.head.model = self.state.model  # the model that answers: a fallback, maybe
+            entry.append(event)
         live = self.live
         if live is not None:
             try:
@@ -82,7 +86,23 @@ class Tee:
                 self.live = None  # the client is gone; the journal goes on
 
     def write_now(self, event: Delta) -> bool:
-        return False  # the journal comes first, and it is written by `delta`
+        """Journal the delta, then write it to the client at once if it is there and takes it;
+        False leaves it for `delta`, which then only writes it to the client."""
+        entry = self.entry
+        if entry.count == 0:
+            return False  # the first delta names the answering model: `delta` does it
+        entry.append(event)
+        live = self.live
+        if live is None:
+            return True  # nobody to write to: journalled is delivered
+        try:
+            if live.write_now(event):
+                return True
+        except Exception:
+            self.live = None  # the client is gone; the journal goes on
+            return True
+        self._held = event
+        return False
 
     async def finish(self, reason: FinishReason, usage: Usage) -> None:
         state = self.state

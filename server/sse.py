@@ -76,8 +76,14 @@ class EventStreamSink:
         if write is None or not write(data):
             await self._send({"type": "http.response.body", "body": data, "more_body": True})
 
-    # One event's bytes (a delta, the finish, an error): dialects may add to it (an `id:`).
-    _body = _put
+    def _seal(self, data: bytes) -> bytes:
+        """One event's bytes as they go out: dialects may add to them (an `id:`)."""
+        return data
+
+    async def _body(self, data: bytes) -> None:
+        """Send one event's bytes (a delta, the finish, an error)."""
+        await self._put(self._seal(data))
+
     # Bytes that are not an event of the stream (a keepalive).
     _comment = _put
 
@@ -110,7 +116,7 @@ class EventStreamSink:
         unsent = self._unsent
         if unsent is not None:  # this delta, framed by `write_now` when the socket was full
             self._unsent = None
-            await self._body(unsent)
+            await self._put(unsent)
             return
         opening = b"" if self._opened else await self._opening()
         data = self._frame(event)
@@ -123,7 +129,7 @@ class EventStreamSink:
         write = self._write
         if write is None or not self._opened:
             return False
-        data = self._frame(event)
+        data = self._seal(self._frame(event))
         if write(data):
             self.last_sent = self._loop.time()
             return True
@@ -249,15 +255,12 @@ class ResumableSSESink(SSESink):
         framer, opening = await super()._open()
         return framer, opening if self.seq == 0 else b""  # past event 0 the role went out
 
-    def write_now(self, event: Delta) -> bool:
-        return False  # each event carries its `id:`, and the journal has it first
-
-    async def _body(self, data: bytes) -> None:
+    def _seal(self, data: bytes) -> bytes:
         seq = self.seq
         self.seq = seq + 1
         last = data.rfind(b"\n\n", 0, len(data) - 2)
         cut = last + 2 if last >= 0 else 0
-        await super()._body(b"%sid: %d\n%s" % (data[:cut], seq, data[cut:]))
+        return b"%sid: %d\n%s" % (data[:cut], seq, data[cut:])
 
     async def done(self, record: Done) -> None:
         await self.finish(record.reason, record.usage)
@@ -277,7 +280,7 @@ class ResumableSSESink(SSESink):
         if not self.started:
             await self.failed(body)
             return
-        await EventStreamSink._body(self, protocol.sse_event(ErrorEnvelope(body)))
+        await self._put(protocol.sse_event(ErrorEnvelope(body)))
 
 
 async def stream_resumable(

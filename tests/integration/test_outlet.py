@@ -15,6 +15,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Callable
 
+import httpx2
 import pytest
 from websockets.asyncio.client import connect
 
@@ -218,7 +219,9 @@ ROUTES = {
 }
 
 
-def _slow_sse_read(url: str, path: str, name: str, pause: float, slow_for: int) -> bytes:
+def _slow_sse_read(
+    url: str, path: str, name: str, pause: float, slow_for: int, extra: bytes = b""
+) -> bytes:
     """A streamed request from a client with a small receive buffer that reads slowly for its
     first `slow_for` bytes, then at full speed."""
     host, port = url.removeprefix("http://").split(":")
@@ -234,8 +237,9 @@ def _slow_sse_read(url: str, path: str, name: str, pause: float, slow_for: int) 
         sock.connect((host, int(port)))
         sock.settimeout(30)
         sock.sendall(
-            b"POST %s HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\n"
-            b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (path.encode(), len(body), body)
+            b"POST %s HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\n%s"
+            b"connection: close\r\ncontent-length: %d\r\n\r\n%s"
+            % (path.encode(), extra, len(body), body)
         )
         received = bytearray()
         while chunk := sock.recv(65536):
@@ -247,6 +251,11 @@ def _slow_sse_read(url: str, path: str, name: str, pause: float, slow_for: int) 
 
 def _events(raw: bytes) -> list[dict[str, object]]:
     """The JSON `data:` of every SSE event of a chunked HTTP response."""
+    return [data for data, _ in _numbered(raw)]
+
+
+def _numbered(raw: bytes) -> list[tuple[dict[str, object], int | None]]:
+    """Every JSON event of a chunked SSE response with its `id:` (None without one)."""
     head, _, rest = raw.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200"), head
     body = b""
@@ -256,7 +265,18 @@ def _events(raw: bytes) -> list[dict[str, object]]:
         if n == 0:
             break
         body, rest = body + rest[:n], rest[n + 2 :]
-    return [json.loads(line[6:]) for line in body.split(b"\n") if line.startswith(b"data: {")]
+    return _parsed(body)
+
+
+def _parsed(body: bytes) -> list[tuple[dict[str, object], int | None]]:
+    out: list[tuple[dict[str, object], int | None]] = []
+    for event in body.split(b"\n\n"):
+        lines = event.split(b"\n")
+        data = [line[6:] for line in lines if line.startswith(b"data: {")]
+        ids = [int(line[4:]) for line in lines if line.startswith(b"id: ")]
+        if data:
+            out.append((json.loads(data[0]), ids[0] if ids else None))
+    return out
 
 
 def _text(route: str, events: list[dict[str, object]]) -> str:
@@ -314,3 +334,34 @@ async def test_paced_deltas_reach_websocket_clients_with_consecutive_seq(
     assert [f["seq"] for f in frames] == list(range(len(frames)))
     assert client.text(sid) == "".join(f"tok{i} " for i in range(40))
     assert done["usage"]["completion_tokens"] == 40
+
+
+async def test_a_resumable_stream_read_slowly_is_journalled_once_and_in_order(
+    gateway: str, model: Model
+) -> None:
+    """Deltas the journal takes from the read callback while the client's socket is full
+    reach the client later without being journalled twice: the client's ids run 0, 1, 2, ...
+    and a reader of the journal gets the same events for the same ids."""
+    pieces = [f"<{i}:" + "x" * 40_000 + ">" for i in range(200)]
+    name = model(text=pieces, pace=0.001)
+    raw = await asyncio.to_thread(
+        _slow_sse_read,
+        gateway,
+        ROUTES["chat-completions"],
+        name,
+        0.001,
+        6_000_000,
+        b"x-tokenrelay-resumable: true\r\n",
+    )
+    stream_id = raw.split(b"x-tokenrelay-stream-id: ", 1)[1].split(b"\r\n", 1)[0].decode()
+    events = _numbered(raw)
+    assert _text("chat-completions", [e for e, _ in events]) == "".join(pieces)
+    # The role chunk and the finish's usage chunk share the id of the event they go with.
+    live = [(e, i) for e, i in events if i is not None]
+    assert [i for _, i in live] == list(range(len(pieces)))
+    after = len(live) - 20  # the journal keeps the newest 4 MiB of a stream
+    async with httpx2.AsyncClient(base_url=gateway, timeout=10) as http:
+        replay = await http.get(f"/api/chat/completions/{stream_id}/stream?after={after}")
+    assert replay.status_code == 200, replay.text
+    tail = [(e, i) for e, i in _parsed(replay.content) if i is not None]
+    assert tail == live[after + 1 :]
