@@ -355,9 +355,9 @@ class ChatService:
     ) -> None:
         """One upstream attempt: relay its events until the finish, or raise what failed.
 
-        Once the first delta is out, `outlet` (when given, and no answer is being recorded
-        for the cache) lets the provider write later deltas from its read callback; they
-        are counted and reset the idle timer there, as they are here."""
+        Once the first delta is out, `outlet` (when given) lets the provider write later
+        deltas from its read callback; they are counted, recorded for the cache and reset
+        the idle timer there, as they are here."""
         loop = asyncio.get_running_loop()
         recording: list[Delta] | None = [] if key is not None else None
         watchdog: _Watchdog | None = None
@@ -365,7 +365,7 @@ class ChatService:
             async with asyncio.timeout(None) as scope, contextlib.aclosing(events):
                 watchdog = _Watchdog(scope, route.settings.first_token_timeout, self.write_timeout)
                 state.watchdog = watchdog
-                direct = _direct(sink, state, watchdog, loop)
+                direct = _direct(sink, state, watchdog, loop, recording)
                 async for event in events:
                     watchdog.writing = True
                     watchdog.since = loop.time()
@@ -385,7 +385,7 @@ class ChatService:
                     if state.first_token_at is None:
                         state.first_token_at = time.monotonic()
                         watchdog.first_token(route.settings.idle_timeout)
-                        if outlet is not None and recording is None:
+                        if outlet is not None:
                             outlet.write = direct
                     watchdog.writing = False
                     watchdog.since = loop.time()
@@ -425,11 +425,27 @@ class ChatService:
 
 
 def _direct(
-    sink: Sink, state: StreamState, watchdog: _Watchdog, loop: asyncio.AbstractEventLoop
+    sink: Sink,
+    state: StreamState,
+    watchdog: _Watchdog,
+    loop: asyncio.AbstractEventLoop,
+    recording: list[Delta] | None,
 ) -> Callable[[Delta], bool]:
     """The outlet's writer for one attempt: the sink's `write_now`, with what `_relay` does
-    after each delta it writes (count it, restart the idle timer)."""
+    for each delta it writes (record it for the cache, count it, restart the idle timer)."""
     write_now = sink.write_now
+    if recording is not None:
+        record = recording.append
+
+        def recorded(event: Delta) -> bool:
+            if not write_now(event):
+                return False
+            record(event)
+            state.chunks += 1
+            watchdog.since = loop.time()
+            return True
+
+        return recorded
 
     def direct(event: Delta) -> bool:
         if not write_now(event):

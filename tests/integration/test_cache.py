@@ -165,13 +165,18 @@ def comparable(events: list[Any]) -> list[Any]:
 
 
 @pytest.mark.parametrize("backend", ["memory", "redis"])
+@pytest.mark.parametrize("provider", ["ant", "oai"])  # "oai": most deltas written on arrival
 async def test_sse_replay_is_chunk_for_chunk_the_live_stream(
-    upstream: FakeUpstream, model: Model, redis_server: RedisServer, backend: str
+    upstream: FakeUpstream, model: Model, redis_server: RedisServer, backend: str, provider: str
 ) -> None:
     url_setting = redis_server.url if backend == "redis" else None
     cache = CacheSettings(url=url_setting, completions=True, namespace=uuid.uuid4().hex)
     name = model(tokens=6, reasoning=["think "], pace=0.005)
-    body = {"model": f"ant/{name}", "messages": HELLO, "stream_options": {"include_usage": True}}
+    body = {
+        "model": f"{provider}/{name}",
+        "messages": HELLO,
+        "stream_options": {"include_usage": True},
+    }
     with start_gateway(upstream, cache) as url:
         async with httpx2.AsyncClient(timeout=10) as http:
             live, live_headers = await sse_events(http, url, body)
