@@ -50,6 +50,7 @@ class EventStreamSink:
         "_loop",
         "_opened",
         "_unsent",
+        "_unsent_event",
         "started",
         "complete",
         "last_sent",
@@ -63,6 +64,7 @@ class EventStreamSink:
         self._loop = asyncio.get_running_loop()  # kept: each lookup costs a system call
         self._opened = False  # the answer's opening events went out (with the headers)
         self._unsent: bytes | None = None  # a delta `write_now` framed but could not write
+        self._unsent_event: Delta | None = None  # ... and that delta
         self.started = False
         self.complete = False
         self.last_sent = self._loop.time()
@@ -81,8 +83,14 @@ class EventStreamSink:
         return data
 
     async def _body(self, data: bytes) -> None:
-        """Send one event's bytes (a delta, the finish, an error)."""
-        await self._put(self._seal(data))
+        """Send one event's bytes (a delta, the finish, an error), after any a refused
+        `write_now` left (`delta` sends those itself; this keeps them from being lost)."""
+        sealed = self._seal(data)
+        unsent = self._unsent
+        if unsent is not None:
+            self._unsent = self._unsent_event = None
+            sealed = unsent + sealed
+        await self._put(sealed)
 
     # Bytes that are not an event of the stream (a keepalive).
     _comment = _put
@@ -114,8 +122,9 @@ class EventStreamSink:
 
     async def delta(self, event: Delta) -> None:
         unsent = self._unsent
-        if unsent is not None:  # this delta, framed by `write_now` when the socket was full
-            self._unsent = None
+        if unsent is not None and self._unsent_event is event:
+            # This delta, framed by `write_now` when the socket was full: as it was framed.
+            self._unsent = self._unsent_event = None
             await self._put(unsent)
             return
         opening = b"" if self._opened else await self._opening()
@@ -127,13 +136,13 @@ class EventStreamSink:
         open, or when the server's writer refuses. Framing may move the dialect's state on,
         so refused bytes are kept, and the `delta` that follows for this event sends them."""
         write = self._write
-        if write is None or not self._opened:
+        if write is None or not self._opened or self._unsent is not None:
             return False
         data = self._seal(self._frame(event))
         if write(data):
             self.last_sent = self._loop.time()
             return True
-        self._unsent = data
+        self._unsent, self._unsent_event = data, event
         return False
 
     async def finish(self, reason: FinishReason, usage: Usage) -> None:

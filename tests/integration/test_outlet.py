@@ -204,12 +204,34 @@ async def test_closing_the_iterator_stops_the_pushes_and_closes_the_upstream(
     with pytest.raises(asyncio.CancelledError):
         await waiting
     await stream.aclose()
-    taken = recorder.taken
     (recorded,) = upstream.by_model(name)
     await upstream.wait_disconnected(recorded, timeout=5)
-    await asyncio.sleep(0.05)
-    assert recorder.taken == taken  # nothing written after the close
     assert not recorded.completed
+    assert _hooked(lean) == []
+
+
+async def test_a_kept_alive_connection_carries_no_hook_into_its_next_response(
+    lean: Provider, model: Model
+) -> None:
+    """After a pushed stream, its connection goes back to the pool without the reader's
+    hook: the next stream on it, which opens no outlet, gets every delta from its iterator."""
+    recorder = Recorder([])
+    first, _ = await relay(lean, model(tokens=20, pace=0.003), recorder)
+    assert recorder.taken > 0
+    taken = recorder.taken
+    assert _hooked(lean) == []
+    second = await plain(lean, model(tokens=20, pace=0.003))
+    assert second[:-1] == [TextDelta(f"tok{i} ") for i in range(20)]
+    assert recorder.taken == taken
+    transport = lean._http._transport  # type: ignore[attr-defined]
+    assert len(transport._open) == 1  # both streams on the one kept-alive connection
+
+
+def _hooked(provider: Provider) -> list[object]:
+    """The provider's upstream connections that still hand their body pieces to a reader."""
+    transport = provider._http._transport  # type: ignore[attr-defined]
+    pooled = [c for idle in transport._idle.values() for c in idle]
+    return [c for c in {*transport._open, *pooled} if c.push is not None]
 
 
 ROUTES = {
@@ -317,8 +339,9 @@ async def test_a_client_that_reads_slowly_gets_every_delta_in_order(
 async def test_paced_deltas_reach_websocket_clients_with_consecutive_seq(
     gateway: str, model: Model, compression: str | None
 ) -> None:
-    """Without compression the gateway writes the frames from the read callback; with it the
-    outlet is refused each time and the stream's task writes them."""
+    """Without compression the gateway can write the frames from the read callback; with it
+    the outlet is refused each time and the stream's task writes them. Either way: every
+    delta once, in order, under consecutive sequence numbers."""
     name = model(tokens=40, pace=0.003)
     url = gateway.replace("http://", "ws://") + "/api/ws"
     async with connect(
@@ -326,6 +349,7 @@ async def test_paced_deltas_reach_websocket_clients_with_consecutive_seq(
         subprotocols=["tokenrelay.v1"],  # type: ignore[list-item]
         compression=compression,
     ) as ws:
+        assert (compression is None) == (not ws.response.headers.get("sec-websocket-extensions"))
         client = StreamClient(ws)
         sid = await client.start(f"oai/{name}")
         done = await client.until_terminal(sid)
