@@ -7,7 +7,7 @@ import contextlib
 import inspect
 import ssl
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
 from typing import Any
 
 import anyio
@@ -150,19 +150,18 @@ class OpenAIProvider:
             async with self._response(params) as response:
                 chunks = body_chunks(response)
                 if outlet is not None:
-                    reader.connection = push_body(chunks, reader.push)
-                try:
-                    async for raw in chunks:
-                        pending = reader.pending
-                        while pending:  # what a push read but could not write
-                            yield pending.popleft()
-                        for event in reader.events(raw):
-                            yield event
-                        if reader.failure is not None:
-                            raise reader.failure
-                finally:
-                    if reader.connection is not None:
-                        push_body(chunks, None)
+                    # Closing the response (on every way out) takes the hook off again.
+                    connection = push_body(chunks, reader.push)
+                    if connection is not None:
+                        reader.nudge = connection.nudge
+                async for raw in chunks:
+                    pending = reader.pending
+                    while pending:  # what a push read but could not write
+                        yield pending.popleft()
+                    for event in reader.events(raw):
+                        yield event
+                    if reader.failure is not None:
+                        raise reader.failure
         except openai.APIError as exc:
             raise translate(self.name, exc, self._secrets) from exc
         except httpx2.TransportError as exc:
@@ -292,7 +291,7 @@ class _Reader:
         "name",
         "secrets",
         "outlet",
-        "connection",
+        "nudge",
         "decoder",
         "opened",
         "reason",
@@ -306,7 +305,8 @@ class _Reader:
         self.name = name
         self.secrets = secrets
         self.outlet = outlet
-        self.connection: Any = None  # the upstream connection pushing to this reader
+        # Wakes the iterator when a push leaves it deltas or a failure (the connection's).
+        self.nudge: Callable[[], None] = _nothing
         self.decoder = SSEDecoder()
         self.opened: dict[int, str] = {}  # ids of the tool calls whose head (id, name) went out
         self.reason: FinishReason | None = None
@@ -374,13 +374,17 @@ class _Reader:
         except Exception as exc:  # a fault of the writer: the stream fails, as it would
             self.failure = exc
         if self.pending or self.failure is not None:
-            self.connection.nudge()
+            self.nudge()
         return True
 
     def _inband(self, error: _Error | str) -> errors.ProviderError:
         if isinstance(error, str):
             return errors.from_inband(self.name, None, error, self.secrets)
         return errors.from_inband(self.name, error.type, error.message, self.secrets)
+
+
+def _nothing() -> None:
+    return None
 
 
 def _tool_call(call: _ToolCall, position: int, opened: dict[int, str]) -> ToolCallDelta:

@@ -365,7 +365,6 @@ class ChatService:
             async with asyncio.timeout(None) as scope, contextlib.aclosing(events):
                 watchdog = _Watchdog(scope, route.settings.first_token_timeout, self.write_timeout)
                 state.watchdog = watchdog
-                direct = _direct(sink, state, watchdog, loop, recording)
                 async for event in events:
                     watchdog.writing = True
                     watchdog.since = loop.time()
@@ -386,7 +385,7 @@ class ChatService:
                         state.first_token_at = time.monotonic()
                         watchdog.first_token(route.settings.idle_timeout)
                         if outlet is not None:
-                            outlet.write = direct
+                            outlet.write = _direct(sink, state, watchdog, loop, recording)
                     watchdog.writing = False
                     watchdog.since = loop.time()
                 raise UpstreamProtocolError(
@@ -434,22 +433,12 @@ def _direct(
     """The outlet's writer for one attempt: the sink's `write_now`, with what `_relay` does
     for each delta it writes (record it for the cache, count it, restart the idle timer)."""
     write_now = sink.write_now
-    if recording is not None:
-        record = recording.append
-
-        def recorded(event: Delta) -> bool:
-            if not write_now(event):
-                return False
-            record(event)
-            state.chunks += 1
-            watchdog.since = loop.time()
-            return True
-
-        return recorded
 
     def direct(event: Delta) -> bool:
         if not write_now(event):
             return False
+        if recording is not None:
+            recording.append(event)
         state.chunks += 1
         watchdog.since = loop.time()
         return True

@@ -14,7 +14,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from server.settings import ServerSettings, WebSocketSettings
 from tests.conftest import GatewayFactory
 from tests.fakeupstream import FakeUpstream, RecordedRequest
-from tests.support.wsclient import RawPeer, StreamClient
+from tests.support.wsclient import Frame, RawPeer, StreamClient
 
 Model = Callable[..., str]
 SUBPROTOCOL = "tokenrelay.v1"
@@ -357,7 +357,30 @@ async def test_frames_of_every_length_arrive_whole(
     pieces += ["🦜", "x"]
     pieces += ["y" * n for n in range(65_400, 65_560, 9)]  # across 65,536
     pieces += ["z" * 70_000, "end"]
-    name = model(text=pieces)
+    client, sid, done = await stream_once(gateway, model(text=pieces), compression)
+    assert done["type"] == "chat.done"
+    assert_well_formed(client.by_id[sid])
+    assert client.text(sid) == "".join(pieces)
+
+
+@pytest.mark.parametrize("compression", [None, "deflate"])
+async def test_paced_deltas_arrive_once_and_in_order(
+    gateway: str, model: Model, compression: str | None
+) -> None:
+    """Paced deltas, which the gateway writes from the upstream's read callback when it can
+    (without compression) and from the stream's task otherwise (with it, the callback's
+    write is refused each time): every one once, in order, under consecutive `seq`."""
+    client, sid, done = await stream_once(gateway, model(tokens=40, pace=0.003), compression)
+    assert done["type"] == "chat.done"
+    assert_well_formed(client.by_id[sid])
+    assert client.text(sid) == "".join(f"tok{i} " for i in range(40))
+    assert done["usage"]["completion_tokens"] == 40
+
+
+async def stream_once(
+    gateway: str, name: str, compression: str | None
+) -> tuple[StreamClient, str, Frame]:
+    """One stream of `oai/<name>` on a socket of its own, with or without compression."""
     async with connect(
         ws_url(gateway),
         subprotocols=[SUBPROTOCOL],  # type: ignore[list-item]
@@ -368,6 +391,4 @@ async def test_frames_of_every_length_arrive_whole(
         client = StreamClient(ws)
         sid = await client.start(f"oai/{name}")
         done = await client.until_terminal(sid)
-    assert done["type"] == "chat.done"
-    assert_well_formed(client.by_id[sid])
-    assert client.text(sid) == "".join(pieces)
+    return client, sid, done
