@@ -108,10 +108,13 @@ async def _sse_write(rounds: int) -> float:
         keep_alive=True,
         on_response=lambda: None,
     )
-    scope["extensions"][guard.SEND] = cycle.send
-    chunk_writer = getattr(guard, "_chunk_writer", None)
-    if chunk_writer is not None:
-        scope["extensions"][guard.WRITE] = chunk_writer(cycle)
+    if hasattr(guard, "DIRECT"):  # the server's send and writer, behind a weak reference
+        scope["extensions"][guard.DIRECT] = guard._CycleWriters(cycle)
+    else:  # older trees: both in the scope as they are
+        scope["extensions"][guard.SEND] = cycle.send
+        chunk_writer = getattr(guard, "_chunk_writer", None)
+        if chunk_writer is not None:
+            scope["extensions"][guard.WRITE] = chunk_writer(cycle)
 
     async def middleware(message: Any) -> None:  # one layer, as the app has several
         await cycle.send(message)

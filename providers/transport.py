@@ -39,7 +39,8 @@ class _Connection(asyncio.Protocol):
         # Kept: `asyncio.get_running_loop()` costs a system call (getpid) on every call.
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpResponseParser(self)
+        # None once the connection is lost: the parser's callbacks hold this object, a cycle.
+        self.parser: httptools.HttpResponseParser | None = httptools.HttpResponseParser(self)
         self.closed = False
         self.idle_since = 0.0
         self._reset()
@@ -52,6 +53,7 @@ class _Connection(asyncio.Protocol):
         self.complete = False
         self.error: Exception | None = None
         self.keep_alive = False
+        self.status = 0
         self.waiter: asyncio.Future[None] | None = None
         self.paused = False
         # Set by the response's reader: takes a body piece while the reader is waiting for
@@ -65,6 +67,7 @@ class _Connection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
+        assert self.parser is not None  # no data after `connection_lost`
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
@@ -74,6 +77,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.parser = None
         if not self.complete:
             self._fail(
                 httpx2.RemoteProtocolError(
@@ -88,8 +92,11 @@ class _Connection(asyncio.Protocol):
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        # Read now: httptools no longer answers it once the message is complete.
+        # Read now: httptools no longer answers them once the message is complete, and the
+        # parser goes with the connection.
+        assert self.parser is not None
         self.keep_alive = self.parser.should_keep_alive()
+        self.status = self.parser.get_status_code()
         if not self.head.done():
             self.head.set_result(None)
 
@@ -273,7 +280,7 @@ class LeanTransport(httpx2.AsyncBaseTransport):
             self._slots.release()
             raise
         return httpx2.Response(
-            connection.parser.get_status_code(),
+            connection.status,
             headers=connection.headers,
             stream=_Body(self, connection),
             extensions={"http_version": b"HTTP/1.1"},

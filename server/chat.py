@@ -40,7 +40,13 @@ from providers.types import (
     Usage,
 )
 from server.cache import Cache, CachePolicy, completion_key
-from server.errors import ClientGone, ServerShuttingDownError, as_gateway_error, spec_for
+from server.errors import (
+    ClientGone,
+    ServerShuttingDownError,
+    as_gateway_error,
+    forget_tracebacks,
+    spec_for,
+)
 from server.lifecycle import Lifecycle
 from server.observe import StreamObserver
 from server.ratelimit import current_principal
@@ -291,6 +297,8 @@ class ChatService:
             state.ended_at = time.monotonic()  # every upstream response is closed by now
             self.lifecycle.remove(state)
             self._observer.ended(state)
+            if state.error is not None:
+                forget_tracebacks(state.error)
 
     async def _run(self, prepared: Prepared, sink: Sink, state: StreamState) -> None:
         key: str | None = None

@@ -173,6 +173,25 @@ def as_gateway_error(exc: BaseException, request_id: str) -> e.GatewayError:
     return e.GatewayError(f"Internal error; quote request id {request_id} when reporting it.")
 
 
+def forget_tracebacks(exc: BaseException) -> None:
+    """Drop the tracebacks of a handled error and of the errors it was raised from.
+
+    A traceback holds the frames it passed through, and those frames hold what refers to the
+    error again (the stream's state records it, a retry loop keeps the last failure), so each
+    failed stream would otherwise be a reference cycle left to the cycle collector, with its
+    connections' objects in it. Call it once the error has been logged and answered.
+    """
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [exc]
+    while pending:
+        error = pending.pop()
+        if error is None or id(error) in seen:
+            continue
+        seen.add(id(error))
+        error.__traceback__ = None
+        pending += (error.__cause__, error.__context__)
+
+
 def error_body(exc: e.GatewayError, request_id: str | None = None) -> ErrorBody:
     spec = spec_for(exc)
     return ErrorBody(

@@ -13,14 +13,18 @@
   lines inside an event stream. The body is written as is and the connection closed at its end.
 - `tokenrelay.abort` in the scope's extensions: a callable that drops the connection at once,
   without flushing what is buffered, for a client that has stopped reading.
-- `tokenrelay.send` in the scope's extensions: the server's own `send`, so that a streamed
+- `tokenrelay.direct` in the scope's extensions: the server's own `send`, so that a streamed
   body can skip the middleware layers once the response head went through them (see
-  `direct_body`; `server.wsguard` gives WebSockets the same).
-- `tokenrelay.write` in the scope's extensions: a plain function that writes one piece of a
-  chunked body to the socket at once, with no coroutine and no message dict, and says False
-  when it cannot (no head yet, not chunked, the body ended, the client gone, or the socket's
-  buffer full, where the caller must go through `send` and wait). A relayed chunk is one
-  such call (`direct_write`); `server.wsguard` gives WebSocket text frames the same.
+  `direct_body`; `server.wsguard` gives WebSockets the same), and a plain function that writes
+  one piece of a chunked body to the socket at once, with no coroutine and no message dict,
+  and says False when it cannot (no head yet, not chunked, the body ended, the client gone,
+  or the socket's buffer full, where the caller must go through `send` and wait). A relayed
+  chunk is one such call (`direct_write`); `server.wsguard` gives WebSocket text frames the
+  same.
+
+Both extensions reach the connection through weak references. The scope is held by the
+exchange it describes, so a strong one would make a reference cycle of every request, freed
+only by the cycle collector, whose pauses grow with the number of live streams.
 
 Request bodies have their own deadline in `server.http`.
 """
@@ -30,16 +34,16 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import sys
+import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from starlette.types import Message, Send
 from uvicorn._types import ASGISendEvent
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 ABORT = "tokenrelay.abort"
-SEND = "tokenrelay.send"
-WRITE = "tokenrelay.write"
+DIRECT = "tokenrelay.direct"
 
 
 def _answer(status: bytes, code: bytes, message: bytes) -> bytes:
@@ -108,7 +112,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         # The ASGI types want a dict per extension; ours is a callable, read by `abort_of`.
-        self.scope["extensions"] = {ABORT: self._abort}  # type: ignore[dict-item]
+        self.scope["extensions"] = {ABORT: WeakCall(self._abort)}  # type: ignore[dict-item]
         if self._header_timer is None:
             self._arm()
 
@@ -121,9 +125,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             # Only attributes are read and written later; the task has not started yet.
             cycle.__class__ = CloseDelimitedCycle
         if cycle is not None and cycle.scope is self.scope:
-            extensions = self.scope["extensions"]
-            extensions[SEND] = cycle.send  # type: ignore[assignment]
-            extensions[WRITE] = _chunk_writer(cycle)  # type: ignore[assignment]
+            self.scope["extensions"][DIRECT] = _CycleWriters(cycle)  # type: ignore[assignment]
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
@@ -133,6 +135,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def handle_websocket_upgrade(self) -> None:
         self._done = True
         super().handle_websocket_upgrade()
+        # The WebSocket protocol has the connection now, and this one never hears of it again
+        # (no `connection_lost`, where uvicorn lets go of the parser, whose callbacks hold it).
+        self.parser = None  # type: ignore[assignment]
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
@@ -161,6 +166,42 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def _expired(self) -> None:
         self._header_timer = None
         self._refuse(_TIMEOUT_RESPONSE)
+
+
+class WeakCall:
+    """A bound method called through a weak reference to its object (a no-op once it is gone)."""
+
+    __slots__ = ("_method",)
+
+    def __init__(self, method: Callable[[], None]) -> None:
+        self._method = weakref.WeakMethod(method)
+
+    def __call__(self) -> None:
+        method = self._method()
+        if method is not None:
+            method()
+
+
+class Writers(Protocol):
+    """What `tokenrelay.direct` holds: the server's `send` and synchronous `write` for the
+    exchange, or None once the connection behind them is gone."""
+
+    def writers(self) -> tuple[Send, Callable[[Any], bool]] | None: ...
+
+
+class _CycleWriters:
+    """`tokenrelay.direct` for one HTTP request/response cycle."""
+
+    __slots__ = ("_cycle",)
+
+    def __init__(self, cycle: RequestResponseCycle) -> None:
+        self._cycle = weakref.ref(cycle)
+
+    def writers(self) -> tuple[Send, Callable[[Any], bool]] | None:
+        cycle = self._cycle()
+        if cycle is None:
+            return None
+        return cycle.send, _chunk_writer(cycle)  # type: ignore[return-value]
 
 
 def _chunk_writer(cycle: RequestResponseCycle) -> Callable[[bytes], bool]:
@@ -249,10 +290,12 @@ def direct_body(scope: Any, send: Send) -> Send:
     goes through them all; the server's `send` enforces the order either way.
     """
     extensions = scope.get("extensions") or {}
-    raw = extensions.get(SEND)
-    if raw is None:  # another server (tests, ASGI transports): every message goes the long way
+    direct: Writers | None = extensions.get(DIRECT)
+    found = direct.writers() if direct is not None else None
+    if found is None:  # another server (tests, ASGI transports): every message goes the long way
         return send
-    return DirectSend(send, raw, extensions.get(WRITE))
+    raw, write = found
+    return DirectSend(send, raw, write)
 
 
 class DirectSend:

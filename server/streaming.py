@@ -45,7 +45,24 @@ async def race(main: Coroutine[Any, Any, None], *watchers: Coroutine[Any, Any, N
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        for task in tasks:
+            release_cancel(task)
     if main_task.cancelled():
         return False
     main_task.result()
     return True
+
+
+def release_cancel(task: asyncio.Future[Any]) -> None:
+    """Let a cancelled task drop the `CancelledError` that ended it.
+
+    The task keeps that error until someone asks for it, and the error's traceback keeps every
+    frame it unwound, one of which holds the task again (its timeout scope does): a reference
+    cycle per cancelled stream, with the stream's objects in it, left to the cycle collector.
+    Asking for the error hands it over, and the task forgets it.
+    """
+    if task.cancelled():
+        try:
+            task.exception()
+        except asyncio.CancelledError:
+            pass

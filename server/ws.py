@@ -41,6 +41,7 @@ from server.ratelimit import current_principal
 from server.resume import Follower, Streams, Tee, new_stream_id, replay
 from server.settings import WebSocketSettings
 from server.stream_state import StreamState
+from server.streaming import release_cancel
 
 log = logging.getLogger("tokenrelay.ws")
 _FRAMES_IN = {kind: metrics.WS_FRAMES.labels("in", kind) for kind in metrics.FRAME_TYPES}
@@ -356,6 +357,7 @@ class Connection:
                 sink,
             )
         task = asyncio.create_task(self._run(frame.id, prepared, sink, state, tee))
+        task.add_done_callback(release_cancel)
         if self._limits is not None:
             # A done callback runs even for a task cancelled before its first step (the socket
             # closing right after the start), where `_run`'s `finally` never would.
@@ -424,6 +426,7 @@ class Connection:
         started = protocol.ChatStarted(id=frame.id, stream_id=frame.stream_id, resumed=True)
         await self._reply("chat.started", protocol.encode_text(started))
         task = asyncio.create_task(self._follow(frame.id, follower, sink))
+        task.add_done_callback(release_cancel)
         self._streams[frame.id] = _Stream(task, sink, state, target=frame.stream_id)
 
     async def _follow(self, client_id: str, follower: Follower, sink: WSSink) -> None:

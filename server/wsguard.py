@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
+from collections.abc import Callable
 from typing import Any
 
 from uvicorn._types import ASGISendEvent
@@ -25,7 +27,7 @@ from websockets.http11 import Request
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
-from server.guard import ABORT, SEND, WRITE, settings_of
+from server.guard import ABORT, DIRECT, WeakCall, settings_of
 from server.limits import FrameMeter
 
 log = logging.getLogger("tokenrelay.ws")
@@ -144,10 +146,13 @@ class MeteredWebSocketProtocol(WebSocketsSansIOProtocol):
     def handle_connect(self, event: Request) -> None:
         super().handle_connect(event)
         if self.response.status_code == 101:
-            # The ASGI types want a dict per extension; ours is a callable.
-            self.scope["extensions"][ABORT] = self.transport.abort  # type: ignore[assignment]
-            self.scope["extensions"][SEND] = self.send  # type: ignore[assignment]
-            self.scope["extensions"][WRITE] = self.write_text  # type: ignore[assignment]
+            # The ASGI types want a dict per extension; ours are objects (see `server.guard`).
+            extensions = self.scope["extensions"]
+            extensions[ABORT] = WeakCall(self._abort)  # type: ignore[assignment]
+            extensions[DIRECT] = _SocketWriters(self)  # type: ignore[assignment]
+
+    def _abort(self) -> None:
+        self.transport.abort()
 
     def write_text(self, text: str) -> bool:
         """Write one text message as a single frame, now; False when it must go through `send`
@@ -191,3 +196,18 @@ class MeteredWebSocketProtocol(WebSocketsSansIOProtocol):
                 self.handle_parser_exception()
                 return
         super().send_receive_event_to_app()
+
+
+class _SocketWriters:
+    """`tokenrelay.direct` for one WebSocket: its `send` and `write_text`."""
+
+    __slots__ = ("_protocol",)
+
+    def __init__(self, protocol: MeteredWebSocketProtocol) -> None:
+        self._protocol = weakref.ref(protocol)
+
+    def writers(self) -> tuple[Any, Callable[[Any], bool]] | None:
+        protocol = self._protocol()
+        if protocol is None:
+            return None
+        return protocol.send, protocol.write_text
