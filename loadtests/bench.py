@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -105,6 +106,55 @@ class Phase:
     fake_cpu: float = 0.0
     client_cpu: float = 0.0
     results: list[Result] = field(default_factory=list)
+    gc: dict[str, float] | None = None  # the gateway's cycle collector (see `_gc_reading`)
+
+
+_GC_SERIES = {
+    "python_gc_collections_total": "collections",
+    "python_gc_objects_collected_total": "freed",
+    "tokenrelay_gc_pause_seconds_count": "timed",
+    "tokenrelay_gc_pause_seconds_sum": "paused_s",
+}
+
+
+def _gc_reading(base_url: str) -> dict[str, float] | None:
+    """The gateway's cycle collector so far, from its `/metrics` (summed over generations):
+    runs, objects it freed, and runs timed by the gateway with their total and how many took
+    over 5 ms. None where the figures are not exported (several workers)."""
+    try:
+        with urllib.request.urlopen(base_url + "/metrics", timeout=5) as response:
+            text = response.read().decode()
+    except OSError:
+        return None
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        name, _, rest = line.partition("{")
+        if line.startswith("tokenrelay_gc_pause_seconds_bucket") and 'le="0.005"' in rest:
+            out["within_5ms"] = out.get("within_5ms", 0.0) + float(line.rsplit(" ", 1)[1])
+        elif name in _GC_SERIES:
+            key = _GC_SERIES[name]
+            out[key] = out.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
+    if "collections" not in out:
+        return None
+    if "timed" in out:
+        out["over_5ms"] = out["timed"] - out.pop("within_5ms", 0.0)
+    return out
+
+
+def _gc_figures(phases: list[Phase], streams: int) -> dict[str, Any] | None:
+    """The gateway's cycle collector over some phases: runs, objects freed per stream, and
+    (where the gateway times them) pauses in all and over 5 ms."""
+    readings = [p.gc for p in phases if p.gc is not None]
+    if not readings:
+        return None
+    total = {k: sum(r.get(k, 0.0) for r in readings) for k in readings[0]}
+    timed = "timed" in total
+    return {
+        "collections": int(total["collections"]),
+        "freed_per_stream": round(total.get("freed", 0.0) / streams, 1) if streams else None,
+        "paused_ms": round(total["paused_s"] * 1e3, 1) if timed else None,
+        "pauses_over_5ms": int(total["over_5ms"]) if timed else None,
+    }
 
 
 def _self_cpu() -> float:
@@ -162,6 +212,7 @@ class Bench:
     ) -> Phase:
         """Run a phase; its `gateway_cpu` is the floor's when `target` is the floor."""
         relay = self.floor.pid if target == FLOOR else self.gateway.pid
+        gc0 = _gc_reading(self.gateway_url) if _gateway(target) else None
         g0, f0 = harness.cpu_seconds(relay), harness.cpu_seconds(self.fake.pid)
         c0, t0 = _self_cpu(), time.monotonic()
         results = await run()
@@ -172,6 +223,9 @@ class Bench:
             client_cpu=_self_cpu() - c0,
             results=results,
         )
+        gc1 = _gc_reading(self.gateway_url) if gc0 is not None else None
+        if gc0 is not None and gc1 is not None:
+            phase.gc = {k: gc1[k] - gc0.get(k, 0.0) for k in gc1}
         return phase
 
     async def one_shot(
@@ -415,6 +469,7 @@ class Bench:
             "gateway_cpu_share": round(cpu / wall, 3) if wall else None,
             "cpu_per_chunk_us": round(cpu / chunks * 1e6, 1) if chunks else None,
             "cpu_per_request_ms": round(cpu / len(ok) * 1e3, 3) if ok else None,
+            "gc": _gc_figures(phases, len(results)),
             "fake_cpu_share": round(sum(p.fake_cpu for p in phases) / wall, 3) if wall else None,
             "client_cpu_share": round(sum(p.client_cpu for p in phases) / wall, 3)
             if wall
@@ -910,6 +965,14 @@ def rows(f: dict[str, Any]) -> list[tuple[str, Any, Any, Any, str]]:
             )
             share = load[t]["gateway_cpu_share"]
             out.append((f"gateway CPU busy at c={c}, {t} (cores)", "", share, "", ""))
+            gc = load[t].get("gc")
+            if gc:
+                runs = gc["collections"]
+                if gc["paused_ms"] is not None:
+                    runs = f"{runs} ({gc['paused_ms']} ms, {gc['pauses_over_5ms']} > 5 ms)"
+                out.append((f"cycle collector runs at c={c}, {t}", "", runs, "", ""))
+                freed = gc["freed_per_stream"]
+                out.append((f"  ... objects it freed per stream, {t}", "", freed, "", ""))
     fixed = f.get("fixed_cost")
     if fixed:
         for t in (GW_SSE, GW_WS):

@@ -41,7 +41,7 @@ from server.journal_redis import RedisJournal
 from server.leases import RedisLeases
 from server.lifecycle import Lifecycle
 from server.limits import Limits
-from server.metrics import exposition
+from server.metrics import exposition, watch_gc
 from server.observe import RequestObserver
 from server.openapi import openapi_endpoint
 from server.ratelimit import Buckets, ChargingObserver, MemoryBuckets, RateLimiter, RedisBuckets
@@ -292,6 +292,7 @@ def app_from_environment() -> Starlette:
     guard.configure(settings.server.header_timeout)
     app = create_app(settings)
     tune_gc()
+    watch_gc()
     return app
 
 

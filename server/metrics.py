@@ -16,7 +16,9 @@ With several workers (`tokenrelay serve --workers N`), the `serve` command point
 from __future__ import annotations
 
 import functools
+import gc
 import os
+import time
 from typing import Any, Literal, TypeVar
 
 from prometheus_client import (
@@ -171,6 +173,12 @@ CLASSIFIER_CALLS = Counter(
     "Calls to the model classifier by method and status code.",
     ["method", "code"],
 )
+GC_PAUSE = Histogram(
+    "tokenrelay_gc_pause_seconds",
+    "Time the cycle collector held the process (its event loop with it), by generation.",
+    ["generation"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+)
 CLASSIFIER_LATENCY = Histogram(
     "tokenrelay_classifier_call_seconds",
     "Latency of calls to the model classifier by method.",
@@ -239,3 +247,33 @@ def exposition() -> tuple[bytes, str]:
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
     return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+def watch_gc() -> None:
+    """Time each run of the cycle collector into `tokenrelay_gc_pause_seconds` (once per
+    process). Every stream and request waits while it runs, so its pauses show in the
+    latency of everything else; with nothing left in reference cycles, it seldom runs."""
+    if _GC_WATCH not in gc.callbacks:
+        gc.callbacks.append(_GC_WATCH)
+
+
+class _GCWatch:
+    __slots__ = ("_started", "_children")
+
+    def __init__(self) -> None:
+        self._started = 0.0
+        self._children: dict[int, Histogram] = {}
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+            return
+        paused = time.perf_counter() - self._started
+        generation = info["generation"]
+        found = self._children.get(generation)
+        if found is None:
+            found = self._children[generation] = GC_PAUSE.labels(str(generation))
+        found.observe(paused)
+
+
+_GC_WATCH = _GCWatch()
