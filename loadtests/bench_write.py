@@ -109,7 +109,7 @@ async def _sse_write(rounds: int) -> float:
         on_response=lambda: None,
     )
     if hasattr(guard, "DIRECT"):  # the server's send and writer, behind a weak reference
-        scope["extensions"][guard.DIRECT] = guard._CycleWriters(cycle)
+        scope["extensions"][guard.DIRECT] = guard.WeakWriters(cycle, guard._cycle_writers)
     else:  # older trees: both in the scope as they are
         scope["extensions"][guard.SEND] = cycle.send
         chunk_writer = getattr(guard, "_chunk_writer", None)

@@ -36,7 +36,7 @@ import contextvars
 import sys
 import weakref
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Generic, TypeVar
 
 from starlette.types import Message, Send
 from uvicorn._types import ASGISendEvent
@@ -44,6 +44,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResp
 
 ABORT = "tokenrelay.abort"
 DIRECT = "tokenrelay.direct"
+Owner = TypeVar("Owner")
 
 
 def _answer(status: bytes, code: bytes, message: bytes) -> bytes:
@@ -125,7 +126,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             # Only attributes are read and written later; the task has not started yet.
             cycle.__class__ = CloseDelimitedCycle
         if cycle is not None and cycle.scope is self.scope:
-            self.scope["extensions"][DIRECT] = _CycleWriters(cycle)  # type: ignore[assignment]
+            writers = WeakWriters(cycle, _cycle_writers)
+            self.scope["extensions"][DIRECT] = writers  # type: ignore[assignment]
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
@@ -182,26 +184,26 @@ class WeakCall:
             method()
 
 
-class Writers(Protocol):
-    """What `tokenrelay.direct` holds: the server's `send` and synchronous `write` for the
-    exchange, or None once the connection behind them is gone."""
-
-    def writers(self) -> tuple[Send, Callable[[Any], bool]] | None: ...
+Writers = tuple[Send, Callable[[Any], bool]]  # the server's `send`, and its synchronous write
 
 
-class _CycleWriters:
-    """`tokenrelay.direct` for one HTTP request/response cycle."""
+class WeakWriters(Generic[Owner]):
+    """`tokenrelay.direct`: the `Writers` of the object serving the exchange (a request's
+    cycle, a WebSocket's protocol), reached through a weak reference; None once it is gone."""
 
-    __slots__ = ("_cycle",)
+    __slots__ = ("_owner", "_writers")
 
-    def __init__(self, cycle: RequestResponseCycle) -> None:
-        self._cycle = weakref.ref(cycle)
+    def __init__(self, owner: Owner, writers: Callable[[Owner], Writers]) -> None:
+        self._owner = weakref.ref(owner)
+        self._writers = writers
 
-    def writers(self) -> tuple[Send, Callable[[Any], bool]] | None:
-        cycle = self._cycle()
-        if cycle is None:
-            return None
-        return cycle.send, _chunk_writer(cycle)  # type: ignore[return-value]
+    def writers(self) -> Writers | None:
+        owner = self._owner()
+        return None if owner is None else self._writers(owner)
+
+
+def _cycle_writers(cycle: RequestResponseCycle) -> Writers:
+    return cycle.send, _chunk_writer(cycle)  # type: ignore[return-value]
 
 
 def _chunk_writer(cycle: RequestResponseCycle) -> Callable[[bytes], bool]:
@@ -290,7 +292,7 @@ def direct_body(scope: Any, send: Send) -> Send:
     goes through them all; the server's `send` enforces the order either way.
     """
     extensions = scope.get("extensions") or {}
-    direct: Writers | None = extensions.get(DIRECT)
+    direct: WeakWriters[Any] | None = extensions.get(DIRECT)
     found = direct.writers() if direct is not None else None
     if found is None:  # another server (tests, ASGI transports): every message goes the long way
         return send

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import weakref
-from collections.abc import Callable
 from typing import Any
 
 from uvicorn._types import ASGISendEvent
@@ -27,7 +25,7 @@ from websockets.http11 import Request
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
-from server.guard import ABORT, DIRECT, WeakCall, settings_of
+from server.guard import ABORT, DIRECT, WeakCall, WeakWriters, Writers, settings_of
 from server.limits import FrameMeter
 
 log = logging.getLogger("tokenrelay.ws")
@@ -149,7 +147,7 @@ class MeteredWebSocketProtocol(WebSocketsSansIOProtocol):
             # The ASGI types want a dict per extension; ours are objects (see `server.guard`).
             extensions = self.scope["extensions"]
             extensions[ABORT] = WeakCall(self._abort)  # type: ignore[assignment]
-            extensions[DIRECT] = _SocketWriters(self)  # type: ignore[assignment]
+            extensions[DIRECT] = WeakWriters(self, _socket_writers)  # type: ignore[assignment]
 
     def _abort(self) -> None:
         self.transport.abort()
@@ -198,16 +196,5 @@ class MeteredWebSocketProtocol(WebSocketsSansIOProtocol):
         super().send_receive_event_to_app()
 
 
-class _SocketWriters:
-    """`tokenrelay.direct` for one WebSocket: its `send` and `write_text`."""
-
-    __slots__ = ("_protocol",)
-
-    def __init__(self, protocol: MeteredWebSocketProtocol) -> None:
-        self._protocol = weakref.ref(protocol)
-
-    def writers(self) -> tuple[Any, Callable[[Any], bool]] | None:
-        protocol = self._protocol()
-        if protocol is None:
-            return None
-        return protocol.send, protocol.write_text
+def _socket_writers(protocol: MeteredWebSocketProtocol) -> Writers:
+    return protocol.send, protocol.write_text  # type: ignore[return-value]
