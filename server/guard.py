@@ -20,7 +20,9 @@
   and says False when it cannot (no head yet, not chunked, the body ended, the client gone,
   or the socket's buffer full, where the caller must go through `send` and wait). A relayed
   chunk is one such call (`direct_write`); `server.wsguard` gives WebSocket text frames the
-  same.
+  same. Over HTTP it also carries a watch for the client leaving (`gone_watch`): a callback
+  the protocol calls from `connection_lost`, where a task waiting on `receive` for
+  `http.disconnect` would cost a task, an event and two loop turns per request.
 
 Both extensions reach the connection through weak references. The scope is held by the
 exchange it describes, so a strong one would make a reference cycle of every request, freed
@@ -122,10 +124,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._in_head = False
         super().on_headers_complete()
         cycle = self.cycle
-        if cycle is not None and cycle.scope is self.scope and self.scope["http_version"] == "1.0":
-            # Only attributes are read and written later; the task has not started yet.
-            cycle.__class__ = CloseDelimitedCycle
         if cycle is not None and cycle.scope is self.scope:
+            # Only attributes are read and written later; the task has not started yet.
+            http10 = self.scope["http_version"] == "1.0"
+            cycle.__class__ = CloseDelimitedCycle if http10 else GuardedCycle
             writers = WeakWriters(cycle, _cycle_writers)
             self.scope["extensions"][DIRECT] = writers  # type: ignore[assignment]
 
@@ -144,7 +146,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         self._done = True
+        cycle = self.cycle
         super().connection_lost(exc)
+        if isinstance(cycle, GuardedCycle) and cycle.disconnected and cycle.gone is not None:
+            gone, cycle.gone = cycle.gone, None
+            gone()
 
     def _abort(self) -> None:
         self._done = True
@@ -184,7 +190,10 @@ class WeakCall:
             method()
 
 
-Writers = tuple[Send, Callable[[Any], bool]]  # the server's `send`, and its synchronous write
+# Called with a callback, calls it once when the client goes away; returns what unwatches.
+Watch = Callable[[Callable[[], None]], Callable[[], None]]
+# The server's `send`, its synchronous write, and a watch for the client leaving (HTTP only).
+Writers = tuple[Send, Callable[[Any], bool], Watch | None]
 
 
 class WeakWriters(Generic[Owner]):
@@ -203,7 +212,30 @@ class WeakWriters(Generic[Owner]):
 
 
 def _cycle_writers(cycle: RequestResponseCycle) -> Writers:
-    return cycle.send, _chunk_writer(cycle)  # type: ignore[return-value]
+    watch = _gone_watch(cycle) if isinstance(cycle, GuardedCycle) else None
+    return cycle.send, _chunk_writer(cycle), watch  # type: ignore[return-value]
+
+
+def _gone_watch(cycle: GuardedCycle) -> Watch:
+    """Watch `cycle` for its client leaving (the connection lost before the response ended),
+    as a task waiting on `receive` for `http.disconnect` would, without the task."""
+
+    def watch(callback: Callable[[], None]) -> Callable[[], None]:
+        if cycle.disconnected or cycle.response_complete:
+            # As `receive` would answer now; called soon, as a task would have been.
+            handle = asyncio.get_running_loop().call_soon(callback)
+            return handle.cancel
+        cycle.gone = callback
+        # What `receive` does before it waits: a paused read would not see the client go.
+        cycle.flow.resume_reading()
+
+        def unwatch() -> None:
+            if cycle.gone is callback:
+                cycle.gone = None
+
+        return unwatch
+
+    return watch
 
 
 def _chunk_writer(cycle: RequestResponseCycle) -> Callable[[bytes], bool]:
@@ -227,7 +259,14 @@ def _chunk_writer(cycle: RequestResponseCycle) -> Callable[[bytes], bool]:
     return write
 
 
-class CloseDelimitedCycle(RequestResponseCycle):
+class GuardedCycle(RequestResponseCycle):
+    """uvicorn's exchange, with a callback for the client leaving before the response ended
+    (set through `Watch`; the protocol calls it from `connection_lost`)."""
+
+    gone: Callable[[], None] | None = None
+
+
+class CloseDelimitedCycle(GuardedCycle):
     """An HTTP/1.0 exchange: a body of unknown length ends when the connection closes."""
 
     _close_delimited = False
@@ -296,19 +335,23 @@ def direct_body(scope: Any, send: Send) -> Send:
     found = direct.writers() if direct is not None else None
     if found is None:  # another server (tests, ASGI transports): every message goes the long way
         return send
-    raw, write = found
-    return DirectSend(send, raw, write)
+    raw, write, watch = found
+    return DirectSend(send, raw, write, watch)
 
 
 class DirectSend:
-    """The `send` of `direct_body`, with the server's synchronous `write` beside it."""
+    """The `send` of `direct_body`, with the server's synchronous `write` and its watch for
+    the client leaving beside it."""
 
-    __slots__ = ("_send", "_raw", "write")
+    __slots__ = ("_send", "_raw", "write", "watch")
 
-    def __init__(self, send: Send, raw: Send, write: Callable[[Any], bool] | None) -> None:
+    def __init__(
+        self, send: Send, raw: Send, write: Callable[[Any], bool] | None, watch: Watch | None
+    ) -> None:
         self._send = send
         self._raw = raw
         self.write = write
+        self.watch = watch
 
     async def __call__(self, message: Message) -> None:
         if message["type"] in _DIRECT:
@@ -327,6 +370,11 @@ def direct_write(send: Send) -> Callable[[Any], bool] | None:
     It returns False when the piece must go through `send` instead (and be awaited).
     """
     return send.write if isinstance(send, DirectSend) else None
+
+
+def gone_watch(send: Send) -> Watch | None:
+    """The server's watch for the client leaving, behind `send` (from `direct_body`), if any."""
+    return send.watch if isinstance(send, DirectSend) else None
 
 
 def configure(header_timeout: float) -> None:

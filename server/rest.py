@@ -40,7 +40,7 @@ from server.sse import (
     stream_sse,
 )
 from server.stream_state import StreamState
-from server.streaming import race, watch_disconnect
+from server.streaming import Disconnect, race
 
 BodyT = TypeVar("BodyT")
 
@@ -212,7 +212,7 @@ class ChatCompletions(DialectEndpoint[protocol.ChatCompletionBody]):
     ) -> None:
         """Collect the same event stream into one `chat.completion`; a disconnect cancels it."""
         collector = Collector()
-        if not await collect(self._service, prepared, state, receive, collector):
+        if not await collect(self._service, prepared, state, receive, send, collector):
             return
         if collector.failure is not None:
             await send_error(send, collector.failure, state.request_id)
@@ -350,10 +350,12 @@ async def collect(
     prepared: Prepared,
     state: StreamState,
     receive: Receive,
+    send: Send,
     collector: Collector,
 ) -> bool:
     """Run the stream into `collector`; False when the client went away (which cancels it)."""
-    return await race(service.run(prepared, collector, state), watch_disconnect(receive, state))
+    gone = Disconnect(send, receive, state)
+    return await race(service.run(prepared, collector, state), gone)
 
 
 class Collector:

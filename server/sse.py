@@ -11,6 +11,7 @@ error object and no `[DONE]` follows, so it never looks like a clean completion.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from starlette.types import Receive, Send
 
@@ -24,7 +25,7 @@ from server.http import send_error, send_error_body
 from server.journal import Done, Head
 from server.resume import Follower, Streams, Tee, replay
 from server.stream_state import StreamState
-from server.streaming import race, wait_disconnect, watch_disconnect
+from server.streaming import Disconnect, race, release_cancel, wait_disconnect
 
 CACHE_HIT_HEADER = (b"x-tokenrelay-cache", b"hit")
 SSE_HEADERS = [
@@ -163,15 +164,80 @@ class EventStreamSink:
         """The event for a failure after the headers went out."""
         return protocol.sse_event(ErrorEnvelope(error_body(exc, self._state.request_id)))
 
-    async def keepalive(self, interval: float) -> None:
-        """Send a heartbeat whenever nothing else was sent for `interval` seconds."""
-        loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(max(self.last_sent + interval - loop.time(), 0.0))
-            if loop.time() - self.last_sent >= interval:
-                if not self.started:
-                    await self._start()
-                await self._comment(self.keepalive_event())
+    def beat_now(self) -> bool:
+        """Write the keepalive event at once (True), or nothing (False): before the headers,
+        behind a delta `write_now` could not write, or where the server's writer refuses."""
+        write = self._write
+        # An empty piece asks the writer whether it would take one now, writing nothing; the
+        # event is framed only then, as framing it may move the dialect's state on.
+        if write is None or not self.started or self._unsent is not None or not write(b""):
+            return False
+        write(self.keepalive_event())
+        self.last_sent = self._loop.time()
+        return True
+
+    async def beat(self) -> None:
+        """Send the keepalive event, with the headers first if they have not gone out."""
+        if not self.started:
+            await self._start()
+        await self._comment(self.keepalive_event())
+
+    def keepalive(self, interval: float) -> Heartbeat:
+        """A watcher (see `race`) that sends a keepalive whenever nothing else was sent for
+        `interval` seconds."""
+        return Heartbeat(self, interval)
+
+
+class Heartbeat:
+    """An event stream's keepalive: a timer that writes the sink's keepalive event when
+    nothing was sent for `interval` seconds. No task, unless the write has to wait (before
+    the headers, or while the client's socket is full); a failed write stops the stream."""
+
+    __slots__ = ("_sink", "_interval", "_loop", "_stop", "_timer", "_task")
+
+    def __init__(self, sink: EventStreamSink, interval: float) -> None:
+        self._sink = sink
+        self._interval = interval
+        self._loop = sink._loop
+        self._stop: Callable[[], None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self, stop: Callable[[], None]) -> None:
+        self._stop = stop
+        self._timer = self._loop.call_at(self._sink.last_sent + self._interval, self._tick)
+
+    def _tick(self) -> None:
+        self._timer = None
+        due = self._sink.last_sent + self._interval
+        if self._loop.time() >= due:
+            if not self._sink.beat_now():
+                self._task = asyncio.ensure_future(self._sink.beat())
+                self._task.add_done_callback(self._beaten)
+                return
+            due = self._sink.last_sent + self._interval
+        self._timer = self._loop.call_at(due, self._tick)
+
+    def _beaten(self, task: asyncio.Task[None]) -> None:
+        self._task = None
+        if task.cancelled():
+            return
+        if task.exception() is not None:  # kept by the task, as a watcher's failure was
+            if self._stop is not None:
+                self._stop()
+            return
+        self._timer = self._loop.call_at(self._sink.last_sent + self._interval, self._tick)
+
+    async def close(self) -> None:
+        self._stop = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        task = self._task
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            release_cancel(task)
 
 
 class SSESink(EventStreamSink):
@@ -307,27 +373,32 @@ async def stream_resumable(
     state = tee.state
     run = asyncio.ensure_future(streams.run(service, prepared, tee))
     streams.bind(tee, run)
-    keepalive = asyncio.ensure_future(sink.keepalive(heartbeat))
+    keepalive = sink.keepalive(heartbeat)
+    keepalive.start(_ignore)  # a failed keepalive leaves the stream to its journal
     gone = asyncio.ensure_future(wait_disconnect(receive))
     try:
         await asyncio.wait((run, gone), return_when=asyncio.FIRST_COMPLETED)
         if not run.done():
-            keepalive.cancel()
+            await keepalive.close()
             streams.detach(tee)  # the client went away: the stream goes on, journalled
             if sink.started:
                 await asyncio.wait((run,))
             else:  # it never got the stream id (sent with the headers): no one can resume it
                 state.cancel("client_disconnected")
     finally:
-        keepalive.cancel()
         gone.cancel()
         if not run.done():
             run.cancel()  # stopped above, or this request was cancelled (the server is stopping)
-        await asyncio.gather(run, keepalive, gone, return_exceptions=True)
+        await asyncio.gather(run, gone, return_exceptions=True)
+        await keepalive.close()
     if not run.cancelled():
         run.result()  # what failed in the stream itself
     if tee.live is not None and not sink.complete:
         await write_or_abort(sink.end(), state, ERROR_WRITE_TIMEOUT)
+
+
+def _ignore() -> None:
+    return None
 
 
 async def replay_sse(
@@ -344,7 +415,7 @@ async def replay_sse(
         await race(
             replay(follower, sink, write_timeout=write_timeout, request_id=state.request_id),
             sink.keepalive(heartbeat),
-            wait_disconnect(receive),
+            Disconnect(sink._send, receive, None),
         )
     except TimeoutError:  # the reader stopped reading
         if state.abort is not None:
@@ -373,7 +444,7 @@ async def stream_sse(
     finished = await race(
         service.run(prepared, sink, state),
         sink.keepalive(heartbeat),
-        watch_disconnect(receive, state),
+        Disconnect(sink._send, receive, state),
     )
     if finished and not sink.complete:
         await write_or_abort(sink.end(), state, ERROR_WRITE_TIMEOUT)

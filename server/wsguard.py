@@ -197,4 +197,4 @@ class MeteredWebSocketProtocol(WebSocketsSansIOProtocol):
 
 
 def _socket_writers(protocol: MeteredWebSocketProtocol) -> Writers:
-    return protocol.send, protocol.write_text  # type: ignore[return-value]
+    return protocol.send, protocol.write_text, None  # type: ignore[return-value]

@@ -82,7 +82,7 @@ class Messages(DialectEndpoint[messages.MessagesBody]):
             await stream_sse(self._service, prepared, state, receive, sink, heartbeat=heartbeat)
             return
         collector = Collector()
-        if not await collect(self._service, prepared, state, receive, collector):
+        if not await collect(self._service, prepared, state, receive, send, collector):
             return
         try:
             if collector.failure is not None:

@@ -105,7 +105,7 @@ class Responses(DialectEndpoint[Turn]):
             await stream_sse(self._service, prepared, state, receive, sink, heartbeat=heartbeat)
             return
         collector = Collector()
-        if not await collect(self._service, prepared, state, receive, collector):
+        if not await collect(self._service, prepared, state, receive, send, collector):
             return
         if collector.failure is not None:
             await send_error(send, collector.failure, rid)

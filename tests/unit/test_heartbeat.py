@@ -1,0 +1,117 @@
+"""server.sse.Heartbeat: an idle event stream's keepalive, from a timer, without a task."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from server.guard import DirectSend
+from server.sse import SSE_HEADERS, SSESink
+from server.stream_state import StreamState
+from server.streaming import race
+
+KEEPALIVE = b": keepalive\n\n"
+
+
+class _Socket:
+    """The server's side of one response: `send` messages and direct writes, recorded. The
+    direct writer takes pieces only after the head, and only while `full` is False, as
+    `server.guard`'s does."""
+
+    def __init__(self) -> None:
+        self.sent: list[Any] = []  # messages through `send`
+        self.written: list[bytes] = []  # pieces through the direct writer
+        self.full = False
+        self.broken = False
+
+    async def send(self, message: Any) -> None:
+        if self.broken:
+            raise OSError("the socket broke")
+        self.sent.append(message)
+
+    def write(self, data: bytes) -> bool:
+        head = any(m["type"] == "http.response.start" for m in self.sent)
+        if not head or self.full:
+            return False
+        if data:
+            self.written.append(data)
+        return True
+
+
+def _sink(socket: _Socket) -> SSESink:
+    send = DirectSend(socket.send, socket.send, socket.write, None)
+    state = StreamState("req-1", 0.0, "sse")
+    return SSESink(send, ("chatcmpl-1", 0), SSE_HEADERS, False, state)
+
+
+async def _idle(seconds: float) -> None:
+    await asyncio.sleep(seconds)
+
+
+async def test_before_the_headers_the_keepalive_sends_them_first() -> None:
+    socket = _Socket()
+    sink = _sink(socket)
+    assert await race(_idle(0.07), sink.keepalive(0.02)) is True
+    # The first beat sent the head through `send` (a task's work), then every beat went
+    # straight out.
+    assert [m["type"] for m in socket.sent] == ["http.response.start"] and sink.started
+    assert len(socket.written) >= 2 and set(socket.written) == {KEEPALIVE}
+
+
+async def test_an_idle_open_stream_beats_with_no_task() -> None:
+    socket = _Socket()
+    sink = _sink(socket)
+    await sink._start()
+    tasks = len(asyncio.all_tasks())
+    seen: list[int] = []
+
+    async def main() -> None:
+        for _ in range(5):
+            await asyncio.sleep(0.01)
+            seen.append(len(asyncio.all_tasks()))
+
+    assert await race(main(), sink.keepalive(0.02)) is True
+    assert len(socket.written) >= 1 and set(socket.written) == {KEEPALIVE}
+    assert set(seen) == {tasks + 1}  # only main's own task, ever
+    assert len(socket.sent) == 1  # just the head
+
+
+async def test_a_stream_that_keeps_sending_gets_no_keepalive() -> None:
+    socket = _Socket()
+    sink = _sink(socket)
+    await sink._start()
+
+    async def main() -> None:
+        for _ in range(8):
+            await asyncio.sleep(0.01)
+            await sink._put(b"data: x\n\n")
+
+    assert await race(main(), sink.keepalive(0.03)) is True
+    assert KEEPALIVE not in socket.written
+
+
+async def test_a_full_socket_sends_the_keepalive_through_send() -> None:
+    socket = _Socket()
+    sink = _sink(socket)
+    await sink._start()
+    socket.full = True
+    assert await race(_idle(0.05), sink.keepalive(0.02)) is True
+    bodies = [m["body"] for m in socket.sent if m["type"] == "http.response.body"]
+    assert bodies and set(bodies) == {KEEPALIVE} and not socket.written
+
+
+async def test_a_keepalive_that_fails_stops_the_stream() -> None:
+    socket = _Socket()
+    sink = _sink(socket)
+    socket.broken = True  # the head cannot go out
+    stopped: list[bool] = []
+
+    async def main() -> None:
+        try:
+            await asyncio.sleep(5)
+        except asyncio.CancelledError:
+            stopped.append(True)
+            raise
+
+    assert await race(main(), sink.keepalive(0.01)) is False
+    assert stopped == [True]
