@@ -22,7 +22,13 @@ from providers.base import Outlet
 from providers.capabilities import EVERYTHING, Capabilities
 from providers.settings import ProviderSettings
 from providers.sse import SSEDecoder, body_chunks
-from providers.transport import http_client, push_body, send_streamed
+from providers.transport import (
+    RequestTemplate,
+    http_client,
+    push_body,
+    send_template,
+    with_request,
+)
 from providers.types import (
     ChatRequest,
     Delta,
@@ -129,7 +135,7 @@ class OpenAIProvider:
         self.name = name
         self._client = client
         self._http = http
-        self._template: tuple[httpx2.URL, list[tuple[bytes, bytes]], dict[str, Any]] | None = None
+        self._template: RequestTemplate | None = None
         self._secrets = (secret,) if secret else ()
         self._official = official
         self._stream_usage = stream_usage
@@ -190,46 +196,32 @@ class OpenAIProvider:
     async def _send(self, http: httpx2.AsyncClient, params: dict[str, Any]) -> httpx2.Response:
         """Send what `create(**params)` would send and fail as it would: the SDK's own errors
         for a failed send or a status other than 2xx; the response is left unread."""
-        url, headers, extensions = self._template or self._build_template()
+        template = self._template or self._build_template()
         extra = params.pop("extra_body", None)
         body = _encode_body({**params, **extra} if extra else params)
-        # `stream=` rather than `content=`: the headers are complete as they are, and httpx2
-        # would otherwise look each of its own up among them again.
-        request = httpx2.Request(
-            "POST",
-            url,
-            headers=[*headers, (b"content-length", b"%d" % len(body))],
-            stream=httpx2.ByteStream(body),
-            extensions=dict(extensions),
-        )
-        cookies = http.cookies
-        if cookies:  # set by the upstream before: sent back, as the SDK's requests do
-            cookies.set_cookie_header(request)
         try:
-            response = await send_streamed(http, request)
+            response = await send_template(http, template, body)
         except httpx2.TimeoutException as exc:
-            raise openai.APITimeoutError(request=request) from exc
+            raise openai.APITimeoutError(request=template.request(body)) from exc
         except _SEND_ERRORS as exc:
-            raise openai.APIConnectionError(request=request) from exc
+            raise openai.APIConnectionError(request=template.request(body)) from exc
         if not response.is_success:
             try:
                 await response.aread()
             finally:
                 await response.aclose()
+            with_request(response, template, body)
             raise self._client._make_status_error_from_response(response) from None
         return response
 
-    def _build_template(
-        self,
-    ) -> tuple[httpx2.URL, list[tuple[bytes, bytes]], dict[str, Any]]:
+    def _build_template(self) -> RequestTemplate:
         """The SDK's own request for a streamed chat completion, without a body: its URL,
         headers (auth, defaults, the SDK's own) and timeouts, made once."""
         options = FinalRequestOptions.construct(
             method="post", url="/chat/completions", headers={RAW_RESPONSE_HEADER: "stream"}
         )
         built = self._client._build_request(options)
-        headers = [(k, v) for k, v in built.headers.raw if k.lower() != b"content-length"]
-        self._template = (built.url, headers, dict(built.extensions))
+        self._template = RequestTemplate(built.url, built.headers.raw, dict(built.extensions))
         return self._template
 
     def _params(self, request: ChatRequest) -> dict[str, Any]:

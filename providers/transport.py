@@ -245,10 +245,16 @@ class LeanTransport(httpx2.AsyncBaseTransport):
         self._open: set[_Connection] = set()
 
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
-        url = request.url
-        origin = (url.scheme, url.host, url.port or (443 if url.scheme == "https" else 80))
         body = await request.aread()
-        head = _request_head(request, body)
+        return await self.exchange(
+            _origin(request.url), _request_head(request, body) + body, request
+        )
+
+    async def exchange(
+        self, origin: tuple[str, str, int], data: bytes, request: httpx2.Request | None
+    ) -> httpx2.Response:
+        """Send `data` (a whole request: head and body) on a connection to `origin`; the
+        response once its head is in, its body streamed. `request` goes on the response."""
         if self._slots.locked():
             try:
                 await asyncio.wait_for(self._slots.acquire(), self._connect_timeout)
@@ -260,7 +266,7 @@ class LeanTransport(httpx2.AsyncBaseTransport):
         try:
             connection, reused = await self._connection(origin)
             assert connection.transport is not None
-            connection.transport.write(head + body)
+            connection.transport.write(data)
             try:
                 await connection.head
             except httpx2.ReadError:
@@ -271,7 +277,7 @@ class LeanTransport(httpx2.AsyncBaseTransport):
                 self._open.discard(connection)
                 connection, _ = await self._connection(origin, fresh=True)
                 assert connection.transport is not None
-                connection.transport.write(head + body)
+                connection.transport.write(data)
                 await connection.head
         except BaseException:
             if connection is not None:
@@ -368,7 +374,76 @@ class LeanTransport(httpx2.AsyncBaseTransport):
         self._idle.clear()
 
 
-def _request_head(request: httpx2.Request, body: bytes) -> bytes:
+def _origin(url: httpx2.URL) -> tuple[str, str, int]:
+    return (url.scheme, url.host, url.port or (443 if url.scheme == "https" else 80))
+
+
+class RequestTemplate:
+    """One kind of request, made once by an SDK (URL, headers, extensions), sent many times
+    with a new JSON body each: on the lean transport its head is encoded once, and the
+    `httpx2.Request` an SDK error or a cookie needs is built only then (`request`)."""
+
+    __slots__ = ("url", "headers", "extensions", "origin", "_prefix")
+
+    def __init__(
+        self, url: httpx2.URL, headers: list[tuple[bytes, bytes]], extensions: dict[str, object]
+    ) -> None:
+        self.url = url
+        self.headers = [(k, v) for k, v in headers if k.lower() != b"content-length"]
+        self.extensions = extensions
+        self.origin = _origin(url)
+        prefix = httpx2.Request("POST", url, headers=self.headers, stream=httpx2.ByteStream(b""))
+        # The head up to the body's length: what `_request_head` writes for each such request.
+        self._prefix = _request_head(prefix, b"", length=False)[:-2] + b"content-length: "
+
+    def request(self, body: bytes) -> httpx2.Request:
+        """The request as httpx2 sends it, for the SDK's errors and the cookie jar."""
+        return httpx2.Request(
+            "POST",
+            self.url,
+            headers=[*self.headers, (b"content-length", b"%d" % len(body))],
+            stream=httpx2.ByteStream(body),
+            extensions=dict(self.extensions),
+        )
+
+    def data(self, body: bytes) -> bytes:
+        """The whole request on the wire, head and body."""
+        return b"%s%d\r\n\r\n%s" % (self._prefix, len(body), body)
+
+
+async def send_template(
+    client: httpx2.AsyncClient, template: RequestTemplate, body: bytes
+) -> httpx2.Response:
+    """`template`'s request with `body`, sent as `send_streamed` sends it. On `client`'s lean
+    transport with no cookies to send, the bytes go out as encoded once; the response's
+    `request` is then set only where it is read (cookies the upstream sets), else it is
+    left to `with_request`."""
+    transport = getattr(client, "_transport", None)
+    cookies = client.cookies
+    if not isinstance(transport, LeanTransport) or client.is_closed or cookies:
+        request = template.request(body)
+        if cookies:  # set by the upstream before: sent back, as the SDK's requests do
+            cookies.set_cookie_header(request)
+        return await send_streamed(client, request)
+    response = await transport.exchange(template.origin, template.data(body), None)
+    if any(name.lower() in _SET_COOKIE for name, _ in response.headers.raw):
+        response.request = template.request(body)
+        cookies.extract_cookies(response)
+    return response
+
+
+def with_request(
+    response: httpx2.Response, template: RequestTemplate, body: bytes
+) -> httpx2.Response:
+    """`response`, with the request it answers set if `send_template` left it out."""
+    try:
+        response.request  # noqa: B018 - raises where none is set
+    except RuntimeError:
+        response.request = template.request(body)
+    return response
+
+
+def _request_head(request: httpx2.Request, body: bytes, *, length: bool = True) -> bytes:
     target = request.url.raw_path or b"/"
     lines = [request.method.encode() + b" " + target + b" HTTP/1.1"]
     has_length = False
@@ -379,7 +454,7 @@ def _request_head(request: httpx2.Request, body: bytes) -> bytes:
         if lowered == b"content-length":
             has_length = True
         lines.append(name + b": " + value)
-    if not has_length and (body or request.method in ("POST", "PUT", "PATCH")):
+    if length and not has_length and (body or request.method in ("POST", "PUT", "PATCH")):
         lines.append(b"content-length: " + str(len(body)).encode())
     return b"\r\n".join(lines) + b"\r\n\r\n"
 

@@ -70,6 +70,7 @@ class Script:
     finish_reason: str = "stop"
     prompt_tokens: int = 10
     tool_calls: list[FakeToolCall] | None = None
+    set_cookie: str | None = None  # a `set-cookie` header on streamed answers
 
 
 @dataclass
@@ -634,6 +635,8 @@ class FakeUpstream:
             head = b"x-request-id: req_fake_%d\r\n" % rid
         if not conn.keep_alive:
             head += b"connection: close\r\n"
+        if script.set_cookie is not None:
+            head += b"set-cookie: %s\r\n" % script.set_cookie.encode()
         opening = enc.opening()
         req.status = 200
         if conn.write(_SSE_HEAD + head + b"\r\n" + (sse_chunk(opening) if opening else b"")):

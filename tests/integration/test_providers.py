@@ -358,6 +358,25 @@ async def test_prebuilt_request_is_what_the_sdk_sends(
     assert seen[0][1]["top_k"] == 4  # beyond OpenAI's own parameters, still at the top level
 
 
+@pytest.mark.parametrize("transport", ["lean", "httpx"])
+async def test_cookies_the_upstream_sets_are_sent_back(
+    upstream: FakeUpstream, model: Model, transport: str
+) -> None:
+    """As the SDK's own requests do (its httpx2 client keeps a cookie jar): a session cookie
+    a load balancer sets pins the next requests to its backend."""
+    provider = build_provider(provider_settings(upstream, transport=transport)[0], ENVIRON)
+    first, second = model(tokens=1, set_cookie="backend=b7; Path=/"), model(tokens=1)
+    try:
+        await collect(provider, ask(first))
+        await collect(provider, ask(second))
+    finally:
+        await provider.aclose()
+    (before,) = upstream.by_model(first)
+    (after,) = upstream.by_model(second)
+    assert "cookie" not in before.headers
+    assert after.headers.get("cookie") == "backend=b7"
+
+
 async def test_lean_pool_waits_for_a_free_connection_then_gives_up(
     upstream: FakeUpstream, model: Model
 ) -> None:
