@@ -399,6 +399,12 @@ class Bench:
                 "gateway_cpu_share": round(sum(p[2] for p in phases) / wall, 3),
                 "client_cpu_share": round(sum(p[3] for p in phases) / wall, 3),
                 "fake_cpu_share": round(sum(p[4] for p in phases) / wall, 3),
+                # Every process of the run (gateway, load generator, fake upstream), in cores:
+                # near the machine's count, the figure measures the machine, not the gateway.
+                "machine_busy_cores": round(sum(p[2] + p[3] + p[4] for p in phases) / wall, 2),
+                "gateway_cpu_per_stream_ms": round(sum(p[2] for p in phases) / done * 1e3, 3)
+                if done
+                else None,
             }
         one, two = out["1 worker"]["streams_per_s"], out["2 workers"]["streams_per_s"]
         out["ratio"] = _ratio(two, one)
@@ -1007,6 +1013,16 @@ def rows(f: dict[str, Any]) -> list[tuple[str, Any, Any, Any, str]]:
             out.append((f"{n}-token streams/s c={c}, {name}", "", w["streams_per_s"], "", ""))
         ratio = _x(workers["ratio"])
         out.append(("streams/s, 2 workers vs 1", "", ratio, "", ">= 1.7x"))
+        cores = (f.get("machine") or {}).get("cpus")
+        for name in ("1 worker", "2 workers"):
+            busy = workers[name].get("machine_busy_cores")
+            if busy is not None:
+                label = f"CPU of all processes, {name} (cores of {cores})"
+                out.append((label, "", busy, "", ""))
+        for name in ("1 worker", "2 workers"):
+            per_stream = workers[name].get("gateway_cpu_per_stream_ms")
+            if per_stream is not None:
+                out.append((f"gateway CPU per stream, {name} (ms)", "", per_stream, "", ""))
     for scenario, route in (("messages", GW_MSG), ("responses", GW_RSP), ("resumable", GW_RES)):
         out += _beside_chat_rows(f.get(scenario), scenario, route)
     cap = f.get("capacity")
