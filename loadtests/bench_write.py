@@ -3,7 +3,8 @@
     python -m loadtests.bench_write [--tree DIR] [--rounds N]
 
 - `race`: one `server.streaming.race` of a producer that yields three times with two watcher
-  tasks (what every SSE and non-streamed request runs once);
+  tasks (what every SSE and non-streamed request ran once, before their watchers became
+  callbacks; a server other than `tokenrelay serve` still runs the disconnect watch as one);
 - `sse write`: one SSE event written by `EventStreamSink._body` through `direct_body` to a real
   uvicorn `RequestResponseCycle` whose transport drops the bytes (the per-chunk Python between
   a framed event and the socket, without the system call);
@@ -64,8 +65,12 @@ def _timed_sync(step: Callable[[], Any], calls: int, rounds: int) -> float:
 
 
 async def _race(rounds: int) -> float:
-    from server.streaming import race
+    from server import streaming
 
+    race = streaming.race
+    # Watchers are `Watcher` objects now (a coroutine in a task is a `TaskWatcher`); older
+    # checkouts took the coroutines themselves.
+    wrap: Callable[[Any], Any] = getattr(streaming, "TaskWatcher", lambda coro: coro)
     never = asyncio.Event()
 
     async def producer() -> None:
@@ -76,7 +81,7 @@ async def _race(rounds: int) -> float:
         await never.wait()
 
     async def step() -> None:
-        await race(producer(), watcher(), watcher())
+        await race(producer(), wrap(watcher()), wrap(watcher()))
 
     return await _timed(step, 20_000, rounds)
 
