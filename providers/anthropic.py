@@ -3,15 +3,20 @@ answer is decoded here into our events (text, thinking, tool calls fragment by f
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Iterable
+import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable
+from typing import Any
 
 import anthropic
 import httpx2
 import msgspec
+from anthropic._constants import RAW_RESPONSE_HEADER
+from anthropic._models import FinalRequestOptions
 
 from providers import errors
 from providers.anthropic_params import CAPABILITIES, params
 from providers.base import Outlet
+from providers.prebuilt import Prebuilt, sdk_request
 from providers.settings import ProviderSettings
 from providers.sse import SSEDecoder, body_chunks
 from providers.transport import http_client
@@ -104,6 +109,9 @@ _FINISH: dict[str, FinishReason] = {
 }
 
 
+_encode_body = msgspec.json.Encoder().encode
+
+
 def _prompt_tokens(usage: _Usage) -> int:
     """Anthropic counts cached input apart; a client wants the whole prompt."""
     return (
@@ -114,7 +122,12 @@ def _prompt_tokens(usage: _Usage) -> int:
 
 
 class AnthropicProvider:
-    """Streams messages through `anthropic.AsyncAnthropic`, decoding the SSE body with msgspec."""
+    """Streams messages through `anthropic.AsyncAnthropic`, decoding the SSE body with msgspec.
+
+    Given `http` (the client's own httpx2 client, as `create` builds it), a request is not
+    built by the SDK's `create` each time: the SDK builds one once, and each request reuses
+    its URL, headers and timeouts with a new JSON body (`providers.prebuilt`).
+    """
 
     def __init__(
         self,
@@ -125,9 +138,17 @@ class AnthropicProvider:
         default_max_tokens: int = 4096,
         list_timeout: float = 10.0,
         inputs: Iterable[str] | None = None,
+        http: httpx2.AsyncClient | None = None,
     ) -> None:
         self.name = name
         self._client = client
+        self._http = http
+        self._prebuilt = Prebuilt(
+            lambda: sdk_request(client, "/v1/messages", FinalRequestOptions, RAW_RESPONSE_HEADER),
+            status_error=client._make_status_error_from_response,
+            timeout_error=anthropic.APITimeoutError,
+            connection_error=anthropic.APIConnectionError,
+        )
         self._secrets = (secret,) if secret else ()
         self._default_max_tokens = default_max_tokens
         self._list_timeout = list_timeout
@@ -145,13 +166,27 @@ class AnthropicProvider:
         # Every event comes out of the iterator (the `outlet` is not written to yet).
         kwargs = params(request, self._default_max_tokens)
         try:
-            async with self._client.messages.with_streaming_response.create(**kwargs) as response:
-                async for event in self._events(response.http_response):
+            async with self._response(kwargs) as response:
+                async for event in self._events(response):
                     yield event
         except anthropic.APIError as exc:
             raise translate(self.name, exc, self._secrets) from exc
         except httpx2.TransportError as exc:
             raise errors.from_transport(self.name, exc) from exc
+
+    @contextlib.asynccontextmanager
+    async def _response(self, kwargs: dict[str, Any]) -> AsyncIterator[httpx2.Response]:
+        """The upstream's streamed response, closed on the way out."""
+        if self._http is None:
+            create = self._client.messages.with_streaming_response.create
+            async with create(**kwargs) as sdk_response:
+                yield sdk_response.http_response
+            return
+        response = await self._prebuilt.send(self._http, _encode_body(kwargs))
+        try:
+            yield response
+        finally:
+            await response.aclose()
 
     async def _events(self, response: httpx2.Response) -> AsyncGenerator[Event, None]:
         decoder = SSEDecoder()
@@ -286,4 +321,5 @@ def create(settings: ProviderSettings, key: str) -> AnthropicProvider:
         secret=key or None,
         default_max_tokens=settings.default_max_tokens,
         inputs=settings.inputs,
+        http=http,
     )

@@ -5,12 +5,10 @@ from __future__ import annotations
 import collections
 import contextlib
 import inspect
-import ssl
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
 from typing import Any
 
-import anyio
 import httpx2
 import msgspec
 import openai
@@ -20,15 +18,10 @@ from openai._models import FinalRequestOptions
 from providers import errors
 from providers.base import Outlet
 from providers.capabilities import EVERYTHING, Capabilities
+from providers.prebuilt import Prebuilt, sdk_request
 from providers.settings import ProviderSettings
 from providers.sse import SSEDecoder, body_chunks
-from providers.transport import (
-    RequestTemplate,
-    http_client,
-    push_body,
-    send_template,
-    with_request,
-)
+from providers.transport import http_client, push_body
 from providers.types import (
     ChatRequest,
     Delta,
@@ -86,9 +79,6 @@ class _Chunk(msgspec.Struct):
 
 _decode_chunk = msgspec.json.Decoder(_Chunk).decode
 _encode_body = msgspec.json.Encoder().encode
-# What the SDK turns into `APIConnectionError` when sending (anyio's for TLS failures it leaves
-# unmapped); its timeouts become `APITimeoutError`.
-_SEND_ERRORS = (httpx2.RequestError, ssl.SSLError, anyio.EndOfStream)
 _DONE = b"[DONE]"
 _to_builtins = msgspec.to_builtins
 # What the SDK's `create` takes by name; other options (e.g. `top_k`) go in its `extra_body`.
@@ -135,7 +125,14 @@ class OpenAIProvider:
         self.name = name
         self._client = client
         self._http = http
-        self._template: RequestTemplate | None = None
+        self._prebuilt = Prebuilt(
+            lambda: sdk_request(
+                client, "/chat/completions", FinalRequestOptions, RAW_RESPONSE_HEADER
+            ),
+            status_error=client._make_status_error_from_response,
+            timeout_error=openai.APITimeoutError,
+            connection_error=openai.APIConnectionError,
+        )
         self._secrets = (secret,) if secret else ()
         self._official = official
         self._stream_usage = stream_usage
@@ -196,33 +193,10 @@ class OpenAIProvider:
     async def _send(self, http: httpx2.AsyncClient, params: dict[str, Any]) -> httpx2.Response:
         """Send what `create(**params)` would send and fail as it would: the SDK's own errors
         for a failed send or a status other than 2xx; the response is left unread."""
-        template = self._template or self._build_template()
         extra = params.pop("extra_body", None)
-        body = _encode_body({**params, **extra} if extra else params)
-        try:
-            response = await send_template(http, template, body)
-        except httpx2.TimeoutException as exc:
-            raise openai.APITimeoutError(request=template.request(body)) from exc
-        except _SEND_ERRORS as exc:
-            raise openai.APIConnectionError(request=template.request(body)) from exc
-        if not response.is_success:
-            try:
-                await response.aread()
-            finally:
-                await response.aclose()
-            with_request(response, template, body)
-            raise self._client._make_status_error_from_response(response) from None
-        return response
-
-    def _build_template(self) -> RequestTemplate:
-        """The SDK's own request for a streamed chat completion, without a body: its URL,
-        headers (auth, defaults, the SDK's own) and timeouts, made once."""
-        options = FinalRequestOptions.construct(
-            method="post", url="/chat/completions", headers={RAW_RESPONSE_HEADER: "stream"}
+        return await self._prebuilt.send(
+            http, _encode_body({**params, **extra} if extra else params)
         )
-        built = self._client._build_request(options)
-        self._template = RequestTemplate(built.url, built.headers.raw, dict(built.extensions))
-        return self._template
 
     def _params(self, request: ChatRequest) -> dict[str, Any]:
         """The request in OpenAI's shape: our Structs mirror it, so each encodes as it is."""

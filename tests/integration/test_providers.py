@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import socket
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import httpx2
 import msgspec
 import pytest
 
 from providers import errors
+from providers.anthropic import AnthropicProvider
 from providers.base import Provider
 from providers.openai import OpenAIProvider
 from providers.registry import build_provider
@@ -21,6 +23,7 @@ from tests.conftest import ENVIRON, UPSTREAM_KEY, provider_settings
 from tests.fakeupstream import FakeUpstream, formats
 
 Model = Callable[..., str]
+PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
 
 
 @pytest.fixture(
@@ -288,6 +291,16 @@ async def test_idle_upstream_connections_expire_without_another_request(fake: Fa
         assert not fake._conns, "idle upstream connections stayed open"
 
 
+TOOL_ROUND_TRIP = [
+    {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+        ],
+    },
+    {"role": "tool", "tool_call_id": "c1", "content": "42"},
+]
 RICH_BODY = {
     "model": "placeholder",
     "messages": [
@@ -299,14 +312,7 @@ RICH_BODY = {
                 {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
             ],
         },
-        {
-            "role": "assistant",
-            "content": None,
-            "tool_calls": [
-                {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
-            ],
-        },
-        {"role": "tool", "tool_call_id": "c1", "content": "42"},
+        *TOOL_ROUND_TRIP,
     ],
     "max_tokens": 3,
     "stop": ["END"],
@@ -333,6 +339,27 @@ RICH_BODY = {
 }
 
 
+async def _sent_three_ways(
+    upstream: FakeUpstream,
+    model: Model,
+    prebuilt: Provider,
+    through_sdk: Provider,
+    fields: dict[str, Any],
+) -> list[tuple[dict[str, str], Any]]:
+    """The headers (but the length) and JSON body (but the model) the upstream got for the
+    same request sent prebuilt, through the SDK, then prebuilt again; closes `prebuilt`."""
+    seen = []
+    for provider in (prebuilt, through_sdk, prebuilt):
+        name = model(tokens=1)
+        body = protocol.decode_body(msgspec.json.encode({**fields, "model": name}))
+        await collect(provider, protocol.chat_request(body))
+        (recorded,) = upstream.by_model(name)
+        headers = {k: v for k, v in recorded.headers.items() if k != "content-length"}
+        seen.append((headers, {**recorded.body, "model": None}))
+    await prebuilt.aclose()
+    return seen
+
+
 @pytest.mark.parametrize("transport", ["lean", "httpx"])
 async def test_prebuilt_request_is_what_the_sdk_sends(
     upstream: FakeUpstream, model: Model, transport: str
@@ -345,17 +372,52 @@ async def test_prebuilt_request_is_what_the_sdk_sends(
     through_sdk = OpenAIProvider(  # no `http`: every request through the SDK's `create`
         name=settings.name, client=prebuilt._client, secret=UPSTREAM_KEY, official=False
     )
-    seen = []
-    for provider in (prebuilt, through_sdk, prebuilt):
-        name = model(tokens=1)
-        body = protocol.decode_body(msgspec.json.encode({**RICH_BODY, "model": name}))
-        await collect(provider, protocol.chat_request(body))
-        (recorded,) = upstream.by_model(name)
-        headers = {k: v for k, v in recorded.headers.items() if k != "content-length"}
-        seen.append((headers, {**recorded.body, "model": None}))
-    await prebuilt.aclose()
+    seen = await _sent_three_ways(upstream, model, prebuilt, through_sdk, RICH_BODY)
     assert seen[0] == seen[1] == seen[2]
     assert seen[0][1]["top_k"] == 4  # beyond OpenAI's own parameters, still at the top level
+
+
+# What an Anthropic upstream takes: text, an image, a tool round trip, a schema, thinking.
+ANTHROPIC_BODY = {
+    "messages": [
+        {"role": "system", "content": "be brief"},
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "what is this?"},
+                {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{PNG}"}},
+            ],
+        },
+        *TOOL_ROUND_TRIP,
+    ],
+    "max_tokens": 4096,
+    "stop": ["END"],
+    "user": "u1",
+    "reasoning_effort": "low",
+    "tools": RICH_BODY["tools"],
+    "tool_choice": "auto",
+    "response_format": RICH_BODY["response_format"],
+}
+
+
+@pytest.mark.parametrize("transport", ["lean", "httpx"])
+async def test_prebuilt_anthropic_request_is_what_the_sdk_sends(
+    upstream: FakeUpstream, model: Model, transport: str
+) -> None:
+    """As for OpenAI: the request built once and sent with each body is what the SDK's own
+    `messages.create` sends, headers and JSON body."""
+    settings = provider_settings(upstream, transport=transport)[1]
+    prebuilt = build_provider(settings, ENVIRON)
+    assert isinstance(prebuilt, AnthropicProvider)
+    through_sdk = AnthropicProvider(  # no `http`: every request through the SDK's `create`
+        name=settings.name, client=prebuilt._client, secret=UPSTREAM_KEY
+    )
+    seen = await _sent_three_ways(upstream, model, prebuilt, through_sdk, ANTHROPIC_BODY)
+    assert seen[0] == seen[1] == seen[2]
+    sent = seen[0][1]
+    assert sent["system"] == "be brief" and sent["thinking"]["type"] == "enabled"
+    assert sent["messages"][0]["content"][1]["source"]["data"] == PNG
+    assert sent["tools"][0]["name"] == "f" and "output_config" in sent
 
 
 @pytest.mark.parametrize("transport", ["lean", "httpx"])
