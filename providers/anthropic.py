@@ -15,13 +15,14 @@ from anthropic._models import FinalRequestOptions
 
 from providers import errors
 from providers.anthropic_params import CAPABILITIES, params
-from providers.base import Outlet
+from providers.base import Outlet, PushReader
 from providers.prebuilt import Prebuilt, sdk_request
 from providers.settings import ProviderSettings
 from providers.sse import SSEDecoder, body_chunks
 from providers.transport import http_client
 from providers.types import (
     ChatRequest,
+    Delta,
     Event,
     Finish,
     FinishReason,
@@ -165,14 +166,29 @@ class AnthropicProvider:
     ) -> AsyncGenerator[Event, None]:
         # Every event comes out of the iterator (the `outlet` is not written to yet).
         kwargs = params(request, self._default_max_tokens)
+        reader = _Reader(self.name, self._secrets, outlet)
         try:
+            # One generator from the upstream's bytes to our events, as in the OpenAI adapter.
             async with self._response(kwargs) as response:
-                async for event in self._events(response):
-                    yield event
+                chunks = body_chunks(response)
+                if outlet is not None:
+                    reader.hook(chunks)
+                async for raw in chunks:
+                    for event in reader.read(raw):
+                        yield event
+                    if reader.failure is not None:
+                        raise reader.failure
+                    if reader.finish is not None:
+                        break  # message_stop: whatever follows is not this answer's
         except anthropic.APIError as exc:
             raise translate(self.name, exc, self._secrets) from exc
         except httpx2.TransportError as exc:
             raise errors.from_transport(self.name, exc) from exc
+        if reader.finish is None:
+            raise errors.UpstreamProtocolError(
+                f"{self.name}: upstream ended the stream without finishing the answer"
+            )
+        yield reader.finish
 
     @contextlib.asynccontextmanager
     async def _response(self, kwargs: dict[str, Any]) -> AsyncIterator[httpx2.Response]:
@@ -187,85 +203,6 @@ class AnthropicProvider:
             yield response
         finally:
             await response.aclose()
-
-    async def _events(self, response: httpx2.Response) -> AsyncGenerator[Event, None]:
-        decoder = SSEDecoder()
-        prompt_tokens: int | None = None
-        completion_tokens: int | None = None
-        reason: FinishReason | None = None
-        stop_sequence: str | None = None
-        # Anthropic numbers content blocks; a client numbers tool calls from 0.
-        tool_index: dict[int, int] = {}
-        # Tool blocks with no argument fragment yet: a call without input streams none, and
-        # its arguments must still read as the JSON object `{}`, as OpenAI's do.
-        no_input: set[int] = set()
-        async for raw in body_chunks(response):
-            for name, data in decoder.feed(raw):
-                try:
-                    if name == b"content_block_delta":
-                        block_delta = _decode_block_delta(data)
-                        delta = block_delta.delta
-                        if delta.text:
-                            yield TextDelta(delta.text)
-                        elif delta.thinking:
-                            yield ReasoningDelta(delta.thinking)
-                        elif delta.partial_json and block_delta.index in tool_index:
-                            no_input.discard(block_delta.index)
-                            yield ToolCallDelta(
-                                tool_index[block_delta.index], arguments=delta.partial_json
-                            )
-                    elif name == b"content_block_start":
-                        start = _decode_block_start(data)
-                        block = start.content_block
-                        if block.text:
-                            yield TextDelta(block.text)
-                        elif block.thinking:
-                            yield ReasoningDelta(block.thinking)
-                        elif block.type == "tool_use":
-                            index = tool_index[start.index] = len(tool_index)
-                            no_input.add(start.index)
-                            yield ToolCallDelta(index, id=block.id, name=block.name)
-                    elif name == b"message_start":
-                        usage = _decode_start(data).message.usage
-                        prompt_tokens = _prompt_tokens(usage)
-                        completion_tokens = usage.output_tokens
-                    elif name == b"message_delta":
-                        message_delta = _decode_message_delta(data)
-                        if message_delta.delta.stop_reason is not None:
-                            reason = _FINISH.get(message_delta.delta.stop_reason, "stop")
-                            stop_sequence = message_delta.delta.stop_sequence
-                        if message_delta.usage is not None:
-                            if message_delta.usage.output_tokens is not None:
-                                completion_tokens = message_delta.usage.output_tokens
-                            if message_delta.usage.input_tokens is not None:
-                                prompt_tokens = _prompt_tokens(message_delta.usage)
-                    elif name == b"content_block_stop" and no_input:
-                        stopped = _decode_block_stop(data).index
-                        if stopped in no_input:
-                            no_input.discard(stopped)
-                            yield ToolCallDelta(tool_index[stopped], arguments="{}")
-                    elif name == b"message_stop":
-                        usage_out = None
-                        if prompt_tokens is not None or completion_tokens is not None:
-                            usage_out = Usage(
-                                prompt_tokens=prompt_tokens or 0,
-                                completion_tokens=completion_tokens or 0,
-                            )
-                        yield Finish(
-                            reason=reason or "stop", usage=usage_out, stop_sequence=stop_sequence
-                        )
-                        return
-                    elif name == b"error":
-                        body = _decode_error(data).error
-                        raise errors.from_inband(self.name, body.type, body.message, self._secrets)
-                    # ping, content_block_stop and event types added later carry nothing we relay.
-                except msgspec.DecodeError as exc:
-                    raise errors.UpstreamProtocolError(
-                        f"{self.name}: upstream sent an unreadable event"
-                    ) from exc
-        raise errors.UpstreamProtocolError(
-            f"{self.name}: upstream ended the stream without finishing the answer"
-        )
 
     async def count_tokens(self, request: ChatRequest) -> int | None:
         """Anthropic's own count (`/v1/messages/count_tokens`) of the request's input."""
@@ -289,6 +226,124 @@ class AnthropicProvider:
 
     async def aclose(self) -> None:
         await self._client.close()
+
+
+class _Reader(PushReader):
+    """One upstream stream's decoding: Anthropic's events into our deltas, the usage and stop
+    reason noted on the way, `finish` set at `message_stop`. Both the stream's iterator and,
+    while the iterator waits for bytes, the upstream connection's read callback (`push`)
+    feed it, never both at once."""
+
+    __slots__ = (
+        "name",
+        "secrets",
+        "decoder",
+        "prompt_tokens",
+        "completion_tokens",
+        "reason",
+        "stop_sequence",
+        "tool_index",
+        "no_input",
+        "finish",
+    )
+
+    def __init__(self, name: str, secrets: tuple[str, ...], outlet: Outlet | None) -> None:
+        super().__init__(outlet)
+        self.name = name
+        self.secrets = secrets
+        self.decoder = SSEDecoder()
+        self.prompt_tokens: int | None = None
+        self.completion_tokens: int | None = None
+        self.reason: FinishReason | None = None
+        self.stop_sequence: str | None = None
+        # Anthropic numbers content blocks; a client numbers tool calls from 0.
+        self.tool_index: dict[int, int] = {}
+        # Tool blocks with no argument fragment yet: a call without input streams none, and
+        # its arguments must still read as the JSON object `{}`, as OpenAI's do.
+        self.no_input: set[int] = set()
+        self.finish: Finish | None = None
+
+    def woken(self) -> bool:
+        return self.finish is not None
+
+    def events(self, raw: bytes) -> list[Delta]:
+        out: list[Delta] = []
+        if self.finish is not None or self.failure is not None:
+            return out
+        for name, data in self.decoder.feed(raw):
+            try:
+                if self._event(name, data, out):
+                    break
+            except msgspec.DecodeError as exc:
+                failure = errors.UpstreamProtocolError(
+                    f"{self.name}: upstream sent an unreadable event"
+                )
+                failure.__cause__ = exc
+                self.failure = failure
+                break
+        return out
+
+    def _event(self, name: bytes | None, data: bytes, out: list[Delta]) -> bool:
+        """Decode one event into `out`; True when nothing after it belongs to the answer."""
+        if name == b"content_block_delta":
+            block_delta = _decode_block_delta(data)
+            delta = block_delta.delta
+            if delta.text:
+                out.append(TextDelta(delta.text))
+            elif delta.thinking:
+                out.append(ReasoningDelta(delta.thinking))
+            elif delta.partial_json and block_delta.index in self.tool_index:
+                self.no_input.discard(block_delta.index)
+                out.append(
+                    ToolCallDelta(self.tool_index[block_delta.index], arguments=delta.partial_json)
+                )
+        elif name == b"content_block_start":
+            start = _decode_block_start(data)
+            block = start.content_block
+            if block.text:
+                out.append(TextDelta(block.text))
+            elif block.thinking:
+                out.append(ReasoningDelta(block.thinking))
+            elif block.type == "tool_use":
+                index = self.tool_index[start.index] = len(self.tool_index)
+                self.no_input.add(start.index)
+                out.append(ToolCallDelta(index, id=block.id, name=block.name))
+        elif name == b"message_start":
+            usage = _decode_start(data).message.usage
+            self.prompt_tokens = _prompt_tokens(usage)
+            self.completion_tokens = usage.output_tokens
+        elif name == b"message_delta":
+            message_delta = _decode_message_delta(data)
+            if message_delta.delta.stop_reason is not None:
+                self.reason = _FINISH.get(message_delta.delta.stop_reason, "stop")
+                self.stop_sequence = message_delta.delta.stop_sequence
+            if message_delta.usage is not None:
+                if message_delta.usage.output_tokens is not None:
+                    self.completion_tokens = message_delta.usage.output_tokens
+                if message_delta.usage.input_tokens is not None:
+                    self.prompt_tokens = _prompt_tokens(message_delta.usage)
+        elif name == b"content_block_stop" and self.no_input:
+            stopped = _decode_block_stop(data).index
+            if stopped in self.no_input:
+                self.no_input.discard(stopped)
+                out.append(ToolCallDelta(self.tool_index[stopped], arguments="{}"))
+        elif name == b"message_stop":
+            counted = None
+            if self.prompt_tokens is not None or self.completion_tokens is not None:
+                counted = Usage(
+                    prompt_tokens=self.prompt_tokens or 0,
+                    completion_tokens=self.completion_tokens or 0,
+                )
+            self.finish = Finish(
+                reason=self.reason or "stop", usage=counted, stop_sequence=self.stop_sequence
+            )
+            return True
+        elif name == b"error":
+            body = _decode_error(data).error
+            self.failure = errors.from_inband(self.name, body.type, body.message, self.secrets)
+            return True
+        # ping, content_block_stop and event types added later carry nothing we relay.
+        return False
 
 
 ANTHROPIC_URL = "https://api.anthropic.com"

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import inspect
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable
 from typing import Any
 
 import httpx2
@@ -16,12 +15,12 @@ from openai._constants import RAW_RESPONSE_HEADER
 from openai._models import FinalRequestOptions
 
 from providers import errors
-from providers.base import Outlet
+from providers.base import Outlet, PushReader
 from providers.capabilities import EVERYTHING, Capabilities
 from providers.prebuilt import Prebuilt, sdk_request
 from providers.settings import ProviderSettings
 from providers.sse import SSEDecoder, body_chunks
-from providers.transport import http_client, push_body
+from providers.transport import http_client
 from providers.types import (
     ChatRequest,
     Delta,
@@ -153,15 +152,9 @@ class OpenAIProvider:
             async with self._response(params) as response:
                 chunks = body_chunks(response)
                 if outlet is not None:
-                    # Closing the response (on every way out) takes the hook off again.
-                    connection = push_body(chunks, reader.push)
-                    if connection is not None:
-                        reader.nudge = connection.nudge
+                    reader.hook(chunks)
                 async for raw in chunks:
-                    pending = reader.pending
-                    while pending:  # what a push read but could not write
-                        yield pending.popleft()
-                    for event in reader.events(raw):
+                    for event in reader.read(raw):
                         yield event
                     if reader.failure is not None:
                         raise reader.failure
@@ -248,39 +241,22 @@ class OpenAIProvider:
         await self._client.close()
 
 
-class _Reader:
+class _Reader(PushReader):
     """One upstream stream's decoding: its SSE events into our deltas, the finish reason and
     usage noted on the way. Both the stream's iterator and, while the iterator waits for
     bytes, the upstream connection's read callback (`push`) feed it, never both at once."""
 
-    __slots__ = (
-        "name",
-        "secrets",
-        "outlet",
-        "nudge",
-        "decoder",
-        "opened",
-        "reason",
-        "usage",
-        "done",
-        "pending",
-        "failure",
-    )
+    __slots__ = ("name", "secrets", "decoder", "opened", "reason", "usage", "done")
 
     def __init__(self, name: str, secrets: tuple[str, ...], outlet: Outlet | None) -> None:
+        super().__init__(outlet)
         self.name = name
         self.secrets = secrets
-        self.outlet = outlet
-        # Wakes the iterator when a push leaves it deltas or a failure (the connection's).
-        self.nudge: Callable[[], None] = _nothing
         self.decoder = SSEDecoder()
         self.opened: dict[int, str] = {}  # ids of the tool calls whose head (id, name) went out
         self.reason: FinishReason | None = None
         self.usage: Usage | None = None
         self.done = False
-        # Deltas a push decoded but the outlet did not take; the iterator yields them first.
-        self.pending: collections.deque[Delta] = collections.deque()
-        self.failure: Exception | None = None  # raised by the iterator after what came before
 
     def events(self, raw: bytes) -> list[Delta]:
         """The deltas of the bytes read; a broken or in-band error event sets `failure` and
@@ -323,34 +299,10 @@ class _Reader:
                 )
         return out
 
-    def push(self, raw: bytes) -> bool:
-        """Body bytes read while the iterator waits: their deltas go straight to the outlet.
-        False (not taken, the iterator gets the bytes) while the outlet is closed; what the
-        outlet refuses, and a failure, wake the iterator."""
-        outlet = self.outlet
-        write = outlet.write if outlet is not None else None
-        if write is None or self.pending or self.failure is not None:
-            return False
-        try:
-            events = self.events(raw)
-            for index, event in enumerate(events):
-                if not write(event):
-                    self.pending.extend(events[index:])
-                    break
-        except Exception as exc:  # a fault of the writer: the stream fails, as it would
-            self.failure = exc
-        if self.pending or self.failure is not None:
-            self.nudge()
-        return True
-
     def _inband(self, error: _Error | str) -> errors.ProviderError:
         if isinstance(error, str):
             return errors.from_inband(self.name, None, error, self.secrets)
         return errors.from_inband(self.name, error.type, error.message, self.secrets)
-
-
-def _nothing() -> None:
-    return None
 
 
 def _tool_call(call: _ToolCall, position: int, opened: dict[int, str]) -> ToolCallDelta:

@@ -459,13 +459,6 @@ def _request_head(request: httpx2.Request, body: bytes, *, length: bool = True) 
     return b"\r\n".join(lines) + b"\r\n\r\n"
 
 
-def push_body(chunks: object, push: Callable[[bytes], bool] | None) -> _Connection | None:
-    """Have the upstream connection under `chunks` (a body from `body_chunks`) hand its
-    pieces to `push` while the reader waits for one (None: stop); returns the connection,
-    or None for a body that is not the lean transport's own (nothing is pushed then)."""
-    return chunks.push_to(push) if isinstance(chunks, _Body) else None
-
-
 async def send_streamed(client: httpx2.AsyncClient, request: httpx2.Request) -> httpx2.Response:
     """`client.send(request, stream=True)`, with fewer layers when `client` is `http_client`'s
     lean one: no redirects, auth or mounts to handle there, so the request goes straight to

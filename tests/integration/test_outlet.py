@@ -1,6 +1,6 @@
 """Deltas written from the upstream connection's read callback (`providers.base.Outlet`).
 
-The OpenAI adapter on the lean transport, through the real SDK against the fake upstream on
+Both adapters on the lean transport, through the real SDKs against the fake upstream on
 loopback: once a consumer opens the outlet, deltas that arrive while the iterator waits go to
 it; whatever it refuses, and every failure, still comes out of the iterator, in order. Then
 the same through a real gateway, with clients that read slowly (the socket buffer fills, so
@@ -29,18 +29,25 @@ from tests.fakeupstream.formats import FakeToolCall
 Model = Callable[..., str]
 
 
-@pytest.fixture(params=["lean", "httpx"])
-async def openai_provider(
+KINDS = {"openai": 0, "anthropic": 1}  # the index of each adapter's `provider_settings`
+
+
+@pytest.fixture(
+    params=[(kind, transport) for kind in KINDS for transport in ("lean", "httpx")],
+    ids=lambda p: "-".join(p),
+)
+async def any_provider(
     request: pytest.FixtureRequest, upstream: FakeUpstream
 ) -> AsyncIterator[tuple[Provider, str]]:
-    built = build_provider(provider_settings(upstream, transport=request.param)[0], ENVIRON)
-    yield built, request.param
+    kind, transport = request.param
+    built = build_provider(provider_settings(upstream, transport=transport)[KINDS[kind]], ENVIRON)
+    yield built, transport
     await built.aclose()
 
 
-@pytest.fixture
-async def lean(upstream: FakeUpstream) -> AsyncIterator[Provider]:
-    built = build_provider(provider_settings(upstream)[0], ENVIRON)
+@pytest.fixture(params=list(KINDS))
+async def lean(request: pytest.FixtureRequest, upstream: FakeUpstream) -> AsyncIterator[Provider]:
+    built = build_provider(provider_settings(upstream)[KINDS[request.param]], ENVIRON)
     yield built
     await built.aclose()
 
@@ -103,11 +110,11 @@ SCRIPTS = {
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=list(SCRIPTS))
 async def test_pushed_deltas_are_the_stream_itself(
-    openai_provider: tuple[Provider, str], model: Model, script: str
+    any_provider: tuple[Provider, str], model: Model, script: str
 ) -> None:
     """With the outlet open the consumer sees the same events, in the same order, as without;
     on the lean transport most of them arrive through the outlet."""
-    provider, transport = openai_provider
+    provider, transport = any_provider
     fields = SCRIPTS[script]
     without = await plain(provider, model(**fields))
     recorder = Recorder([])
