@@ -206,6 +206,7 @@ def start_gateway(
     max_streams: int | None = None,
     workers: int = 1,
     tree: Path = ROOT,
+    kind: str = "openai",
 ) -> tuple[Child, str, float]:
     """A gateway process in front of `upstream`: (child, base URL, seconds until ready).
 
@@ -213,13 +214,18 @@ def start_gateway(
     environment variables (settings as `TOKENRELAY_…`). With `workers` > 1,
     `tokenrelay serve --workers N`: the child is uvicorn's supervisor and the workers are its
     children (`tree_cpu_seconds` counts them all). `tree` is the checkout whose code it runs
-    (`python -m server` imports the tree it runs in)."""
+    (`python -m server` imports the tree it runs in). `kind` is the provider's: "openai" (the
+    fake's Chat Completions) or "anthropic" (its Messages API)."""
     config = tempfile.NamedTemporaryFile(
         "w", prefix="tokenrelay-bench-", suffix=".toml", delete=False
     )
     with config:
+        template = GATEWAY_CONFIG
+        if kind == "anthropic":  # the SDK adds /v1/messages to the bare address
+            template = template.replace('kind = "openai"', 'kind = "anthropic"')
+            template = template.replace('"{upstream}/v1"', '"{upstream}"')
         config.write(
-            GATEWAY_CONFIG.format(
+            template.format(
                 upstream=upstream,
                 key_env=KEY_ENV,
                 max_connections=max_connections,

@@ -117,3 +117,15 @@ def test_write_path_benchmark_runs() -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     for step in ("race", "sse write", "ws frame, websockets' protocol", "ws frame, own framing"):
         assert f"{step} " in done.stdout, done.stdout
+
+
+def test_side_by_side_benchmark_runs_on_both_provider_kinds() -> None:
+    """`bench_ab` against this checkout twice: every figure, for each side, for each kind."""
+    root = str(Path(__file__).resolve().parents[2])
+    for kind in ("openai", "anthropic"):
+        done = run(["loadtests.bench_ab", root, root, "--tiny", "--kind", kind], timeout=180)
+        assert done.returncode == 0, done.stderr[-3000:]
+        for figure in ("CPU per request, sse", "CPU per request, json", "CPU per request, ws"):
+            assert done.stdout.count(figure) == 2, done.stdout
+        assert done.stdout.count("CPU per chunk, 100 paced") == 2, done.stdout
+        assert done.stdout.count("TTFB c=1, SSE") == 2, done.stdout
