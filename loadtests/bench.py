@@ -306,7 +306,9 @@ class Bench:
             return
         self.profile.mkdir(parents=True, exist_ok=True)
         out = self.profile / f"{name}.txt"
-        argv = [spy, "record", "--pid", str(self.gateway.pid), "--rate", "250"]
+        # Without stopping the process to read each sample: stopped, it is caught mostly on
+        # its way out of system calls, and those lines come out several times too heavy.
+        argv = [spy, "record", "--pid", str(self.gateway.pid), "--rate", "250", "--nonblocking"]
         argv += ["--duration", str(max(1, int(seconds))), "--format", "raw", "-o", str(out)]
         proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
