@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from server.guard import DirectSend
@@ -21,6 +22,7 @@ class _Socket:
     def __init__(self) -> None:
         self.sent: list[Any] = []  # messages through `send`
         self.written: list[bytes] = []  # pieces through the direct writer
+        self.writers: list[object] = []  # the task each piece was written from (None: none)
         self.full = False
         self.broken = False
 
@@ -35,6 +37,7 @@ class _Socket:
             return False
         if data:
             self.written.append(data)
+            self.writers.append(asyncio.current_task())
         return True
 
 
@@ -44,18 +47,24 @@ def _sink(socket: _Socket) -> SSESink:
     return SSESink(send, ("chatcmpl-1", 0), SSE_HEADERS, False, state)
 
 
-async def _idle(seconds: float) -> None:
-    await asyncio.sleep(seconds)
+async def _until(done: Callable[[], bool]) -> None:
+    """Idle (sending nothing) until `done()`; bounded, so a keepalive that never comes fails."""
+    for _ in range(1000):
+        if done():
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError("no keepalive within 5 s")
 
 
 async def test_before_the_headers_the_keepalive_sends_them_first() -> None:
     socket = _Socket()
     sink = _sink(socket)
-    assert await race(_idle(0.07), sink.keepalive(0.02)) is True
+    assert await race(_until(lambda: len(socket.written) >= 2), sink.keepalive(0.02)) is True
     # The first beat sent the head through `send` (a task's work), then every beat went
     # straight out.
     assert [m["type"] for m in socket.sent] == ["http.response.start"] and sink.started
     assert len(socket.written) >= 2 and set(socket.written) == {KEEPALIVE}
+    assert socket.writers[0] is not None and set(socket.writers[1:]) == {None}
 
 
 async def test_an_idle_open_stream_beats_with_no_task() -> None:
@@ -66,13 +75,14 @@ async def test_an_idle_open_stream_beats_with_no_task() -> None:
     seen: list[int] = []
 
     async def main() -> None:
-        for _ in range(5):
-            await asyncio.sleep(0.01)
+        while len(socket.written) < 2:
+            await asyncio.sleep(0.005)
             seen.append(len(asyncio.all_tasks()))
 
     assert await race(main(), sink.keepalive(0.02)) is True
     assert len(socket.written) >= 1 and set(socket.written) == {KEEPALIVE}
     assert set(seen) == {tasks + 1}  # only main's own task, ever
+    assert set(socket.writers) == {None}  # written from the timer, not from a task
     assert len(socket.sent) == 1  # just the head
 
 
@@ -81,12 +91,12 @@ async def test_a_stream_that_keeps_sending_gets_no_keepalive() -> None:
     sink = _sink(socket)
     await sink._start()
 
-    async def main() -> None:
-        for _ in range(8):
+    async def main() -> None:  # a piece every 10 ms, for three keepalive intervals
+        for _ in range(30):
             await asyncio.sleep(0.01)
             await sink._put(b"data: x\n\n")
 
-    assert await race(main(), sink.keepalive(0.03)) is True
+    assert await race(main(), sink.keepalive(0.1)) is True
     assert KEEPALIVE not in socket.written
 
 
@@ -95,8 +105,12 @@ async def test_a_full_socket_sends_the_keepalive_through_send() -> None:
     sink = _sink(socket)
     await sink._start()
     socket.full = True
-    assert await race(_idle(0.05), sink.keepalive(0.02)) is True
-    bodies = [m["body"] for m in socket.sent if m["type"] == "http.response.body"]
+
+    def bodies_sent() -> list[bytes]:
+        return [m["body"] for m in socket.sent if m["type"] == "http.response.body"]
+
+    assert await race(_until(lambda: bool(bodies_sent())), sink.keepalive(0.02)) is True
+    bodies = bodies_sent()
     assert bodies and set(bodies) == {KEEPALIVE} and not socket.written
 
 
