@@ -52,6 +52,7 @@ class EventStreamSink:
         "_opened",
         "_unsent",
         "_unsent_event",
+        "_beats",
         "started",
         "complete",
         "last_sent",
@@ -66,6 +67,7 @@ class EventStreamSink:
         self._opened = False  # the answer's opening events went out (with the headers)
         self._unsent: bytes | None = None  # a delta `write_now` framed but could not write
         self._unsent_event: Delta | None = None  # ... and that delta
+        self._beats: Heartbeat | None = None  # the keepalive, stopped when the body ends
         self.started = False
         self.complete = False
         self.last_sent = self._loop.time()
@@ -83,15 +85,35 @@ class EventStreamSink:
         """One event's bytes as they go out: dialects may add to them (an `id:`)."""
         return data
 
-    async def _body(self, data: bytes) -> None:
-        """Send one event's bytes (a delta, the finish, an error), after any a refused
-        `write_now` left (`delta` sends those itself; this keeps them from being lost)."""
+    def _sealed(self, data: bytes) -> bytes:
+        """One event's bytes as they go out, after any a refused `write_now` left (`delta`
+        sends those itself; this keeps them from being lost)."""
         sealed = self._seal(data)
         unsent = self._unsent
         if unsent is not None:
             self._unsent = self._unsent_event = None
             sealed = unsent + sealed
-        await self._put(sealed)
+        return sealed
+
+    async def _body(self, data: bytes) -> None:
+        """Send one event's bytes (a delta, an error)."""
+        await self._put(self._sealed(data))
+
+    async def _last(self, data: bytes) -> None:
+        """Send the stream's last event (the finish, or an error after the headers) and end
+        the body with it: one write, and the response is complete at once, so a client that
+        closes its connection when it has read the last event is not a disconnect. The
+        keepalive stops first (nothing may follow the end); one already on its way, waiting for
+        the client's socket to drain, goes out before it."""
+        beats, self._beats = self._beats, None
+        if beats is not None:
+            sending = beats.halt()
+            if sending is not None:
+                await asyncio.wait((sending,))
+        sealed = self._sealed(data)
+        self.last_sent = self._loop.time()
+        await self._send({"type": "http.response.body", "body": sealed, "more_body": False})
+        self.complete = True
 
     # Bytes that are not an event of the stream (a keepalive).
     _comment = _put
@@ -109,7 +131,7 @@ class EventStreamSink:
         return protocol.SSE_HEARTBEAT
 
     async def end(self) -> None:
-        """Close the response body."""
+        """Close the response body (where `_last` did not)."""
         await self._send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _opening(self) -> bytes:
@@ -150,11 +172,13 @@ class EventStreamSink:
         raise NotImplementedError
 
     async def error(self, exc: GatewayError) -> None:
+        if self.complete:  # the body ended with the finish: nothing can follow it
+            return
         if not self.started:
             self.started = self.complete = True
             await self.error_response(exc)
             return
-        await self._body(self.error_event(exc))
+        await self._last(self.error_event(exc))
 
     async def error_response(self, exc: GatewayError) -> None:
         """The whole response for a failure before the headers went out."""
@@ -184,8 +208,9 @@ class EventStreamSink:
 
     def keepalive(self, interval: float) -> Heartbeat:
         """A watcher (see `race`) that sends a keepalive whenever nothing else was sent for
-        `interval` seconds."""
-        return Heartbeat(self, interval)
+        `interval` seconds, until the body ends."""
+        beats = self._beats = Heartbeat(self, interval)
+        return beats
 
 
 class Heartbeat:
@@ -193,7 +218,7 @@ class Heartbeat:
     nothing was sent for `interval` seconds. No task, unless the write has to wait (before
     the headers, or while the client's socket is full); a failed write stops the stream."""
 
-    __slots__ = ("_sink", "_interval", "_loop", "_stop", "_timer", "_task")
+    __slots__ = ("_sink", "_interval", "_loop", "_stop", "_timer", "_task", "_halted")
 
     def __init__(self, sink: EventStreamSink, interval: float) -> None:
         self._sink = sink
@@ -202,6 +227,7 @@ class Heartbeat:
         self._stop: Callable[[], None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
+        self._halted = False
 
     def start(self, stop: Callable[[], None]) -> None:
         self._stop = stop
@@ -226,14 +252,23 @@ class Heartbeat:
             if self._stop is not None:
                 self._stop()
             return
-        self._timer = self._loop.call_at(self._sink.last_sent + self._interval, self._tick)
+        if not self._halted:
+            self._timer = self._loop.call_at(self._sink.last_sent + self._interval, self._tick)
 
-    async def close(self) -> None:
-        self._stop = None
+    def halt(self) -> asyncio.Task[None] | None:
+        """No keepalive from now on: the body is about to end. Returns the task of one still
+        being sent (it waits for the client's socket to drain), if any."""
+        self._halted = True
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        task = self._task
+        return self._task
+
+    async def close(self) -> None:
+        self._stop = None
+        if self._sink._beats is self:
+            self._sink._beats = None  # no cycle left for the collector
+        task = self.halt()
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
@@ -285,7 +320,7 @@ class SSESink(EventStreamSink):
         data = opening + framer.finish(reason)
         if self._usage:
             data += framer.usage(usage)
-        await self._body(data + protocol.SSE_DONE)
+        await self._last(data + protocol.SSE_DONE)
 
 
 def _chunk(framer: protocol.ChunkFramer, event: Delta) -> bytes:
@@ -347,7 +382,7 @@ class ResumableSSESink(SSESink):
             self.seq += 1
             await send_error_body(self._send, body)
             return
-        await self._body(protocol.sse_event(ErrorEnvelope(body)))
+        await self._last(protocol.sse_event(ErrorEnvelope(body)))
 
     async def interrupted(self, body: ErrorBody) -> None:
         """This reader lost the journal midway: an error event with no `id:`, as it is no

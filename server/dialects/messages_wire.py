@@ -298,7 +298,7 @@ class MessagesSink(EventStreamSink):
             )
             + b"}"
         )
-        await self._body(data + sse(b"message_delta", delta) + MESSAGE_STOP)
+        await self._last(data + sse(b"message_delta", delta) + MESSAGE_STOP)
 
     async def error_response(self, exc: GatewayError) -> None:
         await send_error(self._send, exc, self._state.request_id)

@@ -549,7 +549,7 @@ class ResponsesSink(EventStreamSink):
         response = finished(self._response, output, reason, usage, self._state.model)
         await self._finisher(response, self._items)
         kind = "response.incomplete" if response.status == "incomplete" else "response.completed"
-        await self._body(data + self._lifecycle(kind, response))
+        await self._last(data + self._lifecycle(kind, response))
 
     def error_event(self, exc: GatewayError) -> bytes:
         spec = spec_for(exc)

@@ -1,4 +1,5 @@
-"""server.sse.Heartbeat: an idle event stream's keepalive, from a timer, without a task."""
+"""server.sse.Heartbeat: an idle event stream's keepalive, from a timer, without a task; and
+how it stops when the stream's last event ends the body."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
+from providers.errors import UpstreamProtocolError
+from providers.types import TextDelta, Usage
 from server.guard import DirectSend
 from server.sse import SSE_HEADERS, SSESink
 from server.stream_state import StreamState
@@ -129,3 +132,83 @@ async def test_a_keepalive_that_fails_stops_the_stream() -> None:
 
     assert await race(main(), sink.keepalive(0.01)) is False
     assert stopped == [True]
+
+
+def _bodies(socket: _Socket) -> list[tuple[bytes, bool]]:
+    """The body messages sent through `send`: (body, more_body)."""
+    return [(m["body"], m["more_body"]) for m in socket.sent if m["type"] == "http.response.body"]
+
+
+async def test_the_finish_ends_the_body_in_the_same_message() -> None:
+    socket = _Socket()
+    sink = _sink(socket)
+
+    async def main() -> None:
+        await sink.delta(TextDelta("hi"))
+        await sink.finish("stop", Usage())
+
+    assert await race(main(), sink.keepalive(5.0)) is True
+    # The head, the role and first delta (one direct write), then the finish and [DONE] in the
+    # message that ends the body: no empty closing message after it.
+    assert [m["type"] for m in socket.sent] == ["http.response.start", "http.response.body"]
+    [(last, more)] = _bodies(socket)
+    assert not more and last.endswith(b"data: [DONE]\n\n") and b'"finish_reason":"stop"' in last
+    assert len(socket.written) == 1 and b'"content":"hi"' in socket.written[0]
+    assert sink.complete
+
+
+async def test_an_error_after_the_headers_ends_the_body_and_nothing_follows_the_end() -> None:
+    socket = _Socket()
+    sink = _sink(socket)
+    await sink.delta(TextDelta("hi"))
+    await sink.error(UpstreamProtocolError("the upstream broke off"))
+    [(last, more)] = _bodies(socket)
+    assert not more and b"the upstream broke off" in last and b"[DONE]" not in last
+    assert sink.complete
+    await sink.error(UpstreamProtocolError("a second failure"))  # e.g. while closing upstream
+    assert len(_bodies(socket)) == 1
+
+
+async def test_no_keepalive_after_the_last_event() -> None:
+    socket = _Socket()
+    sink = _sink(socket)
+
+    async def main() -> None:
+        await sink.finish("stop", Usage())
+        await asyncio.sleep(0.1)  # work after the answer (a cache write, say): 5 intervals
+
+    assert await race(main(), sink.keepalive(0.02)) is True
+    assert KEEPALIVE not in socket.written
+    assert all(KEEPALIVE not in body for body, _ in _bodies(socket))
+    assert _bodies(socket)[-1][1] is False
+
+
+async def test_a_keepalive_waiting_for_a_full_socket_goes_out_before_the_end() -> None:
+    socket = _Socket()
+    sink = _sink(socket)
+    await sink._start()
+    socket.full = True
+    drained = asyncio.Event()
+    send = socket.send
+
+    async def slow_send(message: Any) -> None:  # waits, as uvicorn's does for a full buffer
+        if message["type"] == "http.response.body":
+            await drained.wait()
+        await send(message)
+
+    socket.send = slow_send  # type: ignore[method-assign]
+    sink._send = DirectSend(slow_send, slow_send, socket.write, None)
+    beats = sink.keepalive(0.01)
+
+    async def main() -> None:
+        await _until(lambda: beats._task is not None)  # a keepalive waits in `send`
+        ending = asyncio.ensure_future(sink.finish("stop", Usage()))
+        await asyncio.sleep(0.05)
+        assert not ending.done()  # behind the keepalive
+        drained.set()
+        await ending
+
+    assert await race(main(), beats) is True
+    bodies = _bodies(socket)
+    assert [b for b, _ in bodies[:-1]] == [KEEPALIVE] and bodies[0][1] is True
+    assert bodies[-1][0].endswith(b"data: [DONE]\n\n") and bodies[-1][1] is False
