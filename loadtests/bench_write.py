@@ -100,7 +100,9 @@ async def _sse_write(rounds: int) -> float:
         "http_version": "1.1",
         "extensions": {},
     }
-    cycle = RequestResponseCycle(
+    # The server's own exchange where the tree has one (it holds the head for the body).
+    cycle_class = getattr(guard, "GuardedCycle", RequestResponseCycle)
+    cycle = cycle_class(
         scope=scope,  # type: ignore[arg-type]
         transport=transport,  # type: ignore[arg-type]
         flow=FlowControl(transport),  # type: ignore[arg-type]

@@ -128,6 +128,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             # Only attributes are read and written later; the task has not started yet.
             http10 = self.scope["http_version"] == "1.0"
             cycle.__class__ = CloseDelimitedCycle if http10 else GuardedCycle
+            assert isinstance(cycle, GuardedCycle)
             writers = WeakWriters(cycle, _cycle_writers)
             self.scope["extensions"][DIRECT] = writers  # type: ignore[assignment]
 
@@ -211,9 +212,8 @@ class WeakWriters(Generic[Owner]):
         return None if owner is None else self._writers(owner)
 
 
-def _cycle_writers(cycle: RequestResponseCycle) -> Writers:
-    watch = _gone_watch(cycle) if isinstance(cycle, GuardedCycle) else None
-    return cycle.send, _chunk_writer(cycle), watch  # type: ignore[return-value]
+def _cycle_writers(cycle: GuardedCycle) -> Writers:
+    return cycle.send, _chunk_writer(cycle), _gone_watch(cycle)  # type: ignore[return-value]
 
 
 def _gone_watch(cycle: GuardedCycle) -> Watch:
@@ -238,7 +238,7 @@ def _gone_watch(cycle: GuardedCycle) -> Watch:
     return watch
 
 
-def _chunk_writer(cycle: RequestResponseCycle) -> Callable[[bytes], bool]:
+def _chunk_writer(cycle: GuardedCycle) -> Callable[[bytes], bool]:
     """Write a piece of `cycle`'s chunked body now, as its `send` would; False when only
     `send` may (see the module's docstring), so the order and the back-pressure stay its."""
     transport = cycle.transport
@@ -253,7 +253,12 @@ def _chunk_writer(cycle: RequestResponseCycle) -> Callable[[bytes], bool]:
         ):
             return False
         if data:  # an empty chunk would end the body
-            transport.write(b"%x\r\n%s\r\n" % (len(data), data))
+            head = cycle.head
+            if head is None:
+                transport.write(b"%x\r\n%s\r\n" % (len(data), data))
+            else:  # the first piece goes out with the response head
+                cycle.head = None
+                transport.write(b"%s%x\r\n%s\r\n" % (head, len(data), data))
         return True
 
     return write
@@ -261,9 +266,74 @@ def _chunk_writer(cycle: RequestResponseCycle) -> Callable[[bytes], bool]:
 
 class GuardedCycle(RequestResponseCycle):
     """uvicorn's exchange, with a callback for the client leaving before the response ended
-    (set through `Watch`; the protocol calls it from `connection_lost`)."""
+    (set through `Watch`; the protocol calls it from `connection_lost`), and the response
+    head held back for the first piece of the body.
+
+    uvicorn writes the head on its own as soon as the app sends it; the body (a streamed
+    answer's first piece, a whole JSON answer) follows within the same step, so the two make
+    one write (one system call, one packet for the client to read), whether that piece goes
+    through the direct writer or through `send`. The head never waits longer than the loop's
+    next turn, and goes first before anything else.
+    """
 
     gone: Callable[[], None] | None = None
+    head: bytes | None = None  # the response head, encoded and not yet written
+
+    async def send(self, message: ASGISendEvent) -> None:
+        if self.flow.write_paused or self.disconnected:  # uvicorn's `send` waits, or drops
+            self.send_head()
+            await super().send(message)
+        elif message["type"] == "http.response.start" and not self.response_started:
+            head, _ = await self._encoded(message)
+            if head:
+                self.head = head
+                asyncio.get_running_loop().call_soon(self.send_head)
+        elif self.head is not None:  # a body through `send` (a whole JSON answer, say)
+            data, close = await self._encoded(message)
+            head, self.head = self.head, None
+            assert head is not None
+            self.transport.write(head + data)
+            if close:
+                self.transport.close()
+        else:
+            await super().send(message)
+
+    async def _encoded(self, message: ASGISendEvent) -> tuple[bytes, bool]:
+        """What uvicorn's `send` writes for `message`, and whether it then closes, instead of
+        writing it: its state (chunked or not, keep-alive, complete) moves on as it would.
+        Only while the socket takes writes, where that `send` runs through without waiting."""
+        transport, held = self.transport, _Held()
+        self.transport = held  # type: ignore[assignment]
+        try:
+            await super().send(message)
+        finally:
+            self.transport = transport
+        return held.data, held.closed
+
+    def send_head(self) -> None:
+        """Write the held head, unless a piece of the body took it along already."""
+        head = self.head
+        if head is not None:
+            self.head = None
+            if not self.disconnected:
+                self.transport.write(head)
+
+
+class _Held:
+    """Stands in for the socket while uvicorn encodes a message: keeps what it writes, and
+    whether it closed the connection after."""
+
+    __slots__ = ("data", "closed")
+
+    def __init__(self) -> None:
+        self.data = b""
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+    def close(self) -> None:
+        self.closed = True
 
 
 class CloseDelimitedCycle(GuardedCycle):
