@@ -34,7 +34,7 @@ lint: install-dev
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-system-deps:  ## Debian's chromium, redis-server and nginx for the tests (installed when missing; fails if unusable)
+system-deps:  ## Debian's chromium, redis-server, nginx and wrk for the tests and the bench (installed when missing; fails if unusable)
 	scripts/install-system-deps
 
 test: lint system-deps  ## install, lint, type-check and run the whole test suite

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loadtests import harness
+from loadtests import harness, native
 from loadtests.clients import Result, SSEClient, WSClient, percentile
 from server.settings import ServerSettings
 
@@ -60,6 +60,7 @@ class Sizes:
     workers_seconds: float = 4.0
     workers_rounds: int = 2
     workers_tokens: int = 8
+    native_seconds: int = 4  # per wrk run (whole seconds: wrk takes no fraction)
 
 
 TINY = Sizes(
@@ -80,6 +81,7 @@ TINY = Sizes(
     workers_concurrency=4,
     workers_seconds=0.5,
     workers_rounds=1,
+    native_seconds=1,
 )
 
 
@@ -374,7 +376,8 @@ class Bench:
 
     async def workers(self) -> None:
         """`tokenrelay serve --workers 2` against one worker: streams per second of short
-        unpaced streams at fixed concurrency (closed loop), the two gateways alternating."""
+        unpaced streams at fixed concurrency (closed loop), the two gateways alternating; then
+        the same under wrk with nginx as the upstream (see `loadtests.native`)."""
         s = self.sizes
         await self.control.script("short", tokens=s.workers_tokens, pace=0.0)
         child, url, _ = harness.start_gateway(self.fake_url, workers=2, tree=self.tree)
@@ -410,6 +413,16 @@ class Bench:
             }
         one, two = out["1 worker"]["streams_per_s"], out["2 workers"]["streams_per_s"]
         out["ratio"] = _ratio(two, one)
+        # The same comparison with C programs as load and upstream, which leave the gateway
+        # more of the machine: fresh gateways in front of nginx, under wrk.
+        out["native"] = native.compare_workers(
+            self.stack,
+            tokens=s.workers_tokens,
+            connections=s.workers_concurrency,
+            seconds=s.native_seconds,
+            rounds=s.workers_rounds,
+            tree=self.tree,
+        )
         self.figures["workers"] = out
 
     async def _workers_phase(self, pid: int, url: str) -> tuple[int, float, float, float, float]:
@@ -787,6 +800,8 @@ class Bench:
         return figures
 
     async def run(self, only: list[str]) -> dict[str, Any]:
+        if not only or "workers" in only:
+            native.tools()  # missing, fail now rather than at the end of the run
         fake, self.fake_url, control = harness.start_fake(self.sizes.tokens, self.sizes.pace)
         self.fake = self.stack.add(fake)
         floor, self.floor_url = harness.start_floor(self.fake_url)
@@ -1025,6 +1040,7 @@ def rows(f: dict[str, Any]) -> list[tuple[str, Any, Any, Any, str]]:
             per_stream = workers[name].get("gateway_cpu_per_stream_ms")
             if per_stream is not None:
                 out.append((f"gateway CPU per stream, {name} (ms)", "", per_stream, "", ""))
+        out += native.rows(workers.get("native"))
     for scenario, route in (("messages", GW_MSG), ("responses", GW_RSP), ("resumable", GW_RES)):
         out += _beside_chat_rows(f.get(scenario), scenario, route)
     cap = f.get("capacity")

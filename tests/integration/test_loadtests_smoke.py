@@ -54,6 +54,17 @@ def test_bench_writes_its_table_and_figures(tmp_path: Path) -> None:
     assert "cancel->upstream p99 @12 offered" in done.stdout
     assert figures["c1_streams"]["gateway-sse"]["streams_per_s"] > 0
     assert figures["workers"]["2 workers"]["streams"] > 0
+    # The same under wrk, nginx serving the upstream's answer: every answer whole.
+    native = figures["workers"]["native"]
+    for name in ("1 worker", "2 workers"):
+        assert native[name]["streams"] > 0, native
+        assert native[name]["incomplete"] == 0, native
+        assert native[name]["socket_errors"] == 0, native
+        for process in ("gateway", "wrk", "nginx"):
+            assert native[name][f"{process}_cpu_cores"] > 0, native
+        assert native[name]["gateway_cpu_per_stream_ms"] > 0, native
+    assert native["ratio"] > 0 and native["projected_ratio"] > 0, native
+    assert "native load: PROJECTED 2 workers vs 1" in done.stdout
     assert figures["load"]["gateway-sse"]["chunks"] > 0
     assert figures["load"]["gateway-ws"]["chunks"] > 0
     # The floor (a byte pipe to the fake upstream) relays whole answers in both scenarios.
