@@ -451,6 +451,7 @@ class Bench:
         await self.control.script("paced", tokens=s.tokens, pace=s.pace)
         stream_time = s.tokens * s.pace
         phases: dict[str, list[Phase]] = {DIRECT: [], FLOOR: [], GW_SSE: [], GW_WS: []}
+        splits: dict[str, list[tuple[float, float, float]]] = {t: [] for t in phases}
         for _ in range(s.load_rounds):
             for target in phases:
                 seconds = stream_time + s.load_seconds
@@ -462,12 +463,17 @@ class Bench:
                         target,
                     )
                 phases[target].append(phase)
+                splits[target] += _ttft_split(phase.results, await self.control.requests())
                 await self.control.forget()
         out = {t: self._load_figures(p, s.pace) for t, p in phases.items()}
         for t in (FLOOR, GW_SSE, GW_WS):
             d, g = out[DIRECT]["ttft"], out[t]["ttft"]
             out[t]["ttft_p99_ratio"] = _ratio(g["p99_ms"], d["p99_ms"])
             out[t]["ttft_p50_ratio"] = _ratio(g["p50_ms"], d["p50_ms"])
+        for t, split in splits.items():
+            out[t]["ttft_split"] = {
+                leg: _summary([legs[i] for legs in split]) for i, leg in enumerate(TTFT_LEGS)
+            }
         self.figures["load"] = {"concurrency": s.load_concurrency, **out}
 
     @staticmethod
@@ -865,6 +871,39 @@ def _has_first(client: SSEClient) -> bool:
     return result is not None and result.first_at is not None
 
 
+# Where a stream's time to first token goes (see `_ttft_split`).
+TTFT_LEGS = ("to_upstream", "upstream", "from_upstream")
+
+
+def _ttft_split(
+    results: list[Result], records: list[dict[str, Any]]
+) -> list[tuple[float, float, float]]:
+    """Each stream's TTFB in three legs (ms), from the fake upstream's record of it (matched by
+    the `user` tag; all processes read the same monotonic clock): request sent → the upstream
+    has it, → the upstream wrote its first delta, → the client has that delta."""
+    by_tag = {r["user"]: r for r in records if r.get("user")}
+    out: list[tuple[float, float, float]] = []
+    for r in results:
+        record = by_tag.get(r.tag)
+        if r.first_at is None or record is None or record.get("first_delta_at") is None:
+            continue
+        arrived, first = record["started_at"], record["first_delta_at"]
+        out.append(
+            ((arrived - r.sent_at) * 1e3, (first - arrived) * 1e3, (r.first_at - first) * 1e3)
+        )
+    return out
+
+
+def _summary(values: list[float]) -> dict[str, Any]:
+    """p50 and p99 (ms, rounded) and the count."""
+    p50, p99 = percentile(values, 50), percentile(values, 99)
+    return {
+        "p50_ms": None if p50 is None else round(p50, 3),
+        "p99_ms": None if p99 is None else round(p99, 3),
+        "n": len(values),
+    }
+
+
 def _cancel_figures(results: list[Result], records: dict[str, dict[str, Any]]) -> dict[str, Any]:
     latencies: list[float] = []
     after: list[int] = []
@@ -925,6 +964,20 @@ def _get(figures: dict[str, Any], *path: str) -> Any:
     return node
 
 
+def _split_rows(load: dict[str, Any], target: str, c: int) -> list[tuple[str, Any, Any, Any, str]]:
+    """The TTFB's legs, direct beside `target`: to the upstream / in it / back (p50, p99)."""
+    direct, split = load[DIRECT].get("ttft_split"), load[target].get("ttft_split")
+    if not direct or not split:
+        return []
+    out: list[tuple[str, Any, Any, Any, str]] = []
+    for q in ("p50", "p99"):
+        d = " / ".join(str(direct[leg][f"{q}_ms"]) for leg in TTFT_LEGS)
+        g = " / ".join(str(split[leg][f"{q}_ms"]) for leg in TTFT_LEGS)
+        label = f"  ... TTFB {q} to upstream / in it / back, c={c}, {target} (ms)"
+        out.append((label, d, g, "", ""))
+    return out
+
+
 def rows(f: dict[str, Any]) -> list[tuple[str, Any, Any, Any, str]]:
     """(figure, direct, gateway, ratio or difference, goal) for the table."""
     out: list[tuple[str, Any, Any, Any, str]] = []
@@ -968,6 +1021,7 @@ def rows(f: dict[str, Any]) -> list[tuple[str, Any, Any, Any, str]]:
                 d, g = load[DIRECT]["ttft"][f"{q}_ms"], load[t]["ttft"][f"{q}_ms"]
                 goal = "<= 1.5x direct" if q == "p99" else ""
                 out.append((f"TTFB {q} c={c} paced, {t} (ms)", d, g, _x(_ratio(g, d)), goal))
+            out += _split_rows(load, t, c)
             d, g = load[DIRECT]["gap"]["p99_ms"], load[t]["gap"]["p99_ms"]
             out.append((f"inter-chunk gap p99 c={c}, {t} (ms)", d, g, _x(_ratio(g, d)), ""))
             out.append((f"stalled streams c={c}, {t}", 0, load[t]["stalled_streams"], "", "0"))

@@ -66,6 +66,12 @@ def test_bench_writes_its_table_and_figures(tmp_path: Path) -> None:
     assert native["ratio"] > 0 and native["projected_ratio"] > 0, native
     assert "native load: PROJECTED 2 workers vs 1" in done.stdout
     assert figures["load"]["gateway-sse"]["chunks"] > 0
+    # Every stream's TTFB split at the fake upstream: to it, in it, back to the client.
+    for target in ("direct-sse", "floor-sse", "gateway-sse", "gateway-ws"):
+        split = figures["load"][target]["ttft_split"]
+        assert set(split) == {"to_upstream", "upstream", "from_upstream"}, split
+        assert all(leg["n"] > 0 and leg["p50_ms"] >= 0 for leg in split.values()), split
+    assert "TTFB p99 to upstream / in it / back" in done.stdout
     assert figures["load"]["gateway-ws"]["chunks"] > 0
     # The floor (a byte pipe to the fake upstream) relays whole answers in both scenarios.
     for scenario in ("c1_streams", "load"):
