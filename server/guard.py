@@ -88,6 +88,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         settings = settings_of(self.app)
         if settings is not None:
             self.max_header_bytes = settings.limits.max_header_bytes
+        self.app = _HeadFirst(self.app)
         self._arm()
 
     def data_received(self, data: bytes) -> None:
@@ -284,31 +285,39 @@ class GuardedCycle(RequestResponseCycle):
             self.send_head()
             await super().send(message)
         elif message["type"] == "http.response.start" and not self.response_started:
-            head, _ = await self._encoded(message)
+            head = (await self._encoded(message)).data
             if head:
                 self.head = head
                 asyncio.get_running_loop().call_soon(self.send_head)
         elif self.head is not None:  # a body through `send` (a whole JSON answer, say)
-            data, close = await self._encoded(message)
+            held = await self._encoded(message)
             head, self.head = self.head, None
             assert head is not None
-            self.transport.write(head + data)
-            if close:
+            self.transport.write(head + held.data)
+            if held.closed:
                 self.transport.close()
+            if held.responded:
+                # After the close, as uvicorn does it: the protocol looks at the socket to
+                # decide whether to go on with a request pipelined behind this one.
+                self.on_response()
         else:
             await super().send(message)
 
-    async def _encoded(self, message: ASGISendEvent) -> tuple[bytes, bool]:
-        """What uvicorn's `send` writes for `message`, and whether it then closes, instead of
-        writing it: its state (chunked or not, keep-alive, complete) moves on as it would.
-        Only while the socket takes writes, where that `send` runs through without waiting."""
-        transport, held = self.transport, _Held()
+    async def _encoded(self, message: ASGISendEvent) -> _Held:
+        """What uvicorn's `send` writes for `message`, whether it then closes and whether the
+        response ended, instead of doing it: its state (chunked or not, keep-alive, complete)
+        moves on as it would. Only while the socket takes writes, where that `send` runs
+        through without waiting."""
+        transport, on_response, held = self.transport, self.on_response, _Held()
         self.transport = held  # type: ignore[assignment]
+        self.on_response = held.respond
         try:
             await super().send(message)
         finally:
             self.transport = transport
-        return held.data, held.closed
+            if self.on_response == held.respond:  # uvicorn may have let go of it meanwhile
+                self.on_response = on_response
+        return held
 
     def send_head(self) -> None:
         """Write the held head, unless a piece of the body took it along already."""
@@ -320,20 +329,45 @@ class GuardedCycle(RequestResponseCycle):
 
 
 class _Held:
-    """Stands in for the socket while uvicorn encodes a message: keeps what it writes, and
-    whether it closed the connection after."""
+    """Stands in for the socket (and the protocol's end-of-response callback) while uvicorn
+    encodes a message: keeps what it writes, whether it closed the connection after, and
+    whether the response ended."""
 
-    __slots__ = ("data", "closed")
+    __slots__ = ("data", "closed", "responded")
 
     def __init__(self) -> None:
         self.data = b""
         self.closed = False
+        self.responded = False
 
     def write(self, data: bytes) -> None:
         self.data += data
 
     def close(self) -> None:
         self.closed = True
+
+    def respond(self) -> None:
+        self.responded = True
+
+
+class _HeadFirst:
+    """The served app, and then a response head its cycle still holds written out, before
+    uvicorn closes a connection whose response the app left unfinished (it raised, or
+    returned, right after the head): the client gets the status as it did before heads were
+    held. `app` is the served app's, for `settings_of`."""
+
+    __slots__ = ("app",)
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            cycle = getattr(send, "__self__", None)  # uvicorn passes its cycle's `send`
+            if isinstance(cycle, GuardedCycle):
+                cycle.send_head()
 
 
 class CloseDelimitedCycle(GuardedCycle):

@@ -25,7 +25,7 @@ from server.http import send_error, send_error_body
 from server.journal import Done, Head
 from server.resume import Follower, Streams, Tee, replay
 from server.stream_state import StreamState
-from server.streaming import Disconnect, race, release_cancel, wait_disconnect
+from server.streaming import Disconnect, race, release_cancel, watch_disconnect
 
 CACHE_HIT_HEADER = (b"x-tokenrelay-cache", b"hit")
 SSE_HEADERS = [
@@ -125,6 +125,10 @@ class EventStreamSink:
         if self._state.cached:  # known before the first event, as the lookup comes first
             headers = [*headers, CACHE_HIT_HEADER]
         await self._send({"type": "http.response.start", "status": 200, "headers": headers})
+
+    def ended(self) -> bool:
+        """Whether the response is complete (after it, `receive` reports a disconnect)."""
+        return self.complete
 
     def keepalive_event(self) -> bytes:
         """What is sent to keep the stream alive: a comment line, unless the dialect says."""
@@ -410,7 +414,7 @@ async def stream_resumable(
     streams.bind(tee, run)
     keepalive = sink.keepalive(heartbeat)
     keepalive.start(_ignore)  # a failed keepalive leaves the stream to its journal
-    gone = asyncio.ensure_future(wait_disconnect(receive))
+    gone = asyncio.ensure_future(watch_disconnect(receive, None, sink.ended))
     try:
         await asyncio.wait((run, gone), return_when=asyncio.FIRST_COMPLETED)
         if not run.done():
@@ -450,7 +454,7 @@ async def replay_sse(
         await race(
             replay(follower, sink, write_timeout=write_timeout, request_id=state.request_id),
             sink.keepalive(heartbeat),
-            Disconnect(sink._send, receive, None),
+            Disconnect(sink._send, receive, None, sink.ended),
         )
     except TimeoutError:  # the reader stopped reading
         if state.abort is not None:
@@ -479,7 +483,7 @@ async def stream_sse(
     finished = await race(
         service.run(prepared, sink, state),
         sink.keepalive(heartbeat),
-        Disconnect(sink._send, receive, state),
+        Disconnect(sink._send, receive, state, sink.ended),
     )
     if finished and not sink.complete:
         await write_or_abort(sink.end(), state, ERROR_WRITE_TIMEOUT)

@@ -20,10 +20,18 @@ async def wait_disconnect(receive: Receive) -> None:
             return
 
 
-async def watch_disconnect(receive: Receive, state: StreamState) -> None:
-    """Return when the HTTP client goes away, noting that as the stream's cancel."""
+async def watch_disconnect(
+    receive: Receive, state: StreamState | None, ended: Callable[[], bool] | None = None
+) -> None:
+    """Return when the HTTP client goes away, noting that as the stream's cancel (unless
+    `state` is None). Once the response has ended (`ended()`), `receive` says
+    `http.disconnect` whatever the client does: that is no disconnect, and this waits to be
+    cancelled instead (the work after a stream's last event is the stream's own)."""
     await wait_disconnect(receive)
-    state.cancel("client_disconnected")
+    if ended is not None and ended():
+        await asyncio.get_running_loop().create_future()
+    if state is not None:
+        state.cancel("client_disconnected")
 
 
 class Watcher(Protocol):
@@ -61,26 +69,30 @@ class TaskWatcher:
 class Disconnect:
     """Stops the stream when the HTTP client goes away, noting that as its cancel (unless
     `state` is None): through the server's watch where it has one (`server.guard`: a
-    callback, no task), else a task waiting on `receive` for `http.disconnect`."""
+    callback, no task, and none once the response is complete), else a task waiting on
+    `receive` for `http.disconnect`, which `ended` (the response has ended: an event stream
+    that sent its last event) tells from a client that left."""
 
-    __slots__ = ("_watch", "_receive", "_state", "_fallback", "_unwatch")
+    __slots__ = ("_watch", "_receive", "_state", "_ended", "_fallback", "_unwatch")
 
-    def __init__(self, send: Send, receive: Receive, state: StreamState | None) -> None:
+    def __init__(
+        self,
+        send: Send,
+        receive: Receive,
+        state: StreamState | None,
+        ended: Callable[[], bool] | None = None,
+    ) -> None:
         self._watch = gone_watch(send)
         self._receive = receive
         self._state = state
+        self._ended = ended
         self._fallback: TaskWatcher | None = None
         self._unwatch: Callable[[], None] | None = None
 
     def start(self, stop: Callable[[], None]) -> None:
         state = self._state
         if self._watch is None:
-            coro = (
-                wait_disconnect(self._receive)
-                if state is None
-                else watch_disconnect(self._receive, state)
-            )
-            self._fallback = TaskWatcher(coro)
+            self._fallback = TaskWatcher(watch_disconnect(self._receive, state, self._ended))
             self._fallback.start(stop)
             return
 

@@ -20,6 +20,7 @@ from server.guard import GuardedHttpToolsProtocol, direct_body, direct_write
 from server.settings import Settings, uvicorn_options
 from tests.conftest import ENVIRON, provider_settings
 from tests.fakeupstream import FakeUpstream
+from tests.support.rawclient import connect, read_all
 from tests.support.servers import serve_in_thread
 
 Model = Callable[..., str]
@@ -154,3 +155,58 @@ def test_a_head_whose_body_comes_later_is_not_held_back() -> None:
     assert got.endswith(b"9\r\nlate body\r\n0\r\n\r\n")
     assert writes[0].startswith(b"HTTP/1.1 200 OK\r\n") and writes[0].endswith(b"\r\n\r\n")
     assert writes[1:] == [b"9\r\nlate body\r\n", b"0\r\n\r\n"]
+
+
+def test_a_request_pipelined_behind_a_closing_answer_is_never_run(
+    upstream: FakeUpstream, model: Model
+) -> None:
+    """HTTP/1.0 asking for keep-alive, a second request sent right behind the first: uvicorn
+    answers 1.0 with `connection: close`, so the second must reach neither the app nor the
+    upstream (the protocol decides that from the socket's closing when the answer ends)."""
+    settings = Settings(providers=provider_settings(upstream))
+    name = model(tokens=2)
+    body = json.dumps(
+        {"model": f"oai/{name}", "messages": [{"role": "user", "content": "hi"}]}
+    ).encode()
+    request = (
+        b"POST /api/chat/completions HTTP/1.0\r\nhost: x\r\nconnection: keep-alive\r\n"
+        b"content-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    app = create_app(settings, ENVIRON)
+    paths: list[str] = []
+
+    async def counting(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            paths.append(scope["path"])
+        await app(scope, receive, send)
+
+    with serve_in_thread(counting, options=uvicorn_options(settings)) as url:
+        with connect(url) as sock:
+            sock.sendall(request + request)
+            got = read_all(sock)
+    assert got.count(b"HTTP/1.1 200") == 1 and b"connection: close" in got
+    assert paths == ["/api/chat/completions"]
+    assert len(upstream.by_model(name)) == 1
+
+
+@pytest.mark.parametrize("path", ["/raise", "/return", "/too-long"])
+def test_an_app_that_fails_right_after_the_head_still_sends_the_head(path: str) -> None:
+    """The head is held for the body; an app that raises, returns, or overruns its length
+    right after it still gets its status line out before uvicorn closes the connection."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        headers = [(b"content-length", b"5")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        if scope["path"] == "/raise":
+            raise RuntimeError("failed after the head")
+        if scope["path"] == "/too-long":
+            await send({"type": "http.response.body", "body": b"more than five"})
+
+    options = {"http": GuardedHttpToolsProtocol, "lifespan": "off", "log_level": "critical"}
+    with serve_in_thread(app, options=options) as url:
+        with connect(url) as sock:
+            sock.sendall(b"GET %s HTTP/1.1\r\nhost: x\r\n\r\n" % path.encode())
+            got = read_all(sock)
+    assert got.startswith(b"HTTP/1.1 200 OK\r\n") and b"content-length: 5" in got

@@ -212,3 +212,35 @@ async def test_a_keepalive_waiting_for_a_full_socket_goes_out_before_the_end() -
     bodies = _bodies(socket)
     assert [b for b, _ in bodies[:-1]] == [KEEPALIVE] and bodies[0][1] is True
     assert bodies[-1][0].endswith(b"data: [DONE]\n\n") and bodies[-1][1] is False
+
+
+async def test_a_keepalive_still_on_its_way_goes_out_before_the_end() -> None:
+    """The finish waits for a keepalive already being sent (not only queues behind it): here
+    only the keepalive is slow to reach the socket."""
+    socket = _Socket()
+    sink = _sink(socket)
+    await sink._start()
+    socket.full = True
+    release = asyncio.Event()
+    send = socket.send
+
+    async def slow_keepalive(message: Any) -> None:
+        if message["type"] == "http.response.body" and message["body"] == KEEPALIVE:
+            await release.wait()
+        await send(message)
+
+    sink._send = DirectSend(slow_keepalive, slow_keepalive, socket.write, None)
+    beats = sink.keepalive(0.01)
+
+    async def main() -> None:
+        await _until(lambda: beats._task is not None)
+        ending = asyncio.ensure_future(sink.finish("stop", Usage()))
+        await asyncio.sleep(0.05)
+        assert not ending.done()
+        release.set()
+        await ending
+
+    assert await race(main(), beats) is True
+    bodies = _bodies(socket)
+    assert [b for b, _ in bodies][0] == KEEPALIVE and len(bodies) == 2, bodies
+    assert bodies[-1][1] is False

@@ -182,6 +182,30 @@ async def test_disconnect_without_a_server_watch_waits_on_receive() -> None:
     assert log == ["main stopped"] and state.cancel_cause == "client_disconnected"
 
 
+async def test_after_the_response_ended_receive_saying_disconnect_is_not_a_disconnect() -> None:
+    """Another server: once the response is complete, `receive` answers `http.disconnect`
+    at once; the work a stream does after its last event (a cache write) runs on."""
+    ended = asyncio.Event()
+
+    async def receive() -> dict[str, Any]:
+        await ended.wait()  # uvicorn wakes `receive` when the response completes
+        return {"type": "http.disconnect"}
+
+    async def send(message: Any) -> None:
+        raise AssertionError("nothing is sent")
+
+    log: list[str] = []
+
+    async def main() -> None:
+        ended.set()  # the last event went out with the end of the body
+        await asyncio.sleep(0.02)  # work after it
+        log.append("main done")
+
+    state = _state()
+    assert await race(main(), Disconnect(send, receive, state, ended.is_set)) is True
+    assert log == ["main done"] and state.cancel_cause is None
+
+
 class _Watched:
     """A server's side with a watch for the client leaving (as `server.guard` gives)."""
 
