@@ -7,6 +7,8 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
+import pytest
+
 from providers.errors import UpstreamProtocolError
 from providers.types import TextDelta, Usage
 from server.guard import DirectSend
@@ -183,7 +185,11 @@ async def test_no_keepalive_after_the_last_event() -> None:
     assert _bodies(socket)[-1][1] is False
 
 
-async def test_a_keepalive_waiting_for_a_full_socket_goes_out_before_the_end() -> None:
+@pytest.mark.parametrize("slow", ["every body", "only the keepalive"])
+async def test_a_keepalive_on_its_way_goes_out_before_the_end(slow: str) -> None:
+    """A keepalive waiting to be sent when the finish comes goes out first: both wait for a
+    full socket (as uvicorn's `send` does), or only the keepalive is slow to reach it, so the
+    finish must wait for it, not merely queue behind it."""
     socket = _Socket()
     sink = _sink(socket)
     await sink._start()
@@ -191,12 +197,13 @@ async def test_a_keepalive_waiting_for_a_full_socket_goes_out_before_the_end() -
     drained = asyncio.Event()
     send = socket.send
 
-    async def slow_send(message: Any) -> None:  # waits, as uvicorn's does for a full buffer
-        if message["type"] == "http.response.body":
+    async def slow_send(message: Any) -> None:
+        if message["type"] == "http.response.body" and (
+            slow == "every body" or message["body"] == KEEPALIVE
+        ):
             await drained.wait()
         await send(message)
 
-    socket.send = slow_send  # type: ignore[method-assign]
     sink._send = DirectSend(slow_send, slow_send, socket.write, None)
     beats = sink.keepalive(0.01)
 
@@ -210,37 +217,5 @@ async def test_a_keepalive_waiting_for_a_full_socket_goes_out_before_the_end() -
 
     assert await race(main(), beats) is True
     bodies = _bodies(socket)
-    assert [b for b, _ in bodies[:-1]] == [KEEPALIVE] and bodies[0][1] is True
+    assert [b for b, _ in bodies[:-1]] == [KEEPALIVE] and bodies[0][1] is True, bodies
     assert bodies[-1][0].endswith(b"data: [DONE]\n\n") and bodies[-1][1] is False
-
-
-async def test_a_keepalive_still_on_its_way_goes_out_before_the_end() -> None:
-    """The finish waits for a keepalive already being sent (not only queues behind it): here
-    only the keepalive is slow to reach the socket."""
-    socket = _Socket()
-    sink = _sink(socket)
-    await sink._start()
-    socket.full = True
-    release = asyncio.Event()
-    send = socket.send
-
-    async def slow_keepalive(message: Any) -> None:
-        if message["type"] == "http.response.body" and message["body"] == KEEPALIVE:
-            await release.wait()
-        await send(message)
-
-    sink._send = DirectSend(slow_keepalive, slow_keepalive, socket.write, None)
-    beats = sink.keepalive(0.01)
-
-    async def main() -> None:
-        await _until(lambda: beats._task is not None)
-        ending = asyncio.ensure_future(sink.finish("stop", Usage()))
-        await asyncio.sleep(0.05)
-        assert not ending.done()
-        release.set()
-        await ending
-
-    assert await race(main(), beats) is True
-    bodies = _bodies(socket)
-    assert [b for b, _ in bodies][0] == KEEPALIVE and len(bodies) == 2, bodies
-    assert bodies[-1][1] is False
