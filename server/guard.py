@@ -270,11 +270,11 @@ class GuardedCycle(RequestResponseCycle):
     (set through `Watch`; the protocol calls it from `connection_lost`), and the response
     head held back for the first piece of the body.
 
-    uvicorn writes the head on its own as soon as the app sends it; the body (a streamed
-    answer's first piece, a whole JSON answer) follows within the same step, so the two make
-    one write (one system call, one packet for the client to read), whether that piece goes
-    through the direct writer or through `send`. The head never waits longer than the loop's
-    next turn, and goes first before anything else.
+    uvicorn writes the head on its own as soon as the app sends it; a streamed (chunked)
+    answer's first piece follows within the same step, so the two make one write (one system
+    call, one packet for the client to read), whether that piece goes through the direct
+    writer or through `send`. The head never waits longer than the loop's next turn, and goes
+    first before anything else. A head with a length goes out at once, as uvicorn writes it.
     """
 
     gone: Callable[[], None] | None = None
@@ -286,10 +286,14 @@ class GuardedCycle(RequestResponseCycle):
             await super().send(message)
         elif message["type"] == "http.response.start" and not self.response_started:
             head = (await self._encoded(message)).data
-            if head:
+            if self.chunked_encoding is not True:
+                # A body of known length (a JSON answer) comes whole through `send`: holding
+                # the head for it saves a write but costs more than the write does.
+                self.transport.write(head)
+            elif head:
                 self.head = head
                 asyncio.get_running_loop().call_soon(self.send_head)
-        elif self.head is not None:  # a body through `send` (a whole JSON answer, say)
+        elif self.head is not None:  # a body through `send` (an answer that is its finish)
             held = await self._encoded(message)
             head, self.head = self.head, None
             assert head is not None
