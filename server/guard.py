@@ -285,10 +285,13 @@ class GuardedCycle(RequestResponseCycle):
             self.send_head()
             await super().send(message)
         elif message["type"] == "http.response.start" and not self.response_started:
-            head = (await self._encoded(message)).data
-            if self.chunked_encoding is not True:
+            if _has_length(message):
                 # A body of known length (a JSON answer) comes whole through `send`: holding
                 # the head for it saves a write but costs more than the write does.
+                await super().send(message)
+                return
+            head = (await self._encoded(message)).data
+            if self.chunked_encoding is not True:  # HTTP/1.0, HEAD, 204, 304: as uvicorn does
                 self.transport.write(head)
             elif head:
                 self.head = head
@@ -330,6 +333,14 @@ class GuardedCycle(RequestResponseCycle):
             self.head = None
             if not self.disconnected:
                 self.transport.write(head)
+
+
+def _has_length(message: ASGISendEvent) -> bool:
+    """Whether a response head says its body's length."""
+    for name, _ in message.get("headers", ()):  # type: ignore[attr-defined]
+        if len(name) == 14 and name.lower() == b"content-length":
+            return True
+    return False
 
 
 class _Held:
