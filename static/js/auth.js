@@ -87,14 +87,22 @@ async function isKeyRefusal(response) {
 
 /** `fetch` for the gateway's API: adds the key, and asks for one while the gateway refuses it. */
 export async function apiFetch(path, init = {}) {
+  let sent = currentKey();
   let response = await fetch(path, withKey(init));
   while (await isKeyRefusal(response)) {
-    const hadKey = Boolean(currentKey());
+    if (currentKey() !== sent) {
+      // A key was entered while this request was on its way: the refusal is of the one before
+      // it (or of none). Try again with the new key instead of forgetting it.
+      sent = currentKey();
+      response = await fetch(path, withKey(init));
+      continue;
+    }
     storeKey("");
     const entered = await askForKey(
-      hadKey ? "The gateway refused that key. Enter a valid one." : "This gateway needs a key.",
+      sent ? "The gateway refused that key. Enter a valid one." : "This gateway needs a key.",
     );
     if (!entered) break; // the user gave up: the caller shows the 401 as an error
+    sent = currentKey();
     response = await fetch(path, withKey(init));
   }
   return response;

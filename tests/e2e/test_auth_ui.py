@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from playwright.sync_api import Route
+
 from tests.e2e.conftest import UIFactory
 from tests.fakeupstream import Script
 
@@ -34,3 +36,40 @@ def test_the_ui_asks_for_a_key_once_and_streams_over_the_socket(make_ui: UIFacto
         assert not page.locator("#key-dialog[open]").count()
         assert all(KEY not in url for url in ui.requests)  # never in a URL
         ui.assert_only_local_requests()
+
+
+def test_a_refusal_that_arrives_after_a_new_key_does_not_forget_it(make_ui: UIFactory) -> None:
+    """A request sent without a key (the socket's probe, say) whose 401 comes back only after
+    the user entered one: that refusal is of no key, and the new key is kept (it used to be
+    forgotten, the dialog reopened and the socket never opened)."""
+    with make_ui(auth_keys=[KEY], fast=Script(tokens=1)) as ui:
+        page = ui.page
+        held: list[Route] = []
+        let_through: list[str] = []
+
+        def hold_late_refusals(route: Route) -> None:
+            if "authorization" in route.request.headers:
+                route.continue_()
+            elif not let_through:  # the first one opens the key dialog
+                let_through.append(route.request.url)
+                route.continue_()
+            else:
+                held.append(route)
+
+        page.route("**/api/models", hold_late_refusals)
+        page.goto(ui.url + "/")
+        page.wait_for_selector("#key-dialog[open]")
+        for _ in range(200):  # the socket, refused without a key, asks over HTTP why
+            if held:
+                break
+            page.wait_for_timeout(25)
+        assert held, "no request without a key was held"
+        page.fill("#key-input", KEY)
+        page.press("#key-input", "Enter")
+        page.wait_for_selector("#model option", state="attached")
+        for route in held:  # their 401s arrive now, after the key
+            route.continue_()
+        page.wait_for_selector("#connection[data-mode=websocket]")
+        page.wait_for_timeout(300)
+        assert not page.locator("#key-dialog[open]").count()
+        assert page.evaluate("localStorage.getItem('tokenrelay.key')") == KEY
