@@ -951,8 +951,7 @@ def _minus(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else round(a - b, 3)
 
 
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return None if a is None or b is None or b == 0 else round(a / b, 2)
+_ratio = harness.ratio
 
 
 def _get(figures: dict[str, Any], *path: str) -> Any:
@@ -1226,8 +1225,7 @@ def _plus_us(a: float | None, b: float | None) -> str:
     return f"+{a - b:.1f} ({_x(_ratio(a, b))})"
 
 
-def _x(ratio: float | None) -> str:
-    return "" if ratio is None else f"{ratio:g}x"
+_x = harness.times
 
 
 def table(figures: dict[str, Any]) -> str:

@@ -360,3 +360,13 @@ class Control:
 
     async def forget(self) -> None:
         await self._call("DELETE", "/requests")
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    """a ÷ b to two places, None when either is missing or b is 0."""
+    return None if a is None or b is None or b == 0 else round(a / b, 2)
+
+
+def times(value: float | None) -> str:
+    """A ratio as the tables print it ("1.5x"), empty when missing."""
+    return "" if value is None else f"{value:g}x"

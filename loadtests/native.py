@@ -276,9 +276,7 @@ def rows(figures: dict[str, Any] | None) -> list[tuple[str, Any, Any, Any, str]]
     return out
 
 
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return None if a is None or b is None or b == 0 else round(a / b, 2)
+_ratio = harness.ratio
 
 
-def _x(ratio: float | None) -> str:
-    return "" if ratio is None else f"{ratio:g}x"
+_x = harness.times

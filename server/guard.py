@@ -38,7 +38,7 @@ import contextvars
 import sys
 import weakref
 from collections.abc import Callable
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 from starlette.types import Message, Send
 from uvicorn._types import ASGISendEvent
@@ -129,8 +129,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             # Only attributes are read and written later; the task has not started yet.
             http10 = self.scope["http_version"] == "1.0"
             cycle.__class__ = CloseDelimitedCycle if http10 else GuardedCycle
-            assert isinstance(cycle, GuardedCycle)
-            writers = WeakWriters(cycle, _cycle_writers)
+            writers = WeakWriters(cast(GuardedCycle, cycle), _cycle_writers)
             self.scope["extensions"][DIRECT] = writers  # type: ignore[assignment]
 
     def on_message_complete(self) -> None:
