@@ -367,6 +367,16 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None or b == 0 else round(a / b, 2)
 
 
+def ceiling(cpu_per_stream_ms: float | None, one: float | None) -> float | None:
+    """The most streams per second this machine's cores allow when each stream costs
+    `cpu_per_stream_ms` of CPU across every process of the run (gateway, load, upstream), ÷
+    `one`, the streams per second of one worker: the ratio the machine leaves room for,
+    however well the gateway scales."""
+    if not cpu_per_stream_ms:
+        return None
+    return ratio(len(os.sched_getaffinity(0)) / (cpu_per_stream_ms / 1e3), one)
+
+
 def times(value: float | None) -> str:
     """A ratio as the tables print it ("1.5x"), empty when missing."""
     return "" if value is None else f"{value:g}x"

@@ -229,6 +229,7 @@ def compare_workers(
     one_cost, two_cost = one["gateway_cpu_per_stream_ms"], two["gateway_cpu_per_stream_ms"]
     projected = _ratio(2 * one_cost, two_cost) if one_cost is not None else None
     out["projected_ratio"] = projected
+    out["ceiling_ratio"] = harness.ceiling(two["all_cpu_per_stream_ms"], one["streams_per_s"])
     return out
 
 
@@ -237,6 +238,7 @@ def _figures(runs: list[WrkRun]) -> dict[str, Any]:
     loaded = sum(r.answers / r.requests_per_s for r in runs if r.requests_per_s)  # wrk's -d
     wall = sum(r.wall for r in runs)  # wrk's whole life, over which CPU was read
     gateway = sum(r.gateway_cpu for r in runs)
+    everything = gateway + sum(r.wrk_cpu + r.nginx_cpu for r in runs)
     return {
         "streams": answers,
         "streams_per_s": round(answers / loaded, 1) if loaded else 0.0,
@@ -247,6 +249,7 @@ def _figures(runs: list[WrkRun]) -> dict[str, Any]:
         "wrk_cpu_cores": round(sum(r.wrk_cpu for r in runs) / wall, 3),
         "nginx_cpu_cores": round(sum(r.nginx_cpu for r in runs) / wall, 3),
         "gateway_cpu_per_stream_ms": round(gateway / answers * 1e3, 3) if answers else None,
+        "all_cpu_per_stream_ms": round(everything / answers * 1e3, 3) if answers else None,
     }
 
 
@@ -270,6 +273,8 @@ def rows(figures: dict[str, Any] | None) -> list[tuple[str, Any, Any, Any, str]]
     for name in WORKERS:
         cost = figures[name]["gateway_cpu_per_stream_ms"]
         out.append((f"native load: gateway CPU per stream, {name} (ms)", "", cost, "", ""))
+    ceiling = _x(figures.get("ceiling_ratio"))
+    out.append(("native load: the machine's ceiling, 2 workers vs 1", "", ceiling, "", ""))
     # Not measured: what the per-stream costs above give if the load ran on other cores.
     label = "native load: PROJECTED 2 workers vs 1, load on other cores"
     out.append((label, "", _x(figures["projected_ratio"]), "", ""))
