@@ -15,13 +15,14 @@ import contextlib
 import json
 import math
 import os
+import random
 import resource
 import shutil
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -331,8 +332,8 @@ class Bench:
         ws = await WSClient.open(self.gateway_url)
         samples: dict[str, list[float]] = {DIRECT: [], GW_SSE: [], GW_WS: []}
         try:
-            for i in range(self.sizes.c1_requests + 10):
-                for target in samples:
+            for i, order in _c1_rounds(list(samples), self.sizes.c1_requests + 10):
+                for target in order:
                     if target == GW_WS:
                         r = await ws.chat(self.model(target, "c1"))
                     else:
@@ -580,8 +581,8 @@ class Bench:
         clients = {t: self.client(t) for t in targets}
         samples: dict[str, list[float]] = {t: [] for t in targets}
         try:
-            for i in range(self.sizes.c1_requests + 10):
-                for target in targets:
+            for i, order in _c1_rounds(targets, self.sizes.c1_requests + 10):
+                for target in order:
                     r = await clients[target].chat(self.model(target, "c1"))
                     if i >= 10 and r.ttft is not None and r.error is None:  # 10 warm-ups
                         samples[target].append(r.ttft)
@@ -951,6 +952,19 @@ def _cap_label(cap: int | None) -> str:
     if cap is None:
         return f"max_streams={ServerSettings().max_streams} (default)"
     return "max_streams=0 (no cap)" if cap == 0 else f"max_streams={cap}"
+
+
+def _c1_rounds(targets: Sequence[str], rounds: int) -> Iterator[tuple[int, list[str]]]:
+    """The rounds of a c=1 comparison, each with its own order of the targets (shuffled, the
+    same in every run), so no target always comes after the same one. One request at a time,
+    each process runs its part from caches the others refilled while it waited: in a fixed
+    order the target after the direct one paid that for all of them (loadtests/README.md,
+    "Where one request's time goes")."""
+    shuffle = random.Random(19).shuffle
+    for i in range(rounds):
+        order = list(targets)
+        shuffle(order)
+        yield i, order
 
 
 def _minus(a: float | None, b: float | None) -> float | None:
