@@ -386,9 +386,16 @@ class Streams:
         return Follower(head, self._remote(head, after))
 
     async def _remote_head(self, stream_id: str, owner: str) -> dict[str, str]:
-        """The head in Redis of a stream `owner` may read; raises when there is none."""
+        """The head in Redis of a stream `owner` may read; raises when there is none.
+
+        The replica running a stream writes it to Redis every few milliseconds, so one opened
+        there a moment ago (its client already holds the id) may not be in Redis yet: a head
+        not found is looked for once more after `REDIS_LAG` before the stream is unknown."""
         assert self.mirror is not None
         found = await self.mirror.head(stream_id)
+        if found is None:
+            await asyncio.sleep(REDIS_LAG)
+            found = await self.mirror.head(stream_id)
         if found is None or found.get("owner") != owner:
             raise _not_found(stream_id)
         if found.get("status") == "lost":

@@ -1,5 +1,6 @@
-"""The Redis journal's expiry against a real redis-server: a stream whose keys expire while a
-replica reads it is forgotten (404), never "Redis unavailable" (503).
+"""The Redis journal against a real redis-server: a stream whose keys expire while a replica
+reads it is forgotten (404), never "Redis unavailable" (503); one opened on another replica a
+moment ago, not yet in Redis, is found all the same.
 """
 
 from __future__ import annotations
@@ -11,13 +12,22 @@ import pytest
 import redis.asyncio
 
 from providers.types import TextDelta, Usage
-from server.journal import Done, Head, Journal
+from server.errors import StreamNotFoundError
+from server.journal import Done, Entry, Head, Journal
 from server.journal_redis import OUTLIVE_MS, RedisJournal, RemoteGone
+from server.resume import Streams
 from tests.support.redis import RedisServer
 
 
 def head(stream_id: str) -> Head:
     return Head(stream_id=stream_id, owner="key:a", created=1, model="m")
+
+
+def write_answer(entry: Entry) -> None:
+    """A one-token answer that completed."""
+    entry.append(TextDelta(text="hi"))
+    usage = Usage(prompt_tokens=1, completion_tokens=1)
+    entry.append(Done(reason="stop", usage=usage, outcome="completed", model="m"))
 
 
 async def test_the_events_outlive_the_head_of_an_ended_stream(redis_server: RedisServer) -> None:
@@ -27,15 +37,7 @@ async def test_the_events_outlive_the_head_of_an_ended_stream(redis_server: Redi
     client = redis.asyncio.Redis.from_url(redis_server.url)
     try:
         entry = journal.open(head("s1"))
-        entry.append(TextDelta(text="hi"))
-        entry.append(
-            Done(
-                reason="stop",
-                usage=Usage(prompt_tokens=1, completion_tokens=1),
-                outcome="completed",
-                model="m",
-            )
-        )
+        write_answer(entry)
         for _ in range(100):  # the flush runs within FLUSH_DELAY
             if await client.hget(f"{namespace}:journal:s1:head", "status") == b"ended":
                 break
@@ -98,3 +100,37 @@ async def test_closing_stops_a_heartbeat_whose_cancel_was_swallowed(
         await asyncio.gather(closing, return_exceptions=True)
     assert done, "closing the journal waited for a heartbeat that never stops"
     assert beat.done()
+
+
+@pytest.mark.parametrize("call", ["cancel", "follow"])
+async def test_a_stream_just_opened_on_another_replica_is_found_there(
+    redis_server: RedisServer, call: str
+) -> None:
+    """Its client has the id as soon as its first event is out, but its replica writes to
+    Redis only every few milliseconds: a cancel or a resume that reaches another replica
+    before that finds the stream, it is not told there is none."""
+    namespace = f"t{secrets.token_hex(4)}"
+    here = Journal(ttl=5.0, mirror=RedisJournal(redis_server.url, namespace=namespace))
+    there = Streams(Journal(ttl=5.0, mirror=RedisJournal(redis_server.url, namespace=namespace)))
+    try:
+        entry = here.open(head("s3"))
+        write_answer(entry)
+        # At once: the first replica's flush is still FLUSH_DELAY away.
+        if call == "cancel":
+            stopped, last = await asyncio.wait_for(there.cancel("s3", "key:a"), 10)
+            assert not stopped  # it had ended by itself
+            assert isinstance(last, Done) and last.outcome == "completed", last
+        else:
+            follower = await asyncio.wait_for(there.follow("s3", "key:a", -1, "sse"), 10)
+            records = [record async for _, record in follower.records]
+            assert records[0] == TextDelta(text="hi"), records
+            assert isinstance(records[-1], Done), records
+        # Another client's id, or one no replica has, is still unknown.
+        with pytest.raises(StreamNotFoundError):
+            await there.cancel("s3", "key:b")
+        with pytest.raises(StreamNotFoundError):
+            await there.cancel("s-none", "key:a")
+    finally:
+        await there.aclose()
+        assert here.mirror is not None
+        await here.mirror.aclose()
