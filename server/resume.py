@@ -48,7 +48,9 @@ log = logging.getLogger("tokenrelay.resume")
 RESUMABLE_HEADER = b"x-tokenrelay-resumable"
 STREAM_ID_HEADER = b"x-tokenrelay-stream-id"
 CANCEL_WAIT = 5.0  # how long a cancel waits for the stream's last record
-REDIS_LAG = 0.1  # more than the Redis copy of a live stream trails its replica (FLUSH_DELAY)
+# How far the Redis copy of a live stream trails its replica, as a rule (FLUSH_DELAY and one
+# write; a slow Redis or a busy replica can exceed it): lookups that may be early wait this once.
+REDIS_LAG = 0.1
 
 
 def new_stream_id() -> str:

@@ -38,7 +38,7 @@ from server.guard import current_abort, direct_body, direct_write
 from server.journal import Done
 from server.limits import FrameMeter, Limits
 from server.ratelimit import current_principal
-from server.resume import Follower, Streams, Tee, new_stream_id, replay
+from server.resume import Streams, Tee, new_stream_id, replay
 from server.settings import WebSocketSettings
 from server.stream_state import StreamState
 from server.streaming import release_cancel
@@ -408,29 +408,34 @@ class Connection:
             _FRAMES_OUT["chat.delta"].inc(state.chunks)
 
     async def _resume(self, frame: protocol.ChatResume) -> None:
-        """Follow a resumable stream on this socket under the client's new id."""
+        """Follow a resumable stream on this socket under the client's new id. The lookup runs
+        in the reader's own task, not in this loop: on another replica a stream not yet in
+        Redis is looked for once more a moment later, and the socket's other frames (a cancel,
+        a ping) must not wait for that."""
         if not await self._room_for(frame.id):
             return
-        if self._streams_service is None:
+        streams = self._streams_service
+        if streams is None:
             await self._reject(frame.id, InvalidRequestError("Resuming is not offered here."))
-            return
-        try:
-            follower = await self._streams_service.follow(
-                frame.stream_id, self._principal or "", frame.after, "ws"
-            )
-        except GatewayError as exc:
-            await self._reject(frame.id, exc)
             return
         state = StreamState(uuid.uuid4().hex, time.monotonic(), "ws")
         sink = WSSink(self._socket, frame.id, state, seq=frame.after + 1)
-        started = protocol.ChatStarted(id=frame.id, stream_id=frame.stream_id, resumed=True)
-        await self._reply("chat.started", protocol.encode_text(started))
-        task = asyncio.create_task(self._follow(frame.id, follower, sink))
+        task = asyncio.create_task(self._follow(frame, streams, sink))
         task.add_done_callback(release_cancel)
         self._streams[frame.id] = _Stream(task, sink, state, target=frame.stream_id)
 
-    async def _follow(self, client_id: str, follower: Follower, sink: WSSink) -> None:
+    async def _follow(self, frame: protocol.ChatResume, streams: Streams, sink: WSSink) -> None:
+        client_id = frame.id
         try:
+            try:
+                follower = await streams.follow(
+                    frame.stream_id, self._principal or "", frame.after, "ws"
+                )
+            except GatewayError as exc:
+                await self._reject(client_id, exc)
+                return
+            started = protocol.ChatStarted(id=client_id, stream_id=frame.stream_id, resumed=True)
+            await self._reply("chat.started", protocol.encode_text(started))
             await replay(
                 follower,
                 sink,

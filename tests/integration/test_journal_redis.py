@@ -127,9 +127,34 @@ async def test_a_stream_just_opened_on_another_replica_is_found_there(
             assert isinstance(records[-1], Done), records
         # Another client's id, or one no replica has, is still unknown.
         with pytest.raises(StreamNotFoundError):
-            await there.cancel("s3", "key:b")
+            await asyncio.wait_for(there.cancel("s3", "key:b"), 10)
         with pytest.raises(StreamNotFoundError):
-            await there.cancel("s-none", "key:a")
+            await asyncio.wait_for(there.cancel("s-none", "key:a"), 10)
+    finally:
+        await there.aclose()
+        assert here.mirror is not None
+        await here.mirror.aclose()
+
+
+async def test_a_running_stream_just_opened_on_another_replica_is_followed_there(
+    redis_server: RedisServer,
+) -> None:
+    """The same for a stream still running: the reader on the other replica gets what was
+    written so far, then the rest as its replica writes it."""
+    namespace = f"t{secrets.token_hex(4)}"
+    here = Journal(ttl=5.0, mirror=RedisJournal(redis_server.url, namespace=namespace))
+    there = Streams(Journal(ttl=5.0, mirror=RedisJournal(redis_server.url, namespace=namespace)))
+    try:
+        entry = here.open(head("s4"))
+        entry.append(TextDelta(text="hi"))
+        follower = await asyncio.wait_for(there.follow("s4", "key:a", -1, "sse"), 10)
+        records = follower.records
+        assert await asyncio.wait_for(anext(records), 10) == (0, TextDelta(text="hi"))
+        usage = Usage(prompt_tokens=1, completion_tokens=1)
+        entry.append(Done(reason="stop", usage=usage, outcome="completed", model="m"))
+        seq, last = await asyncio.wait_for(anext(records), 10)
+        assert seq == 1 and isinstance(last, Done), last
+        await records.aclose()
     finally:
         await there.aclose()
         assert here.mirror is not None

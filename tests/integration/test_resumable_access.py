@@ -136,6 +136,22 @@ async def test_unknown_ids_are_404(pair: tuple[Served, Served], upstream: FakeUp
     assert error["error"]["code"] == "stream_not_found", error
 
 
+async def test_a_resume_that_finds_nothing_does_not_hold_the_socket(
+    pair: tuple[Served, Served],
+) -> None:
+    """A stream not in Redis yet may be one opened on the other replica a moment ago, so a
+    resume looks for it once more before giving up; the socket's next frames do not wait."""
+    _, two = pair
+    async with ws_client(two) as b:
+        await send(b.ws, {"type": "chat.resume", "id": "b1", "stream_id": unknown_id()})
+        await send(b.ws, {"type": "ping"})
+        first = await b.next()
+        error = await b.until_terminal("b1")
+    assert first["type"] == "pong", first
+    assert (error["type"], error["seq"]) == ("chat.error", 0), error
+    assert error["error"]["code"] == "stream_not_found", error
+
+
 def bad_after(resumed: Resumed, param: str = "after") -> None:
     assert resumed.status == 400, (resumed.status, resumed.events[:3])
     error = resumed.error
