@@ -419,7 +419,7 @@ class Bench:
             }
         one, two = out["1 worker"]["streams_per_s"], out["2 workers"]["streams_per_s"]
         out["ratio"] = _ratio(two, one)
-        out["ceiling_ratio"] = _ceiling(out["2 workers"]["all_cpu_per_stream_ms"], one)
+        out["ceiling"] = harness.ceilings(out["1 worker"], out["2 workers"])
         # The same comparison with C programs as load and upstream, which leave the gateway
         # more of the machine: fresh gateways in front of nginx, under wrk.
         out["native"] = native.compare_workers(
@@ -840,7 +840,7 @@ class Bench:
         self.gateway = self.stack.add(gateway)
         self.figures["gateway_tree"] = str(self.tree)
         self.figures["machine"] = {
-            "cpus": os.cpu_count(),
+            "cpus": harness.cores(),
             "python": sys.version.split()[0],
             "fd_limit": harness.raise_fd_limit(),
         }
@@ -972,7 +972,6 @@ def _minus(a: float | None, b: float | None) -> float | None:
 
 
 _ratio = harness.ratio
-_ceiling = harness.ceiling
 
 
 def _get(figures: dict[str, Any], *path: str) -> Any:
@@ -1114,8 +1113,7 @@ def rows(f: dict[str, Any]) -> list[tuple[str, Any, Any, Any, str]]:
             per_stream = workers[name].get("gateway_cpu_per_stream_ms")
             if per_stream is not None:
                 out.append((f"gateway CPU per stream, {name} (ms)", "", per_stream, "", ""))
-        ceiling = _x(workers.get("ceiling_ratio"))
-        out.append(("the machine's ceiling, 2 workers vs 1", "", ceiling, "", ""))
+        out += harness.ceiling_rows(workers)
         out += native.rows(workers.get("native"))
     for scenario, route in (("messages", GW_MSG), ("responses", GW_RSP), ("resumable", GW_RES)):
         out += _beside_chat_rows(f.get(scenario), scenario, route)

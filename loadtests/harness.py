@@ -367,14 +367,43 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None or b == 0 else round(a / b, 2)
 
 
-def ceiling(cpu_per_stream_ms: float | None, one: float | None) -> float | None:
-    """The most streams per second this machine's cores allow when each stream costs
-    `cpu_per_stream_ms` of CPU across every process of the run (gateway, load, upstream), ÷
-    `one`, the streams per second of one worker: the ratio the machine leaves room for,
-    however well the gateway scales."""
-    if not cpu_per_stream_ms:
-        return None
-    return ratio(len(os.sched_getaffinity(0)) / (cpu_per_stream_ms / 1e3), one)
+def cores() -> int:
+    """The CPUs this process (and what it starts) may run on."""
+    return len(os.sched_getaffinity(0))
+
+
+def ceilings(one: dict[str, Any], two: dict[str, Any]) -> dict[str, float | None]:
+    """How far `--workers 2` could go beyond one worker on this machine's cores, from the
+    figures of a one-worker and a two-worker run (`streams_per_s`, and `all_cpu_per_stream_ms`:
+    the CPU every process of the run spent per stream: gateway, load, upstream):
+
+    - `at_one_worker_costs`: were each stream to cost every process what it cost with one
+      worker, the cores would run this many times one worker's streams per second: the most
+      two workers could show here, with nothing dearer per stream;
+    - `at_two_worker_costs`: the same at what each stream cost with two workers; the measured
+      ratio falls short of it only by the CPU left idle.
+    """
+    rate = one.get("streams_per_s")
+
+    def at(cost_ms: float | None) -> float | None:
+        return ratio(cores() / (cost_ms / 1e3), rate) if cost_ms else None
+
+    return {
+        "at_one_worker_costs": at(one.get("all_cpu_per_stream_ms")),
+        "at_two_worker_costs": at(two.get("all_cpu_per_stream_ms")),
+    }
+
+
+def ceiling_rows(figures: dict[str, Any], prefix: str = "") -> list[tuple[str, Any, Any, Any, str]]:
+    """The bench table's rows of a `ceilings` result (in `figures["ceiling"]`)."""
+    found = figures.get("ceiling") or {}
+    return [
+        (f"{prefix}the machine's ceiling, 2 workers vs 1, at {label}", "", times(value), "", "")
+        for label, value in (
+            ("one worker's CPU per stream", found.get("at_one_worker_costs")),
+            ("two workers' CPU per stream", found.get("at_two_worker_costs")),
+        )
+    ]
 
 
 def times(value: float | None) -> str:

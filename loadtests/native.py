@@ -229,7 +229,7 @@ def compare_workers(
     one_cost, two_cost = one["gateway_cpu_per_stream_ms"], two["gateway_cpu_per_stream_ms"]
     projected = _ratio(2 * one_cost, two_cost) if one_cost is not None else None
     out["projected_ratio"] = projected
-    out["ceiling_ratio"] = harness.ceiling(two["all_cpu_per_stream_ms"], one["streams_per_s"])
+    out["ceiling"] = harness.ceilings(one, two)
     return out
 
 
@@ -273,8 +273,7 @@ def rows(figures: dict[str, Any] | None) -> list[tuple[str, Any, Any, Any, str]]
     for name in WORKERS:
         cost = figures[name]["gateway_cpu_per_stream_ms"]
         out.append((f"native load: gateway CPU per stream, {name} (ms)", "", cost, "", ""))
-    ceiling = _x(figures.get("ceiling_ratio"))
-    out.append(("native load: the machine's ceiling, 2 workers vs 1", "", ceiling, "", ""))
+    out += harness.ceiling_rows(figures, "native load: ")
     # Not measured: what the per-stream costs above give if the load ran on other cores.
     label = "native load: PROJECTED 2 workers vs 1, load on other cores"
     out.append((label, "", _x(figures["projected_ratio"]), "", ""))
