@@ -479,7 +479,7 @@ class Bench:
             out[t]["ttft_p50_ratio"] = _ratio(g["p50_ms"], d["p50_ms"])
         for t, split in splits.items():
             out[t]["ttft_split"] = {
-                leg: _summary([legs[i] for legs in split]) for i, leg in enumerate(TTFT_LEGS)
+                leg: summary([legs[i] for legs in split]) for i, leg in enumerate(TTFT_LEGS)
             }
         self.figures["load"] = {"concurrency": s.load_concurrency, **out}
 
@@ -885,7 +885,7 @@ TTFT_LEGS = ("to_upstream", "upstream", "from_upstream")
 def _ttft_split(
     results: list[Result], records: list[dict[str, Any]]
 ) -> list[tuple[float, float, float]]:
-    """Each stream's TTFB in three legs (ms), from the fake upstream's record of it (matched by
+    """Each stream's TTFB in three legs (s), from the fake upstream's record of it (matched by
     the `user` tag; all processes read the same monotonic clock): request sent → the upstream
     has it, → the upstream wrote its first delta, → the client has that delta."""
     by_tag = {r["user"]: r for r in records if r.get("user")}
@@ -895,20 +895,8 @@ def _ttft_split(
         if r.first_at is None or record is None or record.get("first_delta_at") is None:
             continue
         arrived, first = record["started_at"], record["first_delta_at"]
-        out.append(
-            ((arrived - r.sent_at) * 1e3, (first - arrived) * 1e3, (r.first_at - first) * 1e3)
-        )
+        out.append((arrived - r.sent_at, first - arrived, r.first_at - first))
     return out
-
-
-def _summary(values: list[float]) -> dict[str, Any]:
-    """p50 and p99 (ms, rounded) and the count."""
-    p50, p99 = percentile(values, 50), percentile(values, 99)
-    return {
-        "p50_ms": None if p50 is None else round(p50, 3),
-        "p99_ms": None if p99 is None else round(p99, 3),
-        "n": len(values),
-    }
 
 
 def _cancel_figures(results: list[Result], records: dict[str, dict[str, Any]]) -> dict[str, Any]:
